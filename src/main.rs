@@ -1,0 +1,142 @@
+//! `wick`: the candlewick command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Parser, Subcommand};
+
+use candlewick::engine::generate::{generate, GenerateOptions};
+use candlewick::engine::sampler::SamplingParams;
+use candlewick::model::Model;
+
+#[derive(Parser)]
+#[command(
+    name = "wick",
+    version,
+    about = "An Ollama-compatible LLM server on candle"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Load a GGUF file or a Hugging Face safetensors directory and generate offline.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A .gguf file or a directory with config.json, tokenizer.json and *.safetensors.
+    path: PathBuf,
+    #[arg(long, short)]
+    prompt: String,
+    /// Feed the prompt as is, without the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    /// System message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+    /// Maximum tokens to generate (-1: until a stop or the context is full).
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
+    num_predict: i64,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Context length (prompt + output).
+    #[arg(long, default_value_t = 4096)]
+    num_ctx: usize,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => run_generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
+    let t0 = std::time::Instant::now();
+    let model = Model::load(&args.path, &Device::Cpu)
+        .with_context(|| format!("loading {}", args.path.display()))?;
+    eprintln!(
+        "loaded {} in {:.2}s",
+        args.path.display(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let prompt = if args.raw {
+        args.prompt.clone()
+    } else {
+        let template = model
+            .chat_template
+            .as_ref()
+            .context("the model has no chat template; use --raw")?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(serde_json::json!({"role": "system", "content": system}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
+        template.render(&messages, None, true, &serde_json::Map::new())?
+    };
+    // Chat templates write their own bos token; raw prompts get one if the model wants it.
+    let ids = model
+        .tokenizer
+        .encode(&prompt, args.raw && model.tokenizer.add_bos())?;
+    let opts = GenerateOptions {
+        sampling,
+        num_predict: usize::try_from(args.num_predict).ok(),
+        stop: args.stop,
+        num_ctx: args.num_ctx,
+        ..GenerateOptions::default()
+    };
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&model, &ids, &opts, |piece| {
+        // A closed stdout (e.g. `| head`) just ends the output early.
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    let _ = writeln!(stdout);
+    let rate = |n: usize, d: std::time::Duration| n as f64 / d.as_secs_f64().max(1e-9);
+    eprintln!(
+        "prompt tokens: {}, prefill: {:.1} tokens/s, generated: {} tokens, decode: {:.1} tokens/s, finish: {:?}",
+        out.prompt_tokens,
+        rate(out.prompt_tokens, out.prefill_time),
+        out.tokens.len(),
+        rate(out.tokens.len().saturating_sub(1), out.decode_time),
+        out.finish
+    );
+    Ok(())
+}

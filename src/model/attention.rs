@@ -1,0 +1,255 @@
+//! Attention over a paged KV cache. A step's tokens from many sequences are packed into one
+//! batch; each sequence brings its block table, and K/V rows live in fixed-size blocks that
+//! the engine hands out. This file holds the batch description, the `KvCache` interface the
+//! decoder calls, and the CPU implementation.
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::config::ArchConfig;
+use super::{Error, Result};
+
+/// One sequence's part of a packed step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqSlice {
+    /// Index of this sequence's first token in the packed batch.
+    pub start: usize,
+    /// Tokens of this sequence in the batch (a prefill chunk, or 1 for decode).
+    pub len: usize,
+    /// Tokens in the cache after this step, these included. The batch tokens sit at
+    /// positions `context_len - len .. context_len`.
+    pub context_len: usize,
+    /// Physical block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// A packed forward step.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub seqs: Vec<SeqSlice>,
+    /// Batch indices whose logits are needed (usually each sequence's last token).
+    pub logits_indices: Vec<usize>,
+}
+
+impl Batch {
+    /// Appends `tokens` of a sequence that already has `cached` tokens in the cache.
+    /// `want_logits` asks for the logits of the last of them.
+    pub fn push_seq(
+        &mut self,
+        tokens: &[u32],
+        cached: usize,
+        block_table: Vec<u32>,
+        want_logits: bool,
+    ) {
+        let start = self.tokens.len();
+        self.tokens.extend_from_slice(tokens);
+        self.positions
+            .extend((cached..cached + tokens.len()).map(|p| p as u32));
+        if want_logits && !tokens.is_empty() {
+            self.logits_indices.push(start + tokens.len() - 1);
+        }
+        self.seqs.push(SeqSlice {
+            start,
+            len: tokens.len(),
+            context_len: cached + tokens.len(),
+            block_table,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Checks that positions, slices and block tables agree; a bad batch is a bug in the
+    /// caller, reported as an error rather than an out-of-bounds panic.
+    pub fn validate(&self, block_size: usize, num_blocks: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(format!("invalid batch: {m}")));
+        if self.positions.len() != self.tokens.len() {
+            return bad("positions and tokens differ in length".into());
+        }
+        let mut covered = 0;
+        for s in &self.seqs {
+            if s.start != covered || s.len > s.context_len {
+                return bad(format!("sequence slice {s:?} out of order"));
+            }
+            covered += s.len;
+            if s.block_table.len() * block_size < s.context_len {
+                return bad(format!(
+                    "{} blocks cannot hold {} tokens",
+                    s.block_table.len(),
+                    s.context_len
+                ));
+            }
+            if s.block_table.iter().any(|&b| b as usize >= num_blocks) {
+                return bad("block id beyond the cache".into());
+            }
+        }
+        if covered != self.tokens.len() {
+            return bad("sequence slices do not cover the batch".into());
+        }
+        if self.logits_indices.iter().any(|&i| i >= self.tokens.len()) {
+            return bad("logits index beyond the batch".into());
+        }
+        Ok(())
+    }
+}
+
+/// What the decoder needs from a KV cache: store this step's K/V for a layer and attend.
+pub trait KvCache {
+    /// `q`: [tokens, heads, head_dim], `k`/`v`: [tokens, kv_heads, head_dim] (rope applied).
+    /// Returns [tokens, heads * head_dim].
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &Batch,
+    ) -> Result<Tensor>;
+    fn block_size(&self) -> usize;
+    fn num_blocks(&self) -> usize;
+}
+
+/// The CPU paged cache: per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]`
+/// f32, allocated once.
+pub struct CpuKvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    block_size: usize,
+    num_blocks: usize,
+    kv_heads: usize,
+    heads: usize,
+    head_dim: usize,
+    sliding_window: Option<usize>,
+}
+
+impl CpuKvCache {
+    pub fn new(cfg: &ArchConfig, num_blocks: usize, block_size: usize) -> Self {
+        let per_layer = num_blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
+        Self {
+            k: (0..cfg.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..cfg.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            block_size,
+            num_blocks,
+            kv_heads: cfg.num_kv_heads,
+            heads: cfg.num_heads,
+            head_dim: cfg.head_dim,
+            sliding_window: cfg.sliding_window,
+        }
+    }
+
+    /// Bytes held by the cache.
+    pub fn size_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+    }
+
+    fn row(&self, block_table: &[u32], pos: usize) -> usize {
+        let block = block_table[pos / self.block_size] as usize;
+        (block * self.block_size + pos % self.block_size) * self.kv_heads * self.head_dim
+    }
+}
+
+fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
+impl KvCache for CpuKvCache {
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        batch: &Batch,
+    ) -> Result<Tensor> {
+        let (n, heads, hd) = q.dims3()?;
+        if heads != self.heads || hd != self.head_dim || n != batch.tokens.len() {
+            return Err(Error::Config(format!(
+                "attention got q {:?} for {} tokens, expected {} heads of {}",
+                q.dims(),
+                batch.tokens.len(),
+                self.heads,
+                self.head_dim
+            )));
+        }
+        let kv_row = self.kv_heads * hd;
+        let k_new = to_f32_vec(k)?;
+        let v_new = to_f32_vec(v)?;
+        let q = to_f32_vec(q)?;
+
+        // Write this step's keys and values into their slots first, so each query sees its
+        // own token and everything before it in one uniform loop.
+        for s in &batch.seqs {
+            let first_pos = s.context_len - s.len;
+            for i in 0..s.len {
+                let row = self.row(&s.block_table, first_pos + i);
+                let src = (s.start + i) * kv_row;
+                self.k[layer][row..row + kv_row].copy_from_slice(&k_new[src..src + kv_row]);
+                self.v[layer][row..row + kv_row].copy_from_slice(&v_new[src..src + kv_row]);
+            }
+        }
+
+        let group = heads / self.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let k_cache = &self.k[layer];
+        let v_cache = &self.v[layer];
+        let this = &*self;
+        // One work item per (token, head): independent, so they parallelize cleanly.
+        let mut out = vec![0f32; n * heads * hd];
+        let jobs: Vec<(usize, &SeqSlice)> = batch
+            .seqs
+            .iter()
+            .flat_map(|s| (s.start..s.start + s.len).map(move |t| (t, s)))
+            .collect();
+        out.par_chunks_mut(heads * hd)
+            .zip(jobs.par_iter())
+            .for_each(|(out_tok, &(t, s))| {
+                let pos = batch.positions[t] as usize;
+                let lo = match this.sliding_window {
+                    Some(w) if pos + 1 > w => pos + 1 - w,
+                    _ => 0,
+                };
+                let mut scores = vec![0f32; pos + 1 - lo];
+                for h in 0..heads {
+                    let kvh = h / group;
+                    let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, p) in (lo..=pos).enumerate() {
+                        let r = this.row(&s.block_table, p) + kvh * hd;
+                        let kv = &k_cache[r..r + hd];
+                        let dot: f32 = qv.iter().zip(kv).map(|(a, b)| a * b).sum();
+                        let sc = dot * scale;
+                        scores[j] = sc;
+                        max = max.max(sc);
+                    }
+                    let mut denom = 0f32;
+                    for sc in scores.iter_mut() {
+                        *sc = (*sc - max).exp();
+                        denom += *sc;
+                    }
+                    let o = &mut out_tok[h * hd..(h + 1) * hd];
+                    o.fill(0.0);
+                    for (j, p) in (lo..=pos).enumerate() {
+                        let r = this.row(&s.block_table, p) + kvh * hd;
+                        let w = scores[j] / denom;
+                        for (oi, vi) in o.iter_mut().zip(&v_cache[r..r + hd]) {
+                            *oi += w * vi;
+                        }
+                    }
+                }
+            });
+        Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
+    }
+}

@@ -1,0 +1,54 @@
+//! The math: one decoder for the llama, qwen2 and qwen3 families, weight loading from GGUF
+//! and Hugging Face safetensors, attention over a paged KV cache, tokenizers and chat
+//! templates. Knows tensors, never requests.
+
+pub mod attention;
+pub mod chat_template;
+pub mod config;
+pub mod decoder;
+mod loaded;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::PathBuf;
+
+pub use attention::{Batch, CpuKvCache, KvCache, SeqSlice};
+pub use chat_template::ChatTemplate;
+pub use config::{ArchConfig, Family};
+pub use decoder::Decoder;
+pub use loaded::Model;
+pub use tokenizer::Tokenizer;
+pub use weights::WeightSource;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid model file: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: missing tensor '{name}'")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor '{name}': {msg}")]
+    BadTensor {
+        path: PathBuf,
+        name: String,
+        msg: String,
+    },
+    #[error("unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    UnsupportedArch(String),
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,596 @@
+//! Text <-> token ids for every supported model, from either a Hugging Face `tokenizer.json`
+//! or the vocabulary embedded in a GGUF file.
+//!
+//! Both paths end in the same `tokenizers::Tokenizer`: a GGUF vocabulary (byte-level BPE,
+//! `tokenizer.ggml.model = gpt2`) is rebuilt into the pipeline the model's own
+//! `tokenizer.json` describes (normalizer, pre-tokenizer regex, byte-level decoder, added
+//! tokens), so a model gives the same ids whichever way it was loaded. On top of that this
+//! module knows which ids begin a sequence (bos) and which end generation (eos, eot, eom
+//! and the chat end markers).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::NFC;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use super::{Error, Result};
+
+/// Decoding a whole id sequence, as the incremental detokenizer needs it; nothing is skipped
+/// so that special tokens the caller wants to see (or stop on) survive.
+pub trait Decode {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String>;
+}
+
+/// Token strings that end generation whenever a vocabulary has them, whatever its config
+/// names as eos: chat models end turns with these even when eos is something else
+/// (llama.cpp treats the same set as end-of-generation).
+const END_OF_GENERATION_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+];
+
+/// Qwen2's pre-tokenizer split, as in its tokenizer.json: contractions, letter runs with at
+/// most one leading non-letter, single digits, punctuation runs, newline runs, whitespace.
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Llama 3's split: Qwen2's, except that digits group in runs of up to three.
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// GGUF `tokenizer.ggml.token_type` values that matter here (llama.cpp's numbering).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+const TOKEN_TYPE_UNUSED: i64 = 5;
+
+/// A model's tokenizer plus the ids that start and end its sequences.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_id: Option<u32>,
+    add_bos: bool,
+    eos_ids: Vec<u32>,
+    vocab_size: usize,
+}
+
+impl fmt::Debug for Tokenizer {
+    // The inner tokenizer would print the whole vocabulary.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos_id", &self.bos_id)
+            .field("add_bos", &self.add_bos)
+            .field("eos_ids", &self.eos_ids)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads a Hugging Face `tokenizer.json`. A sibling `tokenizer_config.json` (for
+    /// `qwen3-tokenizer.json`, `qwen3-tokenizer_config.json`) supplies bos/eos and
+    /// `add_bos_token`, and a sibling `generation_config.json` further eos ids; both are
+    /// optional.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+
+        let config = read_json_if_present(&config_path(path))?;
+        let generation = match path.parent() {
+            Some(dir) => read_json_if_present(&dir.join("generation_config.json"))?,
+            None => None,
+        };
+
+        let lookup = |key: &str| -> Option<u32> {
+            let text = config.as_ref().and_then(|c| token_text(c.get(key)?))?;
+            let id = inner.token_to_id(&text);
+            if id.is_none() {
+                tracing::warn!(
+                    "{}: {key} '{text}' is not in the vocabulary",
+                    path.display()
+                );
+            }
+            id
+        };
+
+        // What the post-processor puts in front of an empty text is what the model expects
+        // as its first token, for tokenizer.json files (Llama 3) that say so only there.
+        let template_prefix = inner
+            .encode_fast("", true)
+            .ok()
+            .and_then(|e| e.get_ids().first().copied());
+
+        let bos_id = lookup("bos_token").or(template_prefix);
+        let config_add_bos = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token")?.as_bool());
+        let add_bos = bos_id.is_some()
+            && match config_add_bos {
+                Some(add) => add,
+                None => template_prefix.is_some() && template_prefix == bos_id,
+            };
+
+        let mut eos_ids = Vec::new();
+        push_unique(&mut eos_ids, lookup("eos_token"));
+        if let Some(gen) = &generation {
+            match gen.get("eos_token_id") {
+                Some(serde_json::Value::Array(ids)) => {
+                    for id in ids {
+                        push_unique(&mut eos_ids, json_u32(id));
+                    }
+                }
+                Some(id) => push_unique(&mut eos_ids, json_u32(id)),
+                None => {}
+            }
+        }
+        for name in END_OF_GENERATION_TOKENS {
+            push_unique(&mut eos_ids, inner.token_to_id(name));
+        }
+
+        let vocab_size = inner.get_vocab_size(true);
+        Ok(Self {
+            inner,
+            bos_id,
+            add_bos,
+            eos_ids,
+            vocab_size,
+        })
+    }
+
+    /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.*`). Only byte-level BPE
+    /// vocabularies (`tokenizer.ggml.model = gpt2`) are supported.
+    pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self> {
+        let model = match metadata.get("tokenizer.ggml.model") {
+            Some(v) => gguf_str(v, "tokenizer.ggml.model")?,
+            None => {
+                return Err(Error::Tokenizer(
+                    "the GGUF file has no tokenizer (tokenizer.ggml.model is missing)".into(),
+                ))
+            }
+        };
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{model}' is not supported yet: only 'gpt2' (byte-level \
+                 BPE, as in Llama 3, Qwen and SmolLM) is; '{model}' vocabularies such as \
+                 SentencePiece ('llama') need the model's tokenizer.json instead"
+            )));
+        }
+
+        let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?;
+        let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?;
+        let types = match metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => {
+                let types = gguf_array(v, "tokenizer.ggml.token_type")?
+                    .iter()
+                    .map(|t| gguf_int(t, "tokenizer.ggml.token_type"))
+                    .collect::<Result<Vec<_>>>()?;
+                if types.len() != tokens.len() {
+                    return Err(Error::Tokenizer(format!(
+                        "tokenizer.ggml.token_type has {} entries for {} tokens",
+                        types.len(),
+                        tokens.len()
+                    )));
+                }
+                types
+            }
+            None => vec![1; tokens.len()],
+        };
+        let pre = match metadata.get("tokenizer.ggml.pre") {
+            Some(v) => gguf_str(v, "tokenizer.ggml.pre")?,
+            None => "default",
+        };
+        let pre = PreTokenizer::from_gguf_name(pre);
+
+        let special_id = |key: &str| -> Result<Option<u32>> {
+            let Some(v) = metadata.get(key) else {
+                return Ok(None);
+            };
+            let id = gguf_int(v, key)?;
+            // Some converters write -1 (or an out-of-range id) for "none".
+            match u32::try_from(id) {
+                Ok(id) if (id as usize) < tokens.len() => Ok(Some(id)),
+                _ => Ok(None),
+            }
+        };
+        let bos_id = special_id("tokenizer.ggml.bos_token_id")?;
+        let add_bos = match metadata.get("tokenizer.ggml.add_bos_token") {
+            Some(v) => v
+                .to_bool()
+                .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.add_bos_token: {e}")))?,
+            None => pre.adds_bos_by_default(),
+        } && bos_id.is_some();
+
+        // Every token keeps its GGUF id: all of them (unused padding entries aside, which no
+        // text encodes to and which decode to nothing) go into the BPE vocabulary, and the
+        // added tokens below resolve to those same ids.
+        let mut vocab = Vocab::default();
+        let mut duplicates = 0usize;
+        for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
+            if *ty == TOKEN_TYPE_UNUSED {
+                continue;
+            }
+            let id = u32::try_from(id)
+                .map_err(|_| Error::Tokenizer("vocabulary larger than u32 ids".into()))?;
+            if vocab.insert(token.to_string(), id).is_some() {
+                duplicates += 1;
+            }
+        }
+        if duplicates > 0 {
+            tracing::warn!("GGUF vocabulary has {duplicates} duplicate token strings");
+        }
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::Tokenizer(format!("malformed merge '{m}'")))
+            })
+            .collect::<Result<Merges>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(pre.ignores_merges())
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("GGUF vocabulary: {e}")))?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        if pre.nfc() {
+            inner
+                .with_normalizer(Some(NFC))
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
+        inner.with_pre_tokenizer(Some(pre.build()?));
+        inner.with_decoder(Some(ByteLevel::new(false, false, false)));
+        match bos_id.filter(|_| add_bos) {
+            // Written out so that a saved tokenizer.json says, as Llama 3's does, that
+            // sequences start with bos; encode() itself adds bos on its own.
+            Some(bos) => {
+                let bos_text = tokens[bos as usize].as_str();
+                let template = TemplateProcessing::builder()
+                    .try_single(format!("{bos_text} $A"))
+                    .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text}:1 $B:1")))
+                    .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))?
+                    .special_tokens(vec![(bos_text.to_string(), bos)])
+                    .build()
+                    .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))?;
+                inner.with_post_processor(Some(template));
+            }
+            None => {
+                inner.with_post_processor(Some(ByteLevel::new(false, false, false)));
+            }
+        }
+
+        // Control and user-defined tokens are matched whole in raw text before any
+        // splitting, as tokenizer.json's added tokens are; only control ones are "special"
+        // (skipped when decoding with skip_special).
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, ty)| **ty == TOKEN_TYPE_CONTROL || **ty == TOKEN_TYPE_USER_DEFINED)
+            .map(|(token, ty)| {
+                AddedToken::from(token.as_str(), *ty == TOKEN_TYPE_CONTROL).normalized(false)
+            })
+            .collect();
+        inner
+            .add_tokens(added)
+            .map_err(|e| Error::Tokenizer(format!("added tokens: {e}")))?;
+
+        let mut eos_ids = Vec::new();
+        for key in [
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        ] {
+            push_unique(&mut eos_ids, special_id(key)?);
+        }
+        for name in END_OF_GENERATION_TOKENS {
+            push_unique(&mut eos_ids, inner.token_to_id(name));
+        }
+
+        Ok(Self {
+            inner,
+            bos_id,
+            add_bos,
+            eos_ids,
+            vocab_size: tokens.len(),
+        })
+    }
+
+    /// Token ids for `text`. Special tokens written in the text (`<|im_start|>`) become
+    /// their single ids; bos is put in front when `add_bos` is asked and the model wants it.
+    pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
+        let ids = encoding.get_ids();
+        match self.bos_id.filter(|_| add_bos && self.add_bos) {
+            Some(bos) => {
+                let mut out = Vec::with_capacity(ids.len() + 1);
+                out.push(bos);
+                out.extend_from_slice(ids);
+                Ok(out)
+            }
+            None => Ok(ids.to_vec()),
+        }
+    }
+
+    /// Text for `ids`; with `skip_special`, control tokens (bos, `<|im_end|>`) are left out.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| Error::Tokenizer(format!("decode: {e}")))
+    }
+
+    /// Whether the model expects bos at the start of a prompt.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// Every id that ends generation; the configured eos comes first.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The vocabulary entry for `id` as stored (byte-level form, e.g. `Ġhello`); for
+    /// special tokens that is their text, as chat templates want it.
+    pub fn token_str(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Number of ids the vocabulary spans (for GGUF: its token count, padding included).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let json = self
+            .inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        std::fs::write(path, json).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+impl Decode for Tokenizer {
+    fn decode_ids(&self, ids: &[u32]) -> Result<String> {
+        self.decode(ids, false)
+    }
+}
+
+/// The pre-tokenizer families GGUF's `tokenizer.ggml.pre` names (llama.cpp's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PreTokenizer {
+    /// GPT-2's byte-level regex.
+    Gpt2,
+    /// Each digit alone, then GPT-2's regex (SmolLM, StarCoder).
+    DigitsGpt2,
+    /// Llama 3's regex.
+    Llama3,
+    /// Qwen2's regex, after NFC.
+    Qwen2,
+}
+
+impl PreTokenizer {
+    fn from_gguf_name(name: &str) -> Self {
+        match name {
+            "gpt2" | "gpt-2" | "default" | "phi-2" | "mpt" | "olmo" | "jais" => Self::Gpt2,
+            "smollm" | "starcoder" | "refact" | "codeshell" => Self::DigitsGpt2,
+            "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => Self::Llama3,
+            "qwen2" => Self::Qwen2,
+            other => {
+                tracing::warn!(
+                    "unknown GGUF pre-tokenizer '{other}', using gpt2's; tokenization may \
+                     differ from the model's own"
+                );
+                Self::Gpt2
+            }
+        }
+    }
+
+    fn nfc(self) -> bool {
+        self == Self::Qwen2
+    }
+
+    /// Llama 3's tokenizer takes a word that is itself in the vocabulary whole, without
+    /// replaying merges.
+    fn ignores_merges(self) -> bool {
+        self == Self::Llama3
+    }
+
+    fn adds_bos_by_default(self) -> bool {
+        self == Self::Llama3
+    }
+
+    fn build(self) -> Result<PreTokenizerWrapper> {
+        // After a regex split, ByteLevel only maps bytes to its printable alphabet.
+        let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into())
+        };
+        match self {
+            Self::Gpt2 => Ok(ByteLevel::new(false, true, true).into()),
+            Self::DigitsGpt2 => Ok(Sequence::new(vec![
+                Digits::new(true).into(),
+                ByteLevel::new(false, true, true).into(),
+            ])
+            .into()),
+            Self::Llama3 => split_then_bytes(LLAMA3_PATTERN),
+            Self::Qwen2 => split_then_bytes(QWEN2_PATTERN),
+        }
+    }
+}
+
+/// `tokenizer.json` -> `tokenizer_config.json`, `x-tokenizer.json` ->
+/// `x-tokenizer_config.json`; other names look for plain `tokenizer_config.json`.
+fn config_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    match name.strip_suffix("tokenizer.json") {
+        Some(prefix) => path.with_file_name(format!("{prefix}tokenizer_config.json")),
+        None => path.with_file_name("tokenizer_config.json"),
+    }
+}
+
+fn read_json_if_present(path: &Path) -> Result<Option<serde_json::Value>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// A token in tokenizer_config.json: a plain string or an AddedToken object.
+fn token_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn json_u32(value: &serde_json::Value) -> Option<u32> {
+    value.as_u64().and_then(|v| u32::try_from(v).ok())
+}
+
+fn push_unique(ids: &mut Vec<u32>, id: Option<u32>) {
+    if let Some(id) = id {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+}
+
+fn gguf_str<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
+    value
+        .to_string()
+        .map(String::as_str)
+        .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))
+}
+
+fn gguf_array<'a>(value: &'a Value, key: &str) -> Result<&'a [Value]> {
+    value
+        .to_vec()
+        .map(Vec::as_slice)
+        .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))
+}
+
+fn gguf_strings<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<Vec<&'a String>> {
+    let value = metadata
+        .get(key)
+        .ok_or_else(|| Error::Tokenizer(format!("GGUF metadata has no {key}")))?;
+    gguf_array(value, key)?
+        .iter()
+        .map(|v| {
+            v.to_string()
+                .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))
+        })
+        .collect()
+}
+
+/// Any integer GGUF value: writers disagree on the width and sign of ids and types.
+fn gguf_int(value: &Value, key: &str) -> Result<i64> {
+    match value {
+        Value::U8(v) => Ok(i64::from(*v)),
+        Value::I8(v) => Ok(i64::from(*v)),
+        Value::U16(v) => Ok(i64::from(*v)),
+        Value::I16(v) => Ok(i64::from(*v)),
+        Value::U32(v) => Ok(i64::from(*v)),
+        Value::I32(v) => Ok(i64::from(*v)),
+        Value::U64(v) => {
+            i64::try_from(*v).map_err(|_| Error::Tokenizer(format!("{key}: {v} is out of range")))
+        }
+        Value::I64(v) => Ok(*v),
+        other => Err(Error::Tokenizer(format!(
+            "{key}: expected an integer, found {:?}",
+            other.value_type()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_path_follows_the_tokenizer_file_name() {
+        assert_eq!(
+            config_path(Path::new("/m/tokenizer.json")),
+            Path::new("/m/tokenizer_config.json")
+        );
+        assert_eq!(
+            config_path(Path::new("/m/qwen3-tokenizer.json")),
+            Path::new("/m/qwen3-tokenizer_config.json")
+        );
+        assert_eq!(
+            config_path(Path::new("/m/vocab.json")),
+            Path::new("/m/tokenizer_config.json")
+        );
+    }
+
+    #[test]
+    fn token_text_reads_strings_and_objects() {
+        let v: serde_json::Value = serde_json::json!({"content": "<s>", "lstrip": false});
+        assert_eq!(token_text(&v).as_deref(), Some("<s>"));
+        assert_eq!(
+            token_text(&serde_json::json!("</s>")).as_deref(),
+            Some("</s>")
+        );
+        assert_eq!(token_text(&serde_json::Value::Null), None);
+    }
+
+    #[test]
+    fn unknown_pre_tokenizer_falls_back_to_gpt2() {
+        assert_eq!(
+            PreTokenizer::from_gguf_name("no-such-thing"),
+            PreTokenizer::Gpt2
+        );
+        assert_eq!(PreTokenizer::from_gguf_name("qwen2"), PreTokenizer::Qwen2);
+    }
+}

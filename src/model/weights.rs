@@ -1,0 +1,465 @@
+//! Weight files: GGUF (quantized tensors stay quantized, read from a memory map) and Hugging
+//! Face safetensors directories (single or sharded, memory-mapped). Both are addressed with
+//! GGUF tensor names (`blk.3.attn_q.weight`), so the decoder has one loading path.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+
+use super::config::{ArchConfig, Family};
+use super::{Error, Result};
+
+/// An open weight file or directory.
+pub enum WeightSource {
+    Gguf(GgufFile),
+    Safetensors(SafetensorsDir),
+}
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    mmap: Mmap,
+}
+
+pub struct SafetensorsDir {
+    pub dir: PathBuf,
+    pub config_json: String,
+    st: candle_core::safetensors::MmapedSafetensors,
+    names: std::collections::HashSet<String>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(io_err(path))?;
+        // SAFETY: the file is opened read-only; model files are not modified in place (the
+        // store writes new blobs under temporary names and renames them).
+        let mmap = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let content =
+            gguf_file::Content::read(&mut std::io::Cursor::new(&mmap[..])).map_err(|e| {
+                Error::Format {
+                    path: path.to_path_buf(),
+                    msg: format!("not a readable GGUF file: {e}"),
+                }
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            mmap,
+        })
+    }
+
+    pub fn metadata(&self) -> &HashMap<String, gguf_file::Value> {
+        &self.content.metadata
+    }
+
+    /// The raw bytes of a tensor, bounds-checked against the file.
+    fn tensor_bytes(&self, name: &str) -> Result<(&gguf_file::TensorInfo, &[u8])> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+            })?;
+        let elems = info.shape.elem_count();
+        let block = info.ggml_dtype.block_size();
+        let bad = |msg: String| Error::BadTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            msg,
+        };
+        if !elems.is_multiple_of(block) {
+            return Err(bad(format!(
+                "{elems} elements is not a multiple of the block size {block}"
+            )));
+        }
+        let size = elems / block * info.ggml_dtype.type_size();
+        let start = usize::try_from(self.content.tensor_data_offset + info.offset)
+            .map_err(|_| bad("offset out of range".into()))?;
+        let end = start
+            .checked_add(size)
+            .filter(|&e| e <= self.mmap.len())
+            .ok_or_else(|| {
+                bad(format!(
+                    "needs bytes {start}..{} but the file has {} (truncated?)",
+                    start.saturating_add(size),
+                    self.mmap.len()
+                ))
+            })?;
+        Ok((info, &self.mmap[start..end]))
+    }
+
+    /// A tensor as candle's quantized tensor on `device`. `permute_heads` undoes the
+    /// row permutation llama.cpp applies to llama-architecture Q/K projections.
+    fn qtensor(
+        &self,
+        name: &str,
+        device: &Device,
+        permute_heads: Option<usize>,
+    ) -> Result<QTensor> {
+        let (info, bytes) = self.tensor_bytes(name)?;
+        let dims = info.shape.dims().to_vec();
+        let bytes = match permute_heads {
+            Some(n_head) => Cow::Owned(unpermute_rows(bytes, &dims, n_head).ok_or_else(|| {
+                Error::BadTensor {
+                    path: self.path.clone(),
+                    name: name.to_string(),
+                    msg: format!("cannot split {dims:?} into {n_head} rope heads"),
+                }
+            })?),
+            None => Cow::Borrowed(bytes),
+        };
+        let storage = QStorage::from_data(bytes, device, info.ggml_dtype)?;
+        Ok(QTensor::new(storage, dims)?)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+}
+
+/// GGUF row order for a head is [x0, y0, x1, y1, ...] (pairs interleaved); Hugging Face order
+/// is [x0, x1, ..., y0, y1, ...]. Rows are whole quantized blocks, so the permutation moves
+/// byte ranges and works for any quantization type.
+fn unpermute_rows(bytes: &[u8], dims: &[usize], n_head: usize) -> Option<Vec<u8>> {
+    let rows = *dims.first()?;
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !bytes.len().is_multiple_of(rows) {
+        return None;
+    }
+    let head_dim = rows / n_head;
+    if !head_dim.is_multiple_of(2) {
+        return None;
+    }
+    let row_bytes = bytes.len() / rows;
+    let half = head_dim / 2;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..n_head {
+        for j in 0..half {
+            for part in 0..2 {
+                let src = h * head_dim + 2 * j + part;
+                let dst = h * head_dim + part * half + j;
+                out[dst * row_bytes..(dst + 1) * row_bytes]
+                    .copy_from_slice(&bytes[src * row_bytes..(src + 1) * row_bytes]);
+            }
+        }
+    }
+    Some(out)
+}
+
+impl SafetensorsDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config_json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+                path: index.clone(),
+                msg: e.to_string(),
+            })?;
+            let mut shards: Vec<String> = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Format {
+                    path: index.clone(),
+                    msg: "no weight_map".into(),
+                })?
+                .values()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            shards.iter().map(|s| dir.join(s)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        for f in &files {
+            if !f.is_file() {
+                return Err(Error::Io {
+                    path: f.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "weight file missing",
+                    ),
+                });
+            }
+        }
+        // SAFETY: read-only maps of files that are never modified in place.
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                Error::Format {
+                    path: dir.to_path_buf(),
+                    msg: format!("unreadable safetensors: {e}"),
+                }
+            })?;
+        let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config_json,
+            st,
+            names,
+        })
+    }
+
+    fn load(&self, hf_name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        if !self.names.contains(hf_name) {
+            return Err(Error::MissingTensor {
+                path: self.dir.clone(),
+                name: hf_name.to_string(),
+            });
+        }
+        let t = self
+            .st
+            .load(hf_name, device)
+            .map_err(|e| Error::BadTensor {
+                path: self.dir.clone(),
+                name: hf_name.to_string(),
+                msg: e.to_string(),
+            })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+/// Maps a GGUF tensor name to its Hugging Face name.
+pub fn hf_name(gguf: &str) -> String {
+    let (stem, suffix) = gguf.rsplit_once('.').unwrap_or((gguf, "weight"));
+    let mapped = match stem {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => match stem.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
+            Some((layer, part)) => {
+                let part = match part {
+                    "attn_q" => "self_attn.q_proj",
+                    "attn_k" => "self_attn.k_proj",
+                    "attn_v" => "self_attn.v_proj",
+                    "attn_output" => "self_attn.o_proj",
+                    "attn_q_norm" => "self_attn.q_norm",
+                    "attn_k_norm" => "self_attn.k_norm",
+                    "ffn_gate" => "mlp.gate_proj",
+                    "ffn_up" => "mlp.up_proj",
+                    "ffn_down" => "mlp.down_proj",
+                    "attn_norm" => "input_layernorm",
+                    "ffn_norm" => "post_attention_layernorm",
+                    other => other,
+                };
+                format!("model.layers.{layer}.{part}")
+            }
+            None => stem.to_string(),
+        },
+    };
+    format!("{mapped}.{suffix}")
+}
+
+/// A weight matrix ready for `x @ W^T (+ b)`: quantized (GGUF) or dense.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: QMatMul,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.apply(&self.weight)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// The token embedding table: quantized tables are gathered row by row so a 150k-row
+/// vocabulary is never dequantized as a whole.
+#[derive(Clone, Debug)]
+pub enum Embedding {
+    Quantized(Arc<QTensor>),
+    Dense(Tensor),
+}
+
+impl Embedding {
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Quantized(q) => q.embedding(ids)?,
+            Self::Dense(w) => w.index_select(ids, 0)?,
+        })
+    }
+}
+
+impl WeightSource {
+    /// Opens a `.gguf` file or a Hugging Face directory (with `config.json`).
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Ok(Self::Safetensors(SafetensorsDir::open(path)?))
+        } else {
+            Ok(Self::Gguf(GgufFile::open(path)?))
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Gguf(g) => &g.path,
+            Self::Safetensors(s) => &s.dir,
+        }
+    }
+
+    pub fn config(&self) -> Result<ArchConfig> {
+        match self {
+            Self::Gguf(g) => ArchConfig::from_gguf(g.metadata(), |n| g.has(n)),
+            Self::Safetensors(s) => ArchConfig::from_hf_json(&s.config_json),
+        }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        match self {
+            Self::Gguf(g) => g.has(name),
+            Self::Safetensors(s) => s.names.contains(&hf_name(name)),
+        }
+    }
+
+    /// A dense tensor (norm weights, biases) in `dtype`.
+    pub fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Gguf(g) => Ok(g
+                .qtensor(name, device, None)?
+                .dequantize(device)?
+                .to_dtype(dtype)?),
+            Self::Safetensors(s) => s.load(&hf_name(name), device, dtype),
+        }
+    }
+
+    /// A projection matrix; `rope_heads` marks llama Q/K projections (see `unpermute_rows`).
+    pub fn linear(
+        &self,
+        name: &str,
+        device: &Device,
+        dtype: DType,
+        cfg: &ArchConfig,
+        rope_heads: Option<usize>,
+    ) -> Result<Linear> {
+        let weight = match self {
+            Self::Gguf(g) => {
+                let permute = rope_heads.filter(|_| gguf_rope_permuted(cfg));
+                let q = g.qtensor(&format!("{name}.weight"), device, permute)?;
+                match q.dtype() {
+                    // Unquantized GGUF tensors are ordinary dense matmuls in the compute dtype.
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        QMatMul::Tensor(q.dequantize(device)?.to_dtype(dtype)?)
+                    }
+                    _ => QMatMul::from_arc(Arc::new(q))?,
+                }
+            }
+            Self::Safetensors(s) => {
+                QMatMul::Tensor(s.load(&hf_name(&format!("{name}.weight")), device, dtype)?)
+            }
+        };
+        let bias_name = format!("{name}.bias");
+        let bias = if self.has(&bias_name) {
+            Some(self.tensor(&bias_name, device, dtype)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn embedding(&self, device: &Device, dtype: DType) -> Result<Embedding> {
+        match self {
+            Self::Gguf(g) => {
+                let q = g.qtensor("token_embd.weight", device, None)?;
+                Ok(match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        Embedding::Dense(q.dequantize(device)?.to_dtype(dtype)?)
+                    }
+                    _ => Embedding::Quantized(Arc::new(q)),
+                })
+            }
+            Self::Safetensors(s) => Ok(Embedding::Dense(s.load(
+                "model.embed_tokens.weight",
+                device,
+                dtype,
+            )?)),
+        }
+    }
+
+    /// The output projection; tied models reuse the embedding table.
+    pub fn lm_head(
+        &self,
+        cfg: &ArchConfig,
+        embedding: &Embedding,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Linear> {
+        if !cfg.tie_embeddings {
+            return self.linear("output", device, dtype, cfg, None);
+        }
+        let weight = match embedding {
+            Embedding::Quantized(q) => QMatMul::QTensor(q.clone()),
+            Embedding::Dense(w) => QMatMul::Tensor(w.clone()),
+        };
+        Ok(Linear { weight, bias: None })
+    }
+
+    /// Llama 3.1 GGUFs store their rope scaling as per-frequency divisors.
+    pub fn rope_freq_factors(&self, device: &Device) -> Result<Option<Vec<f32>>> {
+        match self {
+            Self::Gguf(g) if g.has("rope_freqs.weight") => Ok(Some(
+                g.qtensor("rope_freqs.weight", device, None)?
+                    .dequantize(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            )),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// llama.cpp's converter permutes Q/K rows only for the llama architecture family.
+fn gguf_rope_permuted(cfg: &ArchConfig) -> bool {
+    cfg.family == Family::Llama
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_names() {
+        assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
+        assert_eq!(
+            hf_name("blk.3.attn_q.bias"),
+            "model.layers.3.self_attn.q_proj.bias"
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_down.weight"),
+            "model.layers.0.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            hf_name("blk.11.attn_k_norm.weight"),
+            "model.layers.11.self_attn.k_norm.weight"
+        );
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // 2 heads of dim 4, one byte per row: HF rows 0..8; llama.cpp interleaves halves.
+        let hf: Vec<u8> = (0..8).collect();
+        let gguf: Vec<u8> = vec![0, 2, 1, 3, 4, 6, 5, 7];
+        assert_eq!(unpermute_rows(&gguf, &[8, 1], 2), Some(hf));
+        assert_eq!(unpermute_rows(&gguf, &[8, 1], 3), None);
+    }
+}
