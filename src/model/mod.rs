@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_quant;
 pub mod decoder;
 mod loaded;
 pub mod tokenizer;

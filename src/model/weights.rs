@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 
 use super::config::{ArchConfig, Family};
+use super::cpu_quant::FastQuant;
 use super::{Error, Result};
 
 /// An open weight file or directory.
@@ -24,7 +25,7 @@ pub enum WeightSource {
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 pub struct SafetensorsDir {
@@ -57,7 +58,7 @@ impl GgufFile {
         Ok(Self {
             path: path.to_path_buf(),
             content,
-            mmap,
+            mmap: Arc::new(mmap),
         })
     }
 
@@ -66,7 +67,7 @@ impl GgufFile {
     }
 
     /// The raw bytes of a tensor, bounds-checked against the file.
-    fn tensor_bytes(&self, name: &str) -> Result<(&gguf_file::TensorInfo, &[u8])> {
+    fn tensor_range(&self, name: &str) -> Result<(&gguf_file::TensorInfo, std::ops::Range<usize>)> {
         let info = self
             .content
             .tensor_infos
@@ -100,7 +101,7 @@ impl GgufFile {
                     self.mmap.len()
                 ))
             })?;
-        Ok((info, &self.mmap[start..end]))
+        Ok((info, start..end))
     }
 
     /// A tensor as candle's quantized tensor on `device`. `permute_heads` undoes the
@@ -111,20 +112,51 @@ impl GgufFile {
         device: &Device,
         permute_heads: Option<usize>,
     ) -> Result<QTensor> {
-        let (info, bytes) = self.tensor_bytes(name)?;
-        let dims = info.shape.dims().to_vec();
-        let bytes = match permute_heads {
-            Some(n_head) => Cow::Owned(unpermute_rows(bytes, &dims, n_head).ok_or_else(|| {
-                Error::BadTensor {
-                    path: self.path.clone(),
-                    name: name.to_string(),
-                    msg: format!("cannot split {dims:?} into {n_head} rope heads"),
+        let (info, range) = self.tensor_range(name)?;
+        let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
+        let bytes = &self.mmap[range.clone()];
+        let storage = match permute_heads {
+            Some(n_head) => {
+                let owned =
+                    unpermute_rows(bytes, &dims, n_head).ok_or_else(|| Error::BadTensor {
+                        path: self.path.clone(),
+                        name: name.to_string(),
+                        msg: format!("cannot split {dims:?} into {n_head} rope heads"),
+                    })?;
+                let fast = match device {
+                    Device::Cpu => FastQuant::owned(dtype, owned),
+                    _ => Err(owned),
+                };
+                match fast {
+                    Ok(f) => QStorage::Cpu(Box::new(f)),
+                    Err(owned) => QStorage::from_data(Cow::Owned(owned), device, dtype)?,
                 }
-            })?),
-            None => Cow::Borrowed(bytes),
+            }
+            None => match (device, FastQuant::mapped(dtype, &self.mmap, range.clone())) {
+                (Device::Cpu, Some(f)) => QStorage::Cpu(Box::new(f)),
+                _ => {
+                    let s = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
+                    self.release(range);
+                    s
+                }
+            },
         };
-        let storage = QStorage::from_data(bytes, device, info.ggml_dtype)?;
         Ok(QTensor::new(storage, dims)?)
+    }
+
+    /// Drops the file pages of a tensor that has been copied out, so loading does not hold
+    /// the file and its copy in memory at once.
+    fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        // SAFETY: the map is read-only and file-backed; DONTNEED only drops resident pages,
+        // which are read from the unchanged file again if anything touches them later.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                range.start,
+                range.len(),
+            );
+        }
     }
 
     fn has(&self, name: &str) -> bool {

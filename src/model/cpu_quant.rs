@@ -1,0 +1,583 @@
+//! Our CPU kernels for GGUF block types that candle multiplies with scalar code: Q4_1
+//! (SmolLM2's files) and Q5_0 (most of Qwen2.5's Q4_K_M mix). Activations are quantized to
+//! 8 bits per 32-value block and dotted with AVX2, as llama.cpp does. The weights are wrapped
+//! as a candle `QuantizedType`, so `QMatMul` and embeddings call into them unchanged.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QuantizedType};
+use candle_core::CpuStorage;
+use half::f16;
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+const QK: usize = 32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// d: f16, m: f16, 16 bytes of nibbles; x = d * q + m.
+    Q4_1,
+    /// d: f16, 32 high bits, 16 bytes of nibbles; x = d * (q - 16).
+    Q5_0,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4_1 => 20,
+            Kind::Q5_0 => 22,
+        }
+    }
+
+    fn dtype(self) -> GgmlDType {
+        match self {
+            Kind::Q4_1 => GgmlDType::Q4_1,
+            Kind::Q5_0 => GgmlDType::Q5_0,
+        }
+    }
+}
+
+/// One block of quantized activations: 32 int8 values with scale `d` and `s = d * sum(q)`.
+#[derive(Clone, Copy)]
+struct Act {
+    d: f32,
+    s: f32,
+    q: [i8; QK],
+}
+
+/// Where the blocks live: in the model file's memory map (shared with the page cache and with
+/// every other process serving the same file) or, when they had to be rearranged, owned.
+enum Data {
+    Owned(Vec<u8>),
+    Mapped(Arc<Mmap>, Range<usize>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Owned(v) => v,
+            Data::Mapped(m, r) => &m[r.clone()],
+        }
+    }
+}
+
+/// Quantized weights in GGUF block layout, multiplied by our kernels.
+pub struct FastQuant {
+    kind: Kind,
+    data: Data,
+}
+
+impl FastQuant {
+    /// The kind when we have a faster kernel than candle for `dtype` on this CPU.
+    fn kind_for(dtype: GgmlDType, len: usize) -> Option<Kind> {
+        let kind = match dtype {
+            GgmlDType::Q4_1 => Kind::Q4_1,
+            GgmlDType::Q5_0 => Kind::Q5_0,
+            _ => return None,
+        };
+        (has_avx2() && len.is_multiple_of(kind.block_bytes())).then_some(kind)
+    }
+
+    /// Wraps owned GGUF tensor bytes, or gives them back to be left to candle.
+    pub fn owned(dtype: GgmlDType, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
+        match Self::kind_for(dtype, bytes.len()) {
+            Some(kind) => Ok(Self {
+                kind,
+                data: Data::Owned(bytes),
+            }),
+            None => Err(bytes),
+        }
+    }
+
+    /// Wraps a tensor in place in the model file's memory map, without copying it.
+    pub fn mapped(dtype: GgmlDType, map: &Arc<Mmap>, range: Range<usize>) -> Option<Self> {
+        let kind = Self::kind_for(dtype, range.len())?;
+        (range.end <= map.len()).then(|| Self {
+            kind,
+            data: Data::Mapped(map.clone(), range),
+        })
+    }
+
+    fn blocks(&self) -> usize {
+        self.data.len() / self.kind.block_bytes()
+    }
+
+    fn dequantize_blocks(&self, first: usize, count: usize, out: &mut [f32]) {
+        let bb = self.kind.block_bytes();
+        for (i, o) in out.chunks_exact_mut(QK).take(count).enumerate() {
+            let b = &self.data[(first + i) * bb..(first + i + 1) * bb];
+            let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            match self.kind {
+                Kind::Q4_1 => {
+                    let m = f16::from_le_bytes([b[2], b[3]]).to_f32();
+                    for (j, &q) in b[4..20].iter().enumerate() {
+                        o[j] = d * (q & 0x0f) as f32 + m;
+                        o[j + 16] = d * (q >> 4) as f32 + m;
+                    }
+                }
+                Kind::Q5_0 => {
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    for (j, &q) in b[6..22].iter().enumerate() {
+                        let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+                        let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+                        o[j] = d * (lo as f32 - 16.0);
+                        o[j + 16] = d * (hi as f32 - 16.0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn quantize_into(&mut self, xs: &[f32]) {
+        let bb = self.kind.block_bytes();
+        if let Data::Mapped(..) = self.data {
+            self.data = Data::Owned(self.data.to_vec());
+        }
+        let Data::Owned(data) = &mut self.data else {
+            return;
+        };
+        for (i, x) in xs.chunks_exact(QK).enumerate() {
+            let b = &mut data[i * bb..(i + 1) * bb];
+            match self.kind {
+                Kind::Q4_1 => {
+                    let min = x.iter().copied().fold(f32::INFINITY, f32::min);
+                    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let d = (max - min) / 15.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                    b[2..4].copy_from_slice(&f16::from_f32(min).to_le_bytes());
+                    for j in 0..16 {
+                        let lo = (((x[j] - min) * id).round() as u8).min(15);
+                        let hi = (((x[j + 16] - min) * id).round() as u8).min(15);
+                        b[4 + j] = lo | hi << 4;
+                    }
+                }
+                Kind::Q5_0 => {
+                    let amax = x
+                        .iter()
+                        .copied()
+                        .fold(0f32, |a, v| if v.abs() > a.abs() { v } else { a });
+                    let d = amax / -16.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                    let mut qh = 0u32;
+                    for j in 0..16 {
+                        let lo = ((x[j] * id + 16.5) as i32).clamp(0, 31) as u32;
+                        let hi = ((x[j + 16] * id + 16.5) as i32).clamp(0, 31) as u32;
+                        b[6 + j] = ((lo & 0x0f) | (hi & 0x0f) << 4) as u8;
+                        qh |= ((lo >> 4) & 1) << j | ((hi >> 4) & 1) << (j + 16);
+                    }
+                    b[2..6].copy_from_slice(&qh.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn quantize_act(xs: &[f32], out: &mut Vec<Act>) {
+    out.clear();
+    for x in xs.chunks_exact(QK) {
+        let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut q = [0i8; QK];
+        let mut sum = 0i32;
+        for (qi, &v) in q.iter_mut().zip(x) {
+            *qi = (v * id).round() as i8;
+            sum += *qi as i32;
+        }
+        out.push(Act {
+            d,
+            s: d * sum as f32,
+            q,
+        });
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Act, Kind};
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// The 32 values of a block's 16 nibble bytes: low nibbles first, then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let q = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(q, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// Byte j is 0x10 where bit j of `bits` is set.
+    #[inline(always)]
+    unsafe fn high_bits(bits: u32) -> __m256i {
+        let spread = _mm256_setr_epi64x(
+            0,
+            0x0101010101010101,
+            0x0202020202020202,
+            0x0303030303030303,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+        let select = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// Sums of u8 x i8 products in groups of four, as eight i32 lanes.
+    #[inline(always)]
+    unsafe fn mul_sum_avx2(x: __m256i, y: __m256i) -> __m256i {
+        // maddubs saturates at i16, which these ranges (x < 32, |y| <= 127) never reach.
+        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn mul_sum_vnni(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
+    }
+
+    #[inline(always)]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32()
+    }
+
+    /// One block's integer dot product and its scalar correction, for a weight block at `b`.
+    #[inline(always)]
+    unsafe fn block(
+        kind: Kind,
+        b: *const u8,
+        a: &Act,
+        mul_sum: unsafe fn(__m256i, __m256i) -> __m256i,
+    ) -> (__m256i, f32) {
+        let y = _mm256_loadu_si256(a.q.as_ptr() as *const __m256i);
+        match kind {
+            Kind::Q4_1 => (mul_sum(nibbles(b.add(4)), y), f16_at(b.add(2)) * a.s),
+            Kind::Q5_0 => {
+                let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
+                let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(qh));
+                // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
+                (mul_sum(x, y), -16.0 * f16_at(b) * a.s)
+            }
+        }
+    }
+
+    macro_rules! dot_fn {
+        ($name:ident, $features:literal, $mul_sum:ident) => {
+            /// Dot product of one weight row (`acts.len()` blocks at `row`) with quantized
+            /// activations; two blocks per iteration in independent accumulators.
+            ///
+            /// # Safety
+            /// `row` must hold `acts.len()` blocks of `kind`, and the CPU must have the
+            /// enabled features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
+                let bb = kind.block_bytes();
+                let p = row.as_ptr();
+                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                let mut extra = 0f32;
+                let pairs = acts.len() / 2;
+                for i in 0..pairs {
+                    let (b0, b1) = (p.add(2 * i * bb), p.add((2 * i + 1) * bb));
+                    let (a0, a1) = (&acts[2 * i], &acts[2 * i + 1]);
+                    let (s0, e0) = block(kind, b0, a0, $mul_sum);
+                    let (s1, e1) = block(kind, b1, a1, $mul_sum);
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_set1_ps(f16_at(b0) * a0.d),
+                        _mm256_cvtepi32_ps(s0),
+                        acc0,
+                    );
+                    acc1 = _mm256_fmadd_ps(
+                        _mm256_set1_ps(f16_at(b1) * a1.d),
+                        _mm256_cvtepi32_ps(s1),
+                        acc1,
+                    );
+                    extra += e0 + e1;
+                }
+                if acts.len() % 2 == 1 {
+                    let i = acts.len() - 1;
+                    let b0 = p.add(i * bb);
+                    let (s0, e0) = block(kind, b0, &acts[i], $mul_sum);
+                    acc0 = _mm256_fmadd_ps(
+                        _mm256_set1_ps(f16_at(b0) * acts[i].d),
+                        _mm256_cvtepi32_ps(s0),
+                        acc0,
+                    );
+                    extra += e0;
+                }
+                hsum(_mm256_add_ps(acc0, acc1)) + extra
+            }
+        };
+    }
+
+    dot_fn!(dot_avx2, "avx2,fma", mul_sum_avx2);
+    dot_fn!(dot_vnni, "avx2,fma,avxvnni", mul_sum_vnni);
+}
+
+/// The row kernel for this CPU, chosen once.
+fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let vnni = *VNNI.get_or_init(|| std::arch::is_x86_feature_detected!("avxvnni"));
+        // SAFETY: FastQuant is only built when AVX2 and FMA are present (`kind_for`), VNNI is
+        // checked above, and matmul_t checked that every row holds `acts.len()` blocks.
+        unsafe {
+            if vnni {
+                x86::dot_vnni(kind, row, acts)
+            } else {
+                x86::dot_avx2(kind, row, acts)
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (kind, row, acts);
+        unreachable!("FastQuant is x86_64 only")
+    }
+}
+
+/// Output rows per parallel work item: enough to amortize scheduling, small enough to
+/// balance over two to sixteen cores.
+const ROWS_PER_TASK: usize = 32;
+
+impl QuantizedType for FastQuant {
+    fn dtype(&self) -> GgmlDType {
+        self.kind.dtype()
+    }
+
+    fn matmul_t(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        lhs: &[f32],
+        dst: &mut [f32],
+    ) -> candle_core::Result<()> {
+        let nb = k / QK;
+        let row_bytes = nb * self.kind.block_bytes();
+        if !k.is_multiple_of(QK)
+            || lhs.len() != m * k
+            || dst.len() < m * n
+            || self.data.len() != n * row_bytes
+        {
+            candle_core::bail!(
+                "{:?} matmul: shapes do not fit (m {m}, k {k}, n {n}, {} bytes)",
+                self.kind,
+                self.data.len()
+            );
+        }
+        let mut acts = Vec::with_capacity(m * nb);
+        quantize_act(lhs, &mut acts);
+        // Work on the transposed output [n, m] so each task owns a contiguous slice, with
+        // one weight row reused for every activation row while it is in cache.
+        let mut out_t = vec![0f32; n * m];
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (r, out_row) in chunk.chunks_mut(m).enumerate() {
+                    let j = c * ROWS_PER_TASK + r;
+                    let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
+                    for (i, o) in out_row.iter_mut().enumerate() {
+                        *o = dot(self.kind, w, &acts[i * nb..(i + 1) * nb]);
+                    }
+                }
+            });
+        for (j, col) in out_t.chunks(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                dst[i * n + j] = *v;
+            }
+        }
+        Ok(())
+    }
+
+    fn matmul_t_f16(
+        &self,
+        mkn: (usize, usize, usize),
+        lhs: &[f16],
+        dst: &mut [f16],
+    ) -> candle_core::Result<()> {
+        let lhs: Vec<f32> = lhs.iter().map(|v| v.to_f32()).collect();
+        let mut out = vec![0f32; dst.len()];
+        self.matmul_t(mkn, &lhs, &mut out)?;
+        for (d, v) in dst.iter_mut().zip(out) {
+            *d = f16::from_f32(v);
+        }
+        Ok(())
+    }
+
+    fn embedding(
+        &self,
+        ids: &[u32],
+        rows: usize,
+        hidden: usize,
+    ) -> candle_core::Result<CpuStorage> {
+        let per_row = hidden / QK;
+        if !hidden.is_multiple_of(QK) || rows * per_row != self.blocks() {
+            candle_core::bail!(
+                "{:?} embedding of {rows}x{hidden} does not fit the tensor",
+                self.kind
+            );
+        }
+        let mut out = vec![0f32; ids.len() * hidden];
+        for (o, &id) in out.chunks_exact_mut(hidden).zip(ids) {
+            if id as usize >= rows {
+                candle_core::bail!("token id {id} is out of range for {rows} rows");
+            }
+            self.dequantize_blocks(id as usize * per_row, per_row, o);
+        }
+        Ok(CpuStorage::F32(out))
+    }
+
+    fn dequantize(&self, elem_count: usize) -> candle_core::Result<CpuStorage> {
+        if elem_count != self.blocks() * QK {
+            candle_core::bail!(
+                "dequantize {elem_count} values from {} blocks",
+                self.blocks()
+            );
+        }
+        let mut out = vec![0f32; elem_count];
+        self.dequantize_blocks(0, self.blocks(), &mut out);
+        Ok(CpuStorage::F32(out))
+    }
+
+    fn storage_size_in_bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    fn as_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+
+    fn block_size(&self) -> usize {
+        QK
+    }
+
+    fn from_float(&mut self, xs: &[f32]) {
+        self.quantize_into(xs)
+    }
+
+    fn from_float_imatrix(&mut self, xs: &[f32], _imatrix_weights: &[f32], _n_per_row: usize) {
+        // Importance weights only steer rounding choices; plain rounding is a valid encoding.
+        self.quantize_into(xs)
+    }
+
+    fn size(&self) -> usize {
+        self.data.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{QMatMul, QStorage, QTensor};
+    use candle_core::{Device, Module, Tensor};
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Our kernels against candle's own scalar implementation of the same block type, on the
+    /// same quantized bytes.
+    #[test]
+    fn matches_candle_on_the_same_blocks() {
+        if !has_avx2() {
+            return;
+        }
+        let (m, k, n) = (3, 256, 48);
+        let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
+        let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+            let theirs = QTensor::quantize(&w, dtype).expect("quantize");
+            let bytes = theirs.data().expect("bytes").to_vec();
+            let Ok(ours) = FastQuant::owned(dtype, bytes) else {
+                panic!("{dtype:?} not wrapped")
+            };
+            let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
+            let deq_a: Vec<f32> = theirs
+                .dequantize(&Device::Cpu)
+                .expect("d")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
+            let deq_b: Vec<f32> = ours
+                .dequantize(&Device::Cpu)
+                .expect("d")
+                .flatten_all()
+                .expect("f")
+                .to_vec1()
+                .expect("v");
+            assert_eq!(deq_a, deq_b, "{dtype:?} dequantization");
+            let ya: Vec<Vec<f32>> = QMatMul::from_qtensor(theirs)
+                .expect("mm")
+                .forward(&x)
+                .expect("fwd")
+                .to_vec2()
+                .expect("v");
+            let yb: Vec<Vec<f32>> = QMatMul::from_qtensor(ours)
+                .expect("mm")
+                .forward(&x)
+                .expect("fwd")
+                .to_vec2()
+                .expect("v");
+            for (ra, rb) in ya.iter().zip(&yb) {
+                for (a, b) in ra.iter().zip(rb) {
+                    // Both quantize activations to 8 bits; candle keeps their scale in f16, we in f32.
+                    assert!(
+                        (a - b).abs() < 0.02 + 1e-2 * a.abs(),
+                        "{dtype:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_round_trips_within_a_step() {
+        let xs = pseudo_random(64, 3);
+        for kind in [Kind::Q4_1, Kind::Q5_0] {
+            let mut q = FastQuant {
+                kind,
+                data: Data::Owned(vec![0; 2 * kind.block_bytes()]),
+            };
+            q.from_float(&xs);
+            let mut back = vec![0f32; 64];
+            q.dequantize_blocks(0, 2, &mut back);
+            let step = if kind == Kind::Q4_1 {
+                2.0 / 15.0
+            } else {
+                1.0 / 16.0
+            };
+            for (a, b) in xs.iter().zip(&back) {
+                assert!((a - b).abs() <= step, "{kind:?}: {a} vs {b}");
+            }
+        }
+    }
+}
