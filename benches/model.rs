@@ -52,7 +52,7 @@ fn bench_model(c: &mut Criterion, label: &str, file: &str) {
     let blocks = (PREFILL + DECODE_WINDOW + 1).div_ceil(BLOCK);
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut cache = CpuKvCache::new(model.config(), blocks, BLOCK);
-    let mut prefill = |cache: &mut CpuKvCache| {
+    let prefill = |cache: &mut CpuKvCache| {
         let mut b = Batch::default();
         b.push_seq(&ids, 0, table[..PREFILL.div_ceil(BLOCK)].to_vec(), true);
         model

@@ -140,3 +140,26 @@ fn seeded_sampling_is_reproducible() {
         "different seeds should differ over 24 sampled tokens"
     );
 }
+
+/// A prompt prefilled in small chunks (most of them asking for no logits) answers exactly as
+/// one prefilled at once.
+#[test]
+fn chunked_prefill_gives_the_same_answer() {
+    let model = Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load");
+    let ids = model
+        .tokenizer
+        .encode("The three primary colors are red, yellow and", false)
+        .expect("encode");
+    let run = |chunk: usize| {
+        let opts = GenerateOptions {
+            sampling: SamplingParams::greedy(),
+            num_predict: Some(12),
+            prefill_chunk: chunk,
+            ..GenerateOptions::default()
+        };
+        generate(&model, &ids, &opts, |_| {})
+            .expect("generate")
+            .tokens
+    };
+    assert_eq!(run(3), run(512));
+}

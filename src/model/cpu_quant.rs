@@ -20,6 +20,8 @@ enum Kind {
     Q4_1,
     /// d: f16, 32 high bits, 16 bytes of nibbles; x = d * (q - 16).
     Q5_0,
+    /// d: f16, 32 signed bytes; x = d * q.
+    Q8_0,
 }
 
 impl Kind {
@@ -27,6 +29,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q5_0 => 22,
+            Kind::Q8_0 => 34,
         }
     }
 
@@ -34,6 +37,7 @@ impl Kind {
         match self {
             Kind::Q4_1 => GgmlDType::Q4_1,
             Kind::Q5_0 => GgmlDType::Q5_0,
+            Kind::Q8_0 => GgmlDType::Q8_0,
         }
     }
 }
@@ -70,19 +74,22 @@ pub struct FastQuant {
 }
 
 impl FastQuant {
-    /// The kind when we have a faster kernel than candle for `dtype` on this CPU.
-    fn kind_for(dtype: GgmlDType, len: usize) -> Option<Kind> {
+    /// The kind when we have a faster kernel than candle for `dtype` on this CPU. For Q8_0,
+    /// candle's repacked AVX-512 kernel wins where it applies (rows of a multiple of 256
+    /// values), so only other row lengths come here.
+    fn kind_for(dtype: GgmlDType, row_len: usize, len: usize) -> Option<Kind> {
         let kind = match dtype {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
+            GgmlDType::Q8_0 if !row_len.is_multiple_of(256) => Kind::Q8_0,
             _ => return None,
         };
         (has_avx2() && len.is_multiple_of(kind.block_bytes())).then_some(kind)
     }
 
     /// Wraps owned GGUF tensor bytes, or gives them back to be left to candle.
-    pub fn owned(dtype: GgmlDType, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
-        match Self::kind_for(dtype, bytes.len()) {
+    pub fn owned(dtype: GgmlDType, row_len: usize, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
+        match Self::kind_for(dtype, row_len, bytes.len()) {
             Some(kind) => Ok(Self {
                 kind,
                 data: Data::Owned(bytes),
@@ -92,8 +99,13 @@ impl FastQuant {
     }
 
     /// Wraps a tensor in place in the model file's memory map, without copying it.
-    pub fn mapped(dtype: GgmlDType, map: &Arc<Mmap>, range: Range<usize>) -> Option<Self> {
-        let kind = Self::kind_for(dtype, range.len())?;
+    pub fn mapped(
+        dtype: GgmlDType,
+        row_len: usize,
+        map: &Arc<Mmap>,
+        range: Range<usize>,
+    ) -> Option<Self> {
+        let kind = Self::kind_for(dtype, row_len, range.len())?;
         (range.end <= map.len()).then(|| Self {
             kind,
             data: Data::Mapped(map.clone(), range),
@@ -115,6 +127,11 @@ impl FastQuant {
                     for (j, &q) in b[4..20].iter().enumerate() {
                         o[j] = d * (q & 0x0f) as f32 + m;
                         o[j + 16] = d * (q >> 4) as f32 + m;
+                    }
+                }
+                Kind::Q8_0 => {
+                    for (o, &q) in o.iter_mut().zip(&b[2..34]) {
+                        *o = d * (q as i8) as f32;
                     }
                 }
                 Kind::Q5_0 => {
@@ -152,6 +169,15 @@ impl FastQuant {
                         let lo = (((x[j] - min) * id).round() as u8).min(15);
                         let hi = (((x[j + 16] - min) * id).round() as u8).min(15);
                         b[4 + j] = lo | hi << 4;
+                    }
+                }
+                Kind::Q8_0 => {
+                    let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    b[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+                    for (q, &v) in b[2..34].iter_mut().zip(x) {
+                        *q = ((v * id).round() as i8) as u8;
                     }
                 }
                 Kind::Q5_0 => {
@@ -249,7 +275,8 @@ mod x86 {
     /// Sums of u8 x i8 products in groups of four, as eight i32 lanes.
     #[inline(always)]
     unsafe fn mul_sum_avx2(x: __m256i, y: __m256i) -> __m256i {
-        // maddubs saturates at i16, which these ranges (x < 32, |y| <= 127) never reach.
+        // maddubs saturates at i16: x < 32 never gets there; Q8_0's |x| <= 128 can only at
+        // -128 * -128 pairs, which its quantizer (|q| <= 127) does not produce.
         _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
     }
 
@@ -279,6 +306,11 @@ mod x86 {
                 let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(qh));
                 // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
                 (mul_sum(x, y), -16.0 * f16_at(b) * a.s)
+            }
+            Kind::Q8_0 => {
+                // u8 x i8 products: move the weight's sign onto the activation.
+                let x = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                (mul_sum(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0.0)
             }
         }
     }
@@ -385,6 +417,9 @@ impl QuantizedType for FastQuant {
                 self.kind,
                 self.data.len()
             );
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
         }
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(lhs, &mut acts);
@@ -510,13 +545,14 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        let (m, k, n) = (3, 256, 48);
+        // k is not a multiple of 256, as for the Q8_0 tensors we take over from candle.
+        let (m, k, n) = (3, 288, 48);
         let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
         let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let theirs = QTensor::quantize(&w, dtype).expect("quantize");
             let bytes = theirs.data().expect("bytes").to_vec();
-            let Ok(ours) = FastQuant::owned(dtype, bytes) else {
+            let Ok(ours) = FastQuant::owned(dtype, 288, bytes) else {
                 panic!("{dtype:?} not wrapped")
             };
             let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
@@ -562,7 +598,7 @@ mod tests {
     #[test]
     fn quantize_round_trips_within_a_step() {
         let xs = pseudo_random(64, 3);
-        for kind in [Kind::Q4_1, Kind::Q5_0] {
+        for kind in [Kind::Q4_1, Kind::Q5_0, Kind::Q8_0] {
             let mut q = FastQuant {
                 kind,
                 data: Data::Owned(vec![0; 2 * kind.block_bytes()]),

@@ -137,6 +137,14 @@ impl Decoder {
             let act = (candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
             x = (x + l.down.forward(&act)?)?;
         }
+        if batch.logits_indices.is_empty() {
+            // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;

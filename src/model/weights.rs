@@ -115,6 +115,7 @@ impl GgufFile {
         let (info, range) = self.tensor_range(name)?;
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
         let bytes = &self.mmap[range.clone()];
+        let row_len = dims.last().copied().unwrap_or(0);
         let storage = match permute_heads {
             Some(n_head) => {
                 let owned =
@@ -124,7 +125,7 @@ impl GgufFile {
                         msg: format!("cannot split {dims:?} into {n_head} rope heads"),
                     })?;
                 let fast = match device {
-                    Device::Cpu => FastQuant::owned(dtype, owned),
+                    Device::Cpu => FastQuant::owned(dtype, row_len, owned),
                     _ => Err(owned),
                 };
                 match fast {
@@ -132,7 +133,10 @@ impl GgufFile {
                     Err(owned) => QStorage::from_data(Cow::Owned(owned), device, dtype)?,
                 }
             }
-            None => match (device, FastQuant::mapped(dtype, &self.mmap, range.clone())) {
+            None => match (
+                device,
+                FastQuant::mapped(dtype, row_len, &self.mmap, range.clone()),
+            ) {
                 (Device::Cpu, Some(f)) => QStorage::Cpu(Box::new(f)),
                 _ => {
                     let s = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
