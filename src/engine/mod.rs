@@ -1,6 +1,14 @@
-//! Serving: sequences, sampling, stop sequences and incremental detokenization.
-//! Knows token ids and text, never HTTP.
+//! Serving: sequences, KV blocks, continuous batching, sampling, stop sequences and
+//! incremental detokenization. Knows token ids and text, never HTTP.
 
+pub mod block_manager;
 pub mod detok;
 pub mod generate;
+pub mod runtime;
 pub mod sampler;
+pub mod scheduler;
+
+pub use runtime::{
+    Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request, RequestStream,
+    Summary,
+};
