@@ -8,9 +8,12 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 
+use candlewick::api;
+use candlewick::config::Config;
 use candlewick::engine::generate::{generate, GenerateOptions};
 use candlewick::engine::sampler::SamplingParams;
 use candlewick::model::Model;
+use candlewick::store::{ModelName, Store};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +30,18 @@ struct Cli {
 enum Command {
     /// Load a GGUF file or a Hugging Face safetensors directory and generate offline.
     Generate(GenerateArgs),
+    /// Serve the Ollama and OpenAI APIs on OLLAMA_HOST (default 127.0.0.1:11434).
+    Serve,
+    /// Register a local GGUF file in the model store ($OLLAMA_MODELS) under NAME.
+    Import(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// Model name, e.g. `smollm2:135m`.
+    name: String,
+    /// The .gguf file.
+    path: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -69,6 +84,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
+        Command::Serve => run_serve(),
+        Command::Import(args) => run_import(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,6 +94,68 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_serve() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let addr = config.host.clone();
+        let listener = tokio::net::TcpListener::bind((addr.host.as_str(), addr.port))
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        let local = listener.local_addr()?;
+        tracing::info!(models = %config.models_dir.display(), "model store");
+        eprintln!("Listening on {local} (version {})", api::OLLAMA_VERSION);
+        let state = api::AppState::new(config)?;
+        api::serve(listener, state, shutdown_signal()).await?;
+        eprintln!("shut down");
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+fn run_import(args: ImportArgs) -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let name = ModelName::parse(&args.name)?;
+    let store = Store::new(&config.models_dir);
+    let m = store
+        .import_gguf(&name, &args.path)
+        .with_context(|| format!("importing {}", args.path.display()))?;
+    println!(
+        "imported {} as {} ({} bytes, {})",
+        args.path.display(),
+        m.name.display_short(),
+        m.size,
+        &m.digest[..12.min(m.digest.len())]
+    );
+    Ok(())
 }
 
 fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {

@@ -1,0 +1,195 @@
+//! Serving load benchmark, in process: N concurrent streaming requests (fixed prompts, fixed
+//! output length, greedy) through the batching engine; prints aggregate output tokens/s,
+//! time to first token and inter-token latency (p50/p95) per concurrency, and the
+//! time to first token of a conversation's second turn against its first.
+//!
+//! `cargo bench --profile dev --bench serving [-- MODEL_FILE [CONCURRENCY ...]]`
+//! (defaults: both test models, concurrency 1 8 32; `WICK_BENCH_TOKENS` output tokens, 32).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use candlewick::engine::{Engine, EngineConfig, Event, Request};
+use candlewick::model::Model;
+
+const PROMPTS: &[&str] = &[
+    "Write a short poem about the sea.",
+    "Explain what a hash map is.",
+    "List five fruits and their colors.",
+    "Describe a sunrise over the mountains.",
+    "What are the rules of chess, briefly?",
+    "Tell me about the history of bread.",
+    "How do airplanes stay in the air?",
+    "Give three tips for learning a language.",
+];
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("WICK_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/candlewick/test-models")
+        })
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn chat_prompt(model: &Model, messages: &[serde_json::Value]) -> Vec<u32> {
+    let text = model
+        .chat_template
+        .as_ref()
+        .expect("chat template")
+        .render(messages, None, true, &serde_json::Map::new())
+        .expect("render");
+    model.tokenizer.encode(&text, false).expect("encode")
+}
+
+struct Run {
+    tokens: usize,
+    ttft: Duration,
+    gaps: Vec<Duration>,
+}
+
+/// Streams one request to its end, timing each token's arrival.
+fn drive(engine: &Engine, prompt: Vec<u32>, n: usize) -> Run {
+    let mut req = Request::new(prompt);
+    req.num_predict = Some(n);
+    let start = Instant::now();
+    let stream = engine.submit(req).expect("submit");
+    let (mut last, mut ttft, mut gaps, mut tokens) = (start, None, Vec::new(), 0);
+    for ev in stream {
+        match ev {
+            Event::Token { .. } => {
+                let now = Instant::now();
+                match ttft {
+                    None => ttft = Some(now - start),
+                    Some(_) => gaps.push(now - last),
+                }
+                last = now;
+                tokens += 1;
+            }
+            Event::Text(_) => {}
+            Event::Done(_) => break,
+        }
+    }
+    Run {
+        tokens,
+        ttft: ttft.unwrap_or_default(),
+        gaps,
+    }
+}
+
+fn bench_model(file: &str, levels: &[usize], out_tokens: usize) {
+    let path = models_dir().join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        path.display()
+    );
+    let model = Arc::new(Model::load(&path, &Device::Cpu).expect("load"));
+    println!("\n{file}: {out_tokens} output tokens per request, greedy, no stop");
+    println!(
+        "| concurrency | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &c in levels {
+        // A fresh engine per level, so no level reuses another's cached prefixes.
+        let engine = Engine::start(model.clone(), EngineConfig::default()).expect("engine");
+        let prompts: Vec<Vec<u32>> = (0..c)
+            .map(|i| {
+                // Distinct prompts: the index makes every one unique beyond the shared template.
+                let q = format!("{} (request {i})", PROMPTS[i % PROMPTS.len()]);
+                chat_prompt(&model, &[serde_json::json!({"role": "user", "content": q})])
+            })
+            .collect();
+        let start = Instant::now();
+        let runs: Vec<Run> = std::thread::scope(|s| {
+            let handles: Vec<_> = prompts
+                .into_iter()
+                .map(|p| {
+                    let engine = &engine;
+                    s.spawn(move || drive(engine, p, out_tokens))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client"))
+                .collect()
+        });
+        let wall = start.elapsed().as_secs_f64();
+        let total: usize = runs.iter().map(|r| r.tokens).sum();
+        let mut ttft: Vec<f64> = runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
+        let mut itl: Vec<f64> = runs
+            .iter()
+            .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+            .collect();
+        println!(
+            "| {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
+            total as f64 / wall,
+            percentile(&mut ttft, 0.5),
+            percentile(&mut ttft, 0.95),
+            percentile(&mut itl, 0.5),
+            percentile(&mut itl, 0.95)
+        );
+    }
+
+    // A conversation's second turn resends the first turn: its prefix should come from cache.
+    let engine = Engine::start(model.clone(), EngineConfig::default()).expect("engine");
+    let system = serde_json::json!({"role": "system", "content": "You are a helpful assistant who answers in detail, with examples, and always stays polite and precise. ".repeat(4)});
+    let first = vec![
+        system,
+        serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
+    ];
+    let turn1 = drive(&engine, chat_prompt(&model, &first), 24);
+    let mut second = first.clone();
+    second.push(serde_json::json!({"role": "assistant", "content": "Bread is one of the oldest prepared foods."}));
+    second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
+    let turn2 = drive(&engine, chat_prompt(&model, &second), 8);
+    println!(
+        "second turn TTFT {:.0} ms vs first turn {:.0} ms ({:.0}%)",
+        turn2.ttft.as_secs_f64() * 1e3,
+        turn1.ttft.as_secs_f64() * 1e3,
+        100.0 * turn2.ttft.as_secs_f64() / turn1.ttft.as_secs_f64()
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; everything else is ours.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let out_tokens = std::env::var("WICK_BENCH_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let (files, levels): (Vec<String>, Vec<usize>) = match args.split_first() {
+        Some((f, rest)) => (
+            vec![f.clone()],
+            rest.iter().filter_map(|l| l.parse().ok()).collect(),
+        ),
+        None => (
+            vec![
+                "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
+            ],
+            Vec::new(),
+        ),
+    };
+    let levels = if levels.is_empty() {
+        vec![1, 8, 32]
+    } else {
+        levels
+    };
+    for f in files {
+        bench_model(&f, &levels, out_tokens);
+    }
+}

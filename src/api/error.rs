@@ -1,0 +1,144 @@
+//! The errors a request can meet, their HTTP status, and their body in each dialect:
+//! Ollama's `{"error": "..."}` and OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::engine::EngineError;
+use crate::store::StoreError;
+
+/// Everything that can go wrong serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing request body")]
+    MissingBody,
+    /// Malformed JSON or a field of the wrong type.
+    #[error("{0}")]
+    BadJson(String),
+    #[error("invalid model name")]
+    InvalidName,
+    /// The name as the client sent it. The double-quoted form is the one every LobeChat
+    /// version and the Ollama CLI recognise.
+    #[error("model \"{0}\" not found, try pulling it first")]
+    ModelNotFound(String),
+    /// `/api/show`'s wording: the normalised short name with its tag.
+    #[error("model '{0}' not found")]
+    ShowNotFound(String),
+    /// Ollama answers 500 here; it is the client's mistake, so we answer 400.
+    #[error("option \"{name}\" must be of type {ty}")]
+    BadOption { name: String, ty: &'static str },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Engine(EngineError),
+    #[error("loading the model: {0}")]
+    Load(crate::model::Error),
+    #[error("{0}")]
+    Store(StoreError),
+    #[error("{0}")]
+    Template(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InvalidName(_) => ApiError::InvalidName,
+            e => ApiError::Store(e),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::MissingBody
+            | ApiError::BadJson(_)
+            | ApiError::InvalidName
+            | ApiError::BadOption { .. }
+            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::ShowNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Engine(e) => match e {
+                EngineError::EmptyPrompt
+                | EngineError::PromptTooLong { .. }
+                | EngineError::PromptExceedsCache { .. }
+                | EngineError::BadToken { .. }
+                | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            ApiError::Store(StoreError::BadDigest(_)) => StatusCode::BAD_REQUEST,
+            ApiError::Store(StoreError::NotFound(_)) => StatusCode::NOT_FOUND,
+            ApiError::Load(_)
+            | ApiError::Store(_)
+            | ApiError::Template(_)
+            | ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI `type` for this status.
+    fn openai_type(&self) -> &'static str {
+        match self.status() {
+            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The OpenAI-shaped body (also used for mid-stream SSE errors).
+    pub fn openai_body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.openai_type(),
+            "param": null,
+            "code": null,
+        }})
+    }
+}
+
+/// `application/json; charset=utf-8`, as Ollama labels its JSON.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+/// An error in Ollama's shape.
+pub struct OllamaError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for OllamaError {
+    fn from(e: E) -> Self {
+        OllamaError(e.into())
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        if self.0.status().is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        json_response(self.0.status(), &json!({"error": self.0.to_string()}))
+    }
+}
+
+/// An error in OpenAI's shape.
+pub struct OpenAiError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for OpenAiError {
+    fn from(e: E) -> Self {
+        OpenAiError(e.into())
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        if self.0.status().is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        json_response(self.0.status(), &self.0.openai_body())
+    }
+}

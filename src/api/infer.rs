@@ -1,0 +1,465 @@
+//! The one internal generation request both dialects translate into, and the path from it
+//! to a stream of text: resolve the model, load it, render the prompt, tokenize, submit to
+//! the engine, and pump the engine's blocking stream into an async channel. Dropping the
+//! receiver cancels the sequence.
+
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::config::KeepAlive;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{Event, FinishReason, Request, Summary};
+use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
+
+use super::error::ApiError;
+use super::loaded::InUse;
+use super::AppState;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A conversation (OpenAI-style message objects) rendered with the chat template.
+    Chat {
+        messages: Vec<Value>,
+        tools: Option<Vec<Value>>,
+    },
+    /// A single prompt: templated as one user turn unless `raw`.
+    Generate {
+        prompt: String,
+        system: Option<String>,
+        raw: bool,
+        /// Tokens from a previous response's `context`, put before the prompt.
+        context: Vec<u32>,
+    },
+}
+
+impl Input {
+    /// No prompt at all: Ollama's "just load (or unload) the model".
+    fn is_empty(&self) -> bool {
+        match self {
+            Input::Chat { messages, .. } => messages.is_empty(),
+            Input::Generate {
+                prompt, context, ..
+            } => prompt.is_empty() && context.is_empty(),
+        }
+    }
+}
+
+/// The internal request.
+#[derive(Debug, Clone)]
+pub struct InferRequest {
+    /// The model as the client spelled it (echoed back in responses).
+    pub model: String,
+    pub input: Input,
+    pub options: Options,
+    pub keep_alive: Option<KeepAlive>,
+}
+
+/// Generation options; `None` means "not sent" so only what the client set overrides the
+/// model's `params` layer and the defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Options {
+    pub temperature: Option<f32>,
+    pub top_k: Option<i64>,
+    pub top_p: Option<f32>,
+    pub min_p: Option<f32>,
+    pub repeat_penalty: Option<f32>,
+    pub repeat_last_n: Option<i64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    pub num_predict: Option<i64>,
+    pub num_ctx: Option<i64>,
+    pub stop: Option<Vec<String>>,
+}
+
+/// Option keys Ollama knows but we do not act on; accepted with their types checked.
+const IGNORED_INT: &[&str] = &[
+    "num_batch",
+    "num_gpu",
+    "main_gpu",
+    "num_thread",
+    "num_keep",
+    "draft_num_predict",
+    "mirostat",
+];
+const IGNORED_FLOAT: &[&str] = &["typical_p", "tfs_z", "mirostat_tau", "mirostat_eta"];
+const IGNORED_BOOL: &[&str] = &[
+    "use_mmap",
+    "numa",
+    "low_vram",
+    "f16_kv",
+    "logits_all",
+    "vocab_only",
+    "use_mlock",
+    "embedding_only",
+    "penalize_newline",
+];
+
+impl Options {
+    /// Parses an Ollama `options` object. Unknown keys are ignored and `null` means unset;
+    /// a value of the wrong type is an error naming the option and the type it needs.
+    pub fn from_map(map: &Map<String, Value>) -> Result<Options, ApiError> {
+        let mut o = Options::default();
+        for (key, value) in map {
+            if value.is_null() {
+                continue;
+            }
+            let float = || {
+                value.as_f64().map(|v| v as f32).ok_or(ApiError::BadOption {
+                    name: key.clone(),
+                    ty: "float32",
+                })
+            };
+            // Integer options accept JSON floats, truncated.
+            let int = || {
+                value
+                    .as_i64()
+                    .or_else(|| value.as_f64().map(|f| f as i64))
+                    .ok_or(ApiError::BadOption {
+                        name: key.clone(),
+                        ty: "int",
+                    })
+            };
+            match key.as_str() {
+                "temperature" => o.temperature = Some(float()?),
+                "top_p" => o.top_p = Some(float()?),
+                "min_p" => o.min_p = Some(float()?),
+                "repeat_penalty" => o.repeat_penalty = Some(float()?),
+                "presence_penalty" => o.presence_penalty = Some(float()?),
+                "frequency_penalty" => o.frequency_penalty = Some(float()?),
+                "top_k" => o.top_k = Some(int()?),
+                "repeat_last_n" => o.repeat_last_n = Some(int()?),
+                "seed" => o.seed = Some(int()?),
+                "num_predict" => o.num_predict = Some(int()?),
+                "num_ctx" => o.num_ctx = Some(int()?),
+                "stop" => o.stop = Some(string_list(value, key)?),
+                k if IGNORED_INT.contains(&k) => {
+                    int()?;
+                }
+                k if IGNORED_FLOAT.contains(&k) => {
+                    float()?;
+                }
+                k if IGNORED_BOOL.contains(&k) => {
+                    value.as_bool().ok_or(ApiError::BadOption {
+                        name: key.clone(),
+                        ty: "bool",
+                    })?;
+                }
+                k => tracing::debug!(option = k, "invalid option provided"),
+            }
+        }
+        Ok(o)
+    }
+
+    /// `self` with unset fields taken from `base`.
+    pub fn over(self, base: Options) -> Options {
+        Options {
+            temperature: self.temperature.or(base.temperature),
+            top_k: self.top_k.or(base.top_k),
+            top_p: self.top_p.or(base.top_p),
+            min_p: self.min_p.or(base.min_p),
+            repeat_penalty: self.repeat_penalty.or(base.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.or(base.repeat_last_n),
+            presence_penalty: self.presence_penalty.or(base.presence_penalty),
+            frequency_penalty: self.frequency_penalty.or(base.frequency_penalty),
+            seed: self.seed.or(base.seed),
+            num_predict: self.num_predict.or(base.num_predict),
+            num_ctx: self.num_ctx.or(base.num_ctx),
+            stop: self.stop.or(base.stop),
+        }
+    }
+
+    /// The engine request for `prompt` with these options over Ollama's defaults.
+    fn to_request(&self, prompt: Vec<u32>) -> Request {
+        let d = SamplingParams::default();
+        let sampling = SamplingParams {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_k: self
+                .top_k
+                .map_or(d.top_k, |k| usize::try_from(k).unwrap_or(0)),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            // Negative seeds mean "random", as Ollama's -1.
+            seed: self.seed.and_then(|s| u64::try_from(s).ok()),
+        };
+        let mut req = Request::new(prompt);
+        req.sampling = sampling;
+        // -1 (unlimited) and -2 (fill the context) both run to a stop or the context end.
+        req.num_predict = self.num_predict.and_then(|n| usize::try_from(n).ok());
+        req.num_ctx = self
+            .num_ctx
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0);
+        req.stop = self.stop.clone().unwrap_or_default();
+        req
+    }
+}
+
+/// A string or an array of strings (`stop`).
+pub fn string_list(value: &Value, key: &str) -> Result<Vec<String>, ApiError> {
+    let bad = || ApiError::BadOption {
+        name: key.to_string(),
+        ty: "[]string",
+    };
+    match value {
+        Value::String(s) => Ok(vec![s.clone()]),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+            .collect(),
+        _ => Err(bad()),
+    }
+}
+
+/// One piece of a generation's output.
+#[derive(Debug, Clone)]
+pub enum Out {
+    Text(String),
+    Done(Finished),
+    /// The stream failed after it started.
+    Error(String),
+}
+
+/// The end of a generation.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// `stop` or `length`.
+    pub reason: &'static str,
+    pub summary: Summary,
+    /// Prompt and generated token ids (`context` in `/api/generate`).
+    pub context: Vec<u32>,
+}
+
+/// What starting a request gave.
+pub enum Started {
+    /// Empty input: the model was loaded (`done_reason: "load"`).
+    Loaded,
+    /// Empty input with `keep_alive: 0`: the model was unloaded (`done_reason: "unload"`).
+    Unloaded,
+    /// Output arrives on the channel and always ends with `Done` or `Error`.
+    Stream(mpsc::Receiver<Out>),
+}
+
+/// Resolves a client's model name, with the errors Ollama gives.
+pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
+    let name = ModelName::parse(model)?;
+    match state.store.resolve(&name) {
+        Ok(m) => Ok(m),
+        Err(crate::store::StoreError::NotFound(_)) => Err(ApiError::ModelNotFound(model.into())),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Starts a request.
+pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
+    let info = resolve(state, &req.model)?;
+    if req.input.is_empty() {
+        if req.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
+            state.models.unload(&info).await;
+            return Ok(Started::Unloaded);
+        }
+        let _in_use = state
+            .models
+            .acquire(&info, state.store.model_blob(&info)?, req.keep_alive)
+            .await?;
+        return Ok(Started::Loaded);
+    }
+    let blob = state.store.model_blob(&info)?;
+    let in_use = state.models.acquire(&info, blob, req.keep_alive).await?;
+    let base = state
+        .store
+        .params(&info)
+        .map(|p| Options::from_map(&p))
+        .transpose()?
+        .unwrap_or_default();
+    let options = req.options.over(base);
+    let system_layer = state.store.layer_text(&info, MEDIA_SYSTEM);
+    let prompt = tokenize(&in_use, req.input, system_layer)?;
+    let engine_req = options.to_request(prompt.clone());
+    let stream = in_use
+        .loaded()
+        .engine
+        .submit(engine_req)
+        .map_err(ApiError::Engine)?;
+    let (tx, rx) = mpsc::channel(256);
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt));
+    Ok(Started::Stream(rx))
+}
+
+/// Renders and tokenizes the input.
+fn tokenize(
+    in_use: &InUse,
+    input: Input,
+    system_layer: Option<String>,
+) -> Result<Vec<u32>, ApiError> {
+    let model = &in_use.loaded().model;
+    let template = || {
+        model
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| ApiError::Template("the model has no chat template".into()))
+    };
+    let render = |messages: &[Value], tools: Option<&[Value]>| {
+        template()?
+            .render(messages, tools, true, &Map::new())
+            .map_err(|e| ApiError::Template(e.to_string()))
+    };
+    let encode = |text: &str, add_bos: bool| {
+        model
+            .tokenizer
+            .encode(text, add_bos)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    };
+    match input {
+        Input::Chat {
+            mut messages,
+            tools,
+        } => {
+            let has_system = messages
+                .first()
+                .and_then(|m| m.get("role"))
+                .and_then(Value::as_str)
+                == Some("system");
+            if let (Some(system), false) = (system_layer, has_system) {
+                messages.insert(0, serde_json::json!({"role": "system", "content": system}));
+            }
+            // Chat templates write their own BOS.
+            encode(&render(&messages, tools.as_deref())?, false)
+        }
+        Input::Generate {
+            prompt,
+            system,
+            raw,
+            mut context,
+        } => {
+            let ids = if raw {
+                encode(&prompt, context.is_empty() && model.tokenizer.add_bos())?
+            } else {
+                let mut messages = Vec::new();
+                if let Some(system) = system.or(system_layer) {
+                    messages.push(serde_json::json!({"role": "system", "content": system}));
+                }
+                messages.push(serde_json::json!({"role": "user", "content": prompt}));
+                encode(&render(&messages, None)?, false)?
+            };
+            context.extend(ids);
+            Ok(context)
+        }
+    }
+}
+
+/// Moves the engine's events into the async channel until the end, or until the receiver
+/// is gone (the client left), which cancels the sequence.
+fn pump(
+    stream: crate::engine::RequestStream,
+    tx: mpsc::Sender<Out>,
+    in_use: InUse,
+    mut context: Vec<u32>,
+) {
+    // Held until the output ends so the model is not unloaded under the request.
+    let _in_use = in_use;
+    loop {
+        if tx.is_closed() {
+            stream.cancel();
+            return;
+        }
+        let out = match stream.recv_timeout(Duration::from_millis(100)) {
+            Ok(Event::Token { id, text }) => {
+                context.push(id);
+                if text.is_empty() {
+                    continue;
+                }
+                Out::Text(text)
+            }
+            Ok(Event::Text(text)) => Out::Text(text),
+            Ok(Event::Done(summary)) => {
+                let out = match summary.finish {
+                    FinishReason::Stop => done("stop", summary, context),
+                    FinishReason::Length => done("length", summary, context),
+                    FinishReason::Cancelled => Out::Error("request canceled".into()),
+                    FinishReason::Error => Out::Error(
+                        summary
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| "generation failed".into()),
+                    ),
+                };
+                let _ = tx.blocking_send(out);
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = tx.blocking_send(Out::Error("the engine stopped".into()));
+                return;
+            }
+        };
+        if tx.blocking_send(out).is_err() {
+            stream.cancel();
+            return;
+        }
+    }
+}
+
+fn done(reason: &'static str, summary: Summary, context: Vec<u32>) -> Out {
+    Out::Done(Finished {
+        reason,
+        summary,
+        context,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn options_parse_and_merge() {
+        let map = json!({"temperature": 0, "top_k": 5.7, "stop": ["x"], "num_gpu": 1, "bogus": {}});
+        let o = Options::from_map(map.as_object().unwrap()).unwrap();
+        assert_eq!(o.temperature, Some(0.0));
+        assert_eq!(o.top_k, Some(5));
+        assert_eq!(o.stop, Some(vec!["x".to_string()]));
+        let base = Options {
+            temperature: Some(0.6),
+            top_p: Some(0.5),
+            ..Options::default()
+        };
+        let merged = o.over(base);
+        assert_eq!(merged.temperature, Some(0.0));
+        assert_eq!(merged.top_p, Some(0.5));
+    }
+
+    #[test]
+    fn option_type_errors_name_the_option() {
+        let map = json!({"temperature": "hot"});
+        let err = Options::from_map(map.as_object().unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "option \"temperature\" must be of type float32"
+        );
+        let map = json!({"use_mmap": 3});
+        assert!(Options::from_map(map.as_object().unwrap()).is_err());
+    }
+
+    #[test]
+    fn request_defaults_follow_ollama() {
+        let r = Options {
+            num_predict: Some(-1),
+            seed: Some(-1),
+            ..Options::default()
+        }
+        .to_request(vec![1]);
+        assert_eq!(r.num_predict, None);
+        assert_eq!(r.sampling.seed, None);
+        assert_eq!(r.sampling.temperature, 0.8);
+    }
+}

@@ -1,0 +1,282 @@
+//! Loaded models: each model loads on first use into its own [`Engine`], at most
+//! `OLLAMA_MAX_LOADED_MODELS` at once (the least recently used idle one makes room), and
+//! unloads when idle past its keep-alive.
+//!
+//! This is the minimal scheduler the HTTP slice needs; the memory-aware version belongs in
+//! `engine` once that settles.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use candle_core::Device;
+use tokio::sync::Notify;
+
+use crate::config::{Config, KeepAlive};
+use crate::engine::{Engine, EngineConfig};
+use crate::model::Model;
+use crate::store::LocalModel;
+
+use super::error::ApiError;
+
+/// One loaded model.
+pub struct Loaded {
+    pub engine: Arc<Engine>,
+    pub model: Arc<Model>,
+    pub info: LocalModel,
+    pub load_duration: Duration,
+    /// Requests using the model now.
+    active: AtomicUsize,
+    /// When it may unload (`None`: never) once idle; and when it was last used (for LRU).
+    timing: Mutex<Timing>,
+}
+
+#[derive(Clone, Copy)]
+struct Timing {
+    expires: Option<Instant>,
+    expires_wall: Option<SystemTime>,
+    last_used: Instant,
+    keep_alive: KeepAlive,
+}
+
+impl Loaded {
+    fn timing(&self) -> Timing {
+        match self.timing.lock() {
+            Ok(t) => *t,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    fn set_timing(&self, f: impl FnOnce(&mut Timing)) {
+        match self.timing.lock() {
+            Ok(mut t) => f(&mut t),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// When an idle model unloads, for `/api/ps` (forever reads as a far-future date, as in
+    /// Ollama).
+    pub fn expires_at(&self) -> SystemTime {
+        let t = self.timing();
+        if self.active.load(Ordering::Relaxed) > 0 {
+            return match t.keep_alive {
+                KeepAlive::Forever => far_future(),
+                KeepAlive::For(d) => SystemTime::now() + d,
+            };
+        }
+        t.expires_wall.unwrap_or_else(far_future)
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+}
+
+fn far_future() -> SystemTime {
+    SystemTime::now() + Duration::from_secs(293 * 365 * 24 * 3600)
+}
+
+/// Marks a model in use; dropping it starts the keep-alive clock.
+pub struct InUse {
+    loaded: Arc<Loaded>,
+    manager: Arc<Inner>,
+}
+
+impl InUse {
+    pub fn loaded(&self) -> &Arc<Loaded> {
+        &self.loaded
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        self.loaded.set_timing(|t| {
+            t.last_used = now;
+            (t.expires, t.expires_wall) = match t.keep_alive {
+                KeepAlive::Forever => (None, None),
+                KeepAlive::For(d) => (Some(now + d), Some(SystemTime::now() + d)),
+            };
+        });
+        if self.loaded.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The reaper decides; waking it makes keep_alive 0 unload promptly.
+            self.manager.wake.notify_one();
+        }
+    }
+}
+
+struct Inner {
+    /// Keyed by manifest path, which names a model uniquely.
+    models: tokio::sync::Mutex<HashMap<PathBuf, Arc<Loaded>>>,
+    wake: Notify,
+    max_loaded: usize,
+    engine_cfg: EngineConfig,
+    default_keep_alive: KeepAlive,
+}
+
+/// The set of loaded models.
+#[derive(Clone)]
+pub struct Models {
+    inner: Arc<Inner>,
+}
+
+impl Models {
+    /// Starts the manager and its reaper task (needs a tokio runtime).
+    pub fn new(cfg: &Config) -> Result<Models, ApiError> {
+        let mut engine_cfg = EngineConfig::from_env().map_err(ApiError::Engine)?;
+        engine_cfg.default_num_ctx = cfg.context_length;
+        engine_cfg.max_running = cfg.num_parallel;
+        let inner = Arc::new(Inner {
+            models: tokio::sync::Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+            max_loaded: cfg.max_loaded_models.max(1),
+            engine_cfg,
+            default_keep_alive: cfg.keep_alive,
+        });
+        tokio::spawn(reaper(Arc::downgrade(&inner)));
+        Ok(Models { inner })
+    }
+
+    pub fn default_keep_alive(&self) -> KeepAlive {
+        self.inner.default_keep_alive
+    }
+
+    /// The loaded model for `info`, loading it (off the async threads) if needed.
+    pub async fn acquire(
+        &self,
+        info: &LocalModel,
+        blob: PathBuf,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<InUse, ApiError> {
+        let keep_alive = keep_alive.unwrap_or(self.inner.default_keep_alive);
+        // Held across the load so two requests for one model load it once.
+        let mut models = self.inner.models.lock().await;
+        let loaded = match models.get(&info.manifest_path) {
+            Some(l) => l.clone(),
+            None => {
+                self.make_room(&mut models);
+                let engine_cfg = self.inner.engine_cfg.clone();
+                let loaded = tokio::task::spawn_blocking(move || load(blob, engine_cfg))
+                    .await
+                    .map_err(|e| ApiError::Internal(format!("model loader panicked: {e}")))??;
+                let (engine, model, load_duration) = loaded;
+                tracing::info!(model = %info.name.display_short(), secs = load_duration.as_secs_f64(), "model loaded");
+                let l = Arc::new(Loaded {
+                    engine,
+                    model,
+                    info: info.clone(),
+                    load_duration,
+                    active: AtomicUsize::new(0),
+                    timing: Mutex::new(Timing {
+                        expires: None,
+                        expires_wall: None,
+                        last_used: Instant::now(),
+                        keep_alive,
+                    }),
+                });
+                models.insert(info.manifest_path.clone(), l.clone());
+                l
+            }
+        };
+        loaded.active.fetch_add(1, Ordering::AcqRel);
+        loaded.set_timing(|t| {
+            t.keep_alive = keep_alive;
+            t.last_used = Instant::now();
+        });
+        Ok(InUse {
+            loaded,
+            manager: self.inner.clone(),
+        })
+    }
+
+    /// Unloads a model now if nothing uses it (`keep_alive: 0` with no prompt).
+    pub async fn unload(&self, info: &LocalModel) {
+        let mut models = self.inner.models.lock().await;
+        let idle = models
+            .get(&info.manifest_path)
+            .is_some_and(|l| l.active.load(Ordering::Acquire) == 0);
+        if idle {
+            if let Some(l) = models.remove(&info.manifest_path) {
+                drop_off_thread(l);
+            }
+        }
+    }
+
+    /// The loaded models, for `/api/ps`.
+    pub async fn list(&self) -> Vec<Arc<Loaded>> {
+        self.inner.models.lock().await.values().cloned().collect()
+    }
+
+    /// Evicts least recently used idle models until one more fits.
+    fn make_room(&self, models: &mut HashMap<PathBuf, Arc<Loaded>>) {
+        while models.len() >= self.inner.max_loaded {
+            let victim = models
+                .iter()
+                .filter(|(_, l)| l.active.load(Ordering::Acquire) == 0)
+                .min_by_key(|(_, l)| l.timing().last_used)
+                .map(|(k, _)| k.clone());
+            match victim.and_then(|k| models.remove(&k)) {
+                Some(l) => drop_off_thread(l),
+                // Everything is busy: load anyway rather than fail (no memory budget yet).
+                None => break,
+            }
+        }
+    }
+}
+
+type LoadResult = (Arc<Engine>, Arc<Model>, Duration);
+
+fn load(blob: PathBuf, mut cfg: EngineConfig) -> Result<LoadResult, ApiError> {
+    let t0 = Instant::now();
+    let model = Arc::new(Model::load(&blob, &Device::Cpu).map_err(ApiError::Load)?);
+    let load_duration = t0.elapsed();
+    cfg.load_duration = load_duration;
+    let engine = Arc::new(Engine::start(model.clone(), cfg).map_err(ApiError::Engine)?);
+    Ok((engine, model, load_duration))
+}
+
+/// Dropping an engine joins its thread, so it happens on a blocking thread.
+fn drop_off_thread(l: Arc<Loaded>) {
+    tracing::info!(model = %l.info.name.display_short(), "unloading model");
+    tokio::task::spawn_blocking(move || drop(l));
+}
+
+/// Unloads idle models whose keep-alive ran out; stops when the manager is gone.
+async fn reaper(inner: std::sync::Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        let next = {
+            let mut models = strong.models.lock().await;
+            let now = Instant::now();
+            let expired: Vec<PathBuf> = models
+                .iter()
+                .filter(|(_, l)| {
+                    l.active.load(Ordering::Acquire) == 0
+                        && l.timing().expires.is_some_and(|e| e <= now)
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in expired {
+                if let Some(l) = models.remove(&k) {
+                    drop_off_thread(l);
+                }
+            }
+            models
+                .values()
+                .filter_map(|l| l.timing().expires)
+                .min()
+                .map(|e| e.saturating_duration_since(now))
+        };
+        let wait = next
+            .unwrap_or(Duration::from_secs(3600))
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = strong.wake.notified() => {}
+        }
+    }
+}

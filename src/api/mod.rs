@@ -1,0 +1,122 @@
+//! The HTTP edge: the Ollama API (`/api/*`) and the OpenAI-compatible API (`/v1/*`) on one
+//! axum router, with Ollama's CORS rules and error shapes. Knows wire formats, never
+//! tensors; generation goes through [`infer`], which talks to `candlewick::engine`.
+
+pub mod cors;
+pub mod error;
+pub mod infer;
+pub mod loaded;
+pub mod ollama;
+pub mod openai;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::store::Store;
+
+pub use error::ApiError;
+
+/// The version we report: recent enough for clients that gate on it (Copilot wants
+/// ≥ 0.6.4).
+pub const OLLAMA_VERSION: &str = "0.12.3";
+
+/// Request bodies above this are refused (images in chat make them large).
+const BODY_LIMIT: usize = 64 << 20;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub models: loaded::Models,
+    pub config: Arc<Config>,
+}
+
+impl AppState {
+    /// Needs a tokio runtime (the model manager starts a task).
+    pub fn new(config: Config) -> Result<AppState, ApiError> {
+        Ok(AppState {
+            store: Store::new(&config.models_dir),
+            models: loaded::Models::new(&config)?,
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// The whole router.
+pub fn router(state: AppState) -> Router {
+    let cors = Arc::new(cors::Cors::new(&state.config.origins));
+    Router::new()
+        .route("/", get(root))
+        .route("/api/version", get(ollama::version))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/show", post(ollama::show))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{*id}", get(openai::model))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
+        .with_state(state)
+}
+
+/// Binds and serves until `shutdown` resolves, then lets in-flight requests finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response {
+    let mut resp = (status, body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn root() -> Response {
+    text(StatusCode::OK, "Ollama is running")
+}
+
+async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "404 page not found")
+}
+
+async fn method_not_allowed() -> Response {
+    text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed")
+}
+
+/// Parses a JSON body whatever its Content-Type (curl `-d` says form-urlencoded).
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::MissingBody);
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::BadJson(e.to_string()))
+}
+
+/// RFC 3339 UTC with trimmed fractional seconds, for `created_at`.
+pub fn now_utc() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+/// RFC 3339 in the local zone with its offset, for `modified_at` and `expires_at`.
+pub fn local_time(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Local>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, false)
+}

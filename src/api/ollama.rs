@@ -1,0 +1,501 @@
+//! The Ollama dialect: `/api/version`, `/api/tags`, `/api/show`, `/api/ps`, `/api/chat` and
+//! `/api/generate`, with NDJSON streaming (one object per line, flushed per line, a final
+//! `done: true` object with metrics) and errors as `{"error": "..."}`.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+use crate::config::KeepAlive;
+use crate::engine::Summary;
+use crate::store::{gguf, LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
+
+use super::error::{json_response, ApiError, OllamaError};
+use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
+use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
+
+type Result<T, E = OllamaError> = std::result::Result<T, E>;
+
+pub async fn version() -> Response {
+    json_response(StatusCode::OK, &json!({"version": OLLAMA_VERSION}))
+}
+
+/// `details` of tags, show and ps.
+fn details(m: &LocalModel) -> Value {
+    let c = &m.config;
+    let format = if c.model_format.is_empty() {
+        "gguf"
+    } else {
+        &c.model_format
+    };
+    json!({
+        "parent_model": "",
+        "format": format,
+        "family": c.model_family,
+        "families": c.model_families,
+        "parameter_size": c.model_type,
+        "quantization_level": c.file_type,
+    })
+}
+
+pub async fn tags(State(state): State<AppState>) -> Result<Response> {
+    let store = state.store.clone();
+    let list = tokio::task::spawn_blocking(move || store.list())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let models: Vec<Value> = list
+        .iter()
+        .map(|m| {
+            let name = m.name.display_short();
+            json!({
+                "name": name,
+                "model": name,
+                "modified_at": local_time(m.modified),
+                "size": m.size,
+                "digest": m.digest,
+                "details": details(m),
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"models": models})))
+}
+
+pub async fn ps(State(state): State<AppState>) -> Result<Response> {
+    let mut loaded = state.models.list().await;
+    loaded.sort_by_key(|l| std::cmp::Reverse(l.expires_at()));
+    let models: Vec<Value> = loaded
+        .iter()
+        .map(|l| {
+            let name = l.info.name.display_short();
+            json!({
+                "name": name,
+                "model": name,
+                "size": l.info.size,
+                "digest": l.info.digest,
+                "details": details(&l.info),
+                "expires_at": local_time(l.expires_at()),
+                // CPU serving: nothing lives in GPU memory yet.
+                "size_vram": 0,
+                "context_length": l.context_length(),
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({"models": models})))
+}
+
+#[derive(Deserialize)]
+struct ShowRequest {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    verbose: Option<bool>,
+}
+
+pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: ShowRequest = parse_body(&body)?;
+    // `name` is the deprecated alias; the first non-empty wins.
+    let model = [req.model, req.name]
+        .into_iter()
+        .flatten()
+        .find(|s| !s.is_empty())
+        .unwrap_or_default();
+    let name = ModelName::parse(&model)?;
+    let info = match state.store.resolve(&name) {
+        Ok(m) => m,
+        Err(crate::store::StoreError::NotFound(_)) => {
+            return Err(ApiError::ShowNotFound(name.display_short()).into())
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let blob = state.store.model_blob(&info)?;
+    let verbose = req.verbose.unwrap_or(false);
+    let blob2 = blob.clone();
+    let summary = tokio::task::spawn_blocking(move || gguf::read_summary(&blob2, verbose))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let template = state
+        .store
+        .layer_text(&info, MEDIA_TEMPLATE)
+        .or(summary.chat_template.clone())
+        .unwrap_or_default();
+    let system = state.store.layer_text(&info, MEDIA_SYSTEM);
+    let license = state.store.layer_text(&info, MEDIA_LICENSE);
+    let params = state.store.params(&info).unwrap_or_default();
+    let parameters = params
+        .iter()
+        .flat_map(|(k, v)| match v {
+            Value::Array(items) => items.iter().map(|i| format!("{k:<30} {i}")).collect(),
+            v => vec![format!("{k:<30} {v}")],
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut capabilities = vec!["completion"];
+    if template.contains("tools") {
+        capabilities.push("tools");
+    }
+    let short = info.name.display_short();
+    let mut modelfile = format!(
+        "# Modelfile generated by \"ollama show\"\n# To build a new Modelfile based on this, replace FROM with:\n# FROM {short}\n\nFROM {}\n",
+        blob.display()
+    );
+    if !template.is_empty() {
+        modelfile.push_str(&format!("TEMPLATE \"\"\"{template}\"\"\"\n"));
+    }
+    if let Some(s) = &system {
+        modelfile.push_str(&format!("SYSTEM \"\"\"{s}\"\"\"\n"));
+    }
+    for line in parameters.lines() {
+        modelfile.push_str(&format!("PARAMETER {line}\n"));
+    }
+    let mut out = Map::new();
+    out.insert("modelfile".into(), modelfile.into());
+    if !parameters.is_empty() {
+        out.insert("parameters".into(), parameters.into());
+    }
+    out.insert("template".into(), template.into());
+    if let Some(s) = system {
+        out.insert("system".into(), s.into());
+    }
+    if let Some(l) = license {
+        out.insert("license".into(), l.into());
+    }
+    out.insert("details".into(), details(&info));
+    out.insert("model_info".into(), Value::Object(summary.model_info));
+    out.insert("capabilities".into(), json!(capabilities));
+    out.insert("modified_at".into(), local_time(info.modified).into());
+    Ok(json_response(StatusCode::OK, &Value::Object(out)))
+}
+
+/// A chat message as clients send it.
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    content: Option<String>,
+    #[serde(default)]
+    images: Option<Vec<String>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_name: Option<String>,
+    #[serde(default)]
+    thinking: Option<String>,
+}
+
+impl Message {
+    /// The template's view: OpenAI-style fields, `content` always a string.
+    fn into_template_json(self) -> Value {
+        let mut m = Map::new();
+        m.insert("role".into(), self.role.to_lowercase().into());
+        m.insert("content".into(), self.content.unwrap_or_default().into());
+        if let Some(calls) = self.tool_calls.filter(|c| !c.is_empty()) {
+            m.insert("tool_calls".into(), calls.into());
+        }
+        if let Some(name) = self.tool_name {
+            m.insert("name".into(), name.clone().into());
+            m.insert("tool_name".into(), name.into());
+        }
+        if let Some(t) = self.thinking {
+            m.insert("reasoning_content".into(), t.into());
+        }
+        Value::Object(m)
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    tools: Option<Vec<Value>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    think: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct GenerateRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    suffix: Option<String>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    context: Option<Vec<u32>>,
+    #[serde(default)]
+    raw: Option<bool>,
+    #[serde(default)]
+    images: Option<Vec<String>>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    think: Option<Value>,
+}
+
+fn keep_alive(v: Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(v) => KeepAlive::from_json(&v).map_err(ApiError::BadRequest),
+    }
+}
+
+fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
+    map.map(|m| Options::from_map(&m))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
+
+/// `think: true` (or a level) asks for a capability no supported model has yet.
+fn check_think(model: &str, think: &Option<Value>) -> Result<(), ApiError> {
+    match think {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "\"{model}\" does not support thinking"
+        ))),
+    }
+}
+
+fn no_images(model: &str, images: Option<&Vec<String>>) -> Result<(), ApiError> {
+    match images {
+        Some(i) if !i.is_empty() => Err(ApiError::BadRequest(format!(
+            "\"{model}\" does not support image input"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Which endpoint a stream answers, for the shape of its objects.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    /// `context`: whether the final object carries the token context.
+    Generate {
+        context: bool,
+    },
+}
+
+pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: ChatRequest = parse_body(&body)?;
+    check_think(&req.model, &req.think)?;
+    let messages = req.messages.unwrap_or_default();
+    for m in &messages {
+        no_images(&req.model, m.images.as_ref())?;
+    }
+    let infer_req = InferRequest {
+        model: req.model.clone(),
+        input: Input::Chat {
+            messages: messages
+                .into_iter()
+                .map(Message::into_template_json)
+                .collect(),
+            tools: req.tools.filter(|t| !t.is_empty()),
+        },
+        options: options(req.options)?,
+        keep_alive: keep_alive(req.keep_alive)?,
+    };
+    respond(
+        &state,
+        Kind::Chat,
+        req.model,
+        req.stream.unwrap_or(true),
+        infer_req,
+    )
+    .await
+}
+
+pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: GenerateRequest = parse_body(&body)?;
+    check_think(&req.model, &req.think)?;
+    no_images(&req.model, req.images.as_ref())?;
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(
+            ApiError::BadRequest(format!("\"{}\" does not support insert", req.model)).into(),
+        );
+    }
+    let raw = req.raw.unwrap_or(false);
+    if raw && (req.system.is_some() || req.context.is_some()) {
+        return Err(ApiError::BadRequest(
+            "raw mode does not support template, system, or context".into(),
+        )
+        .into());
+    }
+    let infer_req = InferRequest {
+        model: req.model.clone(),
+        input: Input::Generate {
+            prompt: req.prompt.unwrap_or_default(),
+            system: req.system,
+            raw,
+            context: req.context.unwrap_or_default(),
+        },
+        options: options(req.options)?,
+        keep_alive: keep_alive(req.keep_alive)?,
+    };
+    // Ollama leaves `context` out in raw mode.
+    let kind = Kind::Generate { context: !raw };
+    respond(
+        &state,
+        kind,
+        req.model,
+        req.stream.unwrap_or(true),
+        infer_req,
+    )
+    .await
+}
+
+/// Starts the request and answers in the endpoint's shape, streamed or not.
+async fn respond(
+    state: &AppState,
+    kind: Kind,
+    model: String,
+    stream: bool,
+    req: InferRequest,
+) -> Result<Response> {
+    let started = infer::start(state, req).await?;
+    let rx = match started {
+        Started::Loaded => return Ok(one(&final_object(kind, &model, "load", None, ""))),
+        Started::Unloaded => return Ok(one(&final_object(kind, &model, "unload", None, ""))),
+        Started::Stream(rx) => rx,
+    };
+    if stream {
+        Ok(ndjson(kind, model, rx))
+    } else {
+        collect(kind, &model, rx).await
+    }
+}
+
+fn one(v: &Value) -> Response {
+    json_response(StatusCode::OK, v)
+}
+
+/// A non-final chunk.
+fn chunk(kind: Kind, model: &str, text: &str) -> Value {
+    match kind {
+        Kind::Chat => json!({
+            "model": model,
+            "created_at": now_utc(),
+            "message": {"role": "assistant", "content": text},
+            "done": false,
+        }),
+        Kind::Generate { .. } => json!({
+            "model": model,
+            "created_at": now_utc(),
+            "response": text,
+            "done": false,
+        }),
+    }
+}
+
+/// The `done: true` object; `text` is the whole output for non-streamed answers.
+fn final_object(
+    kind: Kind,
+    model: &str,
+    reason: &str,
+    finished: Option<&Finished>,
+    text: &str,
+) -> Value {
+    let mut v = chunk(kind, model, text);
+    v["done"] = true.into();
+    v["done_reason"] = reason.into();
+    if let Some(f) = finished {
+        if kind == (Kind::Generate { context: true }) {
+            v["context"] = json!(f.context);
+        }
+        add_metrics(&mut v, &f.summary);
+    }
+    v
+}
+
+/// Ollama's metric fields (nanoseconds), each left out when zero.
+fn add_metrics(v: &mut Value, s: &Summary) {
+    let fields = [
+        ("total_duration", Summary::nanos(s.total_duration)),
+        ("load_duration", Summary::nanos(s.load_duration)),
+        ("prompt_eval_count", s.prompt_eval_count as u64),
+        (
+            "prompt_eval_duration",
+            Summary::nanos(s.prompt_eval_duration),
+        ),
+        ("eval_count", s.eval_count as u64),
+        ("eval_duration", Summary::nanos(s.eval_duration)),
+    ];
+    for (k, n) in fields {
+        if n > 0 {
+            v[k] = n.into();
+        }
+    }
+}
+
+fn line(v: &Value) -> Bytes {
+    let mut s = v.to_string();
+    s.push('\n');
+    Bytes::from(s)
+}
+
+/// Streams the output as NDJSON. The body ends after the `done` object or an error line;
+/// if the client goes away the body is dropped, which drops `rx` and cancels generation.
+fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
+    let body = futures_util::stream::unfold(Some(rx), move |rx| {
+        let model = model.clone();
+        async move {
+            let mut rx = rx?;
+            let out = rx.recv().await;
+            let (bytes, more) = match out {
+                Some(Out::Text(t)) => (line(&chunk(kind, &model, &t)), true),
+                Some(Out::Done(f)) => (
+                    line(&final_object(kind, &model, f.reason, Some(&f), "")),
+                    false,
+                ),
+                Some(Out::Error(e)) => (line(&json!({"error": e})), false),
+                None => (
+                    line(&json!({"error": "generation ended unexpectedly"})),
+                    false,
+                ),
+            };
+            Some((Ok::<_, Infallible>(bytes), more.then_some(rx)))
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
+/// Gathers the whole output into one object (`stream: false`).
+async fn collect(kind: Kind, model: &str, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
+    let mut text = String::new();
+    loop {
+        match rx.recv().await {
+            Some(Out::Text(t)) => text.push_str(&t),
+            Some(Out::Done(f)) => {
+                return Ok(one(&final_object(kind, model, f.reason, Some(&f), &text)))
+            }
+            Some(Out::Error(e)) => return Err(ApiError::Internal(e).into()),
+            None => return Err(ApiError::Internal("generation ended unexpectedly".into()).into()),
+        }
+    }
+}

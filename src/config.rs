@@ -1,0 +1,347 @@
+//! Every server setting in one place: the Ollama environment variables (`OLLAMA_HOST`,
+//! `OLLAMA_MODELS`, `OLLAMA_ORIGINS`, `OLLAMA_KEEP_ALIVE`, `OLLAMA_NUM_PARALLEL`,
+//! `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_MAX_QUEUE`, `OLLAMA_CONTEXT_LENGTH`) parsed with
+//! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A setting that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {name}={value:?}: {reason}")]
+    Invalid {
+        name: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("neither OLLAMA_MODELS nor HOME is set; cannot find the model directory")]
+    NoModelsDir,
+}
+
+/// How long a model stays loaded after its last request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// Negative durations: never unload.
+    Forever,
+    /// Unload this long after the last request ends (zero: right after it).
+    For(Duration),
+}
+
+impl KeepAlive {
+    /// The env var form: a Go duration, or a bare number of seconds.
+    pub fn parse_env(s: &str) -> Result<KeepAlive, String> {
+        let s = s.trim();
+        if let Ok(secs) = s.parse::<f64>() {
+            return Ok(KeepAlive::from_secs_f64(secs));
+        }
+        parse_go_duration(s)
+    }
+
+    /// The request form: a JSON number is seconds; a string is a Go duration (a bare
+    /// non-zero number in a string is an error, as in Ollama).
+    pub fn from_json(v: &serde_json::Value) -> Result<Option<KeepAlive>, String> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::Number(n) => Ok(n.as_f64().map(KeepAlive::from_secs_f64)),
+            serde_json::Value::String(s) => parse_go_duration(s.trim()).map(Some),
+            other => Err(format!("invalid keep_alive value {other}")),
+        }
+    }
+
+    fn from_secs_f64(secs: f64) -> KeepAlive {
+        if secs < 0.0 {
+            KeepAlive::Forever
+        } else {
+            KeepAlive::For(Duration::from_secs_f64(secs.min(1e12)))
+        }
+    }
+}
+
+/// Parses Go's `time.ParseDuration` syntax (`"5m"`, `"1h30m"`, `"1.5s"`, `"-1m"`, `"0"`);
+/// negative values mean "forever". Error texts follow Go's.
+pub fn parse_go_duration(s: &str) -> Result<KeepAlive, String> {
+    let quoted = format!("{s:?}");
+    let (neg, mut rest) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
+    if rest == "0" {
+        return Ok(KeepAlive::For(Duration::ZERO));
+    }
+    if rest.is_empty() {
+        return Err(format!("time: invalid duration {quoted}"));
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if num_len == 0 {
+            return Err(format!("time: invalid duration {quoted}"));
+        }
+        let value: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("time: invalid duration {quoted}"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let scale = match unit {
+            "" => return Err(format!("time: missing unit in duration {quoted}")),
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("time: unknown unit {unit:?} in duration {quoted}")),
+        };
+        total += value * scale;
+    }
+    if neg && total > 0.0 {
+        return Ok(KeepAlive::Forever);
+    }
+    Ok(KeepAlive::For(Duration::from_secs_f64(total.min(1e12))))
+}
+
+/// The address to listen on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl HostPort {
+    /// `OLLAMA_HOST`'s forms: `host`, `host:port`, `:port`, `[v6]:port`,
+    /// `scheme://host[:port][/path]`. Without a scheme the port defaults to 11434; an explicit
+    /// `http://` defaults to 80 and `https://` to 443, as in Ollama.
+    pub fn parse(s: &str) -> Result<HostPort, String> {
+        let s = s.trim();
+        let (default_port, rest) = if let Some(r) = s.strip_prefix("http://") {
+            (80, r)
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (443, r)
+        } else {
+            (11434, s)
+        };
+        // A path after the authority (reverse-proxy prefixes) does not change where we bind.
+        let authority = rest.split('/').next().unwrap_or("");
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, tail) = v6.split_once(']').ok_or("unterminated [ in address")?;
+            let port = match tail.strip_prefix(':') {
+                Some(p) => Some(p),
+                None if tail.is_empty() => None,
+                None => return Err("junk after ]".into()),
+            };
+            (h.to_string(), port)
+        } else if authority.matches(':').count() > 1 {
+            // A bare IPv6 address without brackets has no port.
+            (authority.to_string(), None)
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h.to_string(), Some(p)),
+                None => (authority.to_string(), None),
+            }
+        };
+        let port = match port {
+            Some(p) => p
+                .parse::<u16>()
+                .map_err(|_| format!("invalid port {p:?}"))?,
+            None => default_port,
+        };
+        let host = if host.is_empty() {
+            "127.0.0.1".to_string()
+        } else {
+            host
+        };
+        Ok(HostPort { host, port })
+    }
+}
+
+/// The server's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub host: HostPort,
+    /// The model store root (`manifests/`, `blobs/`).
+    pub models_dir: PathBuf,
+    /// Extra CORS origins (`OLLAMA_ORIGINS`, comma-separated), on top of the built-in ones.
+    pub origins: Vec<String>,
+    pub keep_alive: KeepAlive,
+    /// Sequences run at once per model; `None`: as many as the KV cache allows.
+    pub num_parallel: Option<usize>,
+    /// Models loaded at once (0 in the env means Ollama's CPU default, 3).
+    pub max_loaded_models: usize,
+    /// Requests waiting for a model before 503.
+    pub max_queue: usize,
+    /// Default `num_ctx`.
+    pub context_length: usize,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads settings through `get` (tests pass a map).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        // Ollama trims whitespace and surrounding quotes from every value.
+        let var = |name: &str| {
+            get(name)
+                .map(|v| v.trim().trim_matches(['"', '\'']).trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let invalid = |name: &'static str, value: &str, reason: String| ConfigError::Invalid {
+            name,
+            value: value.to_string(),
+            reason,
+        };
+        let number = |name: &'static str| -> Result<Option<usize>, ConfigError> {
+            match var(name) {
+                None => Ok(None),
+                Some(v) => v
+                    .parse::<usize>()
+                    .map(Some)
+                    .map_err(|e| invalid(name, &v, e.to_string())),
+            }
+        };
+        let host = match var("OLLAMA_HOST") {
+            Some(v) => HostPort::parse(&v).map_err(|e| invalid("OLLAMA_HOST", &v, e))?,
+            None => HostPort {
+                host: "127.0.0.1".into(),
+                port: 11434,
+            },
+        };
+        let models_dir = match var("OLLAMA_MODELS") {
+            Some(v) => PathBuf::from(v),
+            None => {
+                let home = get("HOME")
+                    .filter(|h| !h.is_empty())
+                    .ok_or(ConfigError::NoModelsDir)?;
+                PathBuf::from(home).join(".ollama").join("models")
+            }
+        };
+        let origins = var("OLLAMA_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().to_string())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let keep_alive = match var("OLLAMA_KEEP_ALIVE") {
+            Some(v) => KeepAlive::parse_env(&v).map_err(|e| invalid("OLLAMA_KEEP_ALIVE", &v, e))?,
+            None => KeepAlive::For(Duration::from_secs(300)),
+        };
+        Ok(Config {
+            host,
+            models_dir,
+            origins,
+            keep_alive,
+            num_parallel: number("OLLAMA_NUM_PARALLEL")?.filter(|&n| n > 0),
+            max_loaded_models: number("OLLAMA_MAX_LOADED_MODELS")?
+                .filter(|&n| n > 0)
+                .unwrap_or(3),
+            max_queue: number("OLLAMA_MAX_QUEUE")?
+                .filter(|&n| n > 0)
+                .unwrap_or(512),
+            context_length: number("OLLAMA_CONTEXT_LENGTH")?
+                .filter(|&n| n > 0)
+                .unwrap_or(4096),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn host_forms() {
+        let hp = |s: &str| HostPort::parse(s).map(|h| h.to_string());
+        assert_eq!(hp("0.0.0.0").as_deref(), Ok("0.0.0.0:11434"));
+        assert_eq!(hp("127.0.0.1:8080").as_deref(), Ok("127.0.0.1:8080"));
+        assert_eq!(hp(":9000").as_deref(), Ok("127.0.0.1:9000"));
+        assert_eq!(hp("http://example:1234").as_deref(), Ok("example:1234"));
+        assert_eq!(hp("http://example").as_deref(), Ok("example:80"));
+        assert_eq!(hp("https://example/x").as_deref(), Ok("example:443"));
+        assert_eq!(hp("[::1]:5000").as_deref(), Ok("[::1]:5000"));
+        assert!(HostPort::parse("host:notaport").is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[("HOME", "/home/u")]).unwrap();
+        assert_eq!(c.host.to_string(), "127.0.0.1:11434");
+        assert_eq!(c.models_dir, PathBuf::from("/home/u/.ollama/models"));
+        assert_eq!(c.keep_alive, KeepAlive::For(Duration::from_secs(300)));
+        assert_eq!(c.max_queue, 512);
+        assert_eq!(c.context_length, 4096);
+        assert_eq!(c.max_loaded_models, 3);
+        assert!(c.origins.is_empty());
+    }
+
+    #[test]
+    fn env_values() {
+        let c = cfg(&[
+            ("OLLAMA_HOST", " \"0.0.0.0:1\" "),
+            ("OLLAMA_MODELS", "/m"),
+            ("OLLAMA_ORIGINS", "*, app://x"),
+            ("OLLAMA_KEEP_ALIVE", "30"),
+            ("OLLAMA_NUM_PARALLEL", "4"),
+            ("OLLAMA_CONTEXT_LENGTH", "8192"),
+        ])
+        .unwrap();
+        assert_eq!(c.host.to_string(), "0.0.0.0:1");
+        assert_eq!(c.origins, vec!["*", "app://x"]);
+        assert_eq!(c.keep_alive, KeepAlive::For(Duration::from_secs(30)));
+        assert_eq!(c.num_parallel, Some(4));
+        assert_eq!(c.context_length, 8192);
+        assert!(cfg(&[("OLLAMA_MODELS", "/m"), ("OLLAMA_MAX_QUEUE", "x")]).is_err());
+    }
+
+    #[test]
+    fn go_durations() {
+        let d = |s: &str| parse_go_duration(s);
+        assert_eq!(d("5m"), Ok(KeepAlive::For(Duration::from_secs(300))));
+        assert_eq!(d("1h30m"), Ok(KeepAlive::For(Duration::from_secs(5400))));
+        assert_eq!(d("300ms"), Ok(KeepAlive::For(Duration::from_millis(300))));
+        assert_eq!(d("0"), Ok(KeepAlive::For(Duration::ZERO)));
+        assert_eq!(d("-1m"), Ok(KeepAlive::Forever));
+        assert_eq!(
+            d("300"),
+            Err("time: missing unit in duration \"300\"".to_string())
+        );
+        assert!(d("5x").is_err());
+        assert_eq!(
+            KeepAlive::from_json(&serde_json::json!(-1)),
+            Ok(Some(KeepAlive::Forever))
+        );
+        assert_eq!(
+            KeepAlive::from_json(&serde_json::json!(0)),
+            Ok(Some(KeepAlive::For(Duration::ZERO)))
+        );
+    }
+}

@@ -1,0 +1,462 @@
+//! The model directory, in Ollama's layout so existing `~/.ollama/models` stores work
+//! unchanged: `manifests/<host>/<namespace>/<model>/<tag>` (Docker v2 manifests) and
+//! content-addressed `blobs/sha256-<hex>`. Knows files and digests, never tensors.
+//!
+//! This slice has the read side (list, resolve a name to its GGUF blob and other layers)
+//! and a local import of a GGUF file; pulling from registries comes later.
+
+pub mod gguf;
+pub mod name;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use gguf::{human_params, GgufSummary};
+pub use name::ModelName;
+
+pub const MEDIA_MODEL: &str = "application/vnd.ollama.image.model";
+pub const MEDIA_TEMPLATE: &str = "application/vnd.ollama.image.template";
+pub const MEDIA_SYSTEM: &str = "application/vnd.ollama.image.system";
+pub const MEDIA_PARAMS: &str = "application/vnd.ollama.image.params";
+pub const MEDIA_LICENSE: &str = "application/vnd.ollama.image.license";
+pub const MEDIA_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// Everything that goes wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid model name")]
+    InvalidName(String),
+    #[error("model \"{0}\" not found")]
+    NotFound(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid manifest: {msg}")]
+    BadManifest { path: PathBuf, msg: String },
+    #[error("{path}: not a usable GGUF file: {msg}")]
+    BadGguf { path: PathBuf, msg: String },
+    #[error("invalid digest format")]
+    BadDigest(String),
+    #[error("{0}: the manifest has no model layer")]
+    NoModelLayer(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One layer (or the config) of a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Layer {
+    #[serde(rename = "mediaType")]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+}
+
+/// A Docker distribution v2 manifest as Ollama writes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub config: Layer,
+    pub layers: Vec<Layer>,
+}
+
+/// The config blob: what `details` in `/api/tags` and `/api/show` comes from.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConfigBlob {
+    #[serde(default)]
+    pub model_format: String,
+    #[serde(default)]
+    pub model_family: String,
+    #[serde(default)]
+    pub model_families: Option<Vec<String>>,
+    #[serde(default)]
+    pub model_type: String,
+    #[serde(default)]
+    pub file_type: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<serde_json::Value>,
+}
+
+/// A model found in the store.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    /// The name with the stored casing.
+    pub name: ModelName,
+    pub manifest: Manifest,
+    pub manifest_path: PathBuf,
+    /// Lowercase hex sha256 of the manifest bytes.
+    pub digest: String,
+    pub modified: SystemTime,
+    /// Sum of the layer sizes and the config size.
+    pub size: u64,
+    pub config: ConfigBlob,
+}
+
+impl LocalModel {
+    fn layer(&self, media_type: &str) -> Option<&Layer> {
+        self.manifest
+            .layers
+            .iter()
+            .find(|l| l.media_type == media_type)
+    }
+}
+
+/// The store rooted at `$OLLAMA_MODELS`.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>) -> Store {
+        Store { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn manifests_dir(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    /// The file of a blob; `digest` is `sha256:<64 hex>` (or `sha256-`).
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .or_else(|| digest.strip_prefix("sha256-"))
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| StoreError::BadDigest(digest.to_string()))?;
+        Ok(self.root.join("blobs").join(format!("sha256-{hex}")))
+    }
+
+    /// Every model whose manifest parses, most recently modified first. Unreadable entries
+    /// are skipped with a warning so one bad file does not hide the rest.
+    pub fn list(&self) -> Result<Vec<LocalModel>, StoreError> {
+        let mut out = Vec::new();
+        let top = self.manifests_dir();
+        // Exactly four levels: host/namespace/model/tag.
+        for host in subdirs(&top)? {
+            for ns in subdirs(&host)? {
+                for model in subdirs(&ns)? {
+                    let Ok(tags) = fs::read_dir(&model) else {
+                        continue;
+                    };
+                    for tag in tags.flatten() {
+                        let path = tag.path();
+                        if !path.is_file() {
+                            continue;
+                        }
+                        let name = ModelName {
+                            host: file_name(&host),
+                            namespace: file_name(&ns),
+                            model: file_name(&model),
+                            tag: file_name(&path),
+                        };
+                        match self.load(name, path) {
+                            Ok(m) => out.push(m),
+                            Err(e) => tracing::warn!(error = %e, "skipping model"),
+                        }
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|m| std::cmp::Reverse(m.modified));
+        Ok(out)
+    }
+
+    /// Finds a model by name, matching each path component case-insensitively (an exact
+    /// match wins) and keeping the stored casing.
+    pub fn resolve(&self, name: &ModelName) -> Result<LocalModel, StoreError> {
+        let not_found = || StoreError::NotFound(name.display_short());
+        let mut dir = self.manifests_dir();
+        let mut parts = Vec::with_capacity(4);
+        for want in [&name.host, &name.namespace, &name.model, &name.tag] {
+            let found = find_ci(&dir, want).ok_or_else(not_found)?;
+            parts.push(found.clone());
+            dir = dir.join(found);
+        }
+        if !dir.is_file() {
+            return Err(not_found());
+        }
+        let stored = ModelName {
+            host: parts[0].clone(),
+            namespace: parts[1].clone(),
+            model: parts[2].clone(),
+            tag: parts[3].clone(),
+        };
+        self.load(stored, dir)
+    }
+
+    fn load(&self, name: ModelName, path: PathBuf) -> Result<LocalModel, StoreError> {
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
+        let modified = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(io_err(&path))?;
+        let size = manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
+        // A missing or odd config only loses `details`; the model itself still works.
+        let config = self
+            .blob_path(&manifest.config.digest)
+            .ok()
+            .and_then(|p| fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Ok(LocalModel {
+            name,
+            digest: hex::encode(Sha256::digest(&bytes)),
+            manifest,
+            manifest_path: path,
+            modified,
+            size,
+            config,
+        })
+    }
+
+    /// The GGUF weights of a model.
+    pub fn model_blob(&self, m: &LocalModel) -> Result<PathBuf, StoreError> {
+        let layer = m
+            .layer(MEDIA_MODEL)
+            .ok_or_else(|| StoreError::NoModelLayer(m.name.display_short()))?;
+        self.blob_path(&layer.digest)
+    }
+
+    /// The text of a layer (template, system, license) if the model has one.
+    pub fn layer_text(&self, m: &LocalModel, media_type: &str) -> Option<String> {
+        let layer = m.layer(media_type)?;
+        fs::read_to_string(self.blob_path(&layer.digest).ok()?).ok()
+    }
+
+    /// The `params` layer (default options), if any.
+    pub fn params(&self, m: &LocalModel) -> Option<serde_json::Map<String, serde_json::Value>> {
+        serde_json::from_str(&self.layer_text(m, MEDIA_PARAMS)?).ok()
+    }
+
+    /// Registers a GGUF file under `name` the way Ollama would: the file is copied to its
+    /// blob (temp file + rename), a config blob is written, and the manifest last, so a
+    /// crash never leaves a manifest pointing at a missing blob.
+    pub fn import_gguf(&self, name: &ModelName, gguf: &Path) -> Result<LocalModel, StoreError> {
+        let summary = gguf::read_summary(gguf, false)?;
+        let blobs = self.root.join("blobs");
+        fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+        let (digest, size) = self.copy_blob(gguf)?;
+        let config = ConfigBlob {
+            model_format: "gguf".into(),
+            model_family: summary.architecture.clone(),
+            model_families: Some(vec![summary.architecture.clone()]),
+            model_type: human_params(summary.parameter_count),
+            file_type: summary.file_type.clone(),
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            rootfs: Some(serde_json::json!({"type": "layers", "diff_ids": [digest]})),
+        };
+        let config_bytes = serde_json::to_vec(&config).map_err(|e| StoreError::BadManifest {
+            path: gguf.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        let config_digest = self.write_blob_bytes(&config_bytes)?;
+        let manifest = Manifest {
+            schema_version: 2,
+            media_type: MEDIA_MANIFEST.into(),
+            config: Layer {
+                media_type: MEDIA_CONFIG.into(),
+                digest: config_digest,
+                size: config_bytes.len() as u64,
+                from: None,
+            },
+            layers: vec![Layer {
+                media_type: MEDIA_MODEL.into(),
+                digest,
+                size,
+                from: None,
+            }],
+        };
+        let path = self.manifests_dir().join(name.manifest_rel_path());
+        let bytes = serde_json::to_vec(&manifest).map_err(|e| StoreError::BadManifest {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io_err(dir))?;
+        }
+        write_atomic(&path, &bytes)?;
+        self.resolve(name)
+    }
+
+    /// Copies a file into `blobs/` under its sha256, hashing while copying.
+    fn copy_blob(&self, src: &Path) -> Result<(String, u64), StoreError> {
+        let blobs = self.root.join("blobs");
+        let tmp = blobs.join(format!(".import-{}-{}", std::process::id(), nanos()));
+        let result = (|| {
+            let mut input = fs::File::open(src).map_err(io_err(src))?;
+            let mut out = fs::File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut size = 0u64;
+            loop {
+                let n = input.read(&mut buf).map_err(io_err(src))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n]).map_err(io_err(&tmp))?;
+                size += n as u64;
+            }
+            out.sync_all().map_err(io_err(&tmp))?;
+            let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+            let dst = self.blob_path(&digest)?;
+            fs::rename(&tmp, &dst).map_err(io_err(&dst))?;
+            Ok((digest, size))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn write_blob_bytes(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let path = self.blob_path(&digest)?;
+        if !path.is_file() {
+            let blobs = self.root.join("blobs");
+            fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
+            write_atomic(&path, bytes)?;
+        }
+        Ok(digest)
+    }
+}
+
+fn nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}-{}", std::process::id(), nanos()));
+    let result = fs::write(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(io_err(path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Subdirectories of `dir`; a missing `dir` is an empty store, not an error.
+fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+    match fs::read_dir(dir) {
+        Ok(rd) => Ok(rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(StoreError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// The entry of `dir` named `want`, exactly or else ignoring ASCII case.
+fn find_ci(dir: &Path, want: &str) -> Option<String> {
+    if dir.join(want).exists() {
+        return Some(want.to_string());
+    }
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.eq_ignore_ascii_case(want))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("wick-store-{tag}-{}", nanos()));
+        fs::create_dir_all(&p).ok();
+        p
+    }
+
+    #[test]
+    fn resolves_case_insensitively_and_lists() {
+        let root = scratch("ci");
+        let store = Store::new(&root);
+        let blob = b"fake gguf";
+        let digest = store.write_blob_bytes(blob).unwrap();
+        let cfg = store
+            .write_blob_bytes(b"{\"model_format\":\"gguf\",\"model_family\":\"llama\"}")
+            .unwrap();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_MANIFEST,
+            "config": {"mediaType": MEDIA_CONFIG, "digest": cfg, "size": 45},
+            "layers": [{"mediaType": MEDIA_MODEL, "digest": digest, "size": 9}],
+        });
+        let dir = root.join("manifests/registry.ollama.ai/library/MyModel");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("Latest"), manifest.to_string()).unwrap();
+
+        let name = ModelName::parse("mymodel").unwrap();
+        let m = store.resolve(&name).unwrap();
+        assert_eq!(m.name.display_short(), "MyModel:Latest");
+        assert_eq!(m.size, 54);
+        assert_eq!(m.config.model_family, "llama");
+        assert!(store.model_blob(&m).unwrap().is_file());
+        let listed = store.list().unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(matches!(
+            store.resolve(&ModelName::parse("other").unwrap()),
+            Err(StoreError::NotFound(_))
+        ));
+        let _ = fs::remove_dir_all(root);
+    }
+
+    #[test]
+    fn empty_store_lists_nothing() {
+        let store = Store::new(scratch("empty").join("nope"));
+        assert!(store.list().unwrap().is_empty());
+        assert!(store.blob_path("sha256:zz").is_err());
+    }
+}

@@ -1,0 +1,624 @@
+//! The HTTP API over real loopback HTTP: a server started in-process on 127.0.0.1 with a
+//! scratch model store into which the real SmolLM2 GGUF is imported, driven with reqwest.
+//! Covers both dialects' success and error shapes, streaming framing, and CORS.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use candlewick::api::{self, AppState};
+use candlewick::config::Config;
+use candlewick::store::{ModelName, Store};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "smollm2:135m";
+const QUESTION: &str = "What is the capital of Germany?";
+
+/// A scratch store holding SmolLM2 as `smollm2:135m`, rebuilt once per test run under
+/// cargo's target tmp dir (so repeated runs do not pile up copies of the model).
+fn store_dir(tag: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("api-http-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the scratch store");
+    dir
+}
+
+fn config(models: PathBuf, extra: &[(&str, &str)]) -> Config {
+    let mut env: HashMap<String, String> = HashMap::new();
+    env.insert("OLLAMA_MODELS".into(), models.display().to_string());
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
+}
+
+/// Starts a server on its own runtime thread (tests come and go with their own runtimes)
+/// and returns its address and state.
+fn spawn_server(cfg: Config) -> (SocketAddr, AppState) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("binding 127.0.0.1:0");
+            let state = AppState::new(cfg).expect("app state");
+            tx.send((listener.local_addr().expect("local addr"), state.clone()))
+                .expect("reporting the address");
+            api::serve(listener, state, std::future::pending())
+                .await
+                .expect("serving");
+        });
+    });
+    rx.recv().expect("server address")
+}
+
+/// The shared server with the model imported.
+fn server() -> String {
+    format!("http://{}", shared().0)
+}
+
+fn shared() -> &'static (SocketAddr, AppState) {
+    static SERVER: OnceLock<(SocketAddr, AppState)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // A small KV cache keeps the test light; the engine reads it from the environment.
+        std::env::set_var("WICK_KV_CACHE_BYTES", (256usize << 20).to_string());
+        let dir = store_dir("main");
+        let gguf = common::test_model(common::SMOLLM2_GGUF);
+        let name = ModelName::parse(MODEL).expect("model name");
+        Store::new(&dir)
+            .import_gguf(&name, &gguf)
+            .expect("importing SmolLM2");
+        spawn_server(config(dir, &[]))
+    })
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn post(path: &str, body: Value) -> reqwest::Response {
+    client()
+        .post(format!("{}{path}", server()))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn post_raw(path: &str, body: &'static str) -> reqwest::Response {
+    client()
+        .post(format!("{}{path}", server()))
+        // curl -d's content type: the body must still be read as JSON.
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .expect("request")
+}
+
+async fn json_of(resp: reqwest::Response) -> Value {
+    resp.json().await.expect("JSON body")
+}
+
+/// Reads an NDJSON body, checking that every line is one JSON object.
+async fn ndjson_lines(resp: reqwest::Response) -> Vec<Value> {
+    let ct = resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(ct, "application/x-ndjson");
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.expect("body chunk"));
+    }
+    let text = String::from_utf8(body).expect("utf-8 body");
+    assert!(text.ends_with('\n'), "the last line ends with a newline");
+    text.lines()
+        .map(|l| {
+            assert!(!l.trim().is_empty(), "no blank lines in NDJSON");
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?}: {e}"))
+        })
+        .collect()
+}
+
+fn question() -> Value {
+    json!([{"role": "user", "content": QUESTION}])
+}
+
+fn assert_metrics(done: &Value) {
+    for key in [
+        "total_duration",
+        "prompt_eval_count",
+        "eval_count",
+        "eval_duration",
+    ] {
+        assert!(done[key].as_u64().is_some_and(|n| n > 0), "{key} in {done}");
+    }
+    let created = done["created_at"].as_str().expect("created_at");
+    assert!(created.ends_with('Z'), "{created}");
+    assert!(chrono::DateTime::parse_from_rfc3339(created).is_ok());
+}
+
+#[tokio::test]
+async fn root_version_and_unknown_paths() {
+    let base = server();
+    let resp = client().get(&base).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "Ollama is running");
+    let head = client().head(&base).send().await.unwrap();
+    assert_eq!(head.status(), 200);
+
+    let v = json_of(
+        client()
+            .get(format!("{base}/api/version"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let version = v["version"].as_str().expect("version string");
+    let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    assert!(parts >= vec![0, 6, 4], "{version}");
+
+    let resp = client()
+        .get(format!("{base}/no/such/path"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    assert_eq!(resp.text().await.unwrap(), "404 page not found");
+}
+
+#[tokio::test]
+async fn tags_lists_the_imported_model() {
+    let base = server();
+    let v = json_of(
+        client()
+            .get(format!("{base}/api/tags"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    let models = v["models"].as_array().expect("models array");
+    let m = models
+        .iter()
+        .find(|m| m["name"] == MODEL)
+        .unwrap_or_else(|| panic!("{MODEL} in {v}"));
+    assert_eq!(m["model"], MODEL);
+    assert_eq!(m["digest"].as_str().map(str::len), Some(64));
+    assert!(m["size"].as_u64().unwrap() > 90_000_000);
+    assert!(chrono::DateTime::parse_from_rfc3339(m["modified_at"].as_str().unwrap()).is_ok());
+    let d = &m["details"];
+    assert_eq!(d["format"], "gguf");
+    assert_eq!(d["family"], "llama");
+    assert_eq!(d["families"], json!(["llama"]));
+    assert_eq!(d["parameter_size"], "134.52M");
+    assert_eq!(d["quantization_level"], "Q4_1");
+    assert_eq!(d["parent_model"], "");
+}
+
+#[tokio::test]
+async fn show_has_model_info_and_capabilities() {
+    // `name` is the deprecated alias of `model`; casing of stored names is ignored.
+    let v = json_of(post("/api/show", json!({"name": "SmolLM2:135M"})).await).await;
+    let info = &v["model_info"];
+    assert_eq!(info["general.architecture"], "llama");
+    assert_eq!(info["llama.context_length"], 8192);
+    assert_eq!(info["llama.embedding_length"], 576);
+    assert!(info.get("general.name").is_none());
+    assert!(info.get("tokenizer.chat_template").is_none());
+    // Long arrays are emptied unless verbose.
+    assert_eq!(info["tokenizer.ggml.tokens"], json!([]));
+    assert!(v["capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("completion")));
+    assert!(v["template"].as_str().unwrap().contains("<|im_start|>"));
+    assert_eq!(v["details"]["family"], "llama");
+
+    let resp = post("/api/show", json!({"model": "nope"})).await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        json_of(resp).await,
+        json!({"error": "model 'nope:latest' not found"})
+    );
+}
+
+#[tokio::test]
+async fn chat_stream_answers_berlin() {
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "messages": question(), "options": {"temperature": 0, "num_predict": 40}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let lines = ndjson_lines(resp).await;
+    assert!(lines.len() >= 3, "{lines:?}");
+    let mut text = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["model"], MODEL);
+        assert_eq!(l["message"]["role"], "assistant", "{l}");
+        let content = l["message"]["content"].as_str().expect("content string");
+        text.push_str(content);
+        assert_eq!(l["done"], i + 1 == lines.len(), "{l}");
+    }
+    let done = lines.last().unwrap();
+    assert!(matches!(
+        done["done_reason"].as_str(),
+        Some("stop" | "length")
+    ));
+    assert_metrics(done);
+    assert!(text.contains("Berlin"), "{text}");
+}
+
+#[tokio::test]
+async fn chat_non_stream_answers_berlin() {
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "stream": false, "messages": question(), "options": {"temperature": 0}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let v = json_of(resp).await;
+    assert_eq!(v["done"], true);
+    assert_eq!(v["done_reason"], "stop");
+    assert_eq!(v["message"]["role"], "assistant");
+    assert!(
+        v["message"]["content"].as_str().unwrap().contains("Berlin"),
+        "{v}"
+    );
+    assert_metrics(&v);
+}
+
+#[tokio::test]
+async fn generate_stream_non_stream_and_preload() {
+    // Omitted `stream` streams; the body is JSON even when labelled as a form.
+    let resp = post_raw(
+        "/api/generate",
+        r#"{"model":"smollm2:135m","prompt":"Name a color.","options":{"temperature":0,"num_predict":8}}"#,
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let lines = ndjson_lines(resp).await;
+    for l in &lines {
+        assert!(l["response"].is_string(), "{l}");
+    }
+    let done = lines.last().unwrap();
+    assert_eq!(done["done"], true);
+    assert!(done["context"].is_array());
+    assert_metrics(done);
+
+    let v = json_of(
+        post(
+            "/api/generate",
+            json!({"model": MODEL, "prompt": QUESTION, "stream": false, "options": {"temperature": 0, "num_predict": 3}}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["done"], true);
+    assert_eq!(v["done_reason"], "length");
+    assert_eq!(v["eval_count"], 3);
+
+    // No prompt: load the model and say so.
+    let v = json_of(post("/api/generate", json!({"model": MODEL, "stream": false})).await).await;
+    assert_eq!(v["done"], true);
+    assert_eq!(v["done_reason"], "load");
+    assert_eq!(v["response"], "");
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_with_the_pull_hint() {
+    for path in ["/api/chat", "/api/generate"] {
+        let resp = post(
+            path,
+            json!({"model": "nosuchmodel:7b", "prompt": "x", "messages": question()}),
+        )
+        .await;
+        assert_eq!(resp.status(), 404, "{path}");
+        assert_eq!(
+            json_of(resp).await,
+            json!({"error": "model \"nosuchmodel:7b\" not found, try pulling it first"})
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_400() {
+    let resp = post_raw("/api/chat", "").await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json_of(resp).await,
+        json!({"error": "missing request body"})
+    );
+
+    let resp = post_raw("/api/chat", "{not json").await;
+    assert_eq!(resp.status(), 400);
+    assert!(json_of(resp).await["error"]
+        .as_str()
+        .is_some_and(|e| !e.is_empty()));
+
+    let resp = post_raw("/api/generate", r#"{"model":"m","stream":"yes"}"#).await;
+    assert_eq!(resp.status(), 400);
+
+    for name in ["../../etc/passwd", "/abs/path", "a/b/c/d", "bad name", ""] {
+        let resp = post("/api/chat", json!({"model": name, "messages": question()})).await;
+        assert_eq!(resp.status(), 400, "{name:?}");
+        assert_eq!(json_of(resp).await, json!({"error": "invalid model name"}));
+    }
+
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "messages": question(), "options": {"temperature": "hot"}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json_of(resp).await,
+        json!({"error": "option \"temperature\" must be of type float32"})
+    );
+}
+
+#[tokio::test]
+async fn openai_chat_stream_with_usage() {
+    let resp = client()
+        .post(format!("{}/v1/chat/completions", server()))
+        .bearer_auth("anything")
+        .json(&json!({
+            "model": MODEL,
+            "messages": question(),
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "temperature": 0,
+            "max_tokens": 30,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = resp.text().await.unwrap();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").unwrap_or_else(|| panic!("{e:?}")))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(content.contains("Berlin"), "{content}");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    let usage = &usage_chunk["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+    let finish = &chunks[chunks.len() - 2];
+    assert!(finish["choices"][0]["finish_reason"].is_string());
+    for c in &chunks {
+        assert_eq!(c["object"], "chat.completion.chunk");
+        assert_eq!(c["id"], chunks[0]["id"]);
+    }
+}
+
+#[tokio::test]
+async fn openai_non_stream_models_and_errors() {
+    let v = json_of(
+        post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": question(), "temperature": 0, "max_tokens": 5}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let base = server();
+    let v = json_of(
+        client()
+            .get(format!("{base}/v1/models"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["object"], "list");
+    let m = &v["data"][0];
+    assert_eq!(m["id"], MODEL);
+    assert_eq!(m["object"], "model");
+    assert_eq!(m["owned_by"], "library");
+    assert!(m["created"].as_u64().unwrap() > 1_600_000_000);
+
+    let v = json_of(
+        client()
+            .get(format!("{base}/v1/models/{MODEL}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["id"], MODEL);
+
+    let resp = client()
+        .get(format!("{base}/v1/models/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let e = json_of(resp).await;
+    assert_eq!(e["error"]["type"], "not_found_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("nope"));
+
+    let resp = post(
+        "/v1/chat/completions",
+        json!({"model": "nope", "messages": question()}),
+    )
+    .await;
+    assert_eq!(resp.status(), 404);
+    assert_eq!(json_of(resp).await["error"]["type"], "not_found_error");
+
+    let resp = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": []}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json_of(resp).await["error"]["type"],
+        "invalid_request_error"
+    );
+}
+
+async fn preflight(base: &str, origin: &str) -> reqwest::Response {
+    client()
+        .request(reqwest::Method::OPTIONS, format!("{base}/api/chat"))
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type,user-agent")
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn cors_default_origins() {
+    let base = server();
+    let resp = preflight(&base, "http://localhost:3210").await;
+    assert_eq!(resp.status(), 204);
+    let h = resp.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://localhost:3210");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    for needed in [
+        "content-type",
+        "user-agent",
+        "authorization",
+        "x-stainless-os",
+    ] {
+        assert!(allowed.contains(needed), "{needed} in {allowed}");
+    }
+    assert!(h["access-control-allow-methods"]
+        .to_str()
+        .unwrap()
+        .contains("POST"));
+
+    let resp = preflight(&base, "https://evil.example").await;
+    assert_eq!(resp.status(), 403);
+
+    // The actual (non-preflight) request carries the origin too.
+    let resp = client()
+        .get(format!("{base}/api/tags"))
+        .header("Origin", "http://localhost:3210")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "http://localhost:3210"
+    );
+}
+
+#[tokio::test]
+async fn cors_star_allows_everyone() {
+    let dir = store_dir("cors-star");
+    let (addr, _) = spawn_server(config(dir, &[("OLLAMA_ORIGINS", "*")]));
+    let base = format!("http://{addr}");
+    let resp = preflight(&base, "https://evil.example").await;
+    assert_eq!(resp.status(), 204);
+    assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+    // An empty store still lists `[]`, never null.
+    let v = json_of(
+        client()
+            .get(format!("{base}/api/tags"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v, json!({"models": []}));
+    let v = json_of(
+        client()
+            .get(format!("{base}/v1/models"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(v["data"], json!([]));
+}
+
+#[tokio::test]
+async fn dropping_the_response_cancels_generation() {
+    let resp = post(
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "Write a very long story about a dragon.",
+               "options": {"num_predict": 4000, "temperature": 1, "seed": 7}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.expect("a first chunk").expect("chunk");
+    assert!(!first.is_empty());
+    drop(stream);
+
+    // The engine should see no running or waiting sequences shortly after.
+    let state = &shared().1;
+    let start = std::time::Instant::now();
+    loop {
+        let loaded = state.models.list().await;
+        let busy: usize = loaded
+            .iter()
+            .map(|l| {
+                let s = l.engine.stats();
+                s.running + s.waiting
+            })
+            .sum();
+        if busy == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "generation still running 5 s after the client left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
