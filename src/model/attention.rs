@@ -4,7 +4,6 @@
 //! decoder calls, and the CPU implementation.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
 use super::config::ArchConfig;
 use super::{Error, Result};
@@ -226,50 +225,49 @@ impl KvCache for CpuKvCache {
         let k_cache = &self.k[layer];
         let v_cache = &self.v[layer];
         let this = &*self;
-        // One work item per (token, head): independent, so they parallelize cleanly.
+        // One work item per token: independent, so they parallelize cleanly.
         let mut out = vec![0f32; n * heads * hd];
-        let jobs: Vec<(usize, &SeqSlice)> = batch
+        let seq_of: Vec<&SeqSlice> = batch
             .seqs
             .iter()
-            .flat_map(|s| (s.start..s.start + s.len).map(move |t| (t, s)))
+            .flat_map(|s| std::iter::repeat_n(s, s.len))
             .collect();
-        out.par_chunks_mut(heads * hd)
-            .zip(jobs.par_iter())
-            .for_each(|(out_tok, &(t, s))| {
-                let pos = batch.positions[t] as usize;
-                let lo = match this.sliding_window {
-                    Some(w) if pos + 1 > w => pos + 1 - w,
-                    _ => 0,
-                };
-                let mut scores = vec![0f32; pos + 1 - lo];
-                for h in 0..heads {
-                    let kvh = h / group;
-                    let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, p) in (lo..=pos).enumerate() {
-                        let r = this.row(&s.block_table, p) + kvh * hd;
-                        let kv = &k_cache[r..r + hd];
-                        let dot = dot(qv, kv);
-                        let sc = dot * scale;
-                        scores[j] = sc;
-                        max = max.max(sc);
-                    }
-                    let mut denom = 0f32;
-                    for sc in scores.iter_mut() {
-                        *sc = (*sc - max).exp();
-                        denom += *sc;
-                    }
-                    let o = &mut out_tok[h * hd..(h + 1) * hd];
-                    o.fill(0.0);
-                    for (j, p) in (lo..=pos).enumerate() {
-                        let r = this.row(&s.block_table, p) + kvh * hd;
-                        let w = scores[j] / denom;
-                        for (oi, vi) in o.iter_mut().zip(&v_cache[r..r + hd]) {
-                            *oi += w * vi;
-                        }
+        super::parallel::par_rows(&mut out, heads * hd, |t, out_tok| {
+            let s = seq_of[t];
+            let pos = batch.positions[t] as usize;
+            let lo = match this.sliding_window {
+                Some(w) if pos + 1 > w => pos + 1 - w,
+                _ => 0,
+            };
+            let mut scores = vec![0f32; pos + 1 - lo];
+            for h in 0..heads {
+                let kvh = h / group;
+                let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, p) in (lo..=pos).enumerate() {
+                    let r = this.row(&s.block_table, p) + kvh * hd;
+                    let kv = &k_cache[r..r + hd];
+                    let dot = dot(qv, kv);
+                    let sc = dot * scale;
+                    scores[j] = sc;
+                    max = max.max(sc);
+                }
+                let mut denom = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    denom += *sc;
+                }
+                let o = &mut out_tok[h * hd..(h + 1) * hd];
+                o.fill(0.0);
+                for (j, p) in (lo..=pos).enumerate() {
+                    let r = this.row(&s.block_table, p) + kvh * hd;
+                    let w = scores[j] / denom;
+                    for (oi, vi) in o.iter_mut().zip(&v_cache[r..r + hd]) {
+                        *oi += w * vi;
                     }
                 }
-            });
+            }
+        });
         Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
     }
 }

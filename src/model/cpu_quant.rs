@@ -10,7 +10,6 @@ use candle_core::quantized::{GgmlDType, QuantizedType};
 use candle_core::CpuStorage;
 use half::f16;
 use memmap2::Mmap;
-use rayon::prelude::*;
 
 const QK: usize = 32;
 
@@ -235,7 +234,7 @@ fn quantize_act(xs: &[f32], out: &mut Vec<Act>) {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Act, Kind};
+    use super::Act;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -292,67 +291,79 @@ mod x86 {
 
     /// One block's integer dot product and its scalar correction, for a weight block at `b`.
     #[inline(always)]
-    unsafe fn block(
-        kind: Kind,
+    unsafe fn block<const KIND: u8, const VNNI: bool>(
         b: *const u8,
-        a: &Act,
-        mul_sum: unsafe fn(__m256i, __m256i) -> __m256i,
+        a: *const Act,
     ) -> (__m256i, f32) {
-        let y = _mm256_loadu_si256(a.q.as_ptr() as *const __m256i);
-        match kind {
-            Kind::Q4_1 => (mul_sum(nibbles(b.add(4)), y), f16_at(b.add(2)) * a.s),
-            Kind::Q5_0 => {
-                let qh = u32::from_le_bytes([*b.add(2), *b.add(3), *b.add(4), *b.add(5)]);
-                let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(qh));
-                // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
-                (mul_sum(x, y), -16.0 * f16_at(b) * a.s)
+        let mul_sum = |x, y| {
+            if VNNI {
+                mul_sum_vnni(x, y)
+            } else {
+                mul_sum_avx2(x, y)
             }
-            Kind::Q8_0 => {
-                // u8 x i8 products: move the weight's sign onto the activation.
+        };
+        let y = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
+        match KIND {
+            Q4_1 => (mul_sum(nibbles(b.add(4)), y), f16_at(b.add(2)) * (*a).s),
+            Q5_0 => {
+                let qh = (b.add(2) as *const u32).read_unaligned();
+                let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(u32::from_le(qh)));
+                // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
+                (mul_sum(x, y), -16.0 * f16_at(b) * (*a).s)
+            }
+            _ => {
+                // Q8_0, u8 x i8 products: move the weight's sign onto the activation.
                 let x = _mm256_loadu_si256(b.add(2) as *const __m256i);
                 (mul_sum(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0.0)
             }
         }
     }
 
+    pub const Q4_1: u8 = 0;
+    pub const Q5_0: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
     macro_rules! dot_fn {
-        ($name:ident, $features:literal, $mul_sum:ident) => {
-            /// Dot product of one weight row (`acts.len()` blocks at `row`) with quantized
-            /// activations; two blocks per iteration in independent accumulators.
+        ($name:ident, $features:literal, $vnni:literal) => {
+            /// Dot product of one weight row (`nb` blocks of `BB` bytes at `row`) with `nb`
+            /// blocks of quantized activations; two blocks per iteration in independent
+            /// accumulators, one kernel per block type so the loop has no branches.
             ///
             /// # Safety
-            /// `row` must hold `acts.len()` blocks of `kind`, and the CPU must have the
-            /// enabled features.
+            /// `row` must hold `nb` blocks and `acts` `nb` activations, and the CPU must
+            /// have the enabled features.
             #[target_feature(enable = $features)]
-            pub unsafe fn $name(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
-                let bb = kind.block_bytes();
-                let p = row.as_ptr();
+            pub unsafe fn $name<const KIND: u8, const BB: usize>(
+                row: *const u8,
+                acts: *const Act,
+                nb: usize,
+            ) -> f32 {
                 let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
                 let mut extra = 0f32;
-                let pairs = acts.len() / 2;
-                for i in 0..pairs {
-                    let (b0, b1) = (p.add(2 * i * bb), p.add((2 * i + 1) * bb));
-                    let (a0, a1) = (&acts[2 * i], &acts[2 * i + 1]);
-                    let (s0, e0) = block(kind, b0, a0, $mul_sum);
-                    let (s1, e1) = block(kind, b1, a1, $mul_sum);
+                let mut i = 0;
+                while i + 1 < nb {
+                    let (b0, b1) = (row.add(i * BB), row.add((i + 1) * BB));
+                    let (a0, a1) = (acts.add(i), acts.add(i + 1));
+                    let (s0, e0) = block::<KIND, $vnni>(b0, a0);
+                    let (s1, e1) = block::<KIND, $vnni>(b1, a1);
                     acc0 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b0) * a0.d),
+                        _mm256_set1_ps(f16_at(b0) * (*a0).d),
                         _mm256_cvtepi32_ps(s0),
                         acc0,
                     );
                     acc1 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b1) * a1.d),
+                        _mm256_set1_ps(f16_at(b1) * (*a1).d),
                         _mm256_cvtepi32_ps(s1),
                         acc1,
                     );
                     extra += e0 + e1;
+                    i += 2;
                 }
-                if acts.len() % 2 == 1 {
-                    let i = acts.len() - 1;
-                    let b0 = p.add(i * bb);
-                    let (s0, e0) = block(kind, b0, &acts[i], $mul_sum);
+                if i < nb {
+                    let (b0, a0) = (row.add(i * BB), acts.add(i));
+                    let (s0, e0) = block::<KIND, $vnni>(b0, a0);
                     acc0 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b0) * acts[i].d),
+                        _mm256_set1_ps(f16_at(b0) * (*a0).d),
                         _mm256_cvtepi32_ps(s0),
                         acc0,
                     );
@@ -363,23 +374,29 @@ mod x86 {
         };
     }
 
-    dot_fn!(dot_avx2, "avx2,fma", mul_sum_avx2);
-    dot_fn!(dot_vnni, "avx2,fma,avxvnni", mul_sum_vnni);
+    dot_fn!(dot_avx2, "avx2,fma", false);
+    dot_fn!(dot_vnni, "avx2,fma,avxvnni", true);
 }
 
 /// The row kernel for this CPU, chosen once.
 fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
+        use x86::{dot_avx2, dot_vnni, Q4_1, Q5_0, Q8_0};
         static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let vnni = *VNNI.get_or_init(|| std::arch::is_x86_feature_detected!("avxvnni"));
+        let (r, a, nb) = (row.as_ptr(), acts.as_ptr(), acts.len());
+        debug_assert!(row.len() >= nb * kind.block_bytes());
         // SAFETY: FastQuant is only built when AVX2 and FMA are present (`kind_for`), VNNI is
         // checked above, and matmul_t checked that every row holds `acts.len()` blocks.
         unsafe {
-            if vnni {
-                x86::dot_vnni(kind, row, acts)
-            } else {
-                x86::dot_avx2(kind, row, acts)
+            match (kind, vnni) {
+                (Kind::Q4_1, true) => dot_vnni::<Q4_1, 20>(r, a, nb),
+                (Kind::Q5_0, true) => dot_vnni::<Q5_0, 22>(r, a, nb),
+                (Kind::Q8_0, true) => dot_vnni::<Q8_0, 34>(r, a, nb),
+                (Kind::Q4_1, false) => dot_avx2::<Q4_1, 20>(r, a, nb),
+                (Kind::Q5_0, false) => dot_avx2::<Q5_0, 22>(r, a, nb),
+                (Kind::Q8_0, false) => dot_avx2::<Q8_0, 34>(r, a, nb),
             }
         }
     }
@@ -389,10 +406,6 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
         unreachable!("FastQuant is x86_64 only")
     }
 }
-
-/// Output rows per parallel work item: enough to amortize scheduling, small enough to
-/// balance over two to sixteen cores.
-const ROWS_PER_TASK: usize = 32;
 
 impl QuantizedType for FastQuant {
     fn dtype(&self) -> GgmlDType {
@@ -426,18 +439,12 @@ impl QuantizedType for FastQuant {
         // Work on the transposed output [n, m] so each task owns a contiguous slice, with
         // one weight row reused for every activation row while it is in cache.
         let mut out_t = vec![0f32; n * m];
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (r, out_row) in chunk.chunks_mut(m).enumerate() {
-                    let j = c * ROWS_PER_TASK + r;
-                    let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
-                    for (i, o) in out_row.iter_mut().enumerate() {
-                        *o = dot(self.kind, w, &acts[i * nb..(i + 1) * nb]);
-                    }
-                }
-            });
+        super::parallel::par_rows(&mut out_t, m, |j, out_row| {
+            let w = &self.data[j * row_bytes..(j + 1) * row_bytes];
+            for (i, o) in out_row.iter_mut().enumerate() {
+                *o = dot(self.kind, w, &acts[i * nb..(i + 1) * nb]);
+            }
+        });
         for (j, col) in out_t.chunks(m).enumerate() {
             for (i, v) in col.iter().enumerate() {
                 dst[i * n + j] = *v;

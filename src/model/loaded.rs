@@ -19,6 +19,7 @@ impl Model {
     /// Loads a `.gguf` file or a Hugging Face safetensors directory. On CPU the compute
     /// dtype is f32; on GPUs f16 (T4 has no bf16).
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        super::init_threads();
         let src = WeightSource::open(path)?;
         let cfg = src.config()?;
         let dtype = if device.is_cpu() {

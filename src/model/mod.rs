@@ -8,6 +8,7 @@ pub mod config;
 mod cpu_quant;
 pub mod decoder;
 mod loaded;
+mod parallel;
 pub mod tokenizer;
 pub mod weights;
 
@@ -18,6 +19,7 @@ pub use chat_template::ChatTemplate;
 pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
 pub use loaded::Model;
+pub use parallel::init_threads;
 pub use tokenizer::Tokenizer;
 pub use weights::WeightSource;
 
