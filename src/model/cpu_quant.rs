@@ -563,20 +563,11 @@ mod tests {
                 panic!("{dtype:?} not wrapped")
             };
             let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
-            let deq_a: Vec<f32> = theirs
-                .dequantize(&Device::Cpu)
-                .expect("d")
-                .flatten_all()
-                .expect("f")
-                .to_vec1()
-                .expect("v");
-            let deq_b: Vec<f32> = ours
-                .dequantize(&Device::Cpu)
-                .expect("d")
-                .flatten_all()
-                .expect("f")
-                .to_vec1()
-                .expect("v");
+            let deq = |t: &QTensor| -> Vec<f32> {
+                let d = t.dequantize(&Device::Cpu).expect("dequantize");
+                d.flatten_all().and_then(|f| f.to_vec1()).expect("to host")
+            };
+            let (deq_a, deq_b) = (deq(&theirs), deq(&ours));
             assert_eq!(deq_a, deq_b, "{dtype:?} dequantization");
             let ya: Vec<Vec<f32>> = QMatMul::from_qtensor(theirs)
                 .expect("mm")
