@@ -94,6 +94,14 @@ async fn post(path: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
+async fn get(base: &str, path: &str) -> reqwest::Response {
+    client()
+        .get(format!("{base}{path}"))
+        .send()
+        .await
+        .expect("request")
+}
+
 async fn post_raw(path: &str, body: &'static str) -> reqwest::Response {
     client()
         .post(format!("{}{path}", server()))
@@ -152,29 +160,18 @@ fn assert_metrics(done: &Value) {
 #[tokio::test]
 async fn root_version_and_unknown_paths() {
     let base = server();
-    let resp = client().get(&base).send().await.unwrap();
+    let resp = get(&base, "").await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "Ollama is running");
     let head = client().head(&base).send().await.unwrap();
     assert_eq!(head.status(), 200);
 
-    let v = json_of(
-        client()
-            .get(format!("{base}/api/version"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, "/api/version").await).await;
     let version = v["version"].as_str().expect("version string");
     let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
     assert!(parts >= vec![0, 6, 4], "{version}");
 
-    let resp = client()
-        .get(format!("{base}/no/such/path"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&base, "/no/such/path").await;
     assert_eq!(resp.status(), 404);
     assert!(resp.headers()["content-type"]
         .to_str()
@@ -186,14 +183,7 @@ async fn root_version_and_unknown_paths() {
 #[tokio::test]
 async fn tags_lists_the_imported_model() {
     let base = server();
-    let v = json_of(
-        client()
-            .get(format!("{base}/api/tags"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, "/api/tags").await).await;
     let models = v["models"].as_array().expect("models array");
     let m = models
         .iter()
@@ -450,14 +440,7 @@ async fn openai_non_stream_models_and_errors() {
     assert_eq!(v["usage"]["completion_tokens"], 5);
 
     let base = server();
-    let v = json_of(
-        client()
-            .get(format!("{base}/v1/models"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, "/v1/models").await).await;
     assert_eq!(v["object"], "list");
     let m = &v["data"][0];
     assert_eq!(m["id"], MODEL);
@@ -465,21 +448,10 @@ async fn openai_non_stream_models_and_errors() {
     assert_eq!(m["owned_by"], "library");
     assert!(m["created"].as_u64().unwrap() > 1_600_000_000);
 
-    let v = json_of(
-        client()
-            .get(format!("{base}/v1/models/{MODEL}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, &format!("/v1/models/{MODEL}")).await).await;
     assert_eq!(v["id"], MODEL);
 
-    let resp = client()
-        .get(format!("{base}/v1/models/nope"))
-        .send()
-        .await
-        .unwrap();
+    let resp = get(&base, "/v1/models/nope").await;
     assert_eq!(resp.status(), 404);
     let e = json_of(resp).await;
     assert_eq!(e["error"]["type"], "not_found_error");
@@ -566,23 +538,9 @@ async fn cors_star_allows_everyone() {
     assert_eq!(resp.status(), 204);
     assert_eq!(resp.headers()["access-control-allow-origin"], "*");
     // An empty store still lists `[]`, never null.
-    let v = json_of(
-        client()
-            .get(format!("{base}/api/tags"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, "/api/tags").await).await;
     assert_eq!(v, json!({"models": []}));
-    let v = json_of(
-        client()
-            .get(format!("{base}/v1/models"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let v = json_of(get(&base, "/v1/models").await).await;
     assert_eq!(v["data"], json!([]));
 }
 
