@@ -168,8 +168,10 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
     let t0 = std::time::Instant::now();
-    let model = Model::load(&args.path, &Device::Cpu)
-        .with_context(|| format!("loading {}", args.path.display()))?;
+    let model = std::sync::Arc::new(
+        Model::load(&args.path, &Device::Cpu)
+            .with_context(|| format!("loading {}", args.path.display()))?,
+    );
     eprintln!(
         "loaded {} in {:.2}s",
         args.path.display(),

@@ -4,11 +4,14 @@
 mod common;
 
 use candle_core::Device;
-use candlewick::engine::generate::{generate, FinishReason, GenerateOptions};
+use std::sync::Arc;
+
+use candlewick::engine::generate::{generate, GenerateOptions};
 use candlewick::engine::sampler::SamplingParams;
+use candlewick::engine::FinishReason;
 use candlewick::model::Model;
 
-fn ask(model: &Model, system: Option<&str>, user: &str, n: usize) -> (String, FinishReason) {
+fn ask(model: &Arc<Model>, system: Option<&str>, user: &str, n: usize) -> (String, FinishReason) {
     let mut messages = Vec::new();
     if let Some(s) = system {
         messages.push(serde_json::json!({"role": "system", "content": s}));
@@ -37,7 +40,9 @@ fn ask(model: &Model, system: Option<&str>, user: &str, n: usize) -> (String, Fi
 
 #[test]
 fn smollm2_knows_capitals() {
-    let model = Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load");
+    let model = Arc::new(
+        Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load"),
+    );
     let (text, finish) = ask(&model, None, "What is the capital of Germany?", 48);
     assert!(text.contains("Berlin"), "answer: {text:?}");
     assert_eq!(
@@ -56,7 +61,8 @@ fn smollm2_knows_capitals() {
 
 #[test]
 fn qwen_coder_writes_python_and_chinese() {
-    let model = Model::load(&common::test_model(common::QWEN_GGUF), &Device::Cpu).expect("load");
+    let model =
+        Arc::new(Model::load(&common::test_model(common::QWEN_GGUF), &Device::Cpu).expect("load"));
     let (text, _) = ask(
         &model,
         None,
@@ -79,7 +85,9 @@ fn qwen_coder_writes_python_and_chinese() {
 
 #[test]
 fn stop_strings_and_num_predict() {
-    let model = Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load");
+    let model = Arc::new(
+        Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load"),
+    );
     let prompt = model
         .chat_template
         .as_ref()
@@ -114,7 +122,9 @@ fn stop_strings_and_num_predict() {
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let model = Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load");
+    let model = Arc::new(
+        Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load"),
+    );
     let ids = model
         .tokenizer
         .encode("Once upon a time", false)
@@ -145,7 +155,9 @@ fn seeded_sampling_is_reproducible() {
 /// one prefilled at once.
 #[test]
 fn chunked_prefill_gives_the_same_answer() {
-    let model = Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load");
+    let model = Arc::new(
+        Model::load(&common::test_model(common::SMOLLM2_GGUF), &Device::Cpu).expect("load"),
+    );
     let ids = model
         .tokenizer
         .encode("The three primary colors are red, yellow and", false)
