@@ -2,64 +2,19 @@
 //! scratch model store into which the real SmolLM2 GGUF is imported, driven with reqwest.
 //! Covers both dialects' success and error shapes, streaming framing, and CORS.
 
+mod api_common;
 mod common;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use candlewick::api::{self, AppState};
-use candlewick::config::Config;
-use candlewick::store::{ModelName, Store};
+use api_common::{config, import, ndjson_lines, spawn_server, store_dir};
+use candlewick::api::AppState;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 const MODEL: &str = "smollm2:135m";
 const QUESTION: &str = "What is the capital of Germany?";
-
-/// A scratch store holding SmolLM2 as `smollm2:135m`, rebuilt once per test run under
-/// cargo's target tmp dir (so repeated runs do not pile up copies of the model).
-fn store_dir(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("api-http-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creating the scratch store");
-    dir
-}
-
-fn config(models: PathBuf, extra: &[(&str, &str)]) -> Config {
-    let mut env: HashMap<String, String> = HashMap::new();
-    env.insert("OLLAMA_MODELS".into(), models.display().to_string());
-    for (k, v) in extra {
-        env.insert(k.to_string(), v.to_string());
-    }
-    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
-}
-
-/// Starts a server on its own runtime thread (tests come and go with their own runtimes)
-/// and returns its address and state.
-fn spawn_server(cfg: Config) -> (SocketAddr, AppState) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("server runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("binding 127.0.0.1:0");
-            let state = AppState::new(cfg).expect("app state");
-            tx.send((listener.local_addr().expect("local addr"), state.clone()))
-                .expect("reporting the address");
-            api::serve(listener, state, std::future::pending())
-                .await
-                .expect("serving");
-        });
-    });
-    rx.recv().expect("server address")
-}
 
 /// The shared server with the model imported.
 fn server() -> String {
@@ -71,12 +26,8 @@ fn shared() -> &'static (SocketAddr, AppState) {
     SERVER.get_or_init(|| {
         // A small KV cache keeps the test light; the engine reads it from the environment.
         std::env::set_var("WICK_KV_CACHE_BYTES", (256usize << 20).to_string());
-        let dir = store_dir("main");
-        let gguf = common::test_model(common::SMOLLM2_GGUF);
-        let name = ModelName::parse(MODEL).expect("model name");
-        Store::new(&dir)
-            .import_gguf(&name, &gguf)
-            .expect("importing SmolLM2");
+        let dir = store_dir("http-main");
+        import(&dir, MODEL, &common::test_model(common::SMOLLM2_GGUF));
         spawn_server(config(dir, &[]))
     })
 }
@@ -115,28 +66,6 @@ async fn post_raw(path: &str, body: &'static str) -> reqwest::Response {
 
 async fn json_of(resp: reqwest::Response) -> Value {
     resp.json().await.expect("JSON body")
-}
-
-/// Reads an NDJSON body, checking that every line is one JSON object.
-async fn ndjson_lines(resp: reqwest::Response) -> Vec<Value> {
-    let ct = resp.headers()["content-type"]
-        .to_str()
-        .unwrap_or("")
-        .to_string();
-    assert_eq!(ct, "application/x-ndjson");
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        body.extend_from_slice(&chunk.expect("body chunk"));
-    }
-    let text = String::from_utf8(body).expect("utf-8 body");
-    assert!(text.ends_with('\n'), "the last line ends with a newline");
-    text.lines()
-        .map(|l| {
-            assert!(!l.trim().is_empty(), "no blank lines in NDJSON");
-            serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?}: {e}"))
-        })
-        .collect()
 }
 
 fn question() -> Value {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{Event, FinishReason, Request, Summary};
+use crate::model::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
@@ -56,6 +57,22 @@ pub struct InferRequest {
     pub input: Input,
     pub options: Options,
     pub keep_alive: Option<KeepAlive>,
+    /// `think`: `None` leaves thinking on for models that think; levels count as `true`.
+    pub think: Option<bool>,
+}
+
+/// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
+pub fn parse_think(v: Option<&Value>) -> Result<Option<bool>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(Value::String(s)) if ["low", "medium", "high", "max"].contains(&s.as_str()) => {
+            Ok(Some(true))
+        }
+        Some(v) => Err(ApiError::BadRequest(format!(
+            "invalid think value: {v} (expected true, false, \"low\", \"medium\", \"high\" or \"max\")"
+        ))),
+    }
 }
 
 /// Generation options; `None` means "not sent" so only what the client set overrides the
@@ -222,7 +239,12 @@ pub fn string_list(value: &Value, key: &str) -> Result<Vec<String>, ApiError> {
 /// One piece of a generation's output.
 #[derive(Debug, Clone)]
 pub enum Out {
+    /// Answer text.
     Text(String),
+    /// Reasoning of a thinking model.
+    Thinking(String),
+    /// A complete tool call.
+    ToolCall(ToolCall),
     Done(Finished),
     /// The stream failed after it started.
     Error(String),
@@ -282,7 +304,34 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
         .unwrap_or_default();
     let options = req.options.over(base);
     let system_layer = state.store.layer_text(&info, MEDIA_SYSTEM);
-    let prompt = tokenize(&in_use, req.input, system_layer)?;
+    let model = &in_use.loaded().model;
+    let format = match (&req.input, &model.chat_template) {
+        (Input::Generate { raw: true, .. }, _) | (_, None) => ReplyFormat::plain(),
+        (_, Some(t)) => ReplyFormat::from_template(t.source()),
+    };
+    if req.think == Some(true) && !format.thinking {
+        return Err(ApiError::BadRequest(format!(
+            "\"{}\" does not support thinking",
+            req.model
+        )));
+    }
+    let tools: Vec<String> = match &req.input {
+        Input::Chat { tools: Some(t), .. } => t
+            .iter()
+            .filter_map(|t| t.pointer("/function/name")?.as_str())
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    };
+    if !tools.is_empty() && format.tools == ToolSyntax::None {
+        return Err(ApiError::BadRequest(format!(
+            "{} does not support tools",
+            req.model
+        )));
+    }
+    let thinking = format.thinking && req.think != Some(false);
+    let (prompt, in_thinking) = tokenize(&in_use, req.input, system_layer, format, thinking)?;
+    let parser = ReplyParser::new(format, thinking, in_thinking, tools);
     let engine_req = options.to_request(prompt.clone());
     let stream = in_use
         .loaded()
@@ -290,17 +339,24 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
         .submit(engine_req)
         .map_err(ApiError::Engine)?;
     let (tx, rx) = mpsc::channel(256);
-    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt));
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser));
     Ok(Started::Stream(rx))
 }
 
-/// Renders and tokenizes the input.
+/// Renders and tokenizes the input; also says whether the prompt ends inside an open
+/// `<think>` block (templates that start the model's reasoning for it).
 fn tokenize(
     in_use: &InUse,
     input: Input,
     system_layer: Option<String>,
-) -> Result<Vec<u32>, ApiError> {
+    format: ReplyFormat,
+    thinking: bool,
+) -> Result<(Vec<u32>, bool), ApiError> {
     let model = &in_use.loaded().model;
+    let mut extra = Map::new();
+    if format.thinking {
+        extra.insert("enable_thinking".into(), thinking.into());
+    }
     let template = || {
         model
             .chat_template
@@ -309,9 +365,10 @@ fn tokenize(
     };
     let render = |messages: &[Value], tools: Option<&[Value]>| {
         template()?
-            .render(messages, tools, true, &Map::new())
+            .render(messages, tools, true, &extra)
             .map_err(|e| ApiError::Template(e.to_string()))
     };
+    let opens_thinking = |prompt: &str| thinking && prompt.trim_end().ends_with("<think>");
     let encode = |text: &str, add_bos: bool| {
         model
             .tokenizer
@@ -332,7 +389,8 @@ fn tokenize(
                 messages.insert(0, serde_json::json!({"role": "system", "content": system}));
             }
             // Chat templates write their own BOS.
-            encode(&render(&messages, tools.as_deref())?, false)
+            let text = render(&messages, tools.as_deref())?;
+            Ok((encode(&text, false)?, opens_thinking(&text)))
         }
         Input::Generate {
             prompt,
@@ -340,18 +398,20 @@ fn tokenize(
             raw,
             mut context,
         } => {
-            let ids = if raw {
-                encode(&prompt, context.is_empty() && model.tokenizer.add_bos())?
+            let (ids, in_thinking) = if raw {
+                let add_bos = context.is_empty() && model.tokenizer.add_bos();
+                (encode(&prompt, add_bos)?, false)
             } else {
                 let mut messages = Vec::new();
                 if let Some(system) = system.or(system_layer) {
                     messages.push(serde_json::json!({"role": "system", "content": system}));
                 }
                 messages.push(serde_json::json!({"role": "user", "content": prompt}));
-                encode(&render(&messages, None)?, false)?
+                let text = render(&messages, None)?;
+                (encode(&text, false)?, opens_thinking(&text))
             };
             context.extend(ids);
-            Ok(context)
+            Ok((context, in_thinking))
         }
     }
 }
@@ -363,24 +423,37 @@ fn pump(
     tx: mpsc::Sender<Out>,
     in_use: InUse,
     mut context: Vec<u32>,
+    mut parser: ReplyParser,
 ) {
     // Held until the output ends so the model is not unloaded under the request.
     let _in_use = in_use;
+    let mut pieces = Vec::new();
+    let send_all = |pieces: &mut Vec<Piece>| {
+        pieces.drain(..).all(|p| {
+            let out = match p {
+                Piece::Content(t) => Out::Text(t),
+                Piece::Thinking(t) => Out::Thinking(t),
+                Piece::ToolCall(c) => Out::ToolCall(c),
+            };
+            tx.blocking_send(out).is_ok()
+        })
+    };
     loop {
         if tx.is_closed() {
             stream.cancel();
             return;
         }
-        let out = match stream.recv_timeout(Duration::from_millis(100)) {
+        match stream.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Token { id, text }) => {
                 context.push(id);
-                if text.is_empty() {
-                    continue;
-                }
-                Out::Text(text)
+                parser.push(&text, &mut pieces);
             }
-            Ok(Event::Text(text)) => Out::Text(text),
+            Ok(Event::Text(text)) => parser.push(&text, &mut pieces),
             Ok(Event::Done(summary)) => {
+                parser.finish(&mut pieces);
+                if !send_all(&mut pieces) {
+                    return;
+                }
                 let out = match summary.finish {
                     FinishReason::Stop => done("stop", summary, context),
                     FinishReason::Length => done("length", summary, context),
@@ -400,8 +473,8 @@ fn pump(
                 let _ = tx.blocking_send(Out::Error("the engine stopped".into()));
                 return;
             }
-        };
-        if tx.blocking_send(out).is_err() {
+        }
+        if !send_all(&mut pieces) {
             stream.cancel();
             return;
         }

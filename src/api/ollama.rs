@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
 use crate::engine::Summary;
+use crate::model::{ReplyFormat, ToolCall, ToolSyntax};
 use crate::store::{gguf, LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
 
 use super::error::{json_response, ApiError, OllamaError};
@@ -138,8 +139,12 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
         .collect::<Vec<_>>()
         .join("\n");
     let mut capabilities = vec!["completion"];
-    if template.contains("tools") {
+    let format = ReplyFormat::from_template(&template);
+    if format.tools != ToolSyntax::None {
         capabilities.push("tools");
+    }
+    if format.thinking {
+        capabilities.push("thinking");
     }
     let short = info.name.display_short();
     let mut modelfile = format!(
@@ -268,16 +273,6 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
         .map(Option::unwrap_or_default)
 }
 
-/// `think: true` (or a level) asks for a capability no supported model has yet.
-fn check_think(model: &str, think: &Option<Value>) -> Result<(), ApiError> {
-    match think {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(()),
-        Some(_) => Err(ApiError::BadRequest(format!(
-            "\"{model}\" does not support thinking"
-        ))),
-    }
-}
-
 fn no_images(model: &str, images: Option<&Vec<String>>) -> Result<(), ApiError> {
     match images {
         Some(i) if !i.is_empty() => Err(ApiError::BadRequest(format!(
@@ -299,7 +294,6 @@ enum Kind {
 
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
-    check_think(&req.model, &req.think)?;
     let messages = req.messages.unwrap_or_default();
     for m in &messages {
         no_images(&req.model, m.images.as_ref())?;
@@ -315,6 +309,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
         },
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
+        think: infer::parse_think(req.think.as_ref())?,
     };
     respond(
         &state,
@@ -328,7 +323,6 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
-    check_think(&req.model, &req.think)?;
     no_images(&req.model, req.images.as_ref())?;
     if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(
@@ -352,6 +346,7 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
         },
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
+        think: infer::parse_think(req.think.as_ref())?,
     };
     // Ollama leaves `context` out in raw mode.
     let kind = Kind::Generate { context: !raw };
@@ -375,8 +370,24 @@ async fn respond(
 ) -> Result<Response> {
     let started = infer::start(state, req).await?;
     let rx = match started {
-        Started::Loaded => return Ok(one(&final_object(kind, &model, "load", None, ""))),
-        Started::Unloaded => return Ok(one(&final_object(kind, &model, "unload", None, ""))),
+        Started::Loaded => {
+            return Ok(one(&final_object(
+                kind,
+                &model,
+                "load",
+                None,
+                &Reply::default(),
+            )))
+        }
+        Started::Unloaded => {
+            return Ok(one(&final_object(
+                kind,
+                &model,
+                "unload",
+                None,
+                &Reply::default(),
+            )))
+        }
         Started::Stream(rx) => rx,
     };
     if stream {
@@ -390,33 +401,78 @@ fn one(v: &Value) -> Response {
     json_response(StatusCode::OK, v)
 }
 
-/// A non-final chunk.
-fn chunk(kind: Kind, model: &str, text: &str) -> Value {
-    match kind {
-        Kind::Chat => json!({
-            "model": model,
-            "created_at": now_utc(),
-            "message": {"role": "assistant", "content": text},
-            "done": false,
-        }),
-        Kind::Generate { .. } => json!({
-            "model": model,
-            "created_at": now_utc(),
-            "response": text,
-            "done": false,
-        }),
+/// What one chunk (or a whole non-streamed answer) carries.
+#[derive(Default)]
+struct Reply {
+    text: String,
+    thinking: String,
+    tool_calls: Vec<Value>,
+}
+
+impl Reply {
+    fn add(&mut self, out: Out) {
+        match out {
+            Out::Text(t) => self.text.push_str(&t),
+            Out::Thinking(t) => self.thinking.push_str(&t),
+            Out::ToolCall(c) => self
+                .tool_calls
+                .push(tool_call_json(c, self.tool_calls.len())),
+            Out::Done(_) | Out::Error(_) => {}
+        }
     }
 }
 
-/// The `done: true` object; `text` is the whole output for non-streamed answers.
+/// A tool call as Ollama sends it: arguments as an object.
+fn tool_call_json(c: ToolCall, index: usize) -> Value {
+    json!({
+        "id": call_id(),
+        "function": {"index": index, "name": c.name, "arguments": c.arguments},
+    })
+}
+
+/// `call_` and eight random lowercase letters and digits.
+pub fn call_id() -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let tail: String = (0..8)
+        .map(|_| char::from(CHARS[rand::random_range(0..CHARS.len())]))
+        .collect();
+    format!("call_{tail}")
+}
+
+/// A non-final chunk.
+fn chunk(kind: Kind, model: &str, r: &Reply) -> Value {
+    let mut v = match kind {
+        Kind::Chat => {
+            let mut message = json!({"role": "assistant", "content": r.text});
+            if !r.thinking.is_empty() {
+                message["thinking"] = r.thinking.clone().into();
+            }
+            if !r.tool_calls.is_empty() {
+                message["tool_calls"] = r.tool_calls.clone().into();
+            }
+            json!({"model": model, "created_at": now_utc(), "message": message})
+        }
+        Kind::Generate { .. } => {
+            let mut v = json!({"model": model, "created_at": now_utc(), "response": r.text});
+            if !r.thinking.is_empty() {
+                v["thinking"] = r.thinking.clone().into();
+            }
+            v
+        }
+    };
+    v["done"] = false.into();
+    v
+}
+
+/// The `done: true` object; `reply` is the whole output for non-streamed answers.
 fn final_object(
     kind: Kind,
     model: &str,
     reason: &str,
     finished: Option<&Finished>,
-    text: &str,
+    reply: &Reply,
 ) -> Value {
-    let mut v = chunk(kind, model, text);
+    let mut v = chunk(kind, model, reply);
     v["done"] = true.into();
     v["done_reason"] = reason.into();
     if let Some(f) = finished {
@@ -463,9 +519,14 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
             let mut rx = rx?;
             let out = rx.recv().await;
             let (bytes, more) = match out {
-                Some(Out::Text(t)) => (line(&chunk(kind, &model, &t)), true),
                 Some(Out::Done(f)) => (
-                    line(&final_object(kind, &model, f.reason, Some(&f), "")),
+                    line(&final_object(
+                        kind,
+                        &model,
+                        f.reason,
+                        Some(&f),
+                        &Reply::default(),
+                    )),
                     false,
                 ),
                 Some(Out::Error(e)) => (line(&json!({"error": e})), false),
@@ -473,6 +534,11 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
                     line(&json!({"error": "generation ended unexpectedly"})),
                     false,
                 ),
+                Some(piece) => {
+                    let mut r = Reply::default();
+                    r.add(piece);
+                    (line(&chunk(kind, &model, &r)), true)
+                }
             };
             Some((Ok::<_, Infallible>(bytes), more.then_some(rx)))
         }
@@ -487,15 +553,15 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
 
 /// Gathers the whole output into one object (`stream: false`).
 async fn collect(kind: Kind, model: &str, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
-    let mut text = String::new();
+    let mut reply = Reply::default();
     loop {
         match rx.recv().await {
-            Some(Out::Text(t)) => text.push_str(&t),
             Some(Out::Done(f)) => {
-                return Ok(one(&final_object(kind, model, f.reason, Some(&f), &text)))
+                return Ok(one(&final_object(kind, model, f.reason, Some(&f), &reply)))
             }
             Some(Out::Error(e)) => return Err(ApiError::Internal(e).into()),
             None => return Err(ApiError::Internal("generation ended unexpectedly".into()).into()),
+            Some(piece) => reply.add(piece),
         }
     }
 }

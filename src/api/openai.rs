@@ -1,5 +1,5 @@
-//! The OpenAI-compatible dialect: `/v1/chat/completions` (JSON or SSE with an optional
-//! usage chunk and `data: [DONE]`), `/v1/models` and `/v1/models/{id}`, with errors as
+//! The OpenAI-compatible dialect: `/v1/chat/completions` and `/v1/completions` (JSON or SSE
+//! with an optional usage chunk and `data: [DONE]`), `/v1/models` and `/v1/models/{id}`, with errors as
 //! `{"error": {"message", "type", "param", "code"}}`.
 //!
 //! Unlike Ollama, sampling options the client did not send are left to the model's
@@ -17,10 +17,13 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
+use crate::config::KeepAlive;
+use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
+use super::ollama::call_id;
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -82,15 +85,19 @@ struct Message {
     #[serde(default)]
     name: Option<String>,
     #[serde(default)]
+    tool_call_id: Option<String>,
+    #[serde(default)]
     reasoning: Option<String>,
+    #[serde(default)]
+    reasoning_content: Option<String>,
 }
 
+/// What chat and text completions share, OpenAI's fields plus the Ollama extensions we
+/// accept on /v1 (`top_k`, `min_p`, `num_ctx`, `keep_alive`, `options`, `think`).
 #[derive(Deserialize)]
-struct ChatRequest {
+struct Common {
     #[serde(default)]
     model: String,
-    #[serde(default)]
-    messages: Vec<Message>,
     #[serde(default)]
     stream: Option<bool>,
     #[serde(default)]
@@ -112,11 +119,110 @@ struct ChatRequest {
     #[serde(default)]
     stop: Option<Value>,
     #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    min_p: Option<f64>,
+    #[serde(default)]
+    num_ctx: Option<i64>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(default)]
+    think: Option<Value>,
+    #[serde(default)]
+    reasoning_effort: Option<String>,
+    #[serde(default)]
+    reasoning: Option<Value>,
+}
+
+impl Common {
+    /// Only what the client sent overrides the model's defaults.
+    fn options(&self) -> Result<Options, ApiError> {
+        let base = match &self.options {
+            Some(m) => Options::from_map(m)?,
+            None => Options::default(),
+        };
+        let stop = match &self.stop {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(string_list(v, "stop").map_err(|_| {
+                ApiError::BadRequest("stop must be a string or an array of strings".into())
+            })?),
+        };
+        let f = |v: Option<f64>| v.map(|v| v as f32);
+        Ok(Options {
+            temperature: f(self.temperature),
+            top_p: f(self.top_p),
+            top_k: self.top_k,
+            min_p: f(self.min_p),
+            frequency_penalty: f(self.frequency_penalty),
+            presence_penalty: f(self.presence_penalty),
+            seed: self.seed,
+            num_predict: self.max_completion_tokens.or(self.max_tokens),
+            num_ctx: self.num_ctx,
+            stop,
+            ..Options::default()
+        }
+        .over(base))
+    }
+
+    fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
+        match &self.keep_alive {
+            None => Ok(None),
+            Some(v) => KeepAlive::from_json(v).map_err(ApiError::BadRequest),
+        }
+    }
+
+    /// `think`, or OpenAI's `reasoning_effort` / `reasoning.effort`.
+    fn think(&self) -> Result<Option<bool>, ApiError> {
+        let effort = self.reasoning_effort.clone().or_else(|| {
+            self.reasoning
+                .as_ref()
+                .and_then(|r| r.get("effort"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        });
+        match effort.as_deref() {
+            None => infer::parse_think(self.think.as_ref()),
+            Some("none") => Ok(Some(false)),
+            Some("minimal" | "low" | "medium" | "high" | "max" | "xhigh" | "ultra") => Ok(Some(true)),
+            Some(e) => Err(ApiError::BadRequest(format!(
+                "invalid reasoning value: '{e}' (must be \"none\", \"minimal\", \"low\", \"medium\", \"high\" or \"max\")"
+            ))),
+        }
+    }
+
+    fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false)
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    #[serde(default)]
+    messages: Vec<Message>,
+    #[serde(default)]
     tools: Option<Vec<Value>>,
 }
 
-/// Translates one OpenAI message into the template's shape.
-fn translate_message(m: Message) -> Result<Value, ApiError> {
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    #[serde(default)]
+    prompt: Option<Value>,
+    #[serde(default)]
+    suffix: Option<String>,
+}
+
+/// Translates one OpenAI message into the template's shape. `earlier` are the messages
+/// before it, where a tool result without a `name` finds its call by `tool_call_id`.
+fn translate_message(m: Message, earlier: &[Value]) -> Result<Value, ApiError> {
     let content = match m.content {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
@@ -164,10 +270,22 @@ fn translate_message(m: Message) -> Result<Value, ApiError> {
         }
         out.insert("tool_calls".into(), fixed.into());
     }
-    if let Some(name) = m.name {
-        out.insert("name".into(), name.into());
+    let name = m.name.or_else(|| {
+        let id = m.tool_call_id.as_deref()?;
+        earlier
+            .iter()
+            .rev()
+            .filter_map(|msg| msg.get("tool_calls")?.as_array())
+            .flatten()
+            .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
+            .and_then(|c| c.pointer("/function/name")?.as_str())
+            .map(str::to_string)
+    });
+    if let Some(name) = name {
+        out.insert("name".into(), name.clone().into());
+        out.insert("tool_name".into(), name.into());
     }
-    if let Some(r) = m.reasoning {
+    if let Some(r) = m.reasoning.or(m.reasoning_content) {
         out.insert("reasoning_content".into(), r.into());
     }
     Ok(Value::Object(out))
@@ -178,55 +296,90 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
     if req.messages.is_empty() {
         return Err(ApiError::BadRequest("[] is too short - 'messages'".into()).into());
     }
-    let messages = req
-        .messages
-        .into_iter()
-        .map(translate_message)
-        .collect::<Result<Vec<_>, _>>()?;
-    let options = Options {
-        temperature: req.temperature.map(|v| v as f32),
-        top_p: req.top_p.map(|v| v as f32),
-        frequency_penalty: req.frequency_penalty.map(|v| v as f32),
-        presence_penalty: req.presence_penalty.map(|v| v as f32),
-        seed: req.seed,
-        num_predict: req.max_completion_tokens.or(req.max_tokens),
-        stop: match &req.stop {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(string_list(v, "stop").map_err(|_| {
-                ApiError::BadRequest("stop must be a string or an array of strings".into())
-            })?),
-        },
-        ..Options::default()
-    };
-    let stream = req.stream.unwrap_or(false);
-    let include_usage = req
-        .stream_options
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let model = req.model.clone();
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let v = translate_message(m, &messages)?;
+        messages.push(v);
+    }
+    let c = &req.common;
     let infer_req = InferRequest {
-        model: req.model,
+        model: c.model.clone(),
         input: Input::Chat {
             messages,
             tools: req.tools.filter(|t| !t.is_empty()),
         },
-        options,
-        keep_alive: None,
+        options: c.options()?,
+        keep_alive: c.keep_alive()?,
+        think: c.think()?,
     };
-    let rx = match infer::start(&state, infer_req).await? {
+    run(&state, Kind::Chat, c, infer_req).await
+}
+
+pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: CompletionRequest = parse_body(&body)?;
+    let prompt = match req.prompt {
+        Some(Value::String(p)) => p,
+        None | Some(Value::Null) => String::new(),
+        Some(_) => {
+            return Err(ApiError::BadRequest("prompt must be a string".into()).into());
+        }
+    };
+    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::BadRequest(format!(
+            "\"{}\" does not support insert",
+            req.common.model
+        ))
+        .into());
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::BadRequest("prompt is required".into()).into());
+    }
+    let c = &req.common;
+    let infer_req = InferRequest {
+        model: c.model.clone(),
+        input: Input::Generate {
+            prompt,
+            system: None,
+            raw: false,
+            context: Vec::new(),
+        },
+        options: c.options()?,
+        keep_alive: c.keep_alive()?,
+        // Text completions have nowhere to put reasoning: off unless asked for.
+        think: Some(c.think()?.unwrap_or(false)),
+    };
+    run(&state, Kind::Completion, c, infer_req).await
+}
+
+/// Which endpoint answers, for the shape of its objects.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+/// Starts the request and answers streamed or not.
+async fn run(state: &AppState, kind: Kind, c: &Common, req: InferRequest) -> Result<Response> {
+    let rx = match infer::start(state, req).await? {
         Started::Stream(rx) => rx,
-        // Messages are never empty here, so there is always a prompt.
+        // Both callers refuse an empty input, so there is always a prompt.
         Started::Loaded | Started::Unloaded => {
             return Err(ApiError::Internal("no prompt to generate from".into()).into())
         }
     };
+    let n = rand::random_range(0..1_000_000u32);
     let meta = Meta {
-        id: format!("chatcmpl-{}", rand::random_range(0..1_000_000u32)),
+        id: match kind {
+            Kind::Chat => format!("chatcmpl-{n}"),
+            Kind::Completion => format!("cmpl-{n}"),
+        },
         created: unix(SystemTime::now()),
-        model,
+        model: c.model.clone(),
+        kind,
+        stream: c.stream.unwrap_or(false),
     };
-    if stream {
-        Ok(sse(meta, include_usage, rx))
+    if meta.stream {
+        Ok(sse(meta, c.include_usage(), rx))
     } else {
         collect(meta, rx).await
     }
@@ -237,6 +390,26 @@ struct Meta {
     id: String,
     created: u64,
     model: String,
+    kind: Kind,
+    stream: bool,
+}
+
+impl Meta {
+    fn object(&self, choices: Value) -> Value {
+        let object = match (self.kind, self.stream) {
+            (Kind::Chat, true) => "chat.completion.chunk",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Completion, _) => "text_completion",
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": "fp_ollama",
+            "choices": choices,
+        })
+    }
 }
 
 fn usage(f: &Finished) -> Value {
@@ -245,44 +418,63 @@ fn usage(f: &Finished) -> Value {
     json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
 }
 
+/// A tool call as OpenAI sends it: arguments as a JSON string.
+fn tool_call_json(c: ToolCall, index: usize) -> Value {
+    json!({
+        "id": call_id(),
+        "index": index,
+        "type": "function",
+        "function": {
+            "name": c.name,
+            "arguments": Value::Object(c.arguments).to_string(),
+        },
+    })
+}
+
+/// `stop` becomes `tool_calls` when the model called tools.
+fn finish_reason(f: &Finished, called: bool) -> &'static str {
+    if called && f.reason == "stop" {
+        "tool_calls"
+    } else {
+        f.reason
+    }
+}
+
 async fn collect(meta: Meta, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
     let mut text = String::new();
+    let mut thinking = String::new();
+    let mut calls = Vec::new();
     loop {
         match rx.recv().await {
             Some(Out::Text(t)) => text.push_str(&t),
+            Some(Out::Thinking(t)) => thinking.push_str(&t),
+            Some(Out::ToolCall(c)) => calls.push(tool_call_json(c, calls.len())),
             Some(Out::Done(f)) => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    &json!({
-                        "id": meta.id,
-                        "object": "chat.completion",
-                        "created": meta.created,
-                        "model": meta.model,
-                        "system_fingerprint": "fp_ollama",
-                        "choices": [{
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "finish_reason": f.reason,
-                        }],
-                        "usage": usage(&f),
-                    }),
-                ))
+                let reason = finish_reason(&f, !calls.is_empty());
+                let choice = match meta.kind {
+                    Kind::Chat => {
+                        let mut message = json!({"role": "assistant", "content": text});
+                        if !thinking.is_empty() {
+                            message["reasoning"] = thinking.clone().into();
+                            message["reasoning_content"] = thinking.into();
+                        }
+                        if !calls.is_empty() {
+                            message["tool_calls"] = calls.into();
+                        }
+                        json!({"index": 0, "message": message, "finish_reason": reason})
+                    }
+                    Kind::Completion => {
+                        json!({"text": text, "index": 0, "logprobs": null, "finish_reason": reason})
+                    }
+                };
+                let mut v = meta.object(json!([choice]));
+                v["usage"] = usage(&f);
+                return Ok(json_response(StatusCode::OK, &v));
             }
             Some(Out::Error(e)) => return Err(ApiError::Internal(e).into()),
             None => return Err(ApiError::Internal("generation ended unexpectedly".into()).into()),
         }
     }
-}
-
-fn chunk(meta: &Meta, delta: Value, finish: Option<&str>) -> Value {
-    json!({
-        "id": meta.id,
-        "object": "chat.completion.chunk",
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    })
 }
 
 fn event(out: &mut String, v: &Value) {
@@ -296,40 +488,80 @@ struct SseState {
     meta: Meta,
     include_usage: bool,
     sent_role: bool,
+    calls: usize,
 }
 
-/// Streams the output as server-sent events: a role chunk (with the first text), content
-/// chunks, a finish chunk, the usage chunk when asked, then `[DONE]`.
+impl SseState {
+    /// One chunk; chat chunks carry a `delta`, the first one with the role.
+    fn chunk(&mut self, delta: Value, finish: Option<&str>) -> Value {
+        let choice = match self.meta.kind {
+            Kind::Chat => {
+                let mut delta = delta;
+                if !self.sent_role {
+                    delta["role"] = "assistant".into();
+                    if delta.get("content").is_none() {
+                        delta["content"] = "".into();
+                    }
+                    self.sent_role = true;
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish})
+            }
+            Kind::Completion => json!({
+                "text": delta.get("content").cloned().unwrap_or_else(|| "".into()),
+                "index": 0,
+                "finish_reason": finish,
+            }),
+        };
+        self.meta.object(json!([choice]))
+    }
+}
+
+/// Streams the output as server-sent events: a role chunk (with the first text), content,
+/// reasoning and tool-call chunks, a finish chunk, the usage chunk when asked, `[DONE]`.
 fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
     let st = SseState {
         rx,
         meta,
         include_usage,
         sent_role: false,
+        calls: 0,
     };
     let body = futures_util::stream::unfold(Some(st), |st| async move {
         let mut st = st?;
         let mut out = String::new();
         let more = match st.rx.recv().await {
             Some(Out::Text(t)) => {
-                let delta = if st.sent_role {
-                    json!({"content": t})
-                } else {
-                    json!({"role": "assistant", "content": t})
-                };
-                st.sent_role = true;
-                event(&mut out, &chunk(&st.meta, delta, None));
+                let c = st.chunk(json!({"content": t}), None);
+                event(&mut out, &c);
+                true
+            }
+            Some(Out::Thinking(t)) => {
+                if st.meta.kind == Kind::Chat {
+                    let delta = json!({"reasoning": t, "reasoning_content": t});
+                    let c = st.chunk(delta, None);
+                    event(&mut out, &c);
+                }
+                true
+            }
+            Some(Out::ToolCall(call)) => {
+                if st.meta.kind == Kind::Chat {
+                    let call = tool_call_json(call, st.calls);
+                    st.calls += 1;
+                    let c = st.chunk(json!({"tool_calls": [call]}), None);
+                    event(&mut out, &c);
+                }
                 true
             }
             Some(Out::Done(f)) => {
-                if !st.sent_role {
-                    let delta = json!({"role": "assistant", "content": ""});
-                    event(&mut out, &chunk(&st.meta, delta, None));
+                if !st.sent_role && st.meta.kind == Kind::Chat {
+                    let c = st.chunk(json!({"content": ""}), None);
+                    event(&mut out, &c);
                 }
-                event(&mut out, &chunk(&st.meta, json!({}), Some(f.reason)));
+                let reason = finish_reason(&f, st.calls > 0);
+                let c = st.chunk(json!({}), Some(reason));
+                event(&mut out, &c);
                 if st.include_usage {
-                    let mut u = chunk(&st.meta, json!({}), None);
-                    u["choices"] = json!([]);
+                    let mut u = st.meta.object(json!([]));
                     u["usage"] = usage(&f);
                     event(&mut out, &u);
                 }

@@ -9,6 +9,7 @@ mod cpu_quant;
 pub mod decoder;
 mod loaded;
 mod parallel;
+pub mod reply;
 pub mod tokenizer;
 pub mod weights;
 
@@ -20,6 +21,7 @@ pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
 pub use loaded::Model;
 pub use parallel::init_threads;
+pub use reply::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 pub use tokenizer::Tokenizer;
 pub use weights::WeightSource;
 

@@ -1,0 +1,105 @@
+//! An in-process `wick serve` on loopback for the HTTP tests: a scratch model store with real
+//! GGUF models imported, a server on its own runtime thread, and small request helpers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use candlewick::api::{self, AppState};
+use candlewick::config::Config;
+use candlewick::store::{ModelName, Store};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+/// A fresh scratch store under cargo's target tmp dir (rebuilt each run, so repeated runs
+/// do not pile up copies of the models).
+pub fn store_dir(tag: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("api-{tag}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("creating the scratch store");
+    dir
+}
+
+/// Imports `gguf` into the store at `dir` as `name`.
+pub fn import(dir: &Path, name: &str, gguf: &Path) {
+    let name = ModelName::parse(name).expect("model name");
+    Store::new(dir)
+        .import_gguf(&name, gguf)
+        .expect("importing a test model");
+}
+
+/// The server's settings: the store at `models` plus `extra` environment.
+pub fn config(models: PathBuf, extra: &[(&str, &str)]) -> Config {
+    let mut env: HashMap<String, String> = HashMap::new();
+    env.insert("OLLAMA_MODELS".into(), models.display().to_string());
+    for (k, v) in extra {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
+}
+
+/// Starts a server on its own runtime thread (tests come and go with their own runtimes)
+/// and returns its address and state.
+pub fn spawn_server(cfg: Config) -> (SocketAddr, AppState) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("binding 127.0.0.1:0");
+            let state = AppState::new(cfg).expect("app state");
+            tx.send((listener.local_addr().expect("local addr"), state.clone()))
+                .expect("reporting the address");
+            api::serve(listener, state, std::future::pending())
+                .await
+                .expect("serving");
+        });
+    });
+    rx.recv().expect("server address")
+}
+
+/// The whole body as text, read chunk by chunk.
+pub async fn body_text(resp: reqwest::Response) -> String {
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        body.extend_from_slice(&chunk.expect("body chunk"));
+    }
+    String::from_utf8(body).expect("utf-8 body")
+}
+
+/// An NDJSON body, checking that every line is one JSON object.
+pub async fn ndjson_lines(resp: reqwest::Response) -> Vec<Value> {
+    let ct = resp.headers()["content-type"]
+        .to_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(ct, "application/x-ndjson");
+    let text = body_text(resp).await;
+    assert!(text.ends_with('\n'), "the last line ends with a newline");
+    text.lines()
+        .map(|l| {
+            assert!(!l.trim().is_empty(), "no blank lines in NDJSON");
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("line {l:?}: {e}"))
+        })
+        .collect()
+}
+
+/// The `data:` payloads of an SSE body, `[DONE]` included.
+pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
+    let text = body_text(resp).await;
+    text.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .unwrap_or_else(|| panic!("an SSE event without data: {e:?}"))
+                .to_string()
+        })
+        .collect()
+}
