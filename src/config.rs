@@ -188,6 +188,11 @@ pub struct Config {
     pub max_queue: usize,
     /// Default `num_ctx`.
     pub context_length: usize,
+    /// Bearer tokens accepted (`WICK_API_KEYS`, comma-separated); empty: no auth.
+    pub api_keys: Vec<String>,
+    /// After SIGTERM, how long streams in flight may take to finish
+    /// (`WICK_SHUTDOWN_TIMEOUT`, seconds or a Go duration; default 30s).
+    pub shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -261,6 +266,27 @@ impl Config {
             context_length: number("OLLAMA_CONTEXT_LENGTH")?
                 .filter(|&n| n > 0)
                 .unwrap_or(4096),
+            api_keys: var("WICK_API_KEYS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|k| k.trim().to_string())
+                        .filter(|k| !k.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            shutdown_timeout: match var("WICK_SHUTDOWN_TIMEOUT") {
+                None => Duration::from_secs(30),
+                Some(v) => match KeepAlive::parse_env(&v) {
+                    Ok(KeepAlive::For(d)) => d,
+                    _ => {
+                        return Err(invalid(
+                            "WICK_SHUTDOWN_TIMEOUT",
+                            &v,
+                            "expected seconds or a duration such as 30s".into(),
+                        ))
+                    }
+                },
+            },
         })
     }
 }

@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 const DEFAULT_ORIGINS: &[&str] = &[
     "http://localhost",
@@ -95,6 +95,14 @@ impl Cors {
     }
 }
 
+/// Ollama answers an empty 403; we say why and how to allow it.
+fn forbidden(origin: &str) -> Response {
+    let msg = format!(
+        "origin {origin:?} is not allowed: add it to OLLAMA_ORIGINS (comma-separated, * wildcards)"
+    );
+    super::error::json_response(StatusCode::FORBIDDEN, &serde_json::json!({"error": msg}))
+}
+
 /// The middleware.
 pub async fn layer(State(cors): State<Arc<Cors>>, req: Request, next: Next) -> Response {
     let Some(origin) = req
@@ -109,14 +117,14 @@ pub async fn layer(State(cors): State<Arc<Cors>>, req: Request, next: Next) -> R
         return next.run(req).await;
     }
     if !cors.allows(&origin) {
-        return StatusCode::FORBIDDEN.into_response();
+        return forbidden(&origin);
     }
     let allow_origin = if cors.any {
         HeaderValue::from_static("*")
     } else {
         match HeaderValue::from_str(&origin) {
             Ok(v) => v,
-            Err(_) => return StatusCode::FORBIDDEN.into_response(),
+            Err(_) => return forbidden(&origin),
         }
     };
     let preflight = req.method() == Method::OPTIONS

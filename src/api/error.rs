@@ -40,6 +40,13 @@ pub enum ApiError {
     Template(String),
     #[error("{0}")]
     Internal(String),
+    #[error("request body too large (the limit is {} MiB)", .0 >> 20)]
+    TooLarge(usize),
+    #[error("unauthorized: a valid API key is required (Authorization: Bearer <key>)")]
+    Unauthorized,
+    /// `OLLAMA_MAX_QUEUE` requests are already waiting (Ollama's words).
+    #[error("server busy, please try again.  maximum pending requests exceeded")]
+    Busy,
 }
 
 impl From<StoreError> for ApiError {
@@ -60,6 +67,9 @@ impl ApiError {
             | ApiError::BadOption { .. }
             | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::ShowNotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(e) => match e {
                 EngineError::EmptyPrompt
                 | EngineError::PromptTooLong { .. }
@@ -80,7 +90,9 @@ impl ApiError {
     /// The OpenAI `type` for this status.
     fn openai_type(&self) -> &'static str {
         match self.status() {
-            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE => {
+                "invalid_request_error"
+            }
             StatusCode::NOT_FOUND => "not_found_error",
             _ => "api_error",
         }
@@ -92,7 +104,10 @@ impl ApiError {
             "message": self.to_string(),
             "type": self.openai_type(),
             "param": null,
-            "code": null,
+            "code": match self {
+                ApiError::Unauthorized => json!("invalid_api_key"),
+                _ => json!(null),
+            },
         }})
     }
 }

@@ -3,8 +3,10 @@
 //! the engine, and pump the engine's blocking stream into an async channel. Dropping the
 //! receiver cancels the sequence.
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::RecvTimeoutError;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -17,6 +19,7 @@ use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
 use super::loaded::InUse;
+use super::metrics::Metrics;
 use super::AppState;
 
 /// What to generate from.
@@ -324,22 +327,25 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
         _ => Vec::new(),
     };
     if !tools.is_empty() && format.tools == ToolSyntax::None {
+        let n = &info.name;
         return Err(ApiError::BadRequest(format!(
-            "{} does not support tools",
-            req.model
+            "{}/{}/{}:{} does not support tools",
+            n.host, n.namespace, n.model, n.tag
         )));
     }
     let thinking = format.thinking && req.think != Some(false);
     let (prompt, in_thinking) = tokenize(&in_use, req.input, system_layer, format, thinking)?;
     let parser = ReplyParser::new(format, thinking, in_thinking, tools);
     let engine_req = options.to_request(prompt.clone());
-    let stream = in_use
-        .loaded()
-        .engine
-        .submit(engine_req)
-        .map_err(ApiError::Engine)?;
+    let engine = &in_use.loaded().engine;
+    if engine.queued() >= state.config.max_queue {
+        state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::Busy);
+    }
+    let stream = engine.submit(engine_req).map_err(ApiError::Engine)?;
     let (tx, rx) = mpsc::channel(256);
-    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser));
+    let metrics = state.metrics.clone();
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics));
     Ok(Started::Stream(rx))
 }
 
@@ -424,9 +430,12 @@ fn pump(
     in_use: InUse,
     mut context: Vec<u32>,
     mut parser: ReplyParser,
+    metrics: Arc<Metrics>,
 ) {
     // Held until the output ends so the model is not unloaded under the request.
     let _in_use = in_use;
+    let submitted = Instant::now();
+    let mut last_token: Option<Instant> = None;
     let mut pieces = Vec::new();
     let send_all = |pieces: &mut Vec<Piece>| {
         pieces.drain(..).all(|p| {
@@ -445,11 +454,24 @@ fn pump(
         }
         match stream.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Token { id, text }) => {
+                let now = Instant::now();
+                match last_token {
+                    None => metrics.ttft.observe(now - submitted),
+                    Some(t) => metrics.inter_token.observe(now - t),
+                }
+                last_token = Some(now);
                 context.push(id);
                 parser.push(&text, &mut pieces);
             }
             Ok(Event::Text(text)) => parser.push(&text, &mut pieces),
             Ok(Event::Done(summary)) => {
+                let count = |n: usize| n as u64;
+                metrics
+                    .prompt_tokens
+                    .fetch_add(count(summary.prompt_eval_count), Ordering::Relaxed);
+                metrics
+                    .generated_tokens
+                    .fetch_add(count(summary.eval_count), Ordering::Relaxed);
                 parser.finish(&mut pieces);
                 if !send_all(&mut pieces) {
                     return;

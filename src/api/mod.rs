@@ -3,9 +3,11 @@
 //! tensors; generation goes through [`infer`], which talks to `candlewick::engine`.
 
 pub mod cors;
+pub mod edge;
 pub mod error;
 pub mod infer;
 pub mod loaded;
+pub mod metrics;
 pub mod ollama;
 pub mod openai;
 
@@ -29,7 +31,7 @@ pub use error::ApiError;
 pub const OLLAMA_VERSION: &str = "0.12.3";
 
 /// Request bodies above this are refused (images in chat make them large).
-const BODY_LIMIT: usize = 64 << 20;
+pub const BODY_LIMIT: usize = 64 << 20;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -37,6 +39,7 @@ pub struct AppState {
     pub store: Store,
     pub models: loaded::Models,
     pub config: Arc<Config>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl AppState {
@@ -46,6 +49,7 @@ impl AppState {
             store: Store::new(&config.models_dir),
             models: loaded::Models::new(&config)?,
             config: Arc::new(config),
+            metrics: Arc::default(),
         })
     }
 }
@@ -53,6 +57,8 @@ impl AppState {
 /// The whole router.
 pub fn router(state: AppState) -> Router {
     let cors = Arc::new(cors::Cors::new(&state.config.origins));
+    let keys = Arc::new(edge::Keys(state.config.api_keys.clone()));
+    let metrics = state.metrics.clone();
     Router::new()
         .route("/", get(root))
         .route("/api/version", get(ollama::version))
@@ -65,22 +71,43 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{*id}", get(openai::model))
+        .route("/metrics", get(metrics::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::from_fn(edge::body_limit))
+        // Outermost last: ids and metrics see every answer, CORS headers reach 401s.
+        .layer(axum::middleware::from_fn_with_state(keys, edge::auth))
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
+        .layer(axum::middleware::from_fn_with_state(metrics, edge::observe))
         .with_state(state)
 }
 
-/// Binds and serves until `shutdown` resolves, then lets in-flight requests finish.
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
+/// finish for up to the configured shutdown timeout.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let deadline = state.config.shutdown_timeout;
+    let signalled = Arc::new(tokio::sync::Notify::new());
+    let notify = signalled.clone();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing requests in flight");
+        notify.notify_one();
+    });
+    tokio::select! {
+        r = server => r,
+        _ = async {
+            signalled.notified().await;
+            tokio::time::sleep(deadline).await;
+        } => {
+            tracing::warn!(secs = deadline.as_secs_f64(), "shutdown deadline passed; dropping requests still in flight");
+            Ok(())
+        }
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response {

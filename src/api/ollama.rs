@@ -273,12 +273,51 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
         .map(Option::unwrap_or_default)
 }
 
+/// Images are checked as base64 first (a client bug should say so), then refused: no
+/// supported model reads images.
 fn no_images(model: &str, images: Option<&Vec<String>>) -> Result<(), ApiError> {
     match images {
-        Some(i) if !i.is_empty() => Err(ApiError::BadRequest(format!(
-            "\"{model}\" does not support image input"
-        ))),
+        Some(i) if !i.is_empty() => {
+            for img in i {
+                check_base64(img)?;
+            }
+            Err(ApiError::BadRequest(format!(
+                "\"{model}\" does not support image input"
+            )))
+        }
         _ => Ok(()),
+    }
+}
+
+/// Standard padded base64, as Ollama decodes it (a `data:` URI is an error here).
+fn check_base64(s: &str) -> Result<(), ApiError> {
+    let bytes = s.as_bytes();
+    let body = bytes.len()
+        - bytes
+            .iter()
+            .rev()
+            .take(2)
+            .take_while(|&&b| b == b'=')
+            .count();
+    let bad = bytes[..body]
+        .iter()
+        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'+' || b == b'/'))
+        .or_else(|| (!bytes.len().is_multiple_of(4)).then_some(bytes.len() - bytes.len() % 4));
+    match bad {
+        None => Ok(()),
+        Some(at) => Err(ApiError::BadRequest(format!(
+            "invalid image data: illegal base64 data at input byte {at}"
+        ))),
+    }
+}
+
+/// The roles templates know.
+pub fn check_role(role: &str) -> Result<(), ApiError> {
+    match role {
+        "system" | "user" | "assistant" | "tool" => Ok(()),
+        r => Err(ApiError::BadRequest(format!(
+            "invalid message role {r:?}: expected system, user, assistant or tool"
+        ))),
     }
 }
 
@@ -296,6 +335,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
     let req: ChatRequest = parse_body(&body)?;
     let messages = req.messages.unwrap_or_default();
     for m in &messages {
+        check_role(&m.role.to_lowercase())?;
         no_images(&req.model, m.images.as_ref())?;
     }
     let infer_req = InferRequest {

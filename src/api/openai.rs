@@ -23,7 +23,7 @@ use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
-use super::ollama::call_id;
+use super::ollama::{call_id, check_role};
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -248,8 +248,14 @@ fn translate_message(m: Message, earlier: &[Value]) -> Result<Value, ApiError> {
         }
         Some(_) => return Err(ApiError::BadRequest("invalid message format".into())),
     };
+    // OpenAI's newer name for the system role.
+    let role = match m.role.to_lowercase() {
+        r if r == "developer" => "system".to_string(),
+        r => r,
+    };
+    check_role(&role)?;
     let mut out = Map::new();
-    out.insert("role".into(), m.role.to_lowercase().into());
+    out.insert("role".into(), role.into());
     out.insert("content".into(), content.into());
     if let Some(calls) = m.tool_calls.filter(|c| !c.is_empty()) {
         // Templates want arguments as objects; OpenAI sends them as JSON strings.

@@ -8,7 +8,7 @@
 //! step.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -261,6 +261,7 @@ pub struct Engine {
     tx: Option<Sender<Submitted>>,
     thread: Option<JoinHandle<()>>,
     stats: Arc<Mutex<EngineStats>>,
+    pending: Arc<AtomicUsize>,
     next_id: Mutex<SeqId>,
     model: Arc<Model>,
     capacity: usize,
@@ -322,6 +323,7 @@ impl Engine {
             ..EngineStats::default()
         }));
         let (tx, rx) = mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
         let worker = Worker {
             model: model.clone(),
             tokenizer: Arc::new(model.tokenizer.clone()),
@@ -337,6 +339,7 @@ impl Engine {
             active: HashMap::new(),
             rx,
             stats: stats.clone(),
+            pending: pending.clone(),
             load_duration: Some(cfg.load_duration),
         };
         let thread = std::thread::Builder::new()
@@ -347,6 +350,7 @@ impl Engine {
             tx: Some(tx),
             thread: Some(thread),
             stats,
+            pending,
             next_id: Mutex::new(0),
             model,
             capacity: num_blocks * block_size,
@@ -361,6 +365,11 @@ impl Engine {
     /// Tokens the whole KV cache holds.
     pub fn capacity_tokens(&self) -> usize {
         self.capacity
+    }
+
+    /// Requests submitted and not yet started, counted at once (the stats lag a step).
+    pub fn queued(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -432,11 +441,12 @@ impl Engine {
             cancel: cancel.clone(),
             at,
         };
-        self.tx
-            .as_ref()
-            .ok_or(EngineError::Stopped)?
-            .send(sub)
-            .map_err(|_| EngineError::Stopped)?;
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(sub).is_ok());
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Stopped);
+        }
         drop(next);
         Ok(RequestStream { rx, cancel })
     }
@@ -478,6 +488,8 @@ struct Worker {
     active: HashMap<SeqId, Active>,
     rx: Receiver<Submitted>,
     stats: Arc<Mutex<EngineStats>>,
+    /// Submitted requests not yet scheduled once (shared with [`Engine::queued`]).
+    pending: Arc<AtomicUsize>,
     load_duration: Option<Duration>,
 }
 
@@ -570,7 +582,10 @@ impl Worker {
         let now = Instant::now();
         for s in &step.scheduled {
             if let Some(a) = self.active.get_mut(&s.id) {
-                a.admitted.get_or_insert(now);
+                if a.admitted.is_none() {
+                    a.admitted = Some(now);
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                }
             }
         }
         let rows = self
@@ -644,6 +659,9 @@ impl Worker {
         let Some(mut a) = self.active.remove(&id) else {
             return;
         };
+        if a.admitted.is_none() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
         if matches!(reason, FinishReason::Stop | FinishReason::Length) && !a.stops.is_stopped() {
             // Whatever the detokenizer and stop matcher still hold is final now.
             let mut tail = String::new();

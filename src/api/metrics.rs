@@ -1,0 +1,244 @@
+//! `/metrics` in Prometheus' text format: requests by route and status, tokens in and out,
+//! time-to-first-token and inter-token histograms, and, read at scrape time from the
+//! engines, queue depth, running sequences, KV blocks used and free, and loaded models.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+
+/// A histogram over fixed bucket bounds (seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative); the last one is +Inf.
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = self
+            .bounds
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut total = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            total += c.load(Ordering::Relaxed);
+            let le = match self.bounds.get(i) {
+                Some(b) => b.to_string(),
+                None => "+Inf".into(),
+            };
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {total}");
+        }
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {total}");
+    }
+}
+
+const TTFT_BOUNDS: &[f64] = &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const ITL_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
+/// The server's counters.
+pub struct Metrics {
+    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub rejected_busy: AtomicU64,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Mutex::new(BTreeMap::new()),
+            prompt_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            rejected_busy: AtomicU64::new(0),
+            ttft: Histogram::new(TTFT_BOUNDS),
+            inter_token: Histogram::new(ITL_BOUNDS),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts a finished request under its route pattern (not the raw path, so model ids
+    /// in `/v1/models/{id}` do not make new series).
+    pub fn request(&self, route: &str, status: StatusCode) {
+        let mut map = match self.requests.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        *map.entry((route.to_string(), status.as_u16())).or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP wick_requests_total HTTP requests by route and status.\n# TYPE wick_requests_total counter"
+        );
+        let map = match self.requests.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for ((route, status), n) in map {
+            let route = route.replace('\\', "\\\\").replace('"', "\\\"");
+            let _ = writeln!(
+                out,
+                "wick_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let counters = [
+            (
+                "wick_prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                &self.prompt_tokens,
+            ),
+            (
+                "wick_generated_tokens_total",
+                "Tokens generated.",
+                &self.generated_tokens,
+            ),
+            (
+                "wick_rejected_busy_total",
+                "Requests refused because the queue was full.",
+                &self.rejected_busy,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        self.ttft.write(
+            out,
+            "wick_time_to_first_token_seconds",
+            "From submission to the first generated token.",
+        );
+        self.inter_token.write(
+            out,
+            "wick_inter_token_seconds",
+            "Between consecutive generated tokens of one request.",
+        );
+    }
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, rows: &[(String, usize)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for (labels, v) in rows {
+        let _ = writeln!(out, "{name}{labels} {v}");
+    }
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let mut out = String::new();
+    state.metrics.render(&mut out);
+    let loaded = state.models.list().await;
+    let mut rows: [Vec<(String, usize)>; 5] = Default::default();
+    for l in &loaded {
+        let s = l.engine.stats();
+        let label = format!(
+            "{{model=\"{}\"}}",
+            l.info.name.display_short().replace('"', "")
+        );
+        let values = [
+            l.engine.queued(),
+            s.running,
+            s.total_blocks - s.free_blocks,
+            s.free_blocks,
+            s.cached_blocks,
+        ];
+        for (row, v) in rows.iter_mut().zip(values) {
+            row.push((label.clone(), v));
+        }
+    }
+    let [waiting, running, used, free, cached] = rows;
+    gauge(
+        &mut out,
+        "wick_queue_depth",
+        "Requests waiting for the engine.",
+        &waiting,
+    );
+    gauge(
+        &mut out,
+        "wick_running_sequences",
+        "Sequences being generated.",
+        &running,
+    );
+    gauge(
+        &mut out,
+        "wick_kv_blocks_used",
+        "KV cache blocks in use.",
+        &used,
+    );
+    gauge(
+        &mut out,
+        "wick_kv_blocks_free",
+        "KV cache blocks free.",
+        &free,
+    );
+    gauge(
+        &mut out,
+        "wick_kv_blocks_cached",
+        "Free KV blocks holding reusable prefixes.",
+        &cached,
+    );
+    gauge(
+        &mut out,
+        "wick_loaded_models",
+        "Models loaded.",
+        &[(String::new(), loaded.len())],
+    );
+    let mut resp = (StatusCode::OK, out).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        h.observe(Duration::from_millis(50));
+        h.observe(Duration::from_millis(500));
+        h.observe(Duration::from_secs(5));
+        let mut out = String::new();
+        h.write(&mut out, "x", "help");
+        assert!(out.contains("x_bucket{le=\"0.1\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"1\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_sum 5.55\nx_count 3\n"), "{out}");
+    }
+}
