@@ -509,3 +509,125 @@ async fn dropping_the_response_cancels_generation() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+fn norm(v: &[f64]) -> f64 {
+    v.iter().map(|x| x * x).sum::<f64>().sqrt()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>() / (norm(a) * norm(b))
+}
+
+fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .expect("a vector")
+        .iter()
+        .map(|x| x.as_f64().expect("a number"))
+        .collect()
+}
+
+#[tokio::test]
+async fn embeddings_in_all_three_shapes() {
+    let texts = [
+        "The cat sat on the mat.",
+        "A cat was sitting on the mat.",
+        "Interest rates rose by half a percent in the bond market.",
+    ];
+    let v = json_of(post("/api/embed", json!({"model": MODEL, "input": texts})).await).await;
+    let vecs: Vec<Vec<f64>> = v["embeddings"]
+        .as_array()
+        .expect("embeddings")
+        .iter()
+        .map(floats)
+        .collect();
+    assert_eq!(vecs.len(), 3);
+    for e in &vecs {
+        assert_eq!(e.len(), 576, "SmolLM2-135M's hidden size");
+        assert!((norm(e) - 1.0).abs() < 1e-4);
+    }
+    assert!(
+        cosine(&vecs[0], &vecs[1]) > cosine(&vecs[0], &vecs[2]),
+        "paraphrases are closer than unrelated text"
+    );
+    assert!(v["prompt_eval_count"].as_u64().unwrap() > 10);
+
+    let v = json_of(
+        post(
+            "/api/embed",
+            json!({"model": MODEL, "input": texts[0], "dimensions": 64}),
+        )
+        .await,
+    )
+    .await;
+    let short = floats(&v["embeddings"][0]);
+    assert_eq!(short.len(), 64);
+    assert!((norm(&short) - 1.0).abs() < 1e-4);
+
+    // The legacy endpoint: one vector, not normalised, same direction.
+    let v = json_of(
+        post(
+            "/api/embeddings",
+            json!({"model": MODEL, "prompt": texts[0]}),
+        )
+        .await,
+    )
+    .await;
+    let legacy = floats(&v["embedding"]);
+    assert!((norm(&legacy) - 1.0).abs() > 1e-2);
+    assert!(cosine(&legacy, &vecs[0]) > 0.9999);
+
+    // OpenAI: floats, and base64 little-endian f32 of the same numbers.
+    let v = json_of(post("/v1/embeddings", json!({"model": MODEL, "input": texts[0]})).await).await;
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["object"], "embedding");
+    let float = floats(&v["data"][0]["embedding"]);
+    let v = json_of(
+        post(
+            "/v1/embeddings",
+            json!({"model": MODEL, "input": [texts[0]], "encoding_format": "base64"}),
+        )
+        .await,
+    )
+    .await;
+    let b64 = v["data"][0]["embedding"].as_str().expect("a base64 string");
+    let bytes = decode_base64(b64);
+    let from_b64: Vec<f32> = bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    let float: Vec<f32> = float.iter().map(|&x| x as f32).collect();
+    assert_eq!(from_b64, float);
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+
+    // Empty input loads; OpenAI wants input; truncate:false refuses what does not fit.
+    let v = json_of(post("/api/embed", json!({"model": MODEL, "input": []})).await).await;
+    assert_eq!(v["embeddings"], json!([]));
+    let resp = post("/v1/embeddings", json!({"model": MODEL, "input": []})).await;
+    assert_eq!(resp.status(), 400);
+    let resp = post(
+        "/api/embed",
+        json!({"model": MODEL, "input": texts[2], "truncate": false, "options": {"num_ctx": 4}}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        json_of(resp).await["error"],
+        "the input length exceeds the context length"
+    );
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    const T: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.chars().filter(|&c| c != '=') {
+        bits = (bits << 6) | T.find(c).expect("base64 alphabet") as u32;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    out
+}

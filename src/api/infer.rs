@@ -349,6 +349,89 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     Ok(Started::Stream(rx))
 }
 
+/// Raw sentence embeddings (mean-pooled, not normalised) of `inputs`, one per input.
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    pub prompt_tokens: usize,
+    pub load_duration: Duration,
+    pub total_duration: Duration,
+}
+
+/// Embeds each input with the model's last hidden states. No inputs: only loads the model.
+/// An input longer than the context is cut to it, or refused when `truncate` is false.
+pub async fn embed(
+    state: &AppState,
+    model: &str,
+    inputs: Vec<String>,
+    truncate: bool,
+    options: Options,
+    keep_alive: Option<KeepAlive>,
+) -> Result<Embedded, ApiError> {
+    let start = Instant::now();
+    let info = resolve(state, model)?;
+    let in_use = state
+        .models
+        .acquire(&info, state.store.model_blob(&info)?, keep_alive)
+        .await?;
+    let load_duration = start.elapsed();
+    let model = in_use.loaded().model.clone();
+    let ctx = options
+        .num_ctx
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(state.config.context_length)
+        .min(model.config().max_position_embeddings);
+    let work = move || {
+        let _in_use = in_use;
+        let mut out = Embedded {
+            vectors: Vec::with_capacity(inputs.len()),
+            prompt_tokens: 0,
+            load_duration,
+            total_duration: Duration::ZERO,
+        };
+        for text in inputs {
+            let mut ids = model
+                .tokenizer
+                .encode(&text, model.tokenizer.add_bos())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if ids.len() > ctx {
+                if !truncate {
+                    return Err(ApiError::BadRequest(
+                        "the input length exceeds the context length".into(),
+                    ));
+                }
+                ids.truncate(ctx);
+            }
+            if ids.is_empty() {
+                // An empty string still gets a vector, as in Ollama: embed the BOS or a space.
+                ids = model
+                    .tokenizer
+                    .encode(" ", true)
+                    .map_err(|e| ApiError::Internal(e.to_string()))?;
+            }
+            out.prompt_tokens += ids.len();
+            let v = model
+                .embed(&ids)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            out.vectors.push(v);
+        }
+        Ok(out)
+    };
+    let mut out = tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ApiError::Internal(format!("embedding failed: {e}")))??;
+    out.total_duration = start.elapsed();
+    Ok(out)
+}
+
+/// Scales `v` to unit length (a zero vector stays zero).
+pub fn normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        v.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
 /// Renders and tokenizes the input; also says whether the prompt ends inside an open
 /// `<think>` block (templates that start the model's reasoning for it).
 fn tokenize(

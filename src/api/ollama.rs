@@ -605,3 +605,108 @@ async fn collect(kind: Kind, model: &str, mut rx: mpsc::Receiver<Out>) -> Result
         }
     }
 }
+
+#[derive(Deserialize)]
+struct EmbedRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// A string or an array of strings (`input` of the embedding endpoints).
+pub fn embed_inputs(v: Option<Value>) -> Result<Vec<String>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(s)) if s.is_empty() => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|i| match i {
+                Value::String(s) => Ok(s),
+                _ => Err(ApiError::BadRequest("invalid input type".into())),
+            })
+            .collect(),
+        Some(_) => Err(ApiError::BadRequest("invalid input type".into())),
+    }
+}
+
+/// Cuts to `dims` (when asked) and normalises.
+pub fn finish_vector(mut v: Vec<f32>, dims: Option<usize>) -> Vec<f32> {
+    if let Some(d) = dims.filter(|&d| d > 0) {
+        v.truncate(d);
+    }
+    infer::normalize(&mut v);
+    v
+}
+
+/// `POST /api/embed`: L2-normalised vectors, one per input.
+pub async fn embed(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: EmbedRequest = parse_body(&body)?;
+    let inputs = embed_inputs(req.input)?;
+    let out = infer::embed(
+        &state,
+        &req.model,
+        inputs,
+        req.truncate.unwrap_or(true),
+        options(req.options)?,
+        keep_alive(req.keep_alive)?,
+    )
+    .await?;
+    let embeddings: Vec<Vec<f32>> = out
+        .vectors
+        .into_iter()
+        .map(|v| finish_vector(v, req.dimensions))
+        .collect();
+    Ok(one(&json!({
+        "model": req.model,
+        "embeddings": embeddings,
+        "total_duration": Summary::nanos(out.total_duration),
+        "load_duration": Summary::nanos(out.load_duration),
+        "prompt_eval_count": out.prompt_tokens,
+    })))
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default)]
+    options: Option<Map<String, Value>>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// `POST /api/embeddings` (legacy; LobeChat uses it): one vector, not normalised.
+pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: EmbeddingsRequest = parse_body(&body)?;
+    let inputs: Vec<String> = req.prompt.into_iter().filter(|p| !p.is_empty()).collect();
+    let out = infer::embed(
+        &state,
+        &req.model,
+        inputs,
+        true,
+        options(req.options)?,
+        keep_alive(req.keep_alive)?,
+    )
+    .await?;
+    let embedding: Vec<f64> = out
+        .vectors
+        .into_iter()
+        .next()
+        .unwrap_or_default()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    Ok(one(&json!({"embedding": embedding})))
+}

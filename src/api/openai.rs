@@ -23,7 +23,7 @@ use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
-use super::ollama::{call_id, check_role};
+use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -594,4 +594,94 @@ fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     resp
+}
+
+#[derive(Deserialize)]
+struct EmbeddingsRequest {
+    #[serde(default)]
+    model: String,
+    #[serde(default)]
+    input: Option<Value>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+}
+
+/// `POST /v1/embeddings`: normalised vectors as float arrays or base64 little-endian f32.
+pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Response> {
+    let req: EmbeddingsRequest = parse_body(&body)?;
+    let inputs = match req.input {
+        Some(Value::String(s)) => vec![s],
+        Some(Value::Array(a)) if !a.is_empty() => embed_inputs(Some(Value::Array(a)))?,
+        _ => return Err(ApiError::BadRequest("invalid input".into()).into()),
+    };
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("") | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
+            return Err(ApiError::BadRequest(format!(
+                "invalid encoding_format {f:?}: must be \"float\" or \"base64\""
+            ))
+            .into())
+        }
+    };
+    let out = infer::embed(&state, &req.model, inputs, true, Options::default(), None).await?;
+    let data: Vec<Value> = out
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let v = finish_vector(v, req.dimensions);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64_encode(&bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "embedding": embedding, "index": i})
+        })
+        .collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list",
+            "data": data,
+            "model": req.model,
+            "usage": {"prompt_tokens": out.prompt_tokens, "total_tokens": out.prompt_tokens},
+        }),
+    ))
+}
+
+/// Standard padded base64.
+fn base64_encode(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(T[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(super::base64_encode(b""), "");
+        assert_eq!(super::base64_encode(b"f"), "Zg==");
+        assert_eq!(super::base64_encode(b"fo"), "Zm8=");
+        assert_eq!(super::base64_encode(b"foobar"), "Zm9vYmFy");
+    }
 }

@@ -99,6 +99,33 @@ impl Decoder {
 
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        let x = self.trunk(batch, cache)?;
+        if batch.logits_indices.is_empty() {
+            // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
+            return Ok(Tensor::zeros(
+                (0, self.cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
+        let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// The final hidden state of every token of the batch, after the last norm,
+    /// `[tokens, hidden]` (f32): what embeddings pool.
+    pub fn hidden_states(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        let x = self.trunk(batch, cache)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?.to_dtype(DType::F32)?)
+    }
+
+    /// Embedding and every block: the residual stream `[tokens, hidden]` before the final
+    /// norm.
+    fn trunk(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         batch.validate(cache.block_size(), cache.num_blocks())?;
         if let Some(&p) = batch.positions.iter().max() {
             if p as usize >= self.cos.dim(0)? {
@@ -137,18 +164,7 @@ impl Decoder {
             let act = (candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
             x = (x + l.down.forward(&act)?)?;
         }
-        if batch.logits_indices.is_empty() {
-            // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
-            return Ok(Tensor::zeros(
-                (0, self.cfg.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
-        }
-        let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
-        let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(x)
     }
 }
 
