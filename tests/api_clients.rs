@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const PIP: &str = "python3 -m pip install 'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8'";
+const PIP: &str = "scripts/test-deps.sh";
 
 /// Kills the server when the test ends, however it ends.
 struct Server(Child);

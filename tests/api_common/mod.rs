@@ -103,3 +103,50 @@ pub async fn sse_events(resp: reqwest::Response) -> Vec<String> {
         })
         .collect()
 }
+
+/// A `wick serve` process on a free loopback port; killed when dropped.
+pub struct WickProcess {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`, as OLLAMA_HOST takes it.
+    pub host: String,
+}
+
+impl WickProcess {
+    /// Starts `wick serve` on the store at `models` and waits until it listens.
+    pub fn start(models: &Path, extra_env: &[(&str, &str)]) -> WickProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let host = format!("127.0.0.1:{port}");
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wick"));
+        cmd.arg("serve")
+            .env("OLLAMA_HOST", &host)
+            .env("OLLAMA_MODELS", models)
+            .env("WICK_KV_CACHE_BYTES", (256usize << 20).to_string())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("starting wick serve");
+        let server = WickProcess { child, host };
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(&server.host).is_err() {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(30),
+                "wick serve did not listen on {}",
+                server.host
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        server
+    }
+}
+
+impl Drop for WickProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Everything the tests need besides Rust: the real test models (sha256-checked), the
+# official Python clients (`ollama`, `openai`, pytest) and ollama-js (tests/clients/js).
+# Safe to rerun: each step is skipped or quick when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/fetch-test-models.sh
+
+if ! python3 -c 'import ollama, openai, pytest' 2>/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check \
+        'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8' ||
+        python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+            'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8'
+fi
+
+command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
+if [ ! -f tests/clients/js/node_modules/ollama/package.json ]; then
+    npm ci --prefix tests/clients/js --no-audit --no-fund --silent
+fi
