@@ -631,3 +631,49 @@ fn decode_base64(s: &str) -> Vec<u8> {
     }
     out
 }
+
+/// Whether `text` is valid JSON so far (a prefix of some object).
+fn json_prefix(text: &str) -> bool {
+    let mut s = candlewick::engine::json_mode::JsonState::default();
+    text.bytes().all(|b| s.feed(b))
+}
+
+#[tokio::test]
+async fn json_mode_keeps_even_a_rambling_model_valid() {
+    // SmolLM2-135M rambles past any limit; what it writes must still be JSON.
+    let ask = json!([{"role": "user", "content": "Describe Germany as JSON."}]);
+    let v = json_of(
+        post(
+            "/api/chat",
+            json!({"model": MODEL, "messages": ask, "format": "json", "stream": false,
+                   "options": {"temperature": 0, "num_predict": 60}}),
+        )
+        .await,
+    )
+    .await;
+    let content = v["message"]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with('{') && json_prefix(content),
+        "{content:?}"
+    );
+    let v = json_of(
+        post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": ask, "response_format": {"type": "json_object"},
+                   "temperature": 0.9, "seed": 7, "max_tokens": 60}),
+        )
+        .await,
+    )
+    .await;
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        content.starts_with('{') && json_prefix(content),
+        "{content:?}"
+    );
+    let resp = post(
+        "/api/generate",
+        json!({"model": MODEL, "prompt": "x", "format": "yaml"}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+}

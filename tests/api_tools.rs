@@ -241,3 +241,22 @@ async fn thinking_is_refused_on_a_model_without_it() {
     .await;
     assert_eq!(resp.status(), 200);
 }
+
+#[tokio::test]
+async fn json_mode_gives_a_complete_object() {
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "format": "json", "stream": false,
+               "options": {"temperature": 0, "num_predict": 80},
+               "messages": [{"role": "user", "content":
+                   "Give the name and capital of Germany as JSON with keys country and capital."}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["done_reason"], "stop", "{v}");
+    let content = v["message"]["content"].as_str().unwrap();
+    let parsed: Value =
+        serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
+    assert_eq!(parsed["capital"], "Berlin", "{parsed}");
+}

@@ -62,6 +62,22 @@ pub struct InferRequest {
     pub keep_alive: Option<KeepAlive>,
     /// `think`: `None` leaves thinking on for models that think; levels count as `true`.
     pub think: Option<bool>,
+    /// Constrain the answer to a JSON object (`format: "json"` or a schema, whose
+    /// structure is not enforced beyond being JSON).
+    pub json: bool,
+}
+
+/// Reads Ollama's `format`: `"json"`, a JSON schema object, or `""`/null for none.
+pub fn parse_format(v: Option<&Value>) -> Result<bool, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::String(s)) if s.is_empty() => Ok(false),
+        Some(Value::String(s)) if s == "json" => Ok(true),
+        Some(Value::Object(_)) => Ok(true),
+        Some(v) => Err(ApiError::BadRequest(format!(
+            "invalid format: {v} (expected \"json\" or a JSON schema object)"
+        ))),
+    }
 }
 
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
@@ -333,10 +349,12 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             n.host, n.namespace, n.model, n.tag
         )));
     }
-    let thinking = format.thinking && req.think != Some(false);
+    // JSON mode constrains every token, so a thinking model answers without thinking.
+    let thinking = format.thinking && req.think != Some(false) && !req.json;
     let (prompt, in_thinking) = tokenize(&in_use, req.input, system_layer, format, thinking)?;
     let parser = ReplyParser::new(format, thinking, in_thinking, tools);
-    let engine_req = options.to_request(prompt.clone());
+    let mut engine_req = options.to_request(prompt.clone());
+    engine_req.json = req.json;
     let engine = &in_use.loaded().engine;
     if engine.queued() >= state.config.max_queue {
         state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);

@@ -232,6 +232,8 @@ struct ChatRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    #[serde(default)]
+    format: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +260,8 @@ struct GenerateRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    #[serde(default)]
+    format: Option<Value>,
 }
 
 fn keep_alive(v: Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
@@ -350,6 +354,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
+        json: infer::parse_format(req.format.as_ref())?,
     };
     respond(
         &state,
@@ -387,6 +392,7 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
+        json: infer::parse_format(req.format.as_ref())?,
     };
     // Ollama leaves `context` out in raw mode.
     let kind = Kind::Generate { context: !raw };

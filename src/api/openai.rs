@@ -134,9 +134,26 @@ struct Common {
     reasoning_effort: Option<String>,
     #[serde(default)]
     reasoning: Option<Value>,
+    #[serde(default)]
+    response_format: Option<Value>,
 }
 
 impl Common {
+    /// `response_format`: `json_object` and `json_schema` ask for JSON, `text` for nothing.
+    fn json(&self) -> Result<bool, ApiError> {
+        let f = match &self.response_format {
+            None | Some(Value::Null) => return Ok(false),
+            Some(f) => f,
+        };
+        match f.get("type").and_then(Value::as_str) {
+            Some("json_object" | "json_schema") => Ok(true),
+            Some("text") => Ok(false),
+            _ => Err(ApiError::BadRequest(format!(
+                "invalid response_format: {f} (type must be \"text\", \"json_object\" or \"json_schema\")"
+            ))),
+        }
+    }
+
     /// Only what the client sent overrides the model's defaults.
     fn options(&self) -> Result<Options, ApiError> {
         let base = match &self.options {
@@ -317,6 +334,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         options: c.options()?,
         keep_alive: c.keep_alive()?,
         think: c.think()?,
+        json: c.json()?,
     };
     run(&state, Kind::Chat, c, infer_req).await
 }
@@ -353,6 +371,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         keep_alive: c.keep_alive()?,
         // Text completions have nowhere to put reasoning: off unless asked for.
         think: Some(c.think()?.unwrap_or(false)),
+        json: c.json()?,
     };
     run(&state, Kind::Completion, c, infer_req).await
 }

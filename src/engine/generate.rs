@@ -79,6 +79,7 @@ pub fn generate(
         stop: opts.stop.clone(),
         num_ctx: Some(ctx),
         truncate: false,
+        json: false,
     })?;
     let (mut tokens, mut text) = (Vec::new(), String::new());
     for event in stream {

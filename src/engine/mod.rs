@@ -4,6 +4,7 @@
 pub mod block_manager;
 pub mod detok;
 pub mod generate;
+pub mod json_mode;
 pub mod runtime;
 pub mod sampler;
 pub mod scheduler;

@@ -18,6 +18,7 @@ use crate::model::{CpuKvCache, KvCache, Model, Tokenizer};
 
 use super::block_manager::BlockManager;
 use super::detok::{IncrementalDecoder, StopMatcher};
+use super::json_mode::JsonMode;
 use super::sampler::{Sampler, SamplerError, SamplingParams};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId, Sequence, Step};
 
@@ -95,6 +96,8 @@ pub struct Request {
     /// A prompt longer than the context keeps its newest tokens (`true`, Ollama's behaviour)
     /// or is refused.
     pub truncate: bool,
+    /// Constrain the output to one JSON object (`format: "json"`).
+    pub json: bool,
 }
 
 impl Request {
@@ -107,6 +110,7 @@ impl Request {
             stop: Vec::new(),
             num_ctx: None,
             truncate: true,
+            json: false,
         }
     }
 }
@@ -340,6 +344,7 @@ impl Engine {
             rx,
             stats: stats.clone(),
             pending: pending.clone(),
+            token_texts: None,
             load_duration: Some(cfg.load_duration),
         };
         let thread = std::thread::Builder::new()
@@ -464,6 +469,7 @@ impl Drop for Engine {
 
 /// Per-sequence state the engine thread keeps beside the scheduler's.
 struct Active {
+    json: Option<JsonMode>,
     tx: Sender<Event>,
     cancel: Arc<AtomicBool>,
     sampler: Sampler,
@@ -490,6 +496,8 @@ struct Worker {
     stats: Arc<Mutex<EngineStats>>,
     /// Submitted requests not yet scheduled once (shared with [`Engine::queued`]).
     pending: Arc<AtomicUsize>,
+    /// Every token's text, built on the first JSON-mode request.
+    token_texts: Option<Arc<Vec<Box<[u8]>>>>,
     load_duration: Option<Duration>,
 }
 
@@ -545,7 +553,12 @@ impl Worker {
             .num_predict
             .unwrap_or(usize::MAX)
             .min(sub.ctx.saturating_sub(prompt_len));
+        let json = sub
+            .req
+            .json
+            .then(|| JsonMode::new(self.token_texts(), self.eos.clone()));
         let active = Active {
+            json,
             tx: sub.tx,
             cancel: sub.cancel,
             sampler: Sampler::new(sub.req.sampling),
@@ -564,6 +577,25 @@ impl Worker {
         if limit == 0 {
             self.finish(sub.id, FinishReason::Length, None);
         }
+    }
+
+    fn token_texts(&mut self) -> Arc<Vec<Box<[u8]>>> {
+        let tok = &self.tokenizer;
+        self.token_texts
+            .get_or_insert_with(|| {
+                let n = tok.vocab_size() as u32;
+                // Special tokens decode to nothing here, which JSON mode never allows.
+                let texts = (0..n)
+                    .map(|id| {
+                        tok.decode(&[id], true)
+                            .unwrap_or_default()
+                            .into_bytes()
+                            .into()
+                    })
+                    .collect();
+                Arc::new(texts)
+            })
+            .clone()
     }
 
     fn drop_cancelled(&mut self) {
@@ -618,7 +650,14 @@ impl Worker {
         let (Some(seq), Some(a)) = (self.sched.get(id), self.active.get_mut(&id)) else {
             return;
         };
-        let tok = a.sampler.sample(row, &seq.tokens);
+        let tok = match &mut a.json {
+            Some(j) => {
+                let tok = a.sampler.sample(&j.mask(row), &seq.tokens);
+                j.advance(tok);
+                tok
+            }
+            None => a.sampler.sample(row, &seq.tokens),
+        };
         a.first_token.get_or_insert_with(Instant::now);
         let outcome = if self.eos.contains(&tok) {
             Some((FinishReason::Stop, None))
