@@ -8,6 +8,7 @@ pub mod infer;
 pub mod loaded;
 pub mod ollama;
 pub mod openai;
+pub mod store_api;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, head, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -61,6 +62,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
+        .route("/api/pull", post(store_api::pull))
+        .route("/api/create", post(store_api::create))
+        .route("/api/copy", post(store_api::copy))
+        .route("/api/delete", delete(store_api::delete))
+        .route(
+            "/api/blobs/{digest}",
+            head(store_api::blob_head).post(store_api::blob_upload),
+        )
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{*id}", get(openai::model))
