@@ -17,7 +17,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,10 +27,14 @@ use sha2::{Digest, Sha256};
 
 use super::{io_err, nanos, write_atomic, Store, StoreError};
 
-/// A blob is split into parts of at least this size...
-const MIN_PART: u64 = 16 << 20;
-/// ...and into at most this many, fetched concurrently.
-const MAX_PARTS: u64 = 8;
+/// A blob is split into about this many parts...
+const TARGET_PARTS: u64 = 64;
+/// ...each between these sizes. Parts are handed out in order to a few concurrent
+/// connections, so what is on disk grows as a prefix and is hashed while it arrives.
+const MIN_PART: u64 = 4 << 20;
+const MAX_PART: u64 = 128 << 20;
+/// Concurrent connections per blob.
+const WORKERS: usize = 4;
 /// Consecutive attempts without a single new byte before a part gives up.
 const RETRIES: u32 = 3;
 /// A connection that delivers nothing for this long is dropped and retried.
@@ -66,8 +70,8 @@ struct PartState {
 
 impl PartState {
     fn fresh(size: u64) -> PartState {
-        let count = size.div_ceil(MIN_PART).clamp(1, MAX_PARTS);
-        let part = size.div_ceil(count).max(1);
+        let part = (size / TARGET_PARTS).clamp(MIN_PART, MAX_PART);
+        let count = size.div_ceil(part).max(1);
         let parts = (0..count)
             .map(|i| i * part)
             .take_while(|&offset| offset < size || (size == 0 && offset == 0))
@@ -344,21 +348,38 @@ impl Store {
         shared.save()?;
         let saver = SaveOnDrop(shared.clone());
 
+        // The hash follows the downloaded prefix on its own thread; it stops when this
+        // function ends early (error or cancellation).
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let hasher = {
+            let (f, p, sh, st) = (
+                file.clone(),
+                partial.clone(),
+                shared.clone(),
+                stop.0.clone(),
+            );
+            tokio::task::spawn_blocking(move || follow_hash(&f, &p, &sh, &st))
+        };
+        let next = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..shared.parts.len() {
-            if shared.done[i].load(Ordering::Acquire) < shared.parts[i].size {
-                tasks.spawn(fetch_part(
-                    src.client.clone(),
-                    src.url.to_string(),
-                    file.clone(),
-                    partial.clone(),
-                    shared.clone(),
-                    i,
-                ));
-            }
+        for _ in 0..WORKERS.min(shared.parts.len()) {
+            let (client, url) = (src.client.clone(), src.url.to_string());
+            let (f, p, sh, next) = (file.clone(), partial.clone(), shared.clone(), next.clone());
+            tasks.spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= sh.parts.len() {
+                        return Ok(());
+                    }
+                    fetch_part(&client, &url, &f, &p, &sh, i).await?;
+                }
+            });
         }
         let mut tick = tokio::time::interval(TICK);
         let mut last_save = Instant::now();
+        // Dirty pages are written back while the download runs, so the sync before the
+        // rename has little left to do.
+        let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             tokio::select! {
                 joined = tasks.join_next() => match joined {
@@ -372,18 +393,23 @@ impl Store {
                 _ = tick.tick() => {
                     progress(shared.completed());
                     if last_save.elapsed() >= SAVE_EVERY {
-                        // Data first, then the state that vouches for it.
-                        file.sync_data().map_err(io_err(partial))?;
+                        // The state never runs ahead of the bytes written; if a power
+                        // cut loses some of them, the hash at the end catches it.
                         shared.save()?;
                         last_save = Instant::now();
+                        if flushing.as_ref().is_none_or(|h| h.is_finished()) {
+                            let f = file.clone();
+                            flushing = Some(tokio::task::spawn_blocking(move || {
+                                let _ = f.sync_data();
+                            }));
+                        }
                     }
                 }
             }
         }
         progress(size);
 
-        let (f, p) = (file.clone(), partial.clone());
-        let got = tokio::task::spawn_blocking(move || hash_file(&f, &p))
+        let got = hasher
             .await
             .map_err(|e| StoreError::Registry(format!("hashing task failed: {e}")))??;
         // From here on the state is either useless (mismatch) or finished.
@@ -395,6 +421,9 @@ impl Store {
                 want: digest.to_string(),
                 got,
             });
+        }
+        if let Some(h) = flushing {
+            let _ = h.await;
         }
         file.sync_all().map_err(io_err(partial))?;
         fs::rename(partial, &paths.done).map_err(io_err(&paths.done))?;
@@ -490,13 +519,61 @@ impl Drop for BlobUpload {
     }
 }
 
+/// Sets its flag when dropped: tells the hash thread to stop.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Hashes the blob from the start as its parts complete in order (bytes already on disk
+/// from an earlier attempt included); `Err` if stopped before the end.
+fn follow_hash(
+    file: &File,
+    path: &Path,
+    shared: &Progress,
+    stop: &AtomicBool,
+) -> Result<String, StoreError> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 4 << 20];
+    let (mut pos, mut j) = (0u64, 0usize);
+    loop {
+        while j < shared.parts.len()
+            && shared.done[j].load(Ordering::Acquire) >= shared.parts[j].size
+        {
+            j += 1;
+        }
+        let available = match shared.parts.get(j) {
+            Some(p) => p.offset + shared.done[j].load(Ordering::Acquire),
+            None => shared.size,
+        };
+        if pos < available {
+            let n = (available - pos).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..n], pos)
+                .map_err(io_err(path))?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+            continue;
+        }
+        if pos >= shared.size {
+            return Ok(format!("sha256:{}", hex::encode(hasher.finalize())));
+        }
+        if stop.load(Ordering::Acquire) {
+            return Err(StoreError::Registry("download stopped".into()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Fetches part `i` until it is complete, retrying failures that make no progress.
 async fn fetch_part(
-    client: reqwest::Client,
-    url: String,
-    file: Arc<File>,
-    path: PathBuf,
-    shared: Arc<Progress>,
+    client: &reqwest::Client,
+    url: &str,
+    file: &File,
+    path: &Path,
+    shared: &Progress,
     i: usize,
 ) -> Result<(), StoreError> {
     let part = shared.parts[i];
@@ -506,7 +583,7 @@ async fn fetch_part(
         if before >= part.size {
             return Ok(());
         }
-        let err = match fetch_range(&client, &url, &file, &path, part, &shared.done[i]).await {
+        let err = match fetch_range(client, url, file, path, part, &shared.done[i]).await {
             Ok(()) if shared.done[i].load(Ordering::Acquire) >= part.size => return Ok(()),
             Ok(()) => "the connection closed before the range was complete".to_string(),
             Err(RangeError::Fatal(e)) => return Err(e),
@@ -617,7 +694,7 @@ mod tests {
         ] {
             let s = PartState::fresh(size);
             assert!(!s.parts.is_empty());
-            assert!(s.parts.len() as u64 <= MAX_PARTS);
+            assert!(s.parts.len() as u64 <= (size / MIN_PART).max(TARGET_PARTS) + 1);
             let mut next = 0;
             for p in &s.parts {
                 assert_eq!(p.offset, next);
