@@ -108,6 +108,15 @@ impl Registry {
                 continue;
             }
             let total = layer.size;
+            if store.has_blob(&digest)? {
+                // Already here: one line, complete.
+                emit(PullProgress::Layer {
+                    digest: digest.clone(),
+                    total,
+                    completed: total,
+                });
+                continue;
+            }
             emit(PullProgress::Layer {
                 digest: digest.clone(),
                 total,
