@@ -841,3 +841,90 @@ async fn blobs_create_copy_and_delete() {
     assert!(tags(&base).await.is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_killed_server_leaves_a_pull_the_next_one_continues() {
+    let reg = TestRegistry::start(false);
+    publish_smollm2(&reg);
+    let total = gguf().len() as u64;
+    let d = gguf_digest();
+    reg.set_faults(Faults {
+        limit: Some(total / 2),
+        stall_at_limit: true,
+        ..Faults::default()
+    });
+    let dir = scratch("killed");
+    let mut a = spawn_wick(&dir);
+    let name = format!("{}/library/smollm2:135m", reg.host);
+    let pulling = tokio::spawn(pull_owned(
+        a.base.clone(),
+        json!({"model": name, "insecure": true}),
+    ));
+    // Wait until the saved state vouches for at least 40% of the weights, then SIGKILL.
+    let state = dir
+        .join("blobs")
+        .join(format!("sha256-{}-partial.json", &d[7..]));
+    let start = Instant::now();
+    loop {
+        let saved: u64 = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| {
+                v["parts"]
+                    .as_array()
+                    .map(|ps| ps.iter().filter_map(|p| p["completed"].as_u64()).sum())
+            })
+            .unwrap_or(0);
+        if saved >= total * 2 / 5 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "saved {saved}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.child.kill().expect("killing wick serve");
+    let _ = a.child.wait();
+    let _ = pulling.await;
+    let first = reg.served(&d);
+
+    reg.set_faults(Faults::default());
+    reg.reset_counts();
+    let b = spawn_wick(&dir);
+    let lines = pull(&b.base, json!({"model": name, "insecure": true})).await;
+    assert_eq!(
+        lines.last().unwrap(),
+        &json!({"status": "success"}),
+        "{lines:?}"
+    );
+    let second = reg.served(&d);
+    assert!(
+        second <= total - total * 7 / 20,
+        "after the kill the pull fetched {second} of {total} bytes (first: {first})"
+    );
+    assert_store_clean(&dir);
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn an_unwritable_store_fails_cleanly() {
+    let reg = TestRegistry::start(false);
+    publish_smollm2(&reg);
+    let dir = scratch("unwritable");
+    // `blobs` is a file, so nothing can be created under it (running as root, permission
+    // bits would not stop us).
+    std::fs::write(dir.join("blobs"), b"in the way").unwrap();
+    let base = spawn_server(&dir);
+    let name = format!("{}/library/smollm2:135m", reg.host);
+    let lines = pull(&base, json!({"model": name, "insecure": true})).await;
+    let err = lines.last().unwrap()["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        err.contains("blobs") && err.contains("os error"),
+        "{lines:?}"
+    );
+    assert!(!dir.join("manifests").exists(), "no manifest without blobs");
+    assert_eq!(std::fs::read(dir.join("blobs")).unwrap(), b"in the way");
+    let _ = std::fs::remove_dir_all(&dir);
+}
