@@ -472,6 +472,44 @@ impl Store {
     }
 }
 
+/// Held (shared) by every pull and create from before its first blob until its manifest
+/// is written, so that pruning, which needs it exclusively, never removes a blob that a
+/// manifest about to be written will refer to.
+pub struct WriterGuard(#[allow(dead_code)] File);
+
+impl Store {
+    fn writers_lock(&self) -> Result<File, StoreError> {
+        fs::create_dir_all(&self.root).map_err(io_err(&self.root))?;
+        let path = self.root.join(".wick-writers.lock");
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))
+    }
+
+    /// Waits (briefly: pruning holds the lock for milliseconds) and takes a writer's share.
+    pub fn writer_guard(&self) -> Result<WriterGuard, StoreError> {
+        let file = self.writers_lock()?;
+        file.lock_shared().map_err(io_err(&self.root))?;
+        Ok(WriterGuard(file))
+    }
+
+    /// The lock pruning needs, or `None` while a pull or create is under way.
+    pub(crate) fn try_prune_lock(&self) -> Result<Option<File>, StoreError> {
+        let file = self.writers_lock()?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(e)) => Err(StoreError::Io {
+                path: self.root.clone(),
+                source: e,
+            }),
+        }
+    }
+}
+
 /// A blob being uploaded; dropped unfinished, its temp file goes away.
 pub struct BlobUpload {
     tmp: PathBuf,

@@ -101,6 +101,7 @@ impl Registry {
 
         let mut layers = manifest.layers.clone();
         layers.push(manifest.config.clone());
+        let guard = store.writer_guard()?;
         let mut fetched = HashSet::new();
         for layer in &layers {
             let digest = normalize_digest(&layer.digest)?;
@@ -151,6 +152,7 @@ impl Registry {
         }
         emit(PullProgress::Status("writing manifest"));
         let old = store.write_manifest(name, &bytes)?;
+        drop(guard);
         if let Some(old) = old {
             let unused: Vec<String> = old
                 .layers

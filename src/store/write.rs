@@ -86,7 +86,13 @@ impl Store {
     }
 
     /// Removes those of `candidates` that no manifest refers to; returns how many went.
+    /// Nothing is removed while a pull or create is under way (its blobs may not have a
+    /// manifest yet); the blobs then stay until a later prune.
     pub fn prune_blobs(&self, candidates: &[String]) -> Result<usize, StoreError> {
+        let Some(_lock) = self.try_prune_lock()? else {
+            tracing::info!("a pull or create is under way; unused blobs are left for later");
+            return Ok(0);
+        };
         let used = self.referenced_digests()?;
         let mut removed = 0;
         for c in candidates {
@@ -149,6 +155,7 @@ impl Store {
         spec: CreateSpec,
         status: &mut dyn FnMut(String),
     ) -> Result<LocalModel, StoreError> {
+        let guard = self.writer_guard()?;
         let mut layers: Vec<Layer> = Vec::new();
         let mut config_layer: Option<Layer> = None;
         let mut params = Map::new();
@@ -257,6 +264,7 @@ impl Store {
         let bytes = to_json(&manifest, &path)?;
         status("writing manifest".into());
         self.write_manifest(name, &bytes)?;
+        drop(guard);
         self.resolve(name)
     }
 }
@@ -323,7 +331,14 @@ mod tests {
         store.copy(&store.resolve(&b).unwrap(), &a).unwrap();
         store.delete(&store.resolve(&b).unwrap()).unwrap();
         assert!(blob(b"shared").exists(), "the copy still uses it");
+        // While a pull or create is under way nothing is pruned...
+        let guard = store.writer_guard().unwrap();
         store.delete(&store.resolve(&a).unwrap()).unwrap();
+        assert!(blob(b"shared").exists());
+        drop(guard);
+        // ...and a later prune finds what was left.
+        let shared = format!("sha256:{}", sha_hex(b"shared"));
+        assert_eq!(store.prune_blobs(&[shared]).unwrap(), 1);
         assert!(!blob(b"shared").exists());
         assert!(store.list().unwrap().is_empty());
         let _ = fs::remove_dir_all(root);
