@@ -928,3 +928,60 @@ async fn an_unwritable_store_fails_cleanly() {
     assert_eq!(std::fs::read(dir.join("blobs")).unwrap(), b"in the way");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn pulling_a_changed_tag_removes_the_layers_it_no_longer_uses() {
+    let reg = TestRegistry::start(false);
+    let v1 = reg.add_model(
+        "library/smollm2",
+        "135m",
+        gguf(),
+        &[("template", b"old {{ .Prompt }}")],
+    );
+    let dir = scratch("update");
+    let base = spawn_server(&dir);
+    let name = format!("{}/library/smollm2:135m", reg.host);
+    let lines = pull(&base, json!({"model": name, "insecure": true})).await;
+    assert_eq!(lines.last().unwrap(), &json!({"status": "success"}));
+    assert!(!lines
+        .iter()
+        .any(|l| l["status"] == "removing unused layers"));
+
+    let v2 = reg.add_model(
+        "library/smollm2",
+        "135m",
+        gguf(),
+        &[("template", b"new {{ .Prompt }}")],
+    );
+    assert_ne!(v1, v2);
+    let served = reg.served(&gguf_digest());
+    let lines = pull(&base, json!({"model": name, "insecure": true})).await;
+    let statuses: Vec<&str> = lines.iter().filter_map(|l| l["status"].as_str()).collect();
+    let n = statuses.len();
+    assert_eq!(
+        statuses[n - 3..],
+        ["writing manifest", "removing unused layers", "success"],
+        "{lines:?}"
+    );
+    // The weights were already there: one complete line, nothing downloaded.
+    let d = gguf_digest();
+    let weights = layer_lines(&lines, &d);
+    assert_eq!(weights.len(), 1);
+    assert_eq!(weights[0]["completed"], gguf().len() as u64);
+    assert_eq!(reg.served(&d), served);
+    let blobs = dir.join("blobs");
+    assert!(!blobs
+        .join(sha(b"old {{ .Prompt }}").replace(':', "-"))
+        .exists());
+    assert!(blobs
+        .join(sha(b"new {{ .Prompt }}").replace(':', "-"))
+        .exists());
+    assert!(blobs.join(d.replace(':', "-")).exists());
+    let show: Value = post(&base, "/api/show", json!({"model": name}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(show["template"], "new {{ .Prompt }}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
