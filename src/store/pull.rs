@@ -57,6 +57,17 @@ impl PullProgress {
     }
 }
 
+/// `<scheme>://<host>/v2/<namespace>/<model>`, under which `manifests/<tag>` and
+/// `blobs/<digest>` live. `hf.co/<user>/<repo>` needs nothing special: Hugging Face serves
+/// the same protocol there.
+pub fn repository_url(name: &ModelName, insecure: bool) -> String {
+    let scheme = if insecure { "http" } else { "https" };
+    format!(
+        "{scheme}://{}/v2/{}/{}",
+        name.host, name.namespace, name.model
+    )
+}
+
 /// An HTTP client for registries.
 #[derive(Clone)]
 pub struct Registry {
@@ -91,11 +102,7 @@ impl Registry {
                 "insecure protocol http: set insecure to pull over plain HTTP".into(),
             ));
         }
-        let scheme = if insecure { "http" } else { "https" };
-        let base = format!(
-            "{scheme}://{}/v2/{}/{}",
-            name.host, name.namespace, name.model
-        );
+        let base = repository_url(name, insecure);
         emit(PullProgress::Status("pulling manifest"));
         let (bytes, manifest) = self.manifest(&base, &name.tag).await?;
 
@@ -199,6 +206,23 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repository_urls() {
+        let url = |s: &str, insecure| repository_url(&ModelName::parse(s).unwrap(), insecure);
+        assert_eq!(
+            url("smollm2:135m", false),
+            "https://registry.ollama.ai/v2/library/smollm2"
+        );
+        assert_eq!(
+            url("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M", false),
+            "https://hf.co/v2/bartowski/Llama-3.2-1B-Instruct-GGUF"
+        );
+        assert_eq!(
+            url("127.0.0.1:5000/me/m:1", true),
+            "http://127.0.0.1:5000/v2/me/m"
+        );
+    }
 
     #[test]
     fn progress_objects_look_like_ollama() {
