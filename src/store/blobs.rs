@@ -1,11 +1,17 @@
 //! Writing blobs into `blobs/` safely when several processes, possibly on several hosts
 //! sharing one NAS directory, write the same store.
 //!
-//! - A download goes to `sha256-<hex>-partial` (pre-sized, written at offsets by parallel
-//!   ranged requests) with its progress in `sha256-<hex>-partial.json`; an interrupted
-//!   download (cancelled, crashed, killed) continues from there with `Range` requests.
-//! - Only bytes that hash to the digest reach the final name `sha256-<hex>`, by an atomic
-//!   rename; a mismatch deletes the partial file, so nothing unverified is ever kept.
+//! - A download goes to `sha256-<hex>-partial` (pre-sized, written at offsets by ranged
+//!   requests: about 64 parts handed out in order to a few connections) with its progress
+//!   in `sha256-<hex>-partial.json`; an interrupted download (cancelled, crashed, killed)
+//!   continues from there with `Range` requests.
+//! - A thread hashes the file while it arrives (the parts complete roughly in order, so
+//!   the written prefix grows steadily). Only bytes that hash to the digest reach the final
+//!   name `sha256-<hex>`, synced and then renamed; a mismatch deletes the partial file, so
+//!   nothing unverified is ever kept.
+//! - [`WriterGuard`]: pulls and creates share `.wick-writers.lock` at the store root until
+//!   their manifest is written; pruning needs it exclusively, so it never removes a blob
+//!   that a manifest about to be written refers to.
 //! - `sha256-<hex>-partial.lock` is held (an exclusive `flock`, which Linux's NFS client
 //!   maps to a byte-range lock the server arbitrates) for as long as one process writes
 //!   the blob. Anyone else who wants the same blob, in this process or another, waits for
@@ -25,7 +31,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{io_err, nanos, write_atomic, Store, StoreError};
+use super::{io_err, nanos, Store, StoreError};
 
 /// A blob is split into about this many parts...
 const TARGET_PARTS: u64 = 64;
@@ -219,7 +225,12 @@ impl Progress {
             path: self.state_path.clone(),
             msg: e.to_string(),
         })?;
-        write_atomic(&self.state_path, &bytes)
+        // Not synced: the state is a hint (the hash checks everything in the end), and a
+        // sync per save would cost more than the download of a small blob.
+        let tmp = self.state_path.with_extension("json.tmp");
+        fs::write(&tmp, &bytes)
+            .and_then(|()| fs::rename(&tmp, &self.state_path))
+            .map_err(io_err(&self.state_path))
     }
 }
 
@@ -417,6 +428,7 @@ impl Store {
         if got != digest {
             let _ = fs::remove_file(partial);
             let _ = fs::remove_file(&paths.state);
+            let _ = fs::remove_file(paths.state.with_extension("json.tmp"));
             return Err(StoreError::DownloadMismatch {
                 want: digest.to_string(),
                 got,
@@ -428,6 +440,7 @@ impl Store {
         file.sync_all().map_err(io_err(partial))?;
         fs::rename(partial, &paths.done).map_err(io_err(&paths.done))?;
         let _ = fs::remove_file(&paths.state);
+        let _ = fs::remove_file(paths.state.with_extension("json.tmp"));
         Ok(())
     }
 
