@@ -275,11 +275,17 @@ pub async fn blob_upload(
     body: Body,
 ) -> Result<Response> {
     let digest = normalize_digest(&digest)?;
+    let mut stream = body.into_data_stream();
     if state.store.has_blob(&digest)? {
+        // Read the body anyway: answering while the client still sends breaks its pipe.
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
         return Ok(StatusCode::OK.into_response());
     }
     let mut upload = state.store.begin_upload(&digest)?;
-    let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             StoreApiError::Api(ApiError::BadRequest(format!("reading the upload: {e}")))
