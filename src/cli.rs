@@ -306,7 +306,7 @@ pub fn list() -> Result<()> {
             let digest = m["digest"].as_str().unwrap_or_default();
             [
                 m["name"].as_str().unwrap_or_default().to_string(),
-                digest[..digest.len().min(12)].to_string(),
+                digest.chars().take(12).collect(),
                 human_bytes(m["size"].as_u64().unwrap_or(0)),
                 ago(m["modified_at"].as_str().unwrap_or_default()),
             ]
