@@ -1,5 +1,7 @@
 //! `wick`: the candlewick command line.
 
+mod cli;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +36,19 @@ enum Command {
     Serve,
     /// Register a local GGUF file in the model store ($OLLAMA_MODELS) under NAME.
     Import(ImportArgs),
+    /// Pull a model from a registry through the server at OLLAMA_HOST.
+    Pull(cli::PullArgs),
+    /// List the server's models.
+    #[command(alias = "ls")]
+    List,
+    /// Show a model's details, template, parameters, system message or license.
+    Show(cli::ShowArgs),
+    /// Copy a model under a new name.
+    Cp(cli::CpArgs),
+    /// Remove models.
+    Rm(cli::RmArgs),
+    /// Create a model from a Modelfile.
+    Create(cli::CreateArgs),
 }
 
 #[derive(clap::Args)]
@@ -90,6 +105,12 @@ fn main() -> ExitCode {
         Command::Generate(args) => run_generate(args),
         Command::Serve => run_serve(),
         Command::Import(args) => run_import(args),
+        Command::Pull(args) => cli::pull(args).map_err(Into::into),
+        Command::List => cli::list().map_err(Into::into),
+        Command::Show(args) => cli::show(args).map_err(Into::into),
+        Command::Cp(args) => cli::cp(args).map_err(Into::into),
+        Command::Rm(args) => cli::rm(args).map_err(Into::into),
+        Command::Create(args) => cli::create(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
 //! The official Python clients (`ollama`, `openai`) against the real `wick` binary: imports
 //! SmolLM2 into a scratch store with `wick import`, starts `wick serve` on a free loopback
-//! port, and runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it.
+//! port, and runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it and
+//! WICK_TEST_REGISTRY at a loopback registry (tests/common/registry.rs) that publishes
+//! SmolLM2 as `library/smollm2:135m`, for the pull/copy/delete tests.
 //! Missing Python packages fail the test (never skip) and name the pip command.
 
 mod common;
@@ -81,6 +83,10 @@ fn official_python_clients() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    let registry = common::registry::TestRegistry::start(true);
+    let bytes = std::fs::read(&gguf).expect("reading the GGUF");
+    registry.add_model("library/smollm2", "135m", bytes.into(), &[]);
+
     let out = Command::new("python3")
         .args([
             "-m",
@@ -92,6 +98,7 @@ fn official_python_clients() {
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("OLLAMA_HOST", &host)
+        .env("WICK_TEST_REGISTRY", &registry.host)
         .output()
         .expect("running pytest");
     drop(server);

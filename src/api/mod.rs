@@ -10,6 +10,7 @@ pub mod loaded;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod store_api;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, head, post};
 use axum::Router;
 use serde::de::DeserializeOwned;
 
@@ -69,6 +70,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/generate", post(ollama::generate))
         .route("/api/embed", post(ollama::embed))
         .route("/api/embeddings", post(ollama::embeddings))
+        .route("/api/pull", post(store_api::pull))
+        .route("/api/create", post(store_api::create))
+        .route("/api/copy", post(store_api::copy))
+        .route("/api/delete", delete(store_api::delete))
+        .route(
+            "/api/blobs/{digest}",
+            head(store_api::blob_head).post(store_api::blob_upload),
+        )
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))

@@ -2,11 +2,16 @@
 //! unchanged: `manifests/<host>/<namespace>/<model>/<tag>` (Docker v2 manifests) and
 //! content-addressed `blobs/sha256-<hex>`. Knows files and digests, never tensors.
 //!
-//! This slice has the read side (list, resolve a name to its GGUF blob and other layers)
-//! and a local import of a GGUF file; pulling from registries comes later.
+//! The read side (list, resolve a name to its GGUF blob and other layers) lives here; the
+//! write side is split by concern: [`blobs`] (crash- and NAS-safe blob writing, resumable
+//! downloads, cross-process locks), [`pull`] (the Ollama registry protocol) and [`write`]
+//! (manifests: create, copy, delete with blob pruning).
 
+pub mod blobs;
 pub mod gguf;
 pub mod name;
+pub mod pull;
+pub mod write;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -48,9 +53,21 @@ pub enum StoreError {
     BadDigest(String),
     #[error("{0}: the manifest has no model layer")]
     NoModelLayer(String),
+    /// A downloaded blob whose bytes do not hash to its digest; nothing of it is kept.
+    #[error("digest mismatch, file must be downloaded again: want {want}, got {got}")]
+    DownloadMismatch { want: String, got: String },
+    /// An uploaded blob whose bytes do not hash to the digest it was posted under.
+    #[error("digest mismatch, expected \"{expected}\", got \"{got}\"")]
+    UploadMismatch { expected: String, got: String },
+    /// The registry refused or could not be reached; the message is the whole text.
+    #[error("{0}")]
+    Registry(String),
+    /// A blob that a request names is not in `blobs/`.
+    #[error("blob \"{0}\" not found")]
+    BlobNotFound(String),
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
         source,
@@ -141,6 +158,16 @@ impl Store {
 
     fn manifests_dir(&self) -> PathBuf {
         self.root.join("manifests")
+    }
+
+    /// `blobs/`, where every layer lives under its digest.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// Where the manifest of `name` lives (whether or not it exists).
+    pub fn manifest_path(&self, name: &ModelName) -> PathBuf {
+        self.manifests_dir().join(name.manifest_rel_path())
     }
 
     /// The file of a blob; `digest` is `sha256:<64 hex>` (or `sha256-`).
@@ -341,7 +368,8 @@ impl Store {
         result
     }
 
-    fn write_blob_bytes(&self, bytes: &[u8]) -> Result<String, StoreError> {
+    /// Writes a small blob (config, template, params) under its digest unless it is there.
+    pub fn write_blob_bytes(&self, bytes: &[u8]) -> Result<String, StoreError> {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         let path = self.blob_path(&digest)?;
         if !path.is_file() {
@@ -353,20 +381,26 @@ impl Store {
     }
 }
 
-fn nanos() -> u128 {
+pub(crate) fn nanos() -> u128 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}-{}", std::process::id(), nanos()));
-    let result = fs::write(&tmp, bytes)
+    // Synced before the rename, so readers (other processes, other NAS clients) see either
+    // the old file or the whole new one.
+    let result = fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            f.sync_all()
+        })
         .and_then(|()| fs::rename(&tmp, path))
         .map_err(io_err(path));
     if result.is_err() {
@@ -382,7 +416,7 @@ fn file_name(p: &Path) -> String {
 }
 
 /// Subdirectories of `dir`; a missing `dir` is an empty store, not an error.
-fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
+pub(crate) fn subdirs(dir: &Path) -> Result<Vec<PathBuf>, StoreError> {
     match fs::read_dir(dir) {
         Ok(rd) => Ok(rd
             .flatten()

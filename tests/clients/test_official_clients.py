@@ -106,3 +106,46 @@ def test_openai_models(oai):
     ids = [m.id for m in oai.models.list()]
     assert MODEL in ids
     assert oai.models.retrieve(MODEL).id == MODEL
+
+
+REGISTRY = os.environ["WICK_TEST_REGISTRY"]
+PULLED = f"{REGISTRY}/library/smollm2:135m"
+
+
+def test_pull_from_registry(client):
+    parts = list(client.pull(PULLED, insecure=True, stream=True))
+    assert parts[0].status == "pulling manifest"
+    assert parts[-1].status == "success"
+    layers = [p for p in parts if p.digest]
+    assert layers and all(p.status == f"pulling {p.digest[7:19]}" for p in layers)
+    assert any(p.total and p.completed == p.total for p in layers)
+    assert client.pull(PULLED, insecure=True).status == "success"
+    assert PULLED in [m.model for m in client.list().models]
+    assert client.show(PULLED).modelinfo["general.architecture"] == "llama"
+
+
+def test_pull_unknown_model_raises(client):
+    with pytest.raises(ollama.ResponseError) as e:
+        client.pull(f"{REGISTRY}/library/no-such-model", insecure=True)
+    assert "pull model manifest: file does not exist" in str(e.value)
+
+
+def test_copy_create_and_delete(client, tmp_path):
+    assert client.copy(MODEL, "py-copy:1").status == "success"
+    assert "py-copy:1" in [m.model for m in client.list().models]
+    r = client.create(model="py-made", from_="py-copy:1", system="Answer in one word.")
+    assert r.status == "success"
+    assert "SYSTEM \"\"\"Answer in one word.\"\"\"" in client.show("py-made").modelfile
+    # A blob upload, then a model made from it.
+    path = tmp_path / "tiny.txt"
+    path.write_text("not a model")
+    digest = client.create_blob(path)
+    assert digest.startswith("sha256:")
+    for name in ("py-copy:1", "py-made"):
+        assert client.delete(name).status == "success"
+    names = [m.model for m in client.list().models]
+    assert "py-copy:1" not in names and "py-made:latest" not in names
+    assert MODEL in names
+    with pytest.raises(ollama.ResponseError) as e:
+        client.delete("py-made")
+    assert e.value.status_code == 404

@@ -9,6 +9,8 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::collections::HashMap;
 use std::error::Error;
 use std::fs;
