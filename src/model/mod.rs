@@ -6,6 +6,8 @@ pub mod attention;
 pub mod chat_template;
 pub mod config;
 mod cpu_quant;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decoder;
 mod loaded;
 mod parallel;
@@ -52,6 +54,10 @@ pub enum Error {
     Template(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] cuda::KernelError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
