@@ -61,3 +61,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Opens the device `spec` names (`WICK_DEVICE`, `--device`).
+pub fn open_device(spec: crate::config::DeviceSpec) -> Result<candle_core::Device> {
+    match spec {
+        crate::config::DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        crate::config::DeviceSpec::Cuda(n) => Ok(candle_core::Device::new_cuda(n)?),
+        #[cfg(not(feature = "cuda"))]
+        crate::config::DeviceSpec::Cuda(_) => Err(Error::Config(
+            "this build has no CUDA support (build with --features cuda)".into(),
+        )),
+    }
+}
