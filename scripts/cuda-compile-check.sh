@@ -10,8 +10,9 @@
 #   cuda-13.0/stubs/  lib/lib{cuda,nvrtc,curand,cublas,cublasLt}.so stubs and libcudart.so
 #   cuda-target/      the cargo target dir (never the CPU build's)
 # Options: --no-clippy (build only), --example-gpu-check (also build the kernel test binary
-# that scripts/gpu-check.sh runs, stripped, into target-gpu-check/; dependencies are
-# optimised in the dev profile already).
+# that scripts/gpu-check.sh runs, stripped, into target-gpu-check/).
+# Cargo profile `cuda-check` (unoptimised, no debug info): build and clippy share its
+# build-script outputs, so candle's kernels are compiled by nvcc once.
 # Env: CUDA_COMPUTE_CAP (one value, for candle's kernels; default 75),
 #      WICK_CUDA_ARCHS (our kernels/*.cu, comma list; default 75,86).
 set -euo pipefail
@@ -82,19 +83,19 @@ export CARGO_TARGET_DIR="${WICK_CUDA_TARGET_DIR:-$cache/cuda-target}"
 jobs="${CARGO_BUILD_JOBS:-2}"
 
 t0=$SECONDS
-echo "== cargo build --features cuda (target $CARGO_TARGET_DIR)"
-cargo build -j"$jobs" --features cuda --bins --examples
+echo "== cargo build --profile cuda-check --features cuda (target $CARGO_TARGET_DIR)"
+cargo build -j"$jobs" --profile cuda-check --features cuda --bins --examples
 echo "   built in $((SECONDS - t0))s"
 if ((clippy)); then
     t1=$SECONDS
     echo "== cargo clippy --features cuda"
-    cargo clippy -j"$jobs" --features cuda --all-targets -- -D warnings
+    cargo clippy -j"$jobs" --profile cuda-check --features cuda --all-targets -- -D warnings
     echo "   clippy in $((SECONDS - t1))s"
 fi
 if ((gpu_check)); then
     echo "== kernel test binary for scripts/gpu-check.sh"
     mkdir -p target-gpu-check
-    cp "$CARGO_TARGET_DIR/debug/examples/gpu_kernel_check" target-gpu-check/
+    cp "$CARGO_TARGET_DIR/cuda-check/examples/gpu_kernel_check" target-gpu-check/
     strip target-gpu-check/gpu_kernel_check
     ls -l target-gpu-check/gpu_kernel_check
 fi
