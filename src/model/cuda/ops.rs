@@ -11,6 +11,8 @@ use super::{check_dtype, cuda_device, dev_ptr, driver, func, shape_err, uninit, 
 
 /// Threads per block for the row kernels (norm, rope, cache writes, argmax).
 const ROW_THREADS: u32 = 256;
+/// Grid y and z dimensions are limited to this.
+const MAX_GRID_Y: usize = 65_535;
 /// Positions per partition of the split-context attention.
 pub const ATTENTION_PARTITION: usize = 512;
 /// Above this many context positions the split-context attention is used.
@@ -230,6 +232,18 @@ pub fn paged_attention(a: &PagedAttention) -> Result<Tensor> {
         contiguous(t, OP, what)?;
     }
     check_dtype(a.q, DType::F16, OP, "q")?;
+    if rows > MAX_GRID_Y {
+        return Err(shape_err(
+            OP,
+            format!("{rows} query rows exceed the {MAX_GRID_Y} of one launch"),
+        ));
+    }
+    // The kernel reads K/V rows in 8-byte pieces.
+    for (t, what) in [(a.k_cache, "k_cache"), (a.v_cache, "v_cache")] {
+        if !t.layout().start_offset().is_multiple_of(4) {
+            return Err(shape_err(OP, format!("{what} must start 8-byte aligned")));
+        }
+    }
     let out = uninit(dev, DType::F16, &[rows, heads, head_dim])?;
     if rows == 0 {
         return Ok(out);
