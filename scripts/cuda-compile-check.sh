@@ -37,11 +37,19 @@ stamp="$venv/.wick-wheels"
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "${wheels[*]}" ]]; then
     echo "== installing CUDA 13.0 wheels into $venv"
     rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "${wheels[@]}"
+    pip_install=(-m pip install --quiet --disable-pip-version-check --no-deps)
+    if python3 -m venv "$venv" 2>/dev/null; then
+        "$venv/bin/python" "${pip_install[@]}" "${wheels[@]}"
+    else # no venv module (Debian without python3-venv): a plain target folder does too
+        rm -rf "$venv"
+        python3 "${pip_install[@]}" --target "$venv/site-packages" "${wheels[@]}"
+    fi
     echo "${wheels[*]}" >"$stamp"
 fi
-cuda_root="$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')"
+cuda_root=""
+for d in "$venv"/lib/python3*/site-packages/nvidia/cu13 "$venv"/site-packages/nvidia/cu13; do
+    [[ -d "$d" ]] && { cuda_root="$d"; break; }
+done
 [[ -x "$cuda_root/bin/nvcc" ]] || { echo "no nvcc under $cuda_root" >&2; exit 1; }
 
 # cudarc links (dynamic-linking, as candle asks for it) against these; the stubs carry the
