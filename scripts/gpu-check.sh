@@ -11,6 +11,10 @@
 #    --bench adds rough decode-attention timings; --sanitize runs it under
 #    compute-sanitizer's memcheck too (slower). The log also goes to $OUT/gpu-check.log when
 #    OUT is set.
+#    With this workplace's device tool: run(command="scripts/gpu-check.sh --bench",
+#    carry=["target-gpu-check"], timeout_s=300); the checks take seconds, most of a call is
+#    the machine's start. The H100/H200 there JIT the sm_86 PTX: right for correctness, not
+#    for T4/A10 timings.
 #
 # The binary links dynamically against the driver (libcuda.so.1) and CUDA 13's
 # libcublas/libcublasLt/libcurand/libnvrtc/libcudart; they are taken from the system, else
