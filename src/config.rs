@@ -1,7 +1,8 @@
 //! Every server setting in one place: the Ollama environment variables (`OLLAMA_HOST`,
 //! `OLLAMA_MODELS`, `OLLAMA_ORIGINS`, `OLLAMA_KEEP_ALIVE`, `OLLAMA_NUM_PARALLEL`,
 //! `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_MAX_QUEUE`, `OLLAMA_CONTEXT_LENGTH`) parsed with
-//! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them.
+//! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them, and our
+//! own `WICK_DEVICE` (where models run: `cpu`, `cuda`, `cuda:N`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -171,6 +172,51 @@ impl HostPort {
     }
 }
 
+/// Where models run: `cpu`, or `cuda` / `cuda:N` (GPU ordinal N, default 0). A CUDA device
+/// only parses in a build with the `cuda` feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        let s = s.trim().to_ascii_lowercase();
+        let ordinal = match s.as_str() {
+            "cpu" => return Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => 0,
+            _ => match s.strip_prefix("cuda:").or_else(|| s.strip_prefix("gpu:")) {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| format!("invalid GPU ordinal {n:?}"))?,
+                None => return Err(format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
+            },
+        };
+        if !cfg!(feature = "cuda") {
+            return Err("this build has no CUDA support (build with --features cuda)".into());
+        }
+        Ok(DeviceSpec::Cuda(ordinal))
+    }
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DeviceSpec::parse(s)
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 /// The server's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -193,6 +239,8 @@ pub struct Config {
     /// After SIGTERM, how long streams in flight may take to finish
     /// (`WICK_SHUTDOWN_TIMEOUT`, seconds or a Go duration; default 30s).
     pub shutdown_timeout: Duration,
+    /// Where models run (`WICK_DEVICE`, or `wick serve --device`).
+    pub device: DeviceSpec,
 }
 
 impl Config {
@@ -287,6 +335,10 @@ impl Config {
                     }
                 },
             },
+            device: match var("WICK_DEVICE") {
+                Some(v) => DeviceSpec::parse(&v).map_err(|e| invalid("WICK_DEVICE", &v, e))?,
+                None => DeviceSpec::Cpu,
+            },
         })
     }
 }
@@ -369,5 +421,30 @@ mod tests {
             KeepAlive::from_json(&serde_json::json!(0)),
             Ok(Some(KeepAlive::For(Duration::ZERO)))
         );
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(DeviceSpec::parse("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(DeviceSpec::parse(" CPU "), Ok(DeviceSpec::Cpu));
+        assert!(DeviceSpec::parse("tpu").is_err());
+        assert!(DeviceSpec::parse("cuda:x").is_err());
+        let c = cfg(&[("OLLAMA_MODELS", "/m")]).expect("defaults");
+        assert_eq!(c.device, DeviceSpec::Cpu);
+        if cfg!(feature = "cuda") {
+            assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+            assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+            assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        } else {
+            let e = DeviceSpec::parse("cuda:1").expect_err("no cuda in this build");
+            assert!(e.contains("no CUDA support"), "{e}");
+            let e = cfg(&[("OLLAMA_MODELS", "/m"), ("WICK_DEVICE", "cuda")])
+                .expect_err("no cuda in this build")
+                .to_string();
+            assert!(
+                e.contains("WICK_DEVICE") && e.contains("no CUDA support"),
+                "{e}"
+            );
+        }
     }
 }

@@ -7,11 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use candle_core::Device;
 use clap::{Parser, Subcommand};
 
 use candlewick::api;
-use candlewick::config::Config;
+use candlewick::config::{Config, DeviceSpec};
 use candlewick::engine::generate::{generate, GenerateOptions};
 use candlewick::engine::sampler::SamplingParams;
 use candlewick::model::Model;
@@ -33,7 +32,7 @@ enum Command {
     /// Load a GGUF file or a Hugging Face safetensors directory and generate offline.
     Generate(GenerateArgs),
     /// Serve the Ollama and OpenAI APIs on OLLAMA_HOST (default 127.0.0.1:11434).
-    Serve,
+    Serve(ServeArgs),
     /// Register a local GGUF file in the model store ($OLLAMA_MODELS) under NAME.
     Import(ImportArgs),
     /// Pull a model from a registry through the server at OLLAMA_HOST.
@@ -49,6 +48,13 @@ enum Command {
     Rm(cli::RmArgs),
     /// Create a model from a Modelfile.
     Create(cli::CreateArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Where models run: cpu, cuda or cuda:N (default: $WICK_DEVICE, else cpu).
+    #[arg(long)]
+    device: Option<DeviceSpec>,
 }
 
 #[derive(clap::Args)]
@@ -89,6 +95,9 @@ struct GenerateArgs {
     /// Stop strings (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, env = "WICK_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
 }
 
 fn main() -> ExitCode {
@@ -103,7 +112,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
-        Command::Serve => run_serve(),
+        Command::Serve(args) => run_serve(args),
         Command::Import(args) => run_import(args),
         Command::Pull(args) => cli::pull(args).map_err(Into::into),
         Command::List => cli::list().map_err(Into::into),
@@ -121,8 +130,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run_serve() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
+fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = Config::from_env()?;
+    if let Some(device) = args.device {
+        config.device = device;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,7 +145,7 @@ fn run_serve() -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
-        tracing::info!(models = %config.models_dir.display(), "model store");
+        tracing::info!(models = %config.models_dir.display(), device = %config.device, "model store");
         eprintln!("Listening on {local} (version {})", api::OLLAMA_VERSION);
         let state = api::AppState::new(config)?;
         api::serve(listener, state, shutdown_signal()).await?;
@@ -194,7 +206,7 @@ fn run_generate(args: GenerateArgs) -> anyhow::Result<()> {
     sampling.validate()?;
     let t0 = std::time::Instant::now();
     let model = std::sync::Arc::new(
-        Model::load(&args.path, &Device::Cpu)
+        Model::load(&args.path, &candlewick::model::open_device(args.device)?)
             .with_context(|| format!("loading {}", args.path.display()))?,
     );
     eprintln!(

@@ -114,6 +114,8 @@ struct Inner {
     max_loaded: usize,
     engine_cfg: EngineConfig,
     default_keep_alive: KeepAlive,
+    /// Where models run (`WICK_DEVICE`), opened once.
+    device: Device,
 }
 
 /// The set of loaded models.
@@ -128,12 +130,14 @@ impl Models {
         let mut engine_cfg = EngineConfig::from_env().map_err(ApiError::Engine)?;
         engine_cfg.default_num_ctx = cfg.context_length;
         engine_cfg.max_running = cfg.num_parallel;
+        let device = crate::model::open_device(cfg.device).map_err(ApiError::Load)?;
         let inner = Arc::new(Inner {
             models: tokio::sync::Mutex::new(HashMap::new()),
             wake: Notify::new(),
             max_loaded: cfg.max_loaded_models.max(1),
             engine_cfg,
             default_keep_alive: cfg.keep_alive,
+            device,
         });
         tokio::spawn(reaper(Arc::downgrade(&inner)));
         Ok(Models { inner })
@@ -158,7 +162,8 @@ impl Models {
             None => {
                 self.make_room(&mut models);
                 let engine_cfg = self.inner.engine_cfg.clone();
-                let loaded = tokio::task::spawn_blocking(move || load(blob, engine_cfg))
+                let device = self.inner.device.clone();
+                let loaded = tokio::task::spawn_blocking(move || load(blob, engine_cfg, &device))
                     .await
                     .map_err(|e| ApiError::Internal(format!("model loader panicked: {e}")))??;
                 let (engine, model, load_duration) = loaded;
@@ -228,9 +233,9 @@ impl Models {
 
 type LoadResult = (Arc<Engine>, Arc<Model>, Duration);
 
-fn load(blob: PathBuf, mut cfg: EngineConfig) -> Result<LoadResult, ApiError> {
+fn load(blob: PathBuf, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, ApiError> {
     let t0 = Instant::now();
-    let model = Arc::new(Model::load(&blob, &Device::Cpu).map_err(ApiError::Load)?);
+    let model = Arc::new(Model::load(&blob, device).map_err(ApiError::Load)?);
     let load_duration = t0.elapsed();
     cfg.load_duration = load_duration;
     let engine = Arc::new(Engine::start(model.clone(), cfg).map_err(ApiError::Engine)?);

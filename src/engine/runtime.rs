@@ -190,6 +190,8 @@ pub enum EngineError {
     Stopped,
     #[error("starting the engine thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("allocating the KV cache: {0}")]
+    Cache(#[source] crate::model::Error),
 }
 
 /// A request's output. Dropping it cancels the request.
@@ -274,8 +276,55 @@ pub struct Engine {
 
 /// Bytes of one KV block on the CPU cache (K and V, f32, every layer).
 fn block_bytes(model: &Model, block_size: usize) -> usize {
+    #[cfg(feature = "cuda")]
+    if model.decoder.device().is_cuda() {
+        return crate::model::cuda::CudaKvCache::block_bytes(model.config(), block_size);
+    }
     let c = model.config();
     2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+}
+
+/// The KV cache budget without `WICK_KV_CACHE_BYTES`: on a GPU, 90% of its free memory
+/// after the weights (activations need the rest); on the CPU, `fraction` of what the
+/// system has available.
+fn default_cache_bytes(model: &Model, fraction: f64) -> usize {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = model.decoder.device() {
+        return match crate::model::cuda::free_memory(d) {
+            Ok(free) => (free as f64 * 0.9) as usize,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read free GPU memory; 1 GiB KV cache");
+                1 << 30
+            }
+        };
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = model;
+    (available_memory() as f64 * fraction.clamp(0.0, 1.0)) as usize
+}
+
+/// The paged KV cache on the model's device.
+fn new_cache(
+    model: &Model,
+    num_blocks: usize,
+    block_size: usize,
+) -> Result<Box<dyn KvCache + Send>, EngineError> {
+    #[cfg(feature = "cuda")]
+    if model.decoder.device().is_cuda() {
+        let c = crate::model::cuda::CudaKvCache::new(
+            model.config(),
+            num_blocks,
+            block_size,
+            model.decoder.device(),
+        )
+        .map_err(EngineError::Cache)?;
+        return Ok(Box::new(c));
+    }
+    Ok(Box::new(CpuKvCache::new(
+        model.config(),
+        num_blocks,
+        block_size,
+    )))
 }
 
 /// Memory available now, from /proc/meminfo; a conservative guess elsewhere.
@@ -298,9 +347,9 @@ impl Engine {
         let num_blocks = match cfg.num_blocks {
             Some(n) => n,
             None => {
-                let bytes = cfg.kv_cache_bytes.unwrap_or_else(|| {
-                    (available_memory() as f64 * cfg.kv_memory_fraction.clamp(0.0, 1.0)) as usize
-                });
+                let bytes = cfg
+                    .kv_cache_bytes
+                    .unwrap_or_else(|| default_cache_bytes(&model, cfg.kv_memory_fraction));
                 // No point in more blocks than the longest context times a generous number
                 // of sequences; the rest of memory is better left to the system.
                 let cap = model.config().max_position_embeddings.div_ceil(block_size) * 64;
@@ -313,11 +362,11 @@ impl Engine {
                 block_bytes: per_block,
             });
         }
-        let cache = CpuKvCache::new(model.config(), num_blocks, block_size);
+        let cache = new_cache(&model, num_blocks, block_size)?;
         tracing::info!(
             num_blocks,
             block_size,
-            bytes = cache.size_bytes(),
+            bytes = num_blocks * per_block,
             "KV cache allocated"
         );
         let stats = Arc::new(Mutex::new(EngineStats {
@@ -489,7 +538,7 @@ struct Worker {
     model: Arc<Model>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
-    cache: CpuKvCache,
+    cache: Box<dyn KvCache + Send>,
     sched: Scheduler,
     active: HashMap<SeqId, Active>,
     rx: Receiver<Submitted>,
@@ -623,7 +672,7 @@ impl Worker {
         let rows = self
             .model
             .decoder
-            .forward(&step.batch, &mut self.cache as &mut dyn KvCache)
+            .forward(&step.batch, self.cache.as_mut())
             .and_then(|l| Ok(l.to_vec2::<f32>()?));
         let rows = match rows {
             Ok(r) => r,

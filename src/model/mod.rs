@@ -6,6 +6,8 @@ pub mod attention;
 pub mod chat_template;
 pub mod config;
 mod cpu_quant;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod decoder;
 mod loaded;
 mod parallel;
@@ -54,6 +56,22 @@ pub enum Error {
     Template(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Cuda(#[from] cuda::KernelError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Opens the device `spec` names (`WICK_DEVICE`, `--device`).
+pub fn open_device(spec: crate::config::DeviceSpec) -> Result<candle_core::Device> {
+    match spec {
+        crate::config::DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        crate::config::DeviceSpec::Cuda(n) => Ok(candle_core::Device::new_cuda(n)?),
+        #[cfg(not(feature = "cuda"))]
+        crate::config::DeviceSpec::Cuda(_) => Err(Error::Config(
+            "this build has no CUDA support (build with --features cuda)".into(),
+        )),
+    }
+}

@@ -310,7 +310,14 @@ pub struct Linear {
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.apply(&self.weight)?;
+        let y = match &self.weight {
+            // candle's CUDA quantized matmul takes f32 activations only; the GPU runs f16.
+            QMatMul::QTensor(_) if x.device().is_cuda() && x.dtype() != DType::F32 => x
+                .to_dtype(DType::F32)?
+                .apply(&self.weight)?
+                .to_dtype(x.dtype())?,
+            _ => x.apply(&self.weight)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
