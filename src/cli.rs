@@ -1,5 +1,5 @@
-//! The client half of the command line: `wick pull`, `list`, `show`, `cp`, `rm` and
-//! `create` talk to a running server (`wick serve`, or Ollama itself) at `OLLAMA_HOST`
+//! The client half of the command line: `wick pull`, `list`, `show`, `cp`, `rm`, `create`,
+//! `run`, `ps` and `stop` talk to a running server (`wick serve`, or Ollama itself) at `OLLAMA_HOST`
 //! over its HTTP API, the way Ollama's own CLI does. `create` reads a Modelfile (`FROM`,
 //! `TEMPLATE`, `SYSTEM`, `PARAMETER`, `LICENSE`, `MESSAGE`) and uploads a local GGUF
 //! named by `FROM` as a blob first.
@@ -684,4 +684,208 @@ mod tests {
         assert_eq!(human_bytes(4_661_224_676), "4.7 GB");
         assert_eq!(human_bytes(512), "512 B");
     }
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    pub model: String,
+    /// Allow plain HTTP to the registry if the model has to be pulled.
+    #[arg(long)]
+    pub insecure: bool,
+    /// One prompt to answer; without it, an interactive chat (`/bye` or end of input quits).
+    pub prompt: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct StopArgs {
+    pub model: String,
+}
+
+/// Streams one chat turn to stdout and returns the assistant's text.
+async fn chat_turn(
+    c: &Client,
+    model: &str,
+    messages: &[Value],
+    options: &Map<String, Value>,
+) -> Result<String> {
+    let resp = c
+        .post(
+            "/api/chat",
+            &json!({"model": model, "messages": messages, "options": options, "stream": true}),
+        )
+        .await?;
+    let mut body = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut answer = String::new();
+    let mut out = std::io::stdout();
+    let mut thinking = false;
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| c.connect_err(e))?);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
+                continue;
+            };
+            if let Some(e) = v["error"].as_str() {
+                return Err(CliError::Server(e.to_string()));
+            }
+            let msg = &v["message"];
+            if let Some(t) = msg["thinking"].as_str().filter(|t| !t.is_empty()) {
+                if !thinking {
+                    let _ = write!(out, "Thinking...\n");
+                    thinking = true;
+                }
+                let _ = write!(out, "{t}");
+            }
+            if let Some(t) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+                if thinking {
+                    let _ = write!(out, "\n...done thinking.\n\n");
+                    thinking = false;
+                }
+                answer.push_str(t);
+                let _ = write!(out, "{t}");
+            }
+            if let Some(calls) = msg["tool_calls"].as_array() {
+                for call in calls {
+                    let _ = writeln!(out, "[tool call] {}", call["function"]);
+                }
+            }
+            let _ = out.flush();
+        }
+    }
+    let _ = writeln!(out);
+    Ok(answer)
+}
+
+/// `wick run`: pulls the model if the server lacks it, then answers one prompt or chats.
+pub fn run(args: RunArgs) -> Result<()> {
+    let c = Client::new()?;
+    c.rt.block_on(async {
+        let show = c.post("/api/show", &json!({"model": args.model})).await;
+        if let Err(CliError::Server(msg)) = &show {
+            if msg.contains("not found") {
+                let resp = c
+                    .post(
+                        "/api/pull",
+                        &json!({"model": args.model, "insecure": args.insecure, "stream": true}),
+                    )
+                    .await?;
+                let mut p = ProgressPrinter::new();
+                let r = c.stream(resp, |v| p.show(v)).await;
+                p.finish();
+                r?;
+            }
+        } else {
+            show?;
+        }
+        let mut messages: Vec<Value> = Vec::new();
+        let mut options = Map::new();
+        if !args.prompt.is_empty() {
+            messages.push(json!({"role": "user", "content": args.prompt.join(" ")}));
+            chat_turn(&c, &args.model, &messages, &options).await?;
+            return Ok(());
+        }
+        let stdin = std::io::stdin();
+        let interactive = stdin.is_terminal();
+        loop {
+            if interactive {
+                print!(">>> ");
+                let _ = std::io::stdout().flush();
+            }
+            let mut line = String::new();
+            let n = stdin.read_line(&mut line).map_err(|source| CliError::Io {
+                path: PathBuf::from("<stdin>"),
+                source,
+            })?;
+            let line = line.trim();
+            if n == 0 || line == "/bye" {
+                return Ok(());
+            }
+            if line.is_empty() {
+                continue;
+            }
+            // `/set parameter NAME VALUE`, as in Ollama's REPL.
+            if let Some(rest) = line.strip_prefix("/set parameter ") {
+                match rest.trim().split_once(char::is_whitespace) {
+                    Some((k, v)) => {
+                        options.insert(k.to_string(), param_value(v.trim()));
+                        println!("Set parameter '{k}' to '{}'", v.trim());
+                    }
+                    None => println!("Usage: /set parameter NAME VALUE"),
+                }
+                continue;
+            }
+            messages.push(json!({"role": "user", "content": line}));
+            let answer = chat_turn(&c, &args.model, &messages, &options).await?;
+            messages.push(json!({"role": "assistant", "content": answer}));
+        }
+    })
+}
+
+/// `wick ps`: the loaded models.
+pub fn ps() -> Result<()> {
+    let c = Client::new()?;
+    let v: Value = c.rt.block_on(async {
+        let resp = c.send(c.http.get(format!("{}/api/ps", c.base))).await?;
+        resp.json().await.map_err(|e| c.connect_err(e))
+    })?;
+    let rows: Vec<[String; 5]> = v["models"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let size = m["size"].as_u64().unwrap_or(0);
+            let vram = m["size_vram"].as_u64().unwrap_or(0);
+            let processor = if vram == 0 {
+                "100% CPU".to_string()
+            } else if vram >= size {
+                "100% GPU".to_string()
+            } else {
+                format!("{}% GPU", vram * 100 / size.max(1))
+            };
+            [
+                m["name"].as_str().unwrap_or_default().to_string(),
+                m["digest"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(12)
+                    .collect(),
+                human_bytes(size),
+                processor,
+                until(m["expires_at"].as_str().unwrap_or_default()),
+            ]
+        })
+        .collect();
+    print_table(["NAME", "ID", "SIZE", "PROCESSOR", "UNTIL"], &rows);
+    Ok(())
+}
+
+/// "4 minutes from now", or "Forever" for far-future keep-alives.
+fn until(rfc3339: &str) -> String {
+    let Ok(t) = chrono::DateTime::parse_from_rfc3339(rfc3339) else {
+        return rfc3339.to_string();
+    };
+    let secs = (t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds();
+    match secs {
+        s if s > 100 * 365 * 86400 => "Forever".into(),
+        s if s < 60 => "Less than a minute from now".into(),
+        s if s < 3600 => format!("{} minutes from now", s / 60),
+        s if s < 86400 => format!("{} hours from now", s / 3600),
+        s => format!("{} days from now", s / 86400),
+    }
+}
+
+/// `wick stop`: unloads a model now (`keep_alive: 0`, as Ollama's CLI does).
+pub fn stop(args: StopArgs) -> Result<()> {
+    let c = Client::new()?;
+    c.rt.block_on(async {
+        c.post(
+            "/api/generate",
+            &json!({"model": args.model, "keep_alive": 0, "stream": false}),
+        )
+        .await
+        .map(drop)
+    })
 }

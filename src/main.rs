@@ -48,6 +48,12 @@ enum Command {
     Rm(cli::RmArgs),
     /// Create a model from a Modelfile.
     Create(cli::CreateArgs),
+    /// Chat with a model through the server (pulls it first if needed).
+    Run(cli::RunArgs),
+    /// List the loaded models.
+    Ps,
+    /// Unload a model.
+    Stop(cli::StopArgs),
 }
 
 #[derive(clap::Args)]
@@ -101,15 +107,20 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `RUST_LOG` when set; otherwise a server logs its requests and the rest only warnings.
+    let default = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
-        // `RUST_LOG` when set; otherwise info, so a server logs its requests.
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => run_generate(args),
         Command::Serve(args) => run_serve(args),
@@ -120,6 +131,9 @@ fn main() -> ExitCode {
         Command::Cp(args) => cli::cp(args).map_err(Into::into),
         Command::Rm(args) => cli::rm(args).map_err(Into::into),
         Command::Create(args) => cli::create(args).map_err(Into::into),
+        Command::Run(args) => cli::run(args).map_err(Into::into),
+        Command::Ps => cli::ps().map_err(Into::into),
+        Command::Stop(args) => cli::stop(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

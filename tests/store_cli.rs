@@ -1,6 +1,7 @@
 //! The `wick` command line as a client of `wick serve` (both the real binary): `create`
 //! from a Modelfile whose FROM is a local GGUF (uploaded as a blob), `pull` from the
-//! loopback registry, `list`, `show`, `cp` and `rm`, and their errors.
+//! loopback registry, `list`, `show`, `cp`, `rm`, `run` (one prompt, and a chat over stdin
+//! that pulls first), `ps` and `stop`, and their errors.
 
 mod common;
 
@@ -33,6 +34,7 @@ fn serve(host: &str, models: &Path) -> Server {
         .arg("serve")
         .env("OLLAMA_HOST", host)
         .env("OLLAMA_MODELS", models)
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -166,5 +168,61 @@ fn cli_create_pull_list_show_cp_rm() {
     let (_, out, _) = wick(&host, &work, &["list"]);
     assert_eq!(out.lines().count(), 2, "{out}");
     assert!(out.contains(&name));
+
+    // run chats over stdin (with Ollama's /set parameter), ps shows the loaded model, stop
+    // unloads it.
+    let chat = |args: &[&str], input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wick"))
+            .args(args)
+            .env("OLLAMA_HOST", &host)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("wick run");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            stdin.write_all(input.as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = chat(
+        &["run", &name],
+        "/set parameter temperature 0\nWhat is the capital of Germany?\n/bye\n",
+    );
+    assert!(out.contains("Set parameter 'temperature' to '0'"), "{out}");
+    assert!(out.contains("Berlin"), "{out}");
+    let (ok, out, _) = wick(&host, &work, &["ps"]);
+    assert!(ok);
+    let row = out.lines().nth(1).unwrap_or_default();
+    assert!(
+        row.starts_with(name.as_str()) && row.contains("100% CPU"),
+        "{out}"
+    );
+    let (ok, _, err) = wick(&host, &work, &["stop", &name]);
+    assert!(ok, "{err}");
+    let (_, out, _) = wick(&host, &work, &["ps"]);
+    assert_eq!(out.lines().count(), 1, "only the header: {out}");
+
+    // run pulls a model the server lacks, then answers the prompt given on the command line.
+    let other = format!("{}/library/smollm2:other", reg.host);
+    reg.add_model(
+        "library/smollm2",
+        "other",
+        Bytes::from(std::fs::read(&gguf).unwrap()),
+        &[],
+    );
+    let (ok, out, err) = wick(&host, &work, &["run", "--insecure", &other, "Say hello."]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("success") && !out.trim().ends_with("success"),
+        "{out}"
+    );
+    let (_, out, _) = wick(&host, &work, &["list"]);
+    assert!(out.contains(&other), "{out}");
     let _ = std::fs::remove_dir_all(&root);
 }
