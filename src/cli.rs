@@ -732,7 +732,7 @@ async fn chat_turn(
             let msg = &v["message"];
             if let Some(t) = msg["thinking"].as_str().filter(|t| !t.is_empty()) {
                 if !thinking {
-                    let _ = write!(out, "Thinking...\n");
+                    let _ = writeln!(out, "Thinking...");
                     thinking = true;
                 }
                 let _ = write!(out, "{t}");
