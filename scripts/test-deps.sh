@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the tests need besides Rust: the real test models (sha256-checked), the
-# official Python clients (`ollama`, `openai`, pytest) and ollama-js (tests/clients/js).
+# official Python clients (`ollama`, `openai`, pytest), ollama-js (tests/clients/js) and
+# headless Chromium for the browser test (Debian `chromium`).
 # Safe to rerun: each step is skipped or quick when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +15,12 @@ if ! python3 -c 'import ollama, openai, pytest' 2>/dev/null; then
             'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8'
 fi
 
-command -v npm >/dev/null || { apt-get update -q && apt-get install -y -q npm; }
+missing=()
+command -v npm >/dev/null || missing+=(npm)
+command -v chromium >/dev/null || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -q && apt-get install -y -q "${missing[@]}"
+fi
 if [ ! -f tests/clients/js/node_modules/ollama/package.json ]; then
     npm ci --prefix tests/clients/js --no-audit --no-fund --silent
 fi
