@@ -260,3 +260,24 @@ async fn json_mode_gives_a_complete_object() {
         serde_json::from_str(content).unwrap_or_else(|e| panic!("{content:?}: {e}"));
     assert_eq!(parsed["capital"], "Berlin", "{parsed}");
 }
+
+#[tokio::test]
+async fn suffix_fills_in_the_middle() {
+    for path in ["/api/generate", "/v1/completions"] {
+        let body = if path == "/api/generate" {
+            json!({"model": MODEL, "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(2, 3))\n",
+                   "stream": false, "options": {"temperature": 0, "num_predict": 16}})
+        } else {
+            json!({"model": MODEL, "prompt": "def add(a, b):\n    ", "suffix": "\n\nprint(add(2, 3))\n",
+                   "temperature": 0, "max_tokens": 16})
+        };
+        let resp = post(path, body).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        let text = v["response"]
+            .as_str()
+            .or(v["choices"][0]["text"].as_str())
+            .unwrap();
+        assert!(text.contains("return a + b"), "{path}: {text:?}");
+    }
+}

@@ -33,6 +33,8 @@ pub enum Input {
     /// A single prompt: templated as one user turn unless `raw`.
     Generate {
         prompt: String,
+        /// Text after the gap (fill-in-the-middle); needs the model's FIM tokens.
+        suffix: Option<String>,
         system: Option<String>,
         raw: bool,
         /// Tokens from a previous response's `context`, put before the prompt.
@@ -351,7 +353,14 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     }
     // JSON mode constrains every token, so a thinking model answers without thinking.
     let thinking = format.thinking && req.think != Some(false) && !req.json;
-    let (prompt, in_thinking) = tokenize(&in_use, req.input, system_layer, format, thinking)?;
+    let (prompt, in_thinking) = tokenize(
+        &in_use,
+        &req.model,
+        req.input,
+        system_layer,
+        format,
+        thinking,
+    )?;
     let parser = ReplyParser::new(format, thinking, in_thinking, tools);
     let mut engine_req = options.to_request(prompt.clone());
     engine_req.json = req.json;
@@ -454,6 +463,7 @@ pub fn normalize(v: &mut [f32]) {
 /// `<think>` block (templates that start the model's reasoning for it).
 fn tokenize(
     in_use: &InUse,
+    model_name: &str,
     input: Input,
     system_layer: Option<String>,
     format: ReplyFormat,
@@ -501,9 +511,31 @@ fn tokenize(
         }
         Input::Generate {
             prompt,
+            suffix: Some(suffix),
+            ..
+        } => {
+            let t = &model.tokenizer;
+            // Qwen2.5-coder's spelling, then StarCoder's (SmolLM2).
+            let fim = [
+                ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"],
+                ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"],
+            ]
+            .into_iter()
+            .find(|tags| tags.iter().all(|tag| t.token_id(tag).is_some()));
+            let Some([pre, suf, mid]) = fim else {
+                return Err(ApiError::BadRequest(format!(
+                    "\"{model_name}\" does not support insert"
+                )));
+            };
+            let text = format!("{pre}{prompt}{suf}{suffix}{mid}");
+            Ok((encode(&text, false)?, false))
+        }
+        Input::Generate {
+            prompt,
             system,
             raw,
             mut context,
+            ..
         } => {
             let (ids, in_thinking) = if raw {
                 let add_bos = context.is_empty() && model.tokenizer.add_bos();

@@ -15,7 +15,7 @@ use candle_core::Device;
 use tokio::sync::Notify;
 
 use crate::config::{Config, KeepAlive};
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{available_memory, Engine, EngineConfig};
 use crate::model::Model;
 use crate::store::LocalModel;
 
@@ -160,7 +160,7 @@ impl Models {
         let loaded = match models.get(&info.manifest_path) {
             Some(l) => l.clone(),
             None => {
-                self.make_room(&mut models);
+                self.make_room(&mut models, info.size).await;
                 let engine_cfg = self.inner.engine_cfg.clone();
                 let device = self.inner.device.clone();
                 let loaded = tokio::task::spawn_blocking(move || load(blob, engine_cfg, &device))
@@ -214,19 +214,29 @@ impl Models {
         self.inner.models.lock().await.values().cloned().collect()
     }
 
-    /// Evicts least recently used idle models until one more fits.
-    fn make_room(&self, models: &mut HashMap<PathBuf, Arc<Loaded>>) {
-        while models.len() >= self.inner.max_loaded {
+    /// Evicts least recently used idle models until one more fits: under
+    /// `OLLAMA_MAX_LOADED_MODELS`, and on the CPU within the memory available (the new
+    /// model's file plus its KV cache budget, or 256 MiB of cache when that adapts).
+    async fn make_room(&self, models: &mut HashMap<PathBuf, Arc<Loaded>>, size: u64) {
+        let need = size as usize + self.inner.engine_cfg.kv_cache_bytes.unwrap_or(256 << 20);
+        loop {
+            let too_many = models.len() >= self.inner.max_loaded;
+            let too_big = self.inner.device.is_cpu() && need > available_memory();
+            if !too_many && !too_big {
+                return;
+            }
             let victim = models
                 .iter()
                 .filter(|(_, l)| l.active.load(Ordering::Acquire) == 0)
                 .min_by_key(|(_, l)| l.timing().last_used)
                 .map(|(k, _)| k.clone());
-            match victim.and_then(|k| models.remove(&k)) {
-                Some(l) => drop_off_thread(l),
-                // Everything is busy: load anyway rather than fail (no memory budget yet).
-                None => break,
-            }
+            let Some(l) = victim.and_then(|k| models.remove(&k)) else {
+                // Everything is busy: load anyway rather than fail; the OS pages weights.
+                return;
+            };
+            tracing::info!(model = %l.info.name.display_short(), too_many, too_big, "unloading to make room");
+            // Wait for it to go, so the memory check sees what it freed.
+            let _ = tokio::task::spawn_blocking(move || drop(l)).await;
         }
     }
 }

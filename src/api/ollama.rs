@@ -245,6 +245,8 @@ struct GenerateRequest {
     #[serde(default)]
     suffix: Option<String>,
     #[serde(default)]
+    template: Option<String>,
+    #[serde(default)]
     system: Option<String>,
     #[serde(default)]
     context: Option<Vec<u32>>,
@@ -369,12 +371,14 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
     no_images(&req.model, req.images.as_ref())?;
-    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(
-            ApiError::BadRequest(format!("\"{}\" does not support insert", req.model)).into(),
-        );
-    }
+    let suffix = req.suffix.filter(|s| !s.is_empty());
     let raw = req.raw.unwrap_or(false);
+    if req.template.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::BadRequest(
+            "template overrides (Go templates) are not supported; the model's own chat template is used".into(),
+        )
+        .into());
+    }
     if raw && (req.system.is_some() || req.context.is_some()) {
         return Err(ApiError::BadRequest(
             "raw mode does not support template, system, or context".into(),
@@ -385,6 +389,7 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
         model: req.model.clone(),
         input: Input::Generate {
             prompt: req.prompt.unwrap_or_default(),
+            suffix,
             system: req.system,
             raw,
             context: req.context.unwrap_or_default(),

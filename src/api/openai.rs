@@ -348,13 +348,6 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
             return Err(ApiError::BadRequest("prompt must be a string".into()).into());
         }
     };
-    if req.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-        return Err(ApiError::BadRequest(format!(
-            "\"{}\" does not support insert",
-            req.common.model
-        ))
-        .into());
-    }
     if prompt.is_empty() {
         return Err(ApiError::BadRequest("prompt is required".into()).into());
     }
@@ -363,6 +356,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         model: c.model.clone(),
         input: Input::Generate {
             prompt,
+            suffix: req.suffix.filter(|s| !s.is_empty()),
             system: None,
             raw: false,
             context: Vec::new(),

@@ -10,6 +10,6 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use runtime::{
-    Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request, RequestStream,
-    Summary,
+    available_memory, Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request,
+    RequestStream, Summary,
 };

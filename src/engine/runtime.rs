@@ -328,7 +328,7 @@ fn new_cache(
 }
 
 /// Memory available now, from /proc/meminfo; a conservative guess elsewhere.
-fn available_memory() -> usize {
+pub fn available_memory() -> usize {
     const FALLBACK: usize = 1 << 30;
     let Ok(text) = std::fs::read_to_string("/proc/meminfo") else {
         return FALLBACK;
