@@ -154,6 +154,16 @@ impl Client {
             .await
     }
 
+    /// `GET path` as JSON.
+    fn get_json(&self, path: &str) -> Result<Value> {
+        self.rt.block_on(async {
+            let resp = self
+                .send(self.http.get(format!("{}{path}", self.base)))
+                .await?;
+            resp.json().await.map_err(|e| self.connect_err(e))
+        })
+    }
+
     /// Reads an NDJSON stream, handing each object to `each`; an `error` line ends it.
     async fn stream(&self, resp: reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
         let mut body = resp.bytes_stream();
@@ -293,10 +303,7 @@ fn ago(rfc3339: &str) -> String {
 
 pub fn list() -> Result<()> {
     let c = Client::new()?;
-    let v: Value = c.rt.block_on(async {
-        let resp = c.send(c.http.get(format!("{}/api/tags", c.base))).await?;
-        resp.json().await.map_err(|e| c.connect_err(e))
-    })?;
+    let v = c.get_json("/api/tags")?;
     let rows: Vec<[String; 4]> = v["models"]
         .as_array()
         .map(Vec::as_slice)
@@ -825,10 +832,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 /// `wick ps`: the loaded models.
 pub fn ps() -> Result<()> {
     let c = Client::new()?;
-    let v: Value = c.rt.block_on(async {
-        let resp = c.send(c.http.get(format!("{}/api/ps", c.base))).await?;
-        resp.json().await.map_err(|e| c.connect_err(e))
-    })?;
+    let v = c.get_json("/api/ps")?;
     let rows: Vec<[String; 5]> = v["models"]
         .as_array()
         .map(Vec::as_slice)

@@ -4,17 +4,15 @@
 //! processes pulling into one directory; a store laid out by hand exactly as Ollama writes
 //! it; and `/api/blobs`, `/api/create`, `/api/copy`, `/api/delete`.
 
+mod api_common;
 mod common;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use api_common::{config, store_dir, WickProcess};
 use axum::body::Bytes;
-use candlewick::api::{self, AppState};
-use candlewick::config::Config;
 use common::registry::{Faults, TestRegistry};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -45,83 +43,18 @@ fn gguf_digest() -> String {
 
 /// An empty scratch store under cargo's target tmp dir.
 fn scratch(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("store-pull-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("creating the scratch store");
-    dir
+    store_dir(&format!("pull-{tag}"))
 }
 
-fn config(models: &Path) -> Config {
-    let env: HashMap<String, String> =
-        HashMap::from([("OLLAMA_MODELS".into(), models.display().to_string())]);
-    Config::from_lookup(|k| env.get(k).cloned()).expect("test config")
-}
-
-/// `wick serve`'s router in this process, on its own runtime thread.
+/// `wick serve`'s router in this process; its base URL.
 fn spawn_server(models: &Path) -> String {
     std::env::set_var("WICK_KV_CACHE_BYTES", (256usize << 20).to_string());
-    let cfg = config(models);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("server runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("binding 127.0.0.1:0");
-            let state = AppState::new(cfg).expect("app state");
-            tx.send(listener.local_addr().expect("local addr"))
-                .expect("reporting the address");
-            api::serve(listener, state, std::future::pending())
-                .await
-                .expect("serving");
-        });
-    });
-    format!("http://{}", rx.recv().expect("server address"))
-}
-
-/// A `wick serve` process, killed when dropped.
-struct WickProcess {
-    child: Child,
-    base: String,
-}
-
-impl Drop for WickProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    let (addr, _) = api_common::spawn_server(config(models.to_path_buf(), &[]));
+    format!("http://{addr}")
 }
 
 fn spawn_wick(models: &Path) -> WickProcess {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let host = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_wick"))
-        .arg("serve")
-        .env("OLLAMA_HOST", &host)
-        .env("OLLAMA_MODELS", models)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting wick serve");
-    let start = Instant::now();
-    while std::net::TcpStream::connect(&host).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "wick serve on {host}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    WickProcess {
-        child,
-        base: format!("http://{host}"),
-    }
+    WickProcess::start(models, &[])
 }
 
 async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
@@ -881,8 +814,7 @@ async fn a_killed_server_leaves_a_pull_the_next_one_continues() {
         assert!(start.elapsed() < Duration::from_secs(30), "saved {saved}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    a.child.kill().expect("killing wick serve");
-    let _ = a.child.wait();
+    a.kill();
     let _ = pulling.await;
     let first = reg.served(&d);
 

@@ -117,6 +117,22 @@ pub struct ConfigBlob {
     pub rootfs: Option<serde_json::Value>,
 }
 
+impl ConfigBlob {
+    /// The config of a GGUF model layer with `digest`, as Ollama writes it.
+    pub fn for_gguf(summary: &GgufSummary, digest: &str) -> ConfigBlob {
+        ConfigBlob {
+            model_format: "gguf".into(),
+            model_family: summary.architecture.clone(),
+            model_families: Some(vec![summary.architecture.clone()]),
+            model_type: human_params(summary.parameter_count),
+            file_type: summary.file_type.clone(),
+            architecture: "amd64".into(),
+            os: "linux".into(),
+            rootfs: Some(serde_json::json!({"type": "layers", "diff_ids": [digest]})),
+        }
+    }
+}
+
 /// A model found in the store.
 #[derive(Debug, Clone)]
 pub struct LocalModel {
@@ -294,16 +310,7 @@ impl Store {
         let blobs = self.root.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
         let (digest, size) = self.copy_blob(gguf)?;
-        let config = ConfigBlob {
-            model_format: "gguf".into(),
-            model_family: summary.architecture.clone(),
-            model_families: Some(vec![summary.architecture.clone()]),
-            model_type: human_params(summary.parameter_count),
-            file_type: summary.file_type.clone(),
-            architecture: "amd64".into(),
-            os: "linux".into(),
-            rootfs: Some(serde_json::json!({"type": "layers", "diff_ids": [digest]})),
-        };
+        let config = ConfigBlob::for_gguf(&summary, &digest);
         let config_bytes = serde_json::to_vec(&config).map_err(|e| StoreError::BadManifest {
             path: gguf.to_path_buf(),
             msg: e.to_string(),

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::blobs::normalize_digest;
-use super::gguf::{self, human_params};
+use super::gguf;
 use super::{
     io_err, subdirs, write_atomic, ConfigBlob, Layer, LocalModel, Manifest, ModelName, Store,
     StoreError, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MANIFEST, MEDIA_MODEL, MEDIA_PARAMS,
@@ -184,16 +184,7 @@ impl Store {
                     from: None,
                 },
             );
-            let config = ConfigBlob {
-                model_format: "gguf".into(),
-                model_family: summary.architecture.clone(),
-                model_families: Some(vec![summary.architecture.clone()]),
-                model_type: human_params(summary.parameter_count),
-                file_type: summary.file_type.clone(),
-                architecture: "amd64".into(),
-                os: "linux".into(),
-                rootfs: Some(serde_json::json!({"type": "layers", "diff_ids": [digest]})),
-            };
+            let config = ConfigBlob::for_gguf(&summary, &digest);
             let bytes = to_json(&config, &path)?;
             let digest = self.write_blob_bytes(&bytes)?;
             config_layer = Some(Layer {

@@ -109,6 +109,8 @@ pub struct WickProcess {
     child: std::process::Child,
     /// `127.0.0.1:PORT`, as OLLAMA_HOST takes it.
     pub host: String,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
 }
 
 impl WickProcess {
@@ -130,7 +132,8 @@ impl WickProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("starting wick serve");
-        let server = WickProcess { child, host };
+        let base = format!("http://{host}");
+        let server = WickProcess { child, host, base };
         let start = std::time::Instant::now();
         while std::net::TcpStream::connect(&server.host).is_err() {
             assert!(
@@ -141,6 +144,14 @@ impl WickProcess {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         server
+    }
+}
+
+impl WickProcess {
+    /// SIGKILL, as a crash would end it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
