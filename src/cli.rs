@@ -164,11 +164,10 @@ impl Client {
         })
     }
 
-    /// Reads an NDJSON stream, handing each object to `each`; an `error` line ends it.
-    async fn stream(&self, resp: reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
+    /// Reads an NDJSON body, handing each object to `each`; an `error` line ends it.
+    async fn lines(&self, resp: reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
-        let mut success = false;
         while let Some(chunk) = body.next().await {
             buf.extend_from_slice(&chunk.map_err(|e| self.connect_err(e))?);
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
@@ -179,10 +178,20 @@ impl Client {
                 if let Some(e) = v["error"].as_str() {
                     return Err(CliError::Server(e.to_string()));
                 }
-                success |= v["status"] == "success";
                 each(&v);
             }
         }
+        Ok(())
+    }
+
+    /// Reads a status stream (pull, create), which must end in `success`.
+    async fn stream(&self, resp: reqwest::Response, mut each: impl FnMut(&Value)) -> Result<()> {
+        let mut success = false;
+        self.lines(resp, |v| {
+            success |= v["status"] == "success";
+            each(v);
+        })
+        .await?;
         if success {
             Ok(())
         } else {
@@ -721,45 +730,34 @@ async fn chat_turn(
             &json!({"model": model, "messages": messages, "options": options, "stream": true}),
         )
         .await?;
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
     let mut answer = String::new();
     let mut out = std::io::stdout();
     let mut thinking = false;
-    while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| c.connect_err(e))?);
-        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=nl).collect();
-            let Ok(v) = serde_json::from_slice::<Value>(&line) else {
-                continue;
-            };
-            if let Some(e) = v["error"].as_str() {
-                return Err(CliError::Server(e.to_string()));
+    c.lines(resp, |v| {
+        let msg = &v["message"];
+        if let Some(t) = msg["thinking"].as_str().filter(|t| !t.is_empty()) {
+            if !thinking {
+                let _ = writeln!(out, "Thinking...");
+                thinking = true;
             }
-            let msg = &v["message"];
-            if let Some(t) = msg["thinking"].as_str().filter(|t| !t.is_empty()) {
-                if !thinking {
-                    let _ = writeln!(out, "Thinking...");
-                    thinking = true;
-                }
-                let _ = write!(out, "{t}");
-            }
-            if let Some(t) = msg["content"].as_str().filter(|t| !t.is_empty()) {
-                if thinking {
-                    let _ = write!(out, "\n...done thinking.\n\n");
-                    thinking = false;
-                }
-                answer.push_str(t);
-                let _ = write!(out, "{t}");
-            }
-            if let Some(calls) = msg["tool_calls"].as_array() {
-                for call in calls {
-                    let _ = writeln!(out, "[tool call] {}", call["function"]);
-                }
-            }
-            let _ = out.flush();
+            let _ = write!(out, "{t}");
         }
-    }
+        if let Some(t) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+            if thinking {
+                let _ = write!(out, "\n...done thinking.\n\n");
+                thinking = false;
+            }
+            answer.push_str(t);
+            let _ = write!(out, "{t}");
+        }
+        if let Some(calls) = msg["tool_calls"].as_array() {
+            for call in calls {
+                let _ = writeln!(out, "[tool call] {}", call["function"]);
+            }
+        }
+        let _ = out.flush();
+    })
+    .await?;
     let _ = writeln!(out);
     Ok(answer)
 }

@@ -211,6 +211,13 @@ impl Options {
         }
     }
 
+    /// `num_ctx` when it is a usable length.
+    fn context_length(&self) -> Option<usize> {
+        self.num_ctx
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0)
+    }
+
     /// The engine request for `prompt` with these options over Ollama's defaults.
     fn to_request(&self, prompt: Vec<u32>) -> Request {
         let d = SamplingParams::default();
@@ -232,10 +239,7 @@ impl Options {
         req.sampling = sampling;
         // -1 (unlimited) and -2 (fill the context) both run to a stop or the context end.
         req.num_predict = self.num_predict.and_then(|n| usize::try_from(n).ok());
-        req.num_ctx = self
-            .num_ctx
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| n > 0);
+        req.num_ctx = self.context_length();
         req.stop = self.stop.clone().unwrap_or_default();
         req
     }
@@ -403,9 +407,7 @@ pub async fn embed(
     let load_duration = start.elapsed();
     let model = in_use.loaded().model.clone();
     let ctx = options
-        .num_ctx
-        .and_then(|n| usize::try_from(n).ok())
-        .filter(|&n| n > 0)
+        .context_length()
         .unwrap_or(state.config.context_length)
         .min(model.config().max_position_embeddings);
     let work = move || {

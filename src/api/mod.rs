@@ -143,6 +143,24 @@ async fn method_not_allowed() -> Response {
     text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed")
 }
 
+/// An NDJSON response: each value on its own line, sent as it comes (`application/x-ndjson`).
+pub fn ndjson(
+    values: impl futures_util::Stream<Item = serde_json::Value> + Send + 'static,
+) -> Response {
+    use futures_util::StreamExt;
+    let body = values.map(|v| {
+        let mut s = v.to_string();
+        s.push('\n');
+        Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(s))
+    });
+    let mut resp = Response::new(axum::body::Body::from_stream(body));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp
+}
+
 /// Parses a JSON body whatever its Content-Type (curl `-d` says form-urlencoded).
 pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {

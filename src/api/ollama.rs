@@ -2,11 +2,9 @@
 //! `/api/generate`, with NDJSON streaming (one object per line, flushed per line, a final
 //! `done: true` object with metrics) and errors as `{"error": "..."}`.
 
-use std::convert::Infallible;
-
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -555,51 +553,30 @@ fn add_metrics(v: &mut Value, s: &Summary) {
     }
 }
 
-fn line(v: &Value) -> Bytes {
-    let mut s = v.to_string();
-    s.push('\n');
-    Bytes::from(s)
-}
-
 /// Streams the output as NDJSON. The body ends after the `done` object or an error line;
 /// if the client goes away the body is dropped, which drops `rx` and cancels generation.
 fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
-    let body = futures_util::stream::unfold(Some(rx), move |rx| {
+    let objects = futures_util::stream::unfold(Some(rx), move |rx| {
         let model = model.clone();
         async move {
             let mut rx = rx?;
-            let out = rx.recv().await;
-            let (bytes, more) = match out {
+            let (v, more) = match rx.recv().await {
                 Some(Out::Done(f)) => (
-                    line(&final_object(
-                        kind,
-                        &model,
-                        f.reason,
-                        Some(&f),
-                        &Reply::default(),
-                    )),
+                    final_object(kind, &model, f.reason, Some(&f), &Reply::default()),
                     false,
                 ),
-                Some(Out::Error(e)) => (line(&json!({"error": e})), false),
-                None => (
-                    line(&json!({"error": "generation ended unexpectedly"})),
-                    false,
-                ),
+                Some(Out::Error(e)) => (json!({"error": e}), false),
+                None => (json!({"error": "generation ended unexpectedly"}), false),
                 Some(piece) => {
                     let mut r = Reply::default();
                     r.add(piece);
-                    (line(&chunk(kind, &model, &r)), true)
+                    (chunk(kind, &model, &r), true)
                 }
             };
-            Some((Ok::<_, Infallible>(bytes), more.then_some(rx)))
+            Some((v, more.then_some(rx)))
         }
     });
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    resp
+    super::ndjson(objects)
 }
 
 /// Gathers the whole output into one object (`stream: false`).

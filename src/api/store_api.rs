@@ -4,12 +4,11 @@
 //! `crate::store`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::OnceLock;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -136,18 +135,9 @@ fn registry() -> Result<&'static Registry> {
 
 /// A stream of NDJSON lines that ends when the sender is dropped.
 fn ndjson(rx: mpsc::UnboundedReceiver<Value>) -> Response {
-    let body = futures_util::stream::unfold(rx, |mut rx| async move {
-        let v = rx.recv().await?;
-        let mut s = v.to_string();
-        s.push('\n');
-        Some((Ok::<_, Infallible>(Bytes::from(s)), rx))
-    });
-    let mut resp = Response::new(Body::from_stream(body));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    resp
+    super::ndjson(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|v| (v, rx))
+    }))
 }
 
 #[derive(Deserialize)]
