@@ -3,7 +3,7 @@
 //! count in the same run: `scripts/bench-model.sh` runs both.
 //!
 //! `cargo bench --bench model` (models from `scripts/fetch-test-models.sh`; threads from
-//! RAYON_NUM_THREADS, default all cores).
+//! WICK_NUM_THREADS, default the CPUs this process may use).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

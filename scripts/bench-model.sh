@@ -15,5 +15,5 @@ done
 echo "== candlewick (criterion, $threads threads)"
 # The dev profile builds dependencies at opt-level 3 (see Cargo.toml), so no separate
 # release build of candle is needed.
-RAYON_NUM_THREADS="$threads" cargo bench --profile dev --bench model -- --noplot 2>&1 |
+WICK_NUM_THREADS="$threads" cargo bench --profile dev --bench model -- --noplot 2>&1 |
   grep -E '^[a-z0-9.-]+/|thrpt'

@@ -107,6 +107,8 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any other thread exists: it sets environment variables candle reads.
+    candlewick::model::init_threads();
     let cli = Cli::parse();
     // `RUST_LOG` when set; otherwise a server logs its requests and the rest only warnings.
     let default = if matches!(cli.command, Command::Serve(_)) {

@@ -66,10 +66,14 @@ impl std::ops::Deref for Data {
     }
 }
 
-/// Quantized weights in GGUF block layout, multiplied by our kernels.
+/// Quantized weights, multiplied by our kernels: in GGUF block layout, or with rows
+/// interleaved in groups of [`GROUP`] (see [`pack`]) where the CPU has a tile kernel for that.
 pub struct FastQuant {
     kind: Kind,
     data: Data,
+    /// Blocks per row.
+    row_blocks: usize,
+    packed: bool,
 }
 
 impl FastQuant {
@@ -86,18 +90,23 @@ impl FastQuant {
         (has_avx2() && len.is_multiple_of(kind.block_bytes())).then_some(kind)
     }
 
+    /// Whether tensors of `dtype` with rows of `row_len` values get our kernels (which are
+    /// parallel inside) rather than candle's.
+    pub fn handles(dtype: GgmlDType, row_len: usize) -> bool {
+        Self::kind_for(dtype, row_len, 0).is_some()
+    }
+
     /// Wraps owned GGUF tensor bytes, or gives them back to be left to candle.
     pub fn owned(dtype: GgmlDType, row_len: usize, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
         match Self::kind_for(dtype, row_len, bytes.len()) {
-            Some(kind) => Ok(Self {
-                kind,
-                data: Data::Owned(bytes),
-            }),
+            Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes))),
             None => Err(bytes),
         }
     }
 
-    /// Wraps a tensor in place in the model file's memory map, without copying it.
+    /// Wraps a tensor of the model file's memory map: in place, without copying it, unless
+    /// it is repacked for the tile kernel (then [`FastQuant::is_mapped`] is false and the
+    /// file pages can be dropped).
     pub fn mapped(
         dtype: GgmlDType,
         row_len: usize,
@@ -105,10 +114,29 @@ impl FastQuant {
         range: Range<usize>,
     ) -> Option<Self> {
         let kind = Self::kind_for(dtype, row_len, range.len())?;
-        (range.end <= map.len()).then(|| Self {
+        (range.end <= map.len()).then(|| Self::new(kind, row_len, Data::Mapped(map.clone(), range)))
+    }
+
+    fn new(kind: Kind, row_len: usize, data: Data) -> Self {
+        let row_blocks = row_len / QK;
+        let rows = data.len() / (row_blocks * kind.block_bytes()).max(1);
+        let packed = row_blocks > 0 && rows.is_multiple_of(GROUP) && tile_kernel().is_some();
+        let data = if packed {
+            Data::Owned(pack(kind, &data, row_blocks))
+        } else {
+            data
+        };
+        Self {
             kind,
-            data: Data::Mapped(map.clone(), range),
-        })
+            data,
+            row_blocks,
+            packed,
+        }
+    }
+
+    /// Whether the blocks are still read from the file's memory map.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Data::Mapped(..))
     }
 
     fn blocks(&self) -> usize {
@@ -117,8 +145,20 @@ impl FastQuant {
 
     fn dequantize_blocks(&self, first: usize, count: usize, out: &mut [f32]) {
         let bb = self.kind.block_bytes();
+        let mut tmp = [0u8; 34];
         for (i, o) in out.chunks_exact_mut(QK).take(count).enumerate() {
-            let b = &self.data[(first + i) * bb..(first + i + 1) * bb];
+            let b = if self.packed {
+                unpack_block(
+                    self.kind,
+                    &self.data,
+                    self.row_blocks,
+                    first + i,
+                    &mut tmp[..bb],
+                );
+                &tmp[..bb]
+            } else {
+                &self.data[(first + i) * bb..(first + i + 1) * bb]
+            };
             let d = f16::from_le_bytes([b[0], b[1]]).to_f32();
             match self.kind {
                 Kind::Q4_1 => {
@@ -148,12 +188,7 @@ impl FastQuant {
 
     fn quantize_into(&mut self, xs: &[f32]) {
         let bb = self.kind.block_bytes();
-        if let Data::Mapped(..) = self.data {
-            self.data = Data::Owned(self.data.to_vec());
-        }
-        let Data::Owned(data) = &mut self.data else {
-            return;
-        };
+        let mut data = vec![0u8; self.data.len()];
         for (i, x) in xs.chunks_exact(QK).enumerate() {
             let b = &mut data[i * bb..(i + 1) * bb];
             match self.kind {
@@ -195,6 +230,129 @@ impl FastQuant {
                         qh |= ((lo >> 4) & 1) << j | ((hi >> 4) & 1) << (j + 16);
                     }
                     b[2..6].copy_from_slice(&qh.to_le_bytes());
+                }
+            }
+        }
+        if self.packed {
+            data = pack(self.kind, &data, self.row_blocks);
+        }
+        self.data = Data::Owned(data);
+    }
+}
+
+/// Rows per interleaved group of the packed layout.
+const GROUP: usize = 8;
+
+/// The tile kernels' instruction sets: `vpdpbusd` on 256-bit registers, as AVX-VNNI or as
+/// AVX-512 VNNI with VL. Without either, weights stay in GGUF layout for the row kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tile {
+    AvxVnni,
+    Avx512Vnni,
+}
+
+fn tile_kernel() -> Option<Tile> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
+        *TILE.get_or_init(|| {
+            use std::arch::is_x86_feature_detected as has;
+            if !(has!("avx2") && has!("fma") && has!("f16c")) {
+                None
+            } else if has!("avxvnni") {
+                Some(Tile::AvxVnni)
+            } else if has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
+                Some(Tile::Avx512Vnni)
+            } else {
+                None
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        None
+    }
+}
+
+/// Repacks row-major GGUF blocks into groups of [`GROUP`] rows. For each group and block
+/// index, one superblock of `GROUP * block_bytes` bytes holds:
+/// - the 8 rows' f16 scales `d`, then for Q4_1 their f16 mins `m`;
+/// - Q5_0: 4 chunks of 8 bytes, byte r of chunk c = row r's high bits of values 4c..4c+4
+///   (low nibble) and 16+4c..16+4c+4 (high nibble);
+/// - Q4_1 / Q5_0: 4 chunks of 32 bytes, bytes 4r..4r+4 of chunk c = row r's nibble bytes
+///   4c..4c+4 (low nibbles: values 4c.., high nibbles: values 16+4c..);
+/// - Q8_0: 8 chunks of 32 bytes, bytes 4r..4r+4 of chunk c = row r's values 4c..4c+4,
+///   plus 128 (as unsigned bytes).
+///
+/// So one 32-byte load gives four consecutive values of each of 8 rows: one `vpdpbusd`
+/// against four broadcast activation bytes then yields the 8 rows' partial dot products in
+/// its 8 lanes, and the kernel never needs a horizontal sum. Same size as the input.
+fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
+    let bb = kind.block_bytes();
+    let mut out = vec![0u8; src.len()];
+    for (i, blk) in src.chunks_exact(bb).enumerate() {
+        let (row, b) = (i / row_blocks, i % row_blocks);
+        let sb = (row / GROUP * row_blocks + b) * GROUP * bb;
+        let sb = &mut out[sb..sb + GROUP * bb];
+        let r = row % GROUP;
+        sb[2 * r..2 * r + 2].copy_from_slice(&blk[0..2]);
+        match kind {
+            Kind::Q4_1 => {
+                sb[16 + 2 * r..18 + 2 * r].copy_from_slice(&blk[2..4]);
+                for c in 0..4 {
+                    sb[32 + 32 * c + 4 * r..][..4].copy_from_slice(&blk[4 + 4 * c..8 + 4 * c]);
+                }
+            }
+            Kind::Q5_0 => {
+                let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                for c in 0..4 {
+                    let lo = (qh >> (4 * c)) & 0xf;
+                    let hi = (qh >> (16 + 4 * c)) & 0xf;
+                    sb[16 + 8 * c + r] = (lo | hi << 4) as u8;
+                    sb[48 + 32 * c + 4 * r..][..4].copy_from_slice(&blk[6 + 4 * c..10 + 4 * c]);
+                }
+            }
+            Kind::Q8_0 => {
+                for c in 0..8 {
+                    for j in 0..4 {
+                        sb[16 + 32 * c + 4 * r + j] = blk[2 + 4 * c + j] ^ 0x80;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The GGUF bytes of block `i` (row-major block index) of a packed tensor: the inverse of
+/// [`pack`] for one block.
+fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut [u8]) {
+    let bb = kind.block_bytes();
+    let (row, b) = (i / row_blocks, i % row_blocks);
+    let sb = (row / GROUP * row_blocks + b) * GROUP * bb;
+    let sb = &data[sb..sb + GROUP * bb];
+    let r = row % GROUP;
+    blk[0..2].copy_from_slice(&sb[2 * r..2 * r + 2]);
+    match kind {
+        Kind::Q4_1 => {
+            blk[2..4].copy_from_slice(&sb[16 + 2 * r..18 + 2 * r]);
+            for c in 0..4 {
+                blk[4 + 4 * c..8 + 4 * c].copy_from_slice(&sb[32 + 32 * c + 4 * r..][..4]);
+            }
+        }
+        Kind::Q5_0 => {
+            let mut qh = 0u32;
+            for c in 0..4 {
+                let h = sb[16 + 8 * c + r] as u32;
+                qh |= (h & 0xf) << (4 * c) | (h >> 4) << (16 + 4 * c);
+                blk[6 + 4 * c..10 + 4 * c].copy_from_slice(&sb[48 + 32 * c + 4 * r..][..4]);
+            }
+            blk[2..6].copy_from_slice(&qh.to_le_bytes());
+        }
+        Kind::Q8_0 => {
+            for c in 0..8 {
+                for j in 0..4 {
+                    blk[2 + 4 * c + j] = sb[16 + 32 * c + 4 * r + j] ^ 0x80;
                 }
             }
         }
@@ -376,6 +534,122 @@ mod x86 {
 
     dot_fn!(dot_avx2, "avx2,fma", false);
     dot_fn!(dot_vnni, "avx2,fma,avxvnni", true);
+
+    /// Four activation bytes at `p`, broadcast to every 32-bit lane.
+    #[inline(always)]
+    unsafe fn bcast4(p: *const i8) -> __m256i {
+        _mm256_set1_epi32((p as *const i32).read_unaligned())
+    }
+
+    /// The Q5_0 high bits of one packed chunk (8 bytes at `p`, one per row), as 0x10 in
+    /// the bytes of the low-nibble and of the high-nibble values.
+    #[inline(always)]
+    unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
+        let h = (p as *const i64).read_unaligned();
+        let spread = _mm256_setr_epi8(
+            0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7,
+            7, 7, 7,
+        );
+        let hb = _mm256_shuffle_epi8(_mm256_set1_epi64x(h), spread);
+        let (sel_lo, sel_hi) = (
+            _mm256_set1_epi32(0x0804_0201),
+            _mm256_set1_epi32(0x8040_2010u32 as i32),
+        );
+        let bit = _mm256_set1_epi8(0x10);
+        let lo = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_lo), sel_lo);
+        let hi = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_hi), sel_hi);
+        (_mm256_and_si256(lo, bit), _mm256_and_si256(hi, bit))
+    }
+
+    macro_rules! tile_fn {
+        ($name:ident, $features:literal, $dp:ident) => {
+            /// `M` activation rows (`nb` blocks each, consecutive at `acts`) times one packed
+            /// group of 8 weight rows at `w` (see `pack`): writes `M` runs of 8 outputs,
+            /// `out_stride` apart.
+            ///
+            /// # Safety
+            /// `w` must hold `nb` packed superblocks, `acts` `M * nb` activations, `out` room
+            /// for `(M - 1) * out_stride + 8` values, and the CPU the enabled features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $name<const KIND: u8, const BB: usize, const M: usize>(
+                w: *const u8,
+                nb: usize,
+                acts: *const Act,
+                out: *mut f32,
+                out_stride: usize,
+            ) {
+                let mut acc = [_mm256_setzero_ps(); M];
+                let low = _mm256_set1_epi8(0x0f);
+                for b in 0..nb {
+                    let sb = w.add(b * 8 * BB);
+                    let ws = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+                    let mut isum = [_mm256_setzero_si256(); M];
+                    if KIND == Q8_0 {
+                        for c in 0..8 {
+                            let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
+                            for (i, s) in isum.iter_mut().enumerate() {
+                                let aq = (*acts.add(i * nb + b)).q.as_ptr();
+                                *s = $dp(*s, q, bcast4(aq.add(4 * c)));
+                            }
+                        }
+                    } else {
+                        let qs = sb.add(if KIND == Q4_1 { 32 } else { 48 });
+                        for c in 0..4 {
+                            let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                            let mut lo = _mm256_and_si256(q, low);
+                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                            if KIND == Q5_0 {
+                                let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
+                                lo = _mm256_or_si256(lo, hl);
+                                hi = _mm256_or_si256(hi, hh);
+                            }
+                            for (i, s) in isum.iter_mut().enumerate() {
+                                let aq = (*acts.add(i * nb + b)).q.as_ptr();
+                                *s = $dp(*s, lo, bcast4(aq.add(4 * c)));
+                                *s = $dp(*s, hi, bcast4(aq.add(16 + 4 * c)));
+                            }
+                        }
+                    }
+                    if KIND == Q4_1 {
+                        // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
+                        let wm = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i));
+                        for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                            let a = &*acts.add(i * nb + b);
+                            let p = _mm256_mul_ps(_mm256_cvtepi32_ps(*s), _mm256_set1_ps(a.d));
+                            *acc = _mm256_fmadd_ps(p, ws, *acc);
+                            *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
+                        }
+                    } else {
+                        // x = d * (q + K) with q stored unsigned: K = -16 (Q5_0), -128 (Q8_0).
+                        let k = if KIND == Q5_0 { -16.0 } else { -128.0 };
+                        for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                            let a = &*acts.add(i * nb + b);
+                            let t = _mm256_fmadd_ps(
+                                _mm256_cvtepi32_ps(*s),
+                                _mm256_set1_ps(a.d),
+                                _mm256_set1_ps(k * a.s),
+                            );
+                            *acc = _mm256_fmadd_ps(t, ws, *acc);
+                        }
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.add(i * out_stride), *acc);
+                }
+            }
+        };
+    }
+
+    tile_fn!(
+        tile_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        _mm256_dpbusd_avx_epi32
+    );
+    tile_fn!(
+        tile_avx512vnni,
+        "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
+        _mm256_dpbusd_epi32
+    );
 }
 
 /// The row kernel for this CPU, chosen once.
@@ -404,6 +678,50 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
     {
         let _ = (kind, row, acts);
         unreachable!("FastQuant is x86_64 only")
+    }
+}
+
+/// `acts` (`m` rows of `nb` blocks) times one packed group of 8 weight rows `w`, into
+/// `out[i * n .. i * n + 8]` for each activation row i, four activation rows at a time.
+///
+/// # Safety
+/// `out` must have room for `m` rows of `n >= 8` values; `w` must hold `nb` superblocks.
+unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use x86::{tile_avx512vnni, tile_avxvnni, Q4_1, Q5_0, Q8_0};
+        debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
+        macro_rules! run {
+            ($f:ident, $m:literal, $a:expr, $o:expr) => {
+                match kind {
+                    Kind::Q4_1 => $f::<Q4_1, 20, $m>(w.as_ptr(), nb, $a, $o, n),
+                    Kind::Q5_0 => $f::<Q5_0, 22, $m>(w.as_ptr(), nb, $a, $o, n),
+                    Kind::Q8_0 => $f::<Q8_0, 34, $m>(w.as_ptr(), nb, $a, $o, n),
+                }
+            };
+        }
+        macro_rules! rows {
+            ($f:ident) => {
+                for (i, chunk) in acts.chunks(4 * nb).enumerate() {
+                    let (a, o) = (chunk.as_ptr(), out.add(i * 4 * n));
+                    match chunk.len() / nb {
+                        4 => run!($f, 4, a, o),
+                        3 => run!($f, 3, a, o),
+                        2 => run!($f, 2, a, o),
+                        _ => run!($f, 1, a, o),
+                    }
+                }
+            };
+        }
+        match t {
+            Tile::AvxVnni => rows!(tile_avxvnni),
+            Tile::Avx512Vnni => rows!(tile_avx512vnni),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (t, kind, w, nb, acts, out, n);
+        unreachable!("tile kernels are x86_64 only")
     }
 }
 
@@ -436,6 +754,20 @@ impl QuantizedType for FastQuant {
         }
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(lhs, &mut acts);
+        if let (true, Some(t)) = (self.packed, tile_kernel()) {
+            let group_bytes = GROUP * row_bytes;
+            let out = super::parallel::SharedOut(dst.as_mut_ptr());
+            let (out, acts) = (&out, &acts);
+            super::parallel::par_for(n / GROUP, |groups| {
+                for g in groups {
+                    let w = &self.data[g * group_bytes..(g + 1) * group_bytes];
+                    // SAFETY: dst holds m rows of n values (checked above), and group g
+                    // writes only its own 8 columns of each; w is one whole group.
+                    unsafe { tile(t, self.kind, w, nb, acts, out.0.add(g * GROUP), n) };
+                }
+            });
+            return Ok(());
+        }
         // Work on the transposed output [n, m] so each task owns a contiguous slice, with
         // one weight row reused for every activation row while it is in cache.
         let mut out_t = vec![0f32; n * m];
@@ -552,8 +884,9 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        // k is not a multiple of 256, as for the Q8_0 tensors we take over from candle.
-        let (m, k, n) = (3, 288, 48);
+        // k is not a multiple of 256, as for the Q8_0 tensors we take over from candle; m
+        // is not a multiple of the tile kernel's 4 activation rows.
+        let (m, k, n) = (7, 288, 48);
         let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
         let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
@@ -562,6 +895,25 @@ mod tests {
             let Ok(ours) = FastQuant::owned(dtype, 288, bytes) else {
                 panic!("{dtype:?} not wrapped")
             };
+            // Where the tile kernel runs, the weights are packed: the row kernel on the
+            // unpacked bytes must agree with it too.
+            assert_eq!(ours.packed, tile_kernel().is_some());
+            let rows = FastQuant {
+                kind: ours.kind,
+                data: Data::Owned(theirs.data().expect("bytes").to_vec()),
+                row_blocks: k / QK,
+                packed: false,
+            };
+            let (mut y_rows, mut y_ours) = (vec![0f32; m * n], vec![0f32; m * n]);
+            let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
+            rows.matmul_t((m, k, n), &xs, &mut y_rows).expect("rows");
+            ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
+            for (a, b) in y_rows.iter().zip(&y_ours) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
             let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
             let deq = |t: &QTensor| -> Vec<f32> {
                 let d = t.dequantize(&Device::Cpu).expect("dequantize");
@@ -600,6 +952,8 @@ mod tests {
             let mut q = FastQuant {
                 kind,
                 data: Data::Owned(vec![0; 2 * kind.block_bytes()]),
+                row_blocks: 2,
+                packed: false,
             };
             q.from_float(&xs);
             let mut back = vec![0f32; 64];

@@ -137,7 +137,12 @@ impl GgufFile {
                 device,
                 FastQuant::mapped(dtype, row_len, &self.mmap, range.clone()),
             ) {
-                (Device::Cpu, Some(f)) => QStorage::Cpu(Box::new(f)),
+                (Device::Cpu, Some(f)) => {
+                    if !f.is_mapped() {
+                        self.release(range);
+                    }
+                    QStorage::Cpu(Box::new(f))
+                }
                 _ => {
                     let s = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
                     self.release(range);
@@ -301,22 +306,59 @@ pub fn hf_name(gguf: &str) -> String {
     format!("{mapped}.{suffix}")
 }
 
-/// A weight matrix ready for `x @ W^T (+ b)`: quantized (GGUF) or dense.
+/// A weight matrix ready for `x @ W^T (+ b)`: quantized (GGUF) or dense. On CPU a matrix
+/// that candle multiplies (k-quants, dense weights) is split by output rows into parts
+/// that run in parallel on our thread pool, since candle's own threading is off (see
+/// `model::parallel`); our own kernels are parallel inside and stay whole.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    pub weight: QMatMul,
-    pub bias: Option<Tensor>,
+    parts: Vec<QMatMul>,
+    bias: Option<Tensor>,
 }
 
 impl Linear {
+    fn new(weight: QMatMul, bias: Option<Tensor>) -> Result<Self> {
+        let parts = match weight {
+            QMatMul::Tensor(w) if w.device().is_cpu() => split_rows(w.dim(0)?)
+                .into_iter()
+                .map(|r| Ok(QMatMul::Tensor(w.narrow(0, r.start, r.len())?)))
+                .collect::<Result<_>>()?,
+            QMatMul::QTensor(q) => split_q(q)?.into_iter().map(QMatMul::QTensor).collect(),
+            w => vec![w],
+        };
+        Ok(Self { parts, bias })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.weight {
+        let y = match self.parts.as_slice() {
             // candle's CUDA quantized matmul takes f32 activations only; the GPU runs f16.
-            QMatMul::QTensor(_) if x.device().is_cuda() && x.dtype() != DType::F32 => x
-                .to_dtype(DType::F32)?
-                .apply(&self.weight)?
-                .to_dtype(x.dtype())?,
-            _ => x.apply(&self.weight)?,
+            [w @ QMatMul::QTensor(_)] if x.device().is_cuda() && x.dtype() != DType::F32 => {
+                x.to_dtype(DType::F32)?.apply(w)?.to_dtype(x.dtype())?
+            }
+            [w] => x.apply(w)?,
+            parts => {
+                let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
+                    parts.iter().map(|_| Default::default()).collect();
+                super::parallel::par_for(parts.len(), |r| {
+                    for i in r {
+                        let y = x.apply(&parts[i]);
+                        if let Ok(mut slot) = outs[i].lock() {
+                            *slot = Some(y);
+                        }
+                    }
+                });
+                let outs = outs
+                    .into_iter()
+                    .map(|m| match m.into_inner() {
+                        Ok(Some(y)) => Ok(y?),
+                        _ => Err(candle_core::Error::Msg(
+                            "a parallel matmul part did not finish".into(),
+                        )
+                        .into()),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&outs, x.rank() - 1)?
+            }
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -325,18 +367,65 @@ impl Linear {
     }
 }
 
+/// Output-row ranges for splitting an `n`-row matrix across the CPU pool: two per thread
+/// (so a fast thread can take a slow one's share), in multiples of 64 rows (candle's
+/// repacked kernels work on row tiles). One range when there is one thread.
+fn split_rows(n: usize) -> Vec<std::ops::Range<usize>> {
+    let step = n
+        .div_ceil(2 * super::parallel::num_threads())
+        .next_multiple_of(64)
+        .max(64);
+    (0..n).step_by(step).map(|s| s..n.min(s + step)).collect()
+}
+
+/// A quantized CPU matrix in row parts (see [`split_rows`]), unless our kernels take it.
+fn split_q(q: Arc<QTensor>) -> Result<Vec<Arc<QTensor>>> {
+    let (n, k) = q.shape().dims2()?;
+    let rows = split_rows(n);
+    if !q.device().is_cpu() || FastQuant::handles(q.dtype(), k) || rows.len() < 2 {
+        return Ok(vec![q]);
+    }
+    let bytes = q.data()?;
+    let row_bytes = bytes.len() / n;
+    rows.into_iter()
+        .map(|r| {
+            let part = &bytes[r.start * row_bytes..r.end * row_bytes];
+            let storage = QStorage::from_data(Cow::Borrowed(part), &Device::Cpu, q.dtype())?;
+            Ok(Arc::new(QTensor::new(storage, (r.len(), k))?))
+        })
+        .collect()
+}
+
 /// The token embedding table: quantized tables are gathered row by row so a 150k-row
-/// vocabulary is never dequantized as a whole.
+/// vocabulary is never dequantized as a whole. A quantized table may be in row parts,
+/// shared with a tied output projection (see [`Linear`]).
 #[derive(Clone, Debug)]
 pub enum Embedding {
-    Quantized(Arc<QTensor>),
+    Quantized(Vec<Arc<QTensor>>),
     Dense(Tensor),
 }
 
 impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::Quantized(q) => q.embedding(ids)?,
+            Self::Quantized(parts) if parts.len() == 1 => parts[0].embedding(ids)?,
+            Self::Quantized(parts) => {
+                let step = parts[0].shape().dims2()?.0 as u32;
+                let rows = ids
+                    .to_vec1::<u32>()?
+                    .into_iter()
+                    .map(|id| {
+                        let part = parts.get((id / step) as usize).ok_or_else(|| {
+                            candle_core::Error::Msg(format!(
+                                "token id {id} is out of the vocabulary"
+                            ))
+                        })?;
+                        let local = Tensor::new(&[id % step], ids.device())?;
+                        Ok(part.embedding(&local)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
             Self::Dense(w) => w.index_select(ids, 0)?,
         })
     }
@@ -415,7 +504,7 @@ impl WeightSource {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Linear::new(weight, bias)
     }
 
     pub fn embedding(&self, device: &Device, dtype: DType) -> Result<Embedding> {
@@ -426,7 +515,7 @@ impl WeightSource {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                         Embedding::Dense(q.dequantize(device)?.to_dtype(dtype)?)
                     }
-                    _ => Embedding::Quantized(Arc::new(q)),
+                    _ => Embedding::Quantized(split_q(Arc::new(q))?),
                 })
             }
             Self::Safetensors(s) => Ok(Embedding::Dense(s.load(
@@ -448,11 +537,14 @@ impl WeightSource {
         if !cfg.tie_embeddings {
             return self.linear("output", device, dtype, cfg, None);
         }
-        let weight = match embedding {
-            Embedding::Quantized(q) => QMatMul::QTensor(q.clone()),
-            Embedding::Dense(w) => QMatMul::Tensor(w.clone()),
-        };
-        Ok(Linear { weight, bias: None })
+        match embedding {
+            // Already in row parts: share them rather than split a second copy.
+            Embedding::Quantized(parts) => Ok(Linear {
+                parts: parts.iter().cloned().map(QMatMul::QTensor).collect(),
+                bias: None,
+            }),
+            Embedding::Dense(w) => Linear::new(QMatMul::Tensor(w.clone()), None),
+        }
     }
 
     /// Llama 3.1 GGUFs store their rope scaling as per-frequency divisors.
