@@ -225,44 +225,52 @@ impl KvCache for CpuKvCache {
         let k_cache = &self.k[layer];
         let v_cache = &self.v[layer];
         let this = &*self;
-        // One work item per token: independent, so they parallelize cleanly.
+        let kv_heads = self.kv_heads;
+        // One work item per (token, kv head): independent, so they parallelize cleanly even
+        // for a single decode token, and each cached key/value row is read once for all the
+        // query heads that share it (GQA). Its heads' outputs are one contiguous run.
         let mut out = vec![0f32; n * heads * hd];
         let seq_of: Vec<&SeqSlice> = batch
             .seqs
             .iter()
             .flat_map(|s| std::iter::repeat_n(s, s.len))
             .collect();
-        super::parallel::par_rows(&mut out, heads * hd, |t, out_tok| {
+        super::parallel::par_rows(&mut out, group * hd, |item, out_grp| {
+            let (t, kvh) = (item / kv_heads, item % kv_heads);
             let s = seq_of[t];
             let pos = batch.positions[t] as usize;
             let lo = match this.sliding_window {
                 Some(w) if pos + 1 > w => pos + 1 - w,
                 _ => 0,
             };
-            let mut scores = vec![0f32; pos + 1 - lo];
-            for h in 0..heads {
-                let kvh = h / group;
-                let qv = &q[(t * heads + h) * hd..(t * heads + h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, p) in (lo..=pos).enumerate() {
-                    let r = this.row(&s.block_table, p) + kvh * hd;
-                    let kv = &k_cache[r..r + hd];
-                    let dot = dot(qv, kv);
-                    let sc = dot * scale;
-                    scores[j] = sc;
-                    max = max.max(sc);
+            let span = pos + 1 - lo;
+            let q_grp = &q[(t * heads + kvh * group) * hd..(t * heads + (kvh + 1) * group) * hd];
+            let mut scores = vec![0f32; group * span];
+            for (j, p) in (lo..=pos).enumerate() {
+                let r = this.row(&s.block_table, p) + kvh * hd;
+                let kv = &k_cache[r..r + hd];
+                for (g, qv) in q_grp.chunks_exact(hd).enumerate() {
+                    scores[g * span + j] = dot(qv, kv) * scale;
                 }
+            }
+            for sc in scores.chunks_exact_mut(span) {
+                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut denom = 0f32;
-                for sc in scores.iter_mut() {
-                    *sc = (*sc - max).exp();
-                    denom += *sc;
+                for v in sc.iter_mut() {
+                    *v = (*v - max).exp();
+                    denom += *v;
                 }
-                let o = &mut out_tok[h * hd..(h + 1) * hd];
-                o.fill(0.0);
-                for (j, p) in (lo..=pos).enumerate() {
-                    let r = this.row(&s.block_table, p) + kvh * hd;
-                    let w = scores[j] / denom;
-                    for (oi, vi) in o.iter_mut().zip(&v_cache[r..r + hd]) {
+                for v in sc.iter_mut() {
+                    *v /= denom;
+                }
+            }
+            out_grp.fill(0.0);
+            for (j, p) in (lo..=pos).enumerate() {
+                let r = this.row(&s.block_table, p) + kvh * hd;
+                let vv = &v_cache[r..r + hd];
+                for (g, o) in out_grp.chunks_exact_mut(hd).enumerate() {
+                    let w = scores[g * span + j];
+                    for (oi, vi) in o.iter_mut().zip(vv) {
                         *oi += w * vi;
                     }
                 }
