@@ -65,6 +65,13 @@ pub enum StoreError {
     /// A blob that a request names is not in `blobs/`.
     #[error("blob \"{0}\" not found")]
     BlobNotFound(String),
+    /// The registry does not have the name (404), in Ollama's words.
+    #[error("pull model manifest: file does not exist")]
+    ManifestNotFound,
+    /// The registry could not be reached or failed (no connection, timeout, 5xx); the
+    /// message is the whole text.
+    #[error("{0}")]
+    RegistryUnreachable(String),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
