@@ -7,10 +7,10 @@
 //! it (`insecure`).
 //!
 //! Progress is reported as the objects Ollama streams from `/api/pull`; [`fetch_reporting`]
-//! (one blob with its progress lines) and [`finish_pull`] (verifying, writing the manifest
-//! last, pruning what the old manifest alone used) are shared with other kinds of pull.
+//! and [`finish_pull`] (one blob with its progress lines; verifying, writing the manifest
+//! last, pruning what the old manifest alone used) serve the Hugging Face pulls as well.
 //! [`Registry::fetch_manifest`] tells a registry without the name (404) and one that cannot
-//! be reached apart.
+//! be reached apart, which is what the catalog's fallback (`sources`) decides on.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,6 +86,9 @@ impl Registry {
         let client = reqwest::Client::builder()
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(30))
+            // Each parallel ranged part on a connection of its own, as before hf-hub's
+            // reqwest features switched HTTP/2 on for every client in the build.
+            .http1_only()
             .build()
             .map_err(|e| StoreError::Registry(format!("starting the HTTP client: {e}")))?;
         Ok(Registry { client })
