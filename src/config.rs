@@ -2,7 +2,8 @@
 //! `OLLAMA_MODELS`, `OLLAMA_ORIGINS`, `OLLAMA_KEEP_ALIVE`, `OLLAMA_NUM_PARALLEL`,
 //! `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_MAX_QUEUE`, `OLLAMA_CONTEXT_LENGTH`) parsed with
 //! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them, and our
-//! own `WICK_DEVICE` (where models run: `cpu`, `cuda`, `cuda:N`).
+//! own `WICK_DEVICE` (where models run: `cpu`, `cuda`, `cuda:N`), and for Hugging Face
+//! pulls `HF_ENDPOINT`, `HF_TOKEN` and `WICK_CATALOG` (the user's catalog files).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -241,6 +242,22 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Where models run (`WICK_DEVICE`, or `wick serve --device`).
     pub device: DeviceSpec,
+    /// The Hugging Face Hub (`HF_ENDPOINT`, e.g. a mirror); `None`: huggingface.co.
+    pub hf_endpoint: Option<String>,
+    /// `HF_TOKEN`, for gated and private repositories.
+    pub hf_token: Option<Secret>,
+    /// `WICK_CATALOG`: a directory of extra catalog files (`*.toml`), or one file.
+    pub catalog: Option<PathBuf>,
+}
+
+/// A value that must not reach logs: `Debug` shows that it is set, not what it is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Config {
@@ -339,6 +356,21 @@ impl Config {
                 Some(v) => DeviceSpec::parse(&v).map_err(|e| invalid("WICK_DEVICE", &v, e))?,
                 None => DeviceSpec::Cpu,
             },
+            hf_endpoint: match var("HF_ENDPOINT") {
+                Some(v) if v.starts_with("http://") || v.starts_with("https://") => {
+                    Some(v.trim_end_matches('/').to_string())
+                }
+                Some(v) => {
+                    return Err(invalid(
+                        "HF_ENDPOINT",
+                        &v,
+                        "expected an http:// or https:// URL".into(),
+                    ))
+                }
+                None => None,
+            },
+            hf_token: var("HF_TOKEN").map(Secret),
+            catalog: var("WICK_CATALOG").map(PathBuf::from),
         })
     }
 }
@@ -398,6 +430,24 @@ mod tests {
         assert_eq!(c.num_parallel, Some(4));
         assert_eq!(c.context_length, 8192);
         assert!(cfg(&[("OLLAMA_MODELS", "/m"), ("OLLAMA_MAX_QUEUE", "x")]).is_err());
+    }
+
+    #[test]
+    fn hugging_face_settings() {
+        let c = cfg(&[("OLLAMA_MODELS", "/m")]).unwrap();
+        assert_eq!((c.hf_endpoint, c.hf_token, c.catalog), (None, None, None));
+        let c = cfg(&[
+            ("OLLAMA_MODELS", "/m"),
+            ("HF_ENDPOINT", "https://hf-mirror.com/"),
+            ("HF_TOKEN", "hf_secret"),
+            ("WICK_CATALOG", "/etc/wick/catalog"),
+        ])
+        .unwrap();
+        assert_eq!(c.hf_endpoint.as_deref(), Some("https://hf-mirror.com"));
+        assert_eq!(c.hf_token, Some(Secret("hf_secret".into())));
+        assert!(!format!("{c:?}").contains("hf_secret"));
+        assert_eq!(c.catalog, Some(PathBuf::from("/etc/wick/catalog")));
+        assert!(cfg(&[("OLLAMA_MODELS", "/m"), ("HF_ENDPOINT", "hf-mirror.com")]).is_err());
     }
 
     #[test]

@@ -315,12 +315,14 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
         }
         let _in_use = state
             .models
-            .acquire(&info, state.store.model_blob(&info)?, req.keep_alive)
+            .acquire(&state.store, &info, req.keep_alive)
             .await?;
         return Ok(Started::Loaded);
     }
-    let blob = state.store.model_blob(&info)?;
-    let in_use = state.models.acquire(&info, blob, req.keep_alive).await?;
+    let in_use = state
+        .models
+        .acquire(&state.store, &info, req.keep_alive)
+        .await?;
     let base = state
         .store
         .params(&info)
@@ -402,7 +404,7 @@ pub async fn embed(
     let info = resolve(state, model)?;
     let in_use = state
         .models
-        .acquire(&info, state.store.model_blob(&info)?, keep_alive)
+        .acquire(&state.store, &info, keep_alive)
         .await?;
     let load_duration = start.elapsed();
     let model = in_use.loaded().model.clone();

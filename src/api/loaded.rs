@@ -6,7 +6,7 @@
 //! `engine` once that settles.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use crate::config::{Config, KeepAlive};
 use crate::engine::{available_memory, Engine, EngineConfig};
 use crate::model::Model;
-use crate::store::LocalModel;
+use crate::store::{LocalModel, Store};
 
 use super::error::ApiError;
 
@@ -147,11 +147,12 @@ impl Models {
         self.inner.default_keep_alive
     }
 
-    /// The loaded model for `info`, loading it (off the async threads) if needed.
+    /// The loaded model for `info`, loading it from `store` (off the async threads) if
+    /// needed.
     pub async fn acquire(
         &self,
+        store: &Store,
         info: &LocalModel,
-        blob: PathBuf,
         keep_alive: Option<KeepAlive>,
     ) -> Result<InUse, ApiError> {
         let keep_alive = keep_alive.unwrap_or(self.inner.default_keep_alive);
@@ -163,9 +164,15 @@ impl Models {
                 self.make_room(&mut models, info.size).await;
                 let engine_cfg = self.inner.engine_cfg.clone();
                 let device = self.inner.device.clone();
-                let loaded = tokio::task::spawn_blocking(move || load(blob, engine_cfg, &device))
-                    .await
-                    .map_err(|e| ApiError::Internal(format!("model loader panicked: {e}")))??;
+                let (store, model) = (store.clone(), info.clone());
+                let loaded = tokio::task::spawn_blocking(move || {
+                    // A GGUF blob, or a directory of links to a safetensors model's blobs
+                    // that goes away once the weights are mapped.
+                    let files = store.model_files(&model)?;
+                    load(files.path(), engine_cfg, &device)
+                })
+                .await
+                .map_err(|e| ApiError::Internal(format!("model loader panicked: {e}")))??;
                 let (engine, model, load_duration) = loaded;
                 tracing::info!(model = %info.name.display_short(), secs = load_duration.as_secs_f64(), "model loaded");
                 let l = Arc::new(Loaded {
@@ -243,9 +250,9 @@ impl Models {
 
 type LoadResult = (Arc<Engine>, Arc<Model>, Duration);
 
-fn load(blob: PathBuf, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, ApiError> {
+fn load(path: &Path, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, ApiError> {
     let t0 = Instant::now();
-    let model = Arc::new(Model::load(&blob, device).map_err(ApiError::Load)?);
+    let model = Arc::new(Model::load(path, device).map_err(ApiError::Load)?);
     let load_duration = t0.elapsed();
     cfg.load_duration = load_duration;
     let engine = Arc::new(Engine::start(model.clone(), cfg).map_err(ApiError::Engine)?);

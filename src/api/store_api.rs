@@ -1,7 +1,7 @@
-//! The store's routes in the Ollama dialect: `POST /api/pull` (registry download with
-//! NDJSON progress), `POST /api/create`, `POST /api/copy`, `DELETE /api/delete`, and
-//! `HEAD`/`POST /api/blobs/{digest}`. Handlers parse and answer; the work is in
-//! `crate::store`.
+//! The store's routes in the Ollama dialect: `POST /api/pull` (from a registry, Hugging
+//! Face or the catalog, with NDJSON progress), `POST /api/create`, `POST /api/copy`,
+//! `DELETE /api/delete`, and `HEAD`/`POST /api/blobs/{digest}`. Handlers parse and answer;
+//! the work is in `crate::store`.
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
@@ -16,7 +16,9 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::store::blobs::normalize_digest;
+use crate::store::hf::HfHub;
 use crate::store::pull::{PullProgress, Registry};
+use crate::store::sources::Puller;
 use crate::store::write::CreateSpec;
 use crate::store::{ModelName, StoreError};
 
@@ -133,6 +135,22 @@ fn registry() -> Result<&'static Registry> {
         .ok_or_else(|| StoreApiError::Internal("the registry client could not start".into()))
 }
 
+/// Everything a pull may go to: the shared registry client, a Hub client for this
+/// server's `HF_ENDPOINT`/`HF_TOKEN`, and its `WICK_CATALOG`.
+fn puller(state: &AppState) -> Result<Puller> {
+    let c = &state.config;
+    let hub = HfHub::new(
+        c.hf_endpoint.as_deref(),
+        c.hf_token.as_ref().map(|t| t.0.as_str()),
+    )
+    .map_err(|e| StoreApiError::Internal(e.to_string()))?;
+    Ok(Puller {
+        registry: registry()?.clone(),
+        hub,
+        catalog: c.catalog.clone(),
+    })
+}
+
 /// A stream of NDJSON lines that ends when the sender is dropped.
 fn ndjson(rx: mpsc::UnboundedReceiver<Value>) -> Response {
     super::ndjson(futures_util::stream::unfold(rx, |mut rx| async move {
@@ -160,10 +178,10 @@ pub async fn pull(State(state): State<AppState>, body: Bytes) -> Result<Response
     let name = ModelName::parse(&raw)?;
     let http = raw.starts_with("http://");
     let insecure = req.insecure.unwrap_or(false);
-    let registry = registry()?.clone();
+    let puller = puller(&state)?;
     let store = state.store.clone();
     if !req.stream.unwrap_or(true) {
-        return match registry.pull(&store, &name, http, insecure, &|_| {}).await {
+        return match puller.pull(&store, &name, http, insecure, &|_| {}).await {
             Ok(()) => Ok(json_response(StatusCode::OK, &json!({"status": "success"}))),
             // Ollama answers every failed blocking pull with 500.
             Err(e) => Err(StoreApiError::Internal(e.to_string())),
@@ -176,7 +194,7 @@ pub async fn pull(State(state): State<AppState>, body: Bytes) -> Result<Response
             let _ = lines.send(p.to_json());
         };
         tokio::select! {
-            r = registry.pull(&store, &name, http, insecure, &emit) => {
+            r = puller.pull(&store, &name, http, insecure, &emit) => {
                 if let Err(e) = r {
                     tracing::warn!(model = %name, error = %e, "pull failed");
                     let _ = tx.send(json!({"error": e.to_string()}));

@@ -2,17 +2,30 @@
 //! unchanged: `manifests/<host>/<namespace>/<model>/<tag>` (Docker v2 manifests) and
 //! content-addressed `blobs/sha256-<hex>`. Knows files and digests, never tensors.
 //!
-//! The read side (list, resolve a name to its GGUF blob and other layers) lives here; the
+//! The read side (list, resolve a name, hand a model's files to the loader) lives here; the
 //! write side is split by concern: [`blobs`] (crash- and NAS-safe blob writing, resumable
-//! downloads, cross-process locks), [`pull`] (the Ollama registry protocol) and [`write`]
-//! (manifests: create, copy, delete with blob pruning).
+//! downloads, cross-process locks), [`pull`] (the Ollama registry protocol), [`hf`]
+//! (Hugging Face safetensors repositories), [`catalog`] (names mapped to repositories),
+//! [`sources`] (which of those a pull goes to) and [`write`] (manifests: create, copy,
+//! delete with blob pruning). [`gguf`] and [`safetensors`] read what `/api/show` and the
+//! config blob say about the two weight formats, from headers only.
+//!
+//! A model is either a GGUF model (an `application/vnd.ollama.image.model` layer) or a
+//! safetensors model: one layer per file of its Hugging Face directory, each with the
+//! file's name in the layer's `name` ([`MEDIA_JSON`], [`MEDIA_SAFETENSORS`],
+//! [`MEDIA_FILE`]). [`Store::model_files`] gives the loader a path for either.
 
 pub mod blobs;
+pub mod catalog;
 pub mod gguf;
+pub mod hf;
 pub mod name;
 pub mod pull;
+pub mod safetensors;
+pub mod sources;
 pub mod write;
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -31,6 +44,15 @@ pub const MEDIA_PARAMS: &str = "application/vnd.ollama.image.params";
 pub const MEDIA_LICENSE: &str = "application/vnd.ollama.image.license";
 pub const MEDIA_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 pub const MEDIA_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// A whole JSON file of a Hugging Face model directory (config.json, tokenizer.json, the
+/// shard index, ...), its file name in the layer's `name`: Ollama's own convention for
+/// safetensors models.
+pub const MEDIA_JSON: &str = "application/vnd.ollama.image.json";
+/// A whole `.safetensors` weight file, its file name in `name`. Ours: Ollama's `tensor`
+/// layers hold one tensor each, not whole files.
+pub const MEDIA_SAFETENSORS: &str = "application/vnd.candlewick.image.safetensors";
+/// Any other whole file of a model directory (`chat_template.jinja`, ...), named in `name`.
+pub const MEDIA_FILE: &str = "application/vnd.candlewick.image.file";
 
 /// Everything that goes wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +87,22 @@ pub enum StoreError {
     /// A blob that a request names is not in `blobs/`.
     #[error("blob \"{0}\" not found")]
     BlobNotFound(String),
+    /// The registry does not have the name (404), in Ollama's words.
+    #[error("pull model manifest: file does not exist")]
+    ManifestNotFound,
+    /// The registry could not be reached or failed (no connection, timeout, 5xx); the
+    /// message is the whole text.
+    #[error("{0}")]
+    RegistryUnreachable(String),
+    #[error("{path}: not a usable safetensors model: {msg}")]
+    BadSafetensors { path: PathBuf, msg: String },
+    /// A layer `name` that is not a plain file name, which a model directory cannot hold.
+    #[error("{0}: the manifest names a file {1:?} that cannot be part of a model directory")]
+    BadFileName(String, String),
+    #[error(transparent)]
+    Hf(#[from] hf::HfError),
+    #[error(transparent)]
+    Catalog(#[from] catalog::CatalogError),
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -83,6 +121,9 @@ pub struct Layer {
     pub size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
+    /// The file this layer is, in a model stored as files (safetensors models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// A Docker distribution v2 manifest as Ollama writes it.
@@ -291,6 +332,69 @@ impl Store {
         self.blob_path(&layer.digest)
     }
 
+    /// The files of a safetensors model by their names (`config.json` -> its blob), or
+    /// `None` for a model without named files (GGUF).
+    pub fn named_files(
+        &self,
+        m: &LocalModel,
+    ) -> Result<Option<BTreeMap<String, PathBuf>>, StoreError> {
+        let mut files = BTreeMap::new();
+        for l in &m.manifest.layers {
+            let Some(name) = &l.name else { continue };
+            if !matches!(
+                l.media_type.as_str(),
+                MEDIA_JSON | MEDIA_SAFETENSORS | MEDIA_FILE
+            ) {
+                continue;
+            }
+            if !catalog::valid_file_name(name) {
+                return Err(StoreError::BadFileName(
+                    m.name.display_short(),
+                    name.clone(),
+                ));
+            }
+            files.insert(name.clone(), self.blob_path(&l.digest)?);
+        }
+        if files.is_empty()
+            || !m
+                .manifest
+                .layers
+                .iter()
+                .any(|l| l.media_type == MEDIA_SAFETENSORS)
+        {
+            return Ok(None);
+        }
+        Ok(Some(files))
+    }
+
+    /// What the loader needs: the GGUF blob, or for a safetensors model a directory of
+    /// links named as its files, pointing at their blobs (`Model::load` takes a Hugging
+    /// Face directory; mmap follows the links). The directory is private to this process
+    /// and goes away with the returned value, so nothing but blobs and manifests is ever
+    /// written into the shared store.
+    pub fn model_files(&self, m: &LocalModel) -> Result<ModelFiles, StoreError> {
+        if m.layer(MEDIA_MODEL).is_some() {
+            return self.model_blob(m).map(ModelFiles::Gguf);
+        }
+        let Some(files) = self.named_files(m)? else {
+            return Err(StoreError::NoModelLayer(m.name.display_short()));
+        };
+        LinkedDir::create(&m.digest, &files).map(ModelFiles::Linked)
+    }
+
+    /// What `/api/show` says about the weights: from the GGUF header, or from a
+    /// safetensors model's config.json, tokenizer_config.json and weight headers (in the
+    /// same GGUF key names).
+    pub fn summary(&self, m: &LocalModel, verbose: bool) -> Result<GgufSummary, StoreError> {
+        if m.layer(MEDIA_MODEL).is_some() {
+            return gguf::read_summary(&self.model_blob(m)?, verbose);
+        }
+        match self.named_files(m)? {
+            Some(files) => safetensors::summary(&files, verbose),
+            None => Err(StoreError::NoModelLayer(m.name.display_short())),
+        }
+    }
+
     /// The text of a layer (template, system, license) if the model has one.
     pub fn layer_text(&self, m: &LocalModel, media_type: &str) -> Option<String> {
         let layer = m.layer(media_type)?;
@@ -324,12 +428,14 @@ impl Store {
                 digest: config_digest,
                 size: config_bytes.len() as u64,
                 from: None,
+                name: None,
             },
             layers: vec![Layer {
                 media_type: MEDIA_MODEL.into(),
                 digest,
                 size,
                 from: None,
+                name: None,
             }],
         };
         let path = self.manifests_dir().join(name.manifest_rel_path());
@@ -385,6 +491,58 @@ impl Store {
             write_atomic(&path, bytes)?;
         }
         Ok(digest)
+    }
+}
+
+/// The weights of a model as the loader takes them.
+#[derive(Debug)]
+pub enum ModelFiles {
+    /// A GGUF blob.
+    Gguf(PathBuf),
+    /// A Hugging Face directory made of links to blobs.
+    Linked(LinkedDir),
+}
+
+impl ModelFiles {
+    pub fn path(&self) -> &Path {
+        match self {
+            ModelFiles::Gguf(p) => p,
+            ModelFiles::Linked(d) => &d.path,
+        }
+    }
+}
+
+/// A directory of symbolic links `<file name> -> blobs/sha256-…` under the system temp
+/// directory, one per load, removed when dropped. Once the model is loaded it is no longer
+/// needed: the maps and open files hold the blobs, not the links.
+#[derive(Debug)]
+pub struct LinkedDir {
+    path: PathBuf,
+}
+
+impl LinkedDir {
+    fn create(digest: &str, files: &BTreeMap<String, PathBuf>) -> Result<LinkedDir, StoreError> {
+        let parent = std::env::temp_dir().join(format!("wick-{}", std::process::id()));
+        let path = parent.join(format!("{}-{}", &digest[..digest.len().min(12)], nanos()));
+        fs::create_dir_all(&path).map_err(io_err(&path))?;
+        let dir = LinkedDir { path };
+        for (name, blob) in files {
+            // Absolute targets: the store root may be given as a relative path.
+            let target = fs::canonicalize(blob).map_err(io_err(blob))?;
+            let link = dir.path.join(name);
+            std::os::unix::fs::symlink(&target, &link).map_err(io_err(&link))?;
+        }
+        Ok(dir)
+    }
+}
+
+impl Drop for LinkedDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+        // The per-process parent goes once no other load uses it (this fails otherwise).
+        if let Some(parent) = self.path.parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
 }
 

@@ -6,14 +6,19 @@
 //! registry shim) and any private registry; plain `http://` only when the caller allows
 //! it (`insecure`).
 //!
-//! Progress is reported as the objects Ollama streams from `/api/pull`.
+//! Progress is reported as the objects Ollama streams from `/api/pull`; [`fetch_reporting`]
+//! and [`finish_pull`] (one blob with its progress lines; verifying, writing the manifest
+//! last, pruning what the old manifest alone used) serve the Hugging Face pulls as well.
+//! [`Registry::fetch_manifest`] tells a registry without the name (404) and one that cannot
+//! be reached apart, which is what the catalog's fallback (`sources`) decides on.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::blobs::{error_chain, normalize_digest, Source};
+use super::blobs::{error_chain, normalize_digest, Source, WriterGuard};
 use super::{Manifest, ModelName, Store, StoreError, MEDIA_MANIFEST};
 
 /// One progress report of a pull.
@@ -81,6 +86,9 @@ impl Registry {
         let client = reqwest::Client::builder()
             .user_agent(user_agent)
             .connect_timeout(Duration::from_secs(30))
+            // Each parallel ranged part on a connection of its own, as before hf-hub's
+            // reqwest features switched HTTP/2 on for every client in the build.
+            .http1_only()
             .build()
             .map_err(|e| StoreError::Registry(format!("starting the HTTP client: {e}")))?;
         Ok(Registry { client })
@@ -97,15 +105,28 @@ impl Registry {
         insecure: bool,
         emit: &(dyn Fn(PullProgress) + Send + Sync),
     ) -> Result<(), StoreError> {
-        if scheme_http && !insecure {
-            return Err(StoreError::Registry(
-                "insecure protocol http: set insecure to pull over plain HTTP".into(),
-            ));
-        }
-        let base = repository_url(name, insecure);
+        check_scheme(scheme_http, insecure)?;
         emit(PullProgress::Status("pulling manifest"));
-        let (bytes, manifest) = self.manifest(&base, &name.tag).await?;
+        let remote = self
+            .fetch_manifest(&repository_url(name, insecure), &name.tag)
+            .await?;
+        self.pull_manifest(store, name, remote, emit).await
+    }
 
+    /// Downloads every layer and the config of a manifest fetched from `remote.base`, then
+    /// writes the manifest (verbatim) as `name`.
+    pub async fn pull_manifest(
+        &self,
+        store: &Store,
+        name: &ModelName,
+        remote: RemoteManifest,
+        emit: &(dyn Fn(PullProgress) + Send + Sync),
+    ) -> Result<(), StoreError> {
+        let RemoteManifest {
+            base,
+            bytes,
+            manifest,
+        } = remote;
         let mut layers = manifest.layers.clone();
         layers.push(manifest.config.clone());
         let guard = store.writer_guard()?;
@@ -115,71 +136,26 @@ impl Registry {
             if !fetched.insert(digest.clone()) {
                 continue;
             }
-            let total = layer.size;
-            if store.has_blob(&digest)? {
-                // Already here: one line, complete.
-                emit(PullProgress::Layer {
-                    digest: digest.clone(),
-                    total,
-                    completed: total,
-                });
-                continue;
-            }
-            emit(PullProgress::Layer {
-                digest: digest.clone(),
-                total,
-                completed: 0,
-            });
-            let last = std::sync::atomic::AtomicU64::new(0);
-            let report = |completed: u64| {
-                // Only changes are worth a line.
-                if last.swap(completed, std::sync::atomic::Ordering::Relaxed) != completed {
-                    emit(PullProgress::Layer {
-                        digest: digest.clone(),
-                        total,
-                        completed,
-                    });
-                }
-            };
             let url = format!("{base}/blobs/{digest}");
             let src = Source {
                 client: &self.client,
                 url: &url,
             };
-            store.fetch_blob(&src, &digest, total, &report).await?;
+            fetch_reporting(store, &src, &digest, layer.size, emit).await?;
         }
-
-        // Every blob was hashed before it got its final name; this is the phase Ollama
-        // clients expect to see.
-        emit(PullProgress::Status("verifying sha256 digest"));
-        for digest in &fetched {
-            if !store.has_blob(digest)? {
-                return Err(StoreError::BlobNotFound(digest.clone()));
-            }
-        }
-        emit(PullProgress::Status("writing manifest"));
-        let old = store.write_manifest(name, &bytes)?;
-        drop(guard);
-        if let Some(old) = old {
-            let unused: Vec<String> = old
-                .layers
-                .iter()
-                .chain(std::iter::once(&old.config))
-                .map(|l| l.digest.clone())
-                .filter(|d| normalize_digest(d).is_ok_and(|d| !fetched.contains(&d)))
-                .collect();
-            if !unused.is_empty() {
-                emit(PullProgress::Status("removing unused layers"));
-                store.prune_blobs(&unused)?;
-            }
-        }
-        emit(PullProgress::Status("success"));
-        Ok(())
+        finish_pull(store, name, &bytes, &fetched, guard, emit)
     }
 
-    /// The manifest's bytes (kept verbatim) and its parse.
-    async fn manifest(&self, base: &str, tag: &str) -> Result<(Vec<u8>, Manifest), StoreError> {
-        let fail = |msg: String| StoreError::Registry(format!("pull model manifest: {msg}"));
+    /// The manifest of `<base>/manifests/<tag>`, its bytes kept verbatim. A registry that
+    /// does not have it answers [`StoreError::ManifestNotFound`]; one that cannot be reached
+    /// (no connection, a timeout, a 5xx) [`StoreError::RegistryUnreachable`].
+    pub async fn fetch_manifest(
+        &self,
+        base: &str,
+        tag: &str,
+    ) -> Result<RemoteManifest, StoreError> {
+        let unreachable =
+            |msg: String| StoreError::RegistryUnreachable(format!("pull model manifest: {msg}"));
         let url = format!("{base}/manifests/{tag}");
         let resp = self
             .client
@@ -187,20 +163,127 @@ impl Registry {
             .header(reqwest::header::ACCEPT, MEDIA_MANIFEST)
             .send()
             .await
-            .map_err(|e| fail(error_chain(&e)))?;
+            .map_err(|e| unreachable(error_chain(&e)))?;
         let status = resp.status();
         if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(fail("file does not exist".into()));
+            return Err(StoreError::ManifestNotFound);
         }
-        let body = resp.bytes().await.map_err(|e| fail(error_chain(&e)))?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
-            return Err(fail(format!("{}: {}", status.as_u16(), text.trim())));
+            let msg = format!("{}: {}", status.as_u16(), text.trim());
+            return Err(if status.is_server_error() {
+                unreachable(msg)
+            } else {
+                StoreError::Registry(format!("pull model manifest: {msg}"))
+            });
         }
-        let manifest: Manifest =
-            serde_json::from_slice(&body).map_err(|e| fail(format!("invalid manifest: {e}")))?;
-        Ok((body.to_vec(), manifest))
+        let manifest: Manifest = serde_json::from_slice(&body).map_err(|e| {
+            StoreError::Registry(format!("pull model manifest: invalid manifest: {e}"))
+        })?;
+        Ok(RemoteManifest {
+            base: base.to_string(),
+            bytes: body.to_vec(),
+            manifest,
+        })
     }
+}
+
+/// A manifest as a registry sent it, and the repository URL it came from.
+pub struct RemoteManifest {
+    pub base: String,
+    pub bytes: Vec<u8>,
+    pub manifest: Manifest,
+}
+
+/// Plain HTTP only when the caller allows it.
+pub fn check_scheme(scheme_http: bool, insecure: bool) -> Result<(), StoreError> {
+    if scheme_http && !insecure {
+        return Err(StoreError::Registry(
+            "insecure protocol http: set insecure to pull over plain HTTP".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes sure one blob is in the store, reporting it the way Ollama does: a blob already
+/// there is one complete line; a download starts with a line without `completed` and then
+/// reports each change.
+pub(crate) async fn fetch_reporting(
+    store: &Store,
+    src: &Source<'_>,
+    digest: &str,
+    total: u64,
+    emit: &(dyn Fn(PullProgress) + Send + Sync),
+) -> Result<(), StoreError> {
+    if store.has_blob(digest)? {
+        emit(PullProgress::Layer {
+            digest: digest.to_string(),
+            total,
+            completed: total,
+        });
+        return Ok(());
+    }
+    emit(PullProgress::Layer {
+        digest: digest.to_string(),
+        total,
+        completed: 0,
+    });
+    let last = AtomicU64::new(0);
+    let report = |completed: u64| {
+        // Only changes are worth a line.
+        if last.swap(completed, Ordering::Relaxed) != completed {
+            emit(PullProgress::Layer {
+                digest: digest.to_string(),
+                total,
+                completed,
+            });
+        }
+    };
+    store.fetch_blob(src, digest, total, &report).await?;
+    Ok(())
+}
+
+/// The end of every pull once its blobs are in the store: `verifying sha256 digest`,
+/// `writing manifest` (the manifest last, so it never names a missing blob), the old
+/// manifest's layers that nothing uses any more removed, `success`.
+pub(crate) fn finish_pull(
+    store: &Store,
+    name: &ModelName,
+    manifest: &[u8],
+    fetched: &HashSet<String>,
+    guard: WriterGuard,
+    emit: &(dyn Fn(PullProgress) + Send + Sync),
+) -> Result<(), StoreError> {
+    // Every blob was hashed before it got its final name; this is the phase Ollama clients
+    // expect to see.
+    emit(PullProgress::Status("verifying sha256 digest"));
+    for digest in fetched {
+        if !store.has_blob(digest)? {
+            return Err(StoreError::BlobNotFound(digest.clone()));
+        }
+    }
+    emit(PullProgress::Status("writing manifest"));
+    let old = store.write_manifest(name, manifest)?;
+    drop(guard);
+    if let Some(old) = old {
+        let unused: Vec<String> = old
+            .layers
+            .iter()
+            .chain(std::iter::once(&old.config))
+            .map(|l| l.digest.clone())
+            .filter(|d| normalize_digest(d).is_ok_and(|d| !fetched.contains(&d)))
+            .collect();
+        if !unused.is_empty() {
+            emit(PullProgress::Status("removing unused layers"));
+            store.prune_blobs(&unused)?;
+        }
+    }
+    emit(PullProgress::Status("success"));
+    Ok(())
 }
 
 #[cfg(test)]

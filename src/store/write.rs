@@ -14,7 +14,7 @@ use super::gguf;
 use super::{
     io_err, subdirs, write_atomic, ConfigBlob, Layer, LocalModel, Manifest, ModelName, Store,
     StoreError, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MANIFEST, MEDIA_MODEL, MEDIA_PARAMS,
-    MEDIA_SYSTEM, MEDIA_TEMPLATE,
+    MEDIA_SAFETENSORS, MEDIA_SYSTEM, MEDIA_TEMPLATE,
 };
 
 pub const MEDIA_MESSAGES: &str = "application/vnd.ollama.image.messages";
@@ -174,7 +174,8 @@ impl Store {
             let summary = gguf::read_summary(&path, false)?;
             let size = fs::metadata(&path).map_err(io_err(&path))?.len();
             status(format!("using existing layer {digest}"));
-            layers.retain(|l| l.media_type != MEDIA_MODEL);
+            // New weights replace the old ones, GGUF or a safetensors model's files.
+            layers.retain(|l| l.media_type != MEDIA_MODEL && l.name.is_none());
             layers.insert(
                 0,
                 Layer {
@@ -182,6 +183,7 @@ impl Store {
                     digest: digest.clone(),
                     size,
                     from: None,
+                    name: None,
                 },
             );
             let config = ConfigBlob::for_gguf(&summary, &digest);
@@ -192,12 +194,16 @@ impl Store {
                 digest,
                 size: bytes.len() as u64,
                 from: None,
+                name: None,
             });
         }
         let Some(config) = config_layer else {
             return Err(StoreError::NoModelLayer(name.display_short()));
         };
-        if !layers.iter().any(|l| l.media_type == MEDIA_MODEL) {
+        if !layers
+            .iter()
+            .any(|l| l.media_type == MEDIA_MODEL || l.media_type == MEDIA_SAFETENSORS)
+        {
             return Err(StoreError::NoModelLayer(name.display_short()));
         }
 
@@ -216,6 +222,7 @@ impl Store {
                 digest,
                 size: bytes.len() as u64,
                 from: None,
+                name: None,
             });
             Ok::<(), StoreError>(())
         };

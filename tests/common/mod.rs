@@ -9,6 +9,7 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod hub;
 pub mod registry;
 
 use std::collections::HashMap;
