@@ -1,10 +1,16 @@
-//! Serving load benchmark, in process: N concurrent streaming requests (fixed prompts, fixed
-//! output length, greedy) through the batching engine; prints aggregate output tokens/s,
-//! time to first token and inter-token latency (p50/p95) per concurrency, and the
-//! time to first token of a conversation's second turn against its first.
+//! Serving load benchmark: N concurrent streaming requests (fixed prompts, fixed output
+//! length, greedy); prints aggregate output tokens/s, time to first token and inter-token
+//! latency (p50/p95) per concurrency, and the time to first token of a conversation's
+//! second turn against its first.
 //!
+//! In process, through the batching engine:
 //! `cargo bench --profile dev --bench serving [-- MODEL_FILE [CONCURRENCY ...]]`
 //! (defaults: both test models, concurrency 1 8 32; `WICK_BENCH_TOKENS` output tokens, 32).
+//!
+//! Over HTTP against any OpenAI-compatible server (`wick serve`, llama.cpp's `llama-server`),
+//! streaming `/v1/chat/completions` with the same prompts: set `WICK_BENCH_URL` (e.g.
+//! `http://127.0.0.1:8080`) and `WICK_BENCH_MODEL` (the served model name);
+//! `scripts/bench-serving.sh` runs both servers on the same GGUF in one run.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -124,26 +130,12 @@ fn bench_model(file: &str, levels: &[usize], out_tokens: usize) {
                 .map(|h| h.join().expect("client"))
                 .collect()
         });
-        let wall = start.elapsed().as_secs_f64();
-        let total: usize = runs.iter().map(|r| r.tokens).sum();
-        let mut ttft: Vec<f64> = runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
-        let mut itl: Vec<f64> = runs
-            .iter()
-            .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
-            .collect();
-        println!(
-            "| {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
-            total as f64 / wall,
-            percentile(&mut ttft, 0.5),
-            percentile(&mut ttft, 0.95),
-            percentile(&mut itl, 0.5),
-            percentile(&mut itl, 0.95)
-        );
+        report(c, &runs, start.elapsed().as_secs_f64());
     }
 
     // A conversation's second turn resends the first turn: its prefix should come from cache.
     let engine = Engine::start(model.clone(), EngineConfig::default()).expect("engine");
-    let system = serde_json::json!({"role": "system", "content": "You are a helpful assistant who answers in detail, with examples, and always stays polite and precise. ".repeat(4)});
+    let system = serde_json::json!({"role": "system", "content": SYSTEM.repeat(4)});
     let first = vec![
         system,
         serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
@@ -153,12 +145,146 @@ fn bench_model(file: &str, levels: &[usize], out_tokens: usize) {
     second.push(serde_json::json!({"role": "assistant", "content": "Bread is one of the oldest prepared foods."}));
     second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
     let turn2 = drive(&engine, chat_prompt(&model, &second), 8);
+    report_turns(&turn1, &turn2);
+}
+
+const SYSTEM: &str = "You are a helpful assistant who answers in detail, with examples, and \
+                      always stays polite and precise. ";
+
+/// One table row: aggregate output tokens/s over `wall` seconds, TTFT and ITL percentiles.
+fn report(c: usize, runs: &[Run], wall: f64) {
+    let total: usize = runs.iter().map(|r| r.tokens).sum();
+    let mut ttft: Vec<f64> = runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect();
+    let mut itl: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.gaps.iter().map(|g| g.as_secs_f64() * 1e3))
+        .collect();
+    println!(
+        "| {c} | {:.1} | {:.0} | {:.0} | {:.1} | {:.1} |",
+        total as f64 / wall,
+        percentile(&mut ttft, 0.5),
+        percentile(&mut ttft, 0.95),
+        percentile(&mut itl, 0.5),
+        percentile(&mut itl, 0.95)
+    );
+}
+
+fn report_turns(turn1: &Run, turn2: &Run) {
     println!(
         "second turn TTFT {:.0} ms vs first turn {:.0} ms ({:.0}%)",
         turn2.ttft.as_secs_f64() * 1e3,
         turn1.ttft.as_secs_f64() * 1e3,
         100.0 * turn2.ttft.as_secs_f64() / turn1.ttft.as_secs_f64()
     );
+}
+
+/// Streams one chat over HTTP to its end, timing each content chunk's arrival.
+async fn drive_http(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    messages: &[serde_json::Value],
+    n: usize,
+) -> Run {
+    use futures_util::StreamExt;
+    let body = serde_json::json!({
+        "model": model, "messages": messages, "stream": true, "max_tokens": n,
+        "temperature": 0, "stream_options": {"include_usage": true},
+    });
+    let start = Instant::now();
+    let resp = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert!(resp.status().is_success(), "HTTP {}", resp.status());
+    let (mut last, mut ttft, mut gaps, mut chunks, mut usage) = (start, None, Vec::new(), 0, None);
+    let mut buf = Vec::new();
+    let mut body = resp.bytes_stream();
+    while let Some(bytes) = body.next().await {
+        buf.extend_from_slice(&bytes.expect("stream"));
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Some(data) = line.strip_prefix(b"data: ") else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else {
+                continue;
+            };
+            if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
+                usage = Some(u as usize);
+            }
+            let content = &v["choices"][0]["delta"]["content"];
+            if content.as_str().is_some_and(|c| !c.is_empty()) {
+                let now = Instant::now();
+                match ttft {
+                    None => ttft = Some(now - start),
+                    Some(_) => gaps.push(now - last),
+                }
+                last = now;
+                chunks += 1;
+            }
+        }
+    }
+    Run {
+        tokens: usage.unwrap_or(chunks),
+        ttft: ttft.unwrap_or_default(),
+        gaps,
+    }
+}
+
+/// The same workload as [`bench_model`], over HTTP.
+fn bench_http(url: &str, model: &str, levels: &[usize], out_tokens: usize) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = reqwest::Client::new();
+    println!("\n{model} at {url}: {out_tokens} output tokens per request, greedy");
+    println!(
+        "| concurrency | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (round, &c) in levels.iter().enumerate() {
+        let start = Instant::now();
+        let runs: Vec<Run> = rt.block_on(async {
+            let tasks: Vec<_> = (0..c)
+                .map(|i| {
+                    // Unique per level too: no level reuses another's cached prompts.
+                    let q = format!(
+                        "{} (request {i}, round {round})",
+                        PROMPTS[i % PROMPTS.len()]
+                    );
+                    let (client, url, model) = (client.clone(), url.to_string(), model.to_string());
+                    tokio::spawn(async move {
+                        let msgs = [serde_json::json!({"role": "user", "content": q})];
+                        drive_http(&client, &url, &model, &msgs, out_tokens).await
+                    })
+                })
+                .collect();
+            let mut runs = Vec::new();
+            for t in tasks {
+                runs.push(t.await.expect("client"));
+            }
+            runs
+        });
+        report(c, &runs, start.elapsed().as_secs_f64());
+    }
+    let system = serde_json::json!({"role": "system", "content": SYSTEM.repeat(4)});
+    let first = vec![
+        system,
+        serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
+    ];
+    let mut second = first.clone();
+    second.push(serde_json::json!({"role": "assistant", "content": "Bread is one of the oldest prepared foods."}));
+    second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
+    let (turn1, turn2) = rt.block_on(async {
+        let t1 = drive_http(&client, url, model, &first, 24).await;
+        (t1, drive_http(&client, url, model, &second, 8).await)
+    });
+    report_turns(&turn1, &turn2);
 }
 
 fn main() {
@@ -171,23 +297,25 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
-    let (files, levels): (Vec<String>, Vec<usize>) = match args.split_first() {
-        Some((f, rest)) => (
-            vec![f.clone()],
-            rest.iter().filter_map(|l| l.parse().ok()).collect(),
-        ),
-        None => (
-            vec![
-                "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
-            ],
-            Vec::new(),
-        ),
-    };
-    let levels = if levels.is_empty() {
-        vec![1, 8, 32]
+    // Model files, then concurrency levels (numbers).
+    let (levels, files): (Vec<&String>, Vec<&String>) =
+        args.iter().partition(|a| a.parse::<usize>().is_ok());
+    let mut levels: Vec<usize> = levels.iter().filter_map(|l| l.parse().ok()).collect();
+    if levels.is_empty() {
+        levels = vec![1, 8, 32];
+    }
+    if let Ok(url) = std::env::var("WICK_BENCH_URL") {
+        let model = std::env::var("WICK_BENCH_MODEL").unwrap_or_else(|_| "bench".into());
+        bench_http(url.trim_end_matches('/'), &model, &levels, out_tokens);
+        return;
+    }
+    let files: Vec<String> = if files.is_empty() {
+        vec![
+            "SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".into(),
+        ]
     } else {
-        levels
+        files.into_iter().cloned().collect()
     };
     for f in files {
         bench_model(&f, &levels, out_tokens);
