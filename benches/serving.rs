@@ -59,6 +59,8 @@ fn chat_prompt(model: &Model, messages: &[serde_json::Value]) -> Vec<u32> {
 }
 
 struct Run {
+    /// The reply, which a chat client sends back in the next turn.
+    text: String,
     tokens: usize,
     ttft: Duration,
     gaps: Vec<Duration>,
@@ -71,6 +73,7 @@ fn drive(engine: &Engine, prompt: Vec<u32>, n: usize) -> Run {
     let start = Instant::now();
     let stream = engine.submit(req).expect("submit");
     let (mut last, mut ttft, mut gaps, mut tokens) = (start, None, Vec::new(), 0);
+    let mut text = String::new();
     for ev in stream {
         match ev {
             Event::Token { .. } => {
@@ -82,11 +85,12 @@ fn drive(engine: &Engine, prompt: Vec<u32>, n: usize) -> Run {
                 last = now;
                 tokens += 1;
             }
-            Event::Text(_) => {}
+            Event::Text(t) => text.push_str(&t),
             Event::Done(_) => break,
         }
     }
     Run {
+        text,
         tokens,
         ttft: ttft.unwrap_or_default(),
         gaps,
@@ -135,21 +139,37 @@ fn bench_model(file: &str, levels: &[usize], out_tokens: usize) {
 
     // A conversation's second turn resends the first turn: its prefix should come from cache.
     let engine = Engine::start(model.clone(), EngineConfig::default()).expect("engine");
-    let system = serde_json::json!({"role": "system", "content": SYSTEM.repeat(4)});
-    let first = vec![
-        system,
-        serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
-    ];
-    let turn1 = drive(&engine, chat_prompt(&model, &first), 24);
-    let mut second = first.clone();
-    second.push(serde_json::json!({"role": "assistant", "content": "Bread is one of the oldest prepared foods."}));
-    second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
-    let turn2 = drive(&engine, chat_prompt(&model, &second), 8);
+    let first = first_turn();
+    let turn1 = drive(&engine, chat_prompt(&model, &first), TURN_TOKENS);
+    let turn2 = drive(
+        &engine,
+        chat_prompt(&model, &second_turn(&first, &turn1)),
+        8,
+    );
     report_turns(&turn1, &turn2);
 }
 
+/// A chat front end's agent prompt is typically a few hundred tokens (this is about 300).
 const SYSTEM: &str = "You are a helpful assistant who answers in detail, with examples, and \
                       always stays polite and precise. ";
+const TURN_TOKENS: usize = 64;
+
+/// The first turn of a conversation: system prompt and a question.
+fn first_turn() -> Vec<serde_json::Value> {
+    vec![
+        serde_json::json!({"role": "system", "content": SYSTEM.repeat(16)}),
+        serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
+    ]
+}
+
+/// The second turn as a chat client sends it: the whole first turn, the model's own reply,
+/// and a follow-up question.
+fn second_turn(first: &[serde_json::Value], reply: &Run) -> Vec<serde_json::Value> {
+    let mut second = first.to_vec();
+    second.push(serde_json::json!({"role": "assistant", "content": reply.text}));
+    second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
+    second
+}
 
 /// One table row: aggregate output tokens/s over `wall` seconds, TTFT and ITL percentiles.
 fn report(c: usize, runs: &[Run], wall: f64) {
@@ -197,10 +217,10 @@ async fn drive_http(
         .json(&body)
         .send()
         .await
-        .expect("request");
+        .unwrap_or_else(|e| panic!("request to {url}: {e}"));
     assert!(resp.status().is_success(), "HTTP {}", resp.status());
     let (mut last, mut ttft, mut gaps, mut chunks, mut usage) = (start, None, Vec::new(), 0, None);
-    let mut buf = Vec::new();
+    let (mut buf, mut text) = (Vec::new(), String::new());
     let mut body = resp.bytes_stream();
     while let Some(bytes) = body.next().await {
         buf.extend_from_slice(&bytes.expect("stream"));
@@ -215,8 +235,9 @@ async fn drive_http(
             if let Some(u) = v["usage"]["completion_tokens"].as_u64() {
                 usage = Some(u as usize);
             }
-            let content = &v["choices"][0]["delta"]["content"];
-            if content.as_str().is_some_and(|c| !c.is_empty()) {
+            let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            text.push_str(content);
+            if !content.is_empty() {
                 let now = Instant::now();
                 match ttft {
                     None => ttft = Some(now - start),
@@ -228,6 +249,7 @@ async fn drive_http(
         }
     }
     Run {
+        text,
         tokens: usage.unwrap_or(chunks),
         ttft: ttft.unwrap_or_default(),
         gaps,
@@ -241,7 +263,17 @@ fn bench_http(url: &str, model: &str, levels: &[usize], out_tokens: usize) {
         .enable_all()
         .build()
         .expect("runtime");
-    let client = reqwest::Client::new();
+    // A fresh connection per request: servers close idle keep-alive connections at will,
+    // and a request on a just-closed one would fail.
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    // Servers that load the model on first use (Ollama, wick) should not have it counted.
+    rt.block_on(async {
+        let hi = [serde_json::json!({"role": "user", "content": "Hi"})];
+        drive_http(&client, url, model, &hi, 1).await
+    });
     println!("\n{model} at {url}: {out_tokens} output tokens per request, greedy");
     println!(
         "| concurrency | aggregate tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms |"
@@ -272,16 +304,10 @@ fn bench_http(url: &str, model: &str, levels: &[usize], out_tokens: usize) {
         });
         report(c, &runs, start.elapsed().as_secs_f64());
     }
-    let system = serde_json::json!({"role": "system", "content": SYSTEM.repeat(4)});
-    let first = vec![
-        system,
-        serde_json::json!({"role": "user", "content": "Tell me about the history of bread."}),
-    ];
-    let mut second = first.clone();
-    second.push(serde_json::json!({"role": "assistant", "content": "Bread is one of the oldest prepared foods."}));
-    second.push(serde_json::json!({"role": "user", "content": "And in Egypt?"}));
+    let first = first_turn();
     let (turn1, turn2) = rt.block_on(async {
-        let t1 = drive_http(&client, url, model, &first, 24).await;
+        let t1 = drive_http(&client, url, model, &first, TURN_TOKENS).await;
+        let second = second_turn(&first, &t1);
         (t1, drive_http(&client, url, model, &second, 8).await)
     });
     report_turns(&turn1, &turn2);

@@ -36,7 +36,8 @@ wait_up() { # URL
 
 drive() { # URL MODEL
   WICK_BENCH_URL="$1" WICK_BENCH_MODEL="$2" cargo bench --profile dev --bench serving -- \
-    "${levels[@]}" 2>/dev/null | grep -E '^\||second turn|tokens per request'
+    "${levels[@]}" 2>"$work/bench.err" | grep -E '^\||second turn|tokens per request' ||
+    { cat "$work/bench.err" >&2; exit 1; }
 }
 
 for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; do
