@@ -99,28 +99,32 @@ impl FastQuant {
     /// Wraps owned GGUF tensor bytes, or gives them back to be left to candle.
     pub fn owned(dtype: GgmlDType, row_len: usize, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
         match Self::kind_for(dtype, row_len, bytes.len()) {
-            Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes))),
+            Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes), true)),
             None => Err(bytes),
         }
     }
 
     /// Wraps a tensor of the model file's memory map: in place, without copying it, unless
-    /// it is repacked for the tile kernel (then [`FastQuant::is_mapped`] is false and the
-    /// file pages can be dropped).
+    /// `for_matmul` and it is repacked for the tile kernel (then [`FastQuant::is_mapped`] is
+    /// false and the file pages can be dropped). A table only gathered from (an untied token
+    /// embedding) stays mapped, so only the rows in use are ever read.
     pub fn mapped(
         dtype: GgmlDType,
         row_len: usize,
         map: &Arc<Mmap>,
         range: Range<usize>,
+        for_matmul: bool,
     ) -> Option<Self> {
         let kind = Self::kind_for(dtype, row_len, range.len())?;
-        (range.end <= map.len()).then(|| Self::new(kind, row_len, Data::Mapped(map.clone(), range)))
+        (range.end <= map.len())
+            .then(|| Self::new(kind, row_len, Data::Mapped(map.clone(), range), for_matmul))
     }
 
-    fn new(kind: Kind, row_len: usize, data: Data) -> Self {
+    fn new(kind: Kind, row_len: usize, data: Data, for_matmul: bool) -> Self {
         let row_blocks = row_len / QK;
         let rows = data.len() / (row_blocks * kind.block_bytes()).max(1);
-        let packed = row_blocks > 0 && rows.is_multiple_of(GROUP) && tile_kernel().is_some();
+        let packed =
+            for_matmul && row_blocks > 0 && rows.is_multiple_of(GROUP) && tile_kernel().is_some();
         let data = if packed {
             Data::Owned(pack(kind, &data, row_blocks))
         } else {

@@ -45,7 +45,7 @@ impl Decoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let embed = src.embedding(device, dtype)?;
+        let embed = src.embedding(device, dtype, cfg.tie_embeddings)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");

@@ -105,12 +105,14 @@ impl GgufFile {
     }
 
     /// A tensor as candle's quantized tensor on `device`. `permute_heads` undoes the
-    /// row permutation llama.cpp applies to llama-architecture Q/K projections.
+    /// row permutation llama.cpp applies to llama-architecture Q/K projections; `for_matmul`
+    /// says whether it will be multiplied (not only gathered from or dequantized).
     fn qtensor(
         &self,
         name: &str,
         device: &Device,
         permute_heads: Option<usize>,
+        for_matmul: bool,
     ) -> Result<QTensor> {
         let (info, range) = self.tensor_range(name)?;
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
@@ -135,7 +137,7 @@ impl GgufFile {
             }
             None => match (
                 device,
-                FastQuant::mapped(dtype, row_len, &self.mmap, range.clone()),
+                FastQuant::mapped(dtype, row_len, &self.mmap, range.clone(), for_matmul),
             ) {
                 (Device::Cpu, Some(f)) => {
                     if !f.is_mapped() {
@@ -466,7 +468,7 @@ impl WeightSource {
     pub fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
         match self {
             Self::Gguf(g) => Ok(g
-                .qtensor(name, device, None)?
+                .qtensor(name, device, None, false)?
                 .dequantize(device)?
                 .to_dtype(dtype)?),
             Self::Safetensors(s) => s.load(&hf_name(name), device, dtype),
@@ -485,7 +487,7 @@ impl WeightSource {
         let weight = match self {
             Self::Gguf(g) => {
                 let permute = rope_heads.filter(|_| gguf_rope_permuted(cfg));
-                let q = g.qtensor(&format!("{name}.weight"), device, permute)?;
+                let q = g.qtensor(&format!("{name}.weight"), device, permute, true)?;
                 match q.dtype() {
                     // Unquantized GGUF tensors are ordinary dense matmuls in the compute dtype.
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
@@ -507,15 +509,18 @@ impl WeightSource {
         Linear::new(weight, bias)
     }
 
-    pub fn embedding(&self, device: &Device, dtype: DType) -> Result<Embedding> {
+    /// The token embedding table; `tied` when it is the output projection as well.
+    pub fn embedding(&self, device: &Device, dtype: DType, tied: bool) -> Result<Embedding> {
         match self {
             Self::Gguf(g) => {
-                let q = g.qtensor("token_embd.weight", device, None)?;
+                let q = g.qtensor("token_embd.weight", device, None, tied)?;
                 Ok(match q.dtype() {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
                         Embedding::Dense(q.dequantize(device)?.to_dtype(dtype)?)
                     }
-                    _ => Embedding::Quantized(split_q(Arc::new(q))?),
+                    // Split for the pool only when it is also the output projection.
+                    _ if tied => Embedding::Quantized(split_q(Arc::new(q))?),
+                    _ => Embedding::Quantized(vec![Arc::new(q)]),
                 })
             }
             Self::Safetensors(s) => Ok(Embedding::Dense(s.load(
@@ -551,7 +556,7 @@ impl WeightSource {
     pub fn rope_freq_factors(&self, device: &Device) -> Result<Option<Vec<f32>>> {
         match self {
             Self::Gguf(g) if g.has("rope_freqs.weight") => Ok(Some(
-                g.qtensor("rope_freqs.weight", device, None)?
+                g.qtensor("rope_freqs.weight", device, None, false)?
                     .dequantize(&Device::Cpu)?
                     .to_dtype(DType::F32)?
                     .flatten_all()?
