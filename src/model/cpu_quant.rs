@@ -376,6 +376,15 @@ fn has_avx2() -> bool {
 
 fn quantize_act(xs: &[f32], out: &mut Vec<Act>) {
     out.clear();
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        out.reserve(xs.len() / QK);
+        for x in xs.chunks_exact(QK) {
+            // SAFETY: AVX2 and FMA were checked; `x` holds QK values.
+            out.push(unsafe { x86::quantize_block(x) });
+        }
+        return;
+    }
     for x in xs.chunks_exact(QK) {
         let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -538,6 +547,53 @@ mod x86 {
 
     dot_fn!(dot_avx2, "avx2,fma", false);
     dot_fn!(dot_vnni, "avx2,fma,avxvnni", true);
+
+    /// [`super::quantize_act`] for one block of 32 values, vectorized (same rounding: half
+    /// away from zero).
+    ///
+    /// # Safety
+    /// `x` must hold at least 32 values and the CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_block(x: &[f32]) -> Act {
+        let p = x.as_ptr();
+        let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+        let sign = _mm256_set1_ps(-0.0);
+        let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let amax = _mm_cvtss_f32(m);
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let half = _mm256_set1_ps(0.5);
+        // round(v * id) half away from zero: truncate(v * id + copysign(0.5, v)).
+        let q = v.map(|v| {
+            let s = _mm256_mul_ps(v, id);
+            let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half));
+            _mm256_cvttps_epi32(r)
+        });
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let sum = _mm_add_epi32(
+            _mm256_castsi256_si128(sum),
+            _mm256_extracti128_si256(sum, 1),
+        );
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
+        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
+        let sum = _mm_cvtsi128_si32(sum);
+        // i32 -> i16 -> i8 with saturation; packs work per 128-bit lane, so restore order.
+        let w01 = _mm256_packs_epi32(q[0], q[1]);
+        let w23 = _mm256_packs_epi32(q[2], q[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        let mut out = Act {
+            d,
+            s: d * sum as f32,
+            q: [0; 32],
+        };
+        _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
+        out
+    }
 
     /// Four activation bytes at `p`, broadcast to every 32-bit lane.
     #[inline(always)]
@@ -946,6 +1002,31 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn vectorized_activation_quantization_equals_scalar() {
+        if !has_avx2() {
+            return;
+        }
+        let mut xs = pseudo_random(32 * 64, 7);
+        xs[5] = 0.0;
+        xs[32..64].fill(0.0); // an all-zero block
+        for v in xs[64..96].iter_mut() {
+            *v *= 1e-3;
+        }
+        for (b, x) in xs.chunks_exact(QK).enumerate() {
+            // SAFETY: AVX2 checked above.
+            let fast = unsafe { x86::quantize_block(x) };
+            let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let q: Vec<i8> = x.iter().map(|v| (v * id).round() as i8).collect();
+            let sum: i32 = q.iter().map(|&v| v as i32).sum();
+            assert_eq!(fast.q.to_vec(), q, "block {b}");
+            assert_eq!(fast.d, d, "block {b}");
+            assert_eq!(fast.s, d * sum as f32, "block {b}");
         }
     }
 
