@@ -1,8 +1,8 @@
 //! The client half of the command line: `wick pull`, `list`, `show`, `cp`, `rm`, `create`,
 //! `run`, `ps` and `stop` talk to a running server (`wick serve`, or Ollama itself) at `OLLAMA_HOST`
 //! over its HTTP API, the way Ollama's own CLI does. `create` reads a Modelfile (`FROM`,
-//! `TEMPLATE`, `SYSTEM`, `PARAMETER`, `LICENSE`, `MESSAGE`) and uploads a local GGUF
-//! named by `FROM` as a blob first.
+//! `TEMPLATE`, `SYSTEM`, `PARAMETER`, `LICENSE`, `MESSAGE`) and uploads a local GGUF named
+//! by `FROM` as a blob first, or each file of a safetensors model directory.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -147,6 +147,28 @@ impl Client {
             .and_then(|v| v["error"].as_str().map(str::to_string))
             .unwrap_or_else(|| format!("{status}: {}", text.trim()));
         Err(CliError::Server(msg))
+    }
+
+    /// Uploads a local file as a blob unless the server has it (`HEAD` first, as Ollama's
+    /// CLI does); returns its digest.
+    fn upload_blob(&self, path: &Path) -> Result<String> {
+        let digest = sha256_file(path)?;
+        let url = format!("{}/api/blobs/{digest}", self.base);
+        self.rt.block_on(async {
+            let head = self
+                .http
+                .head(&url)
+                .send()
+                .await
+                .map_err(|e| self.connect_err(e))?;
+            if !head.status().is_success() {
+                println!("copying file {digest} 100%");
+                self.send(self.http.post(&url).body(file_body(path)?))
+                    .await?;
+            }
+            Ok::<(), CliError>(())
+        })?;
+        Ok(digest)
     }
 
     async fn post(&self, path: &str, body: &Value) -> Result<reqwest::Response> {
@@ -574,7 +596,37 @@ fn local_from(from: &str, modelfile: &Path) -> Option<PathBuf> {
         modelfile.parent().unwrap_or(Path::new(".")).join(expanded)
     };
     let looks_like_path = from.starts_with(['.', '/', '~']) || from.ends_with(".gguf");
-    (looks_like_path || path.is_file()).then_some(path)
+    let model_dir = path.join("config.json").is_file();
+    (looks_like_path || path.is_file() || model_dir).then_some(path)
+}
+
+/// The files of a safetensors model directory that Ollama's CLI uploads: the weights, every
+/// JSON file (config, tokenizer, generation config, the shard index), `tokenizer.model`
+/// when there is no tokenizer.json, and a `chat_template.jinja`. Sorted, top level only.
+fn model_dir_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| CliError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let path = entry.map_err(io)?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let wanted = name.ends_with(".safetensors")
+            || name.ends_with(".json")
+            || name == "tokenizer.model"
+            || name == "chat_template.jinja";
+        if wanted && !name.starts_with('.') && path.is_file() {
+            out.push(path);
+        }
+    }
+    if out.iter().any(|p| p.ends_with("tokenizer.json")) {
+        out.retain(|p| !p.ends_with("tokenizer.model"));
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// Streams a local file as a request body.
@@ -610,33 +662,39 @@ pub fn create(args: CreateArgs) -> Result<()> {
     let c = Client::new()?;
     let mut req = json!({"model": args.name, "stream": true});
     if let Some(path) = local_from(&mf.from, &args.file) {
-        if !path.is_file() {
-            return Err(CliError::Modelfile {
-                path: args.file.clone(),
-                msg: format!("FROM {}: no such file", path.display()),
-            });
-        }
-        println!("gathering model components");
-        let digest = sha256_file(&path)?;
-        let url = format!("{}/api/blobs/{digest}", c.base);
-        c.rt.block_on(async {
-            let head = c
-                .http
-                .head(&url)
-                .send()
-                .await
-                .map_err(|e| c.connect_err(e))?;
-            if !head.status().is_success() {
-                println!("copying file {digest} 100%");
-                c.send(c.http.post(&url).body(file_body(&path)?)).await?;
+        let modelfile_err = |msg: String| CliError::Modelfile {
+            path: args.file.clone(),
+            msg,
+        };
+        // A GGUF file is one blob; a safetensors directory is one blob per file, which the
+        // server puts together as the Hugging Face pull does.
+        let paths = if path.is_dir() {
+            if !path.join("config.json").is_file() {
+                return Err(modelfile_err(format!(
+                    "FROM {}: not a safetensors model directory (no config.json)",
+                    path.display()
+                )));
             }
-            Ok::<(), CliError>(())
-        })?;
-        let file_name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model.gguf".into());
-        req["files"] = json!({ file_name: digest });
+            model_dir_files(&path)?
+        } else if path.is_file() {
+            vec![path.clone()]
+        } else {
+            return Err(modelfile_err(format!(
+                "FROM {}: no such file",
+                path.display()
+            )));
+        };
+        println!("gathering model components");
+        let mut files = Map::new();
+        for p in &paths {
+            let digest = c.upload_blob(p)?;
+            let file_name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model.gguf".into());
+            files.insert(file_name, digest.into());
+        }
+        req["files"] = Value::Object(files);
     } else {
         req["from"] = mf.from.clone().into();
     }

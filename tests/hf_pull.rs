@@ -739,3 +739,135 @@ async fn a_gated_repo_needs_hf_token_and_the_hub_fixture_serves_hf_hub() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `wick create NAME -f Modelfile` with `FROM <safetensors directory>`: the real CLI uploads
+/// each model file as a blob (the README stays behind) and the server stores them as the
+/// Hugging Face pull does, with the Modelfile's layers on top; then it lists, shows and
+/// chats. File sets that are not a loadable model are a 400.
+#[tokio::test]
+async fn create_from_a_safetensors_directory_with_the_cli() {
+    let smol = smol();
+    let dir = store_dir("hf-create-dir");
+    let base = spawn_server(&dir, &[]);
+    let work = dir.join("work");
+    let model_dir = work.join("SmolLM2-135M-Instruct");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    for (name, bytes) in &smol.files {
+        std::fs::write(model_dir.join(name), bytes).unwrap();
+    }
+    std::fs::write(
+        work.join("Modelfile"),
+        // The system prompt is the one SmolLM2's template uses when there is none, so the
+        // greedy answer is the same as the pulled model's.
+        "FROM ./SmolLM2-135M-Instruct\nPARAMETER temperature 0\n\
+         SYSTEM You are a helpful AI assistant named SmolLM, trained by Hugging Face\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["create", "smol-st", "-f", "Modelfile"])
+        .env("OLLAMA_HOST", base.trim_start_matches("http://"))
+        .current_dir(&work)
+        .output()
+        .expect("running wick create");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.matches("copying file sha256:").count(),
+        7,
+        "every model file, not the README: {text}"
+    );
+    assert!(text.trim_end().ends_with("success"), "{text}");
+
+    let m = manifest_of(&dir, "registry.ollama.ai/library/smol-st/latest");
+    let layers = m["layers"].as_array().unwrap();
+    for (fname, bytes) in model_files(&smol.files) {
+        let l = layers
+            .iter()
+            .find(|l| l["name"] == fname.as_str())
+            .unwrap_or_else(|| panic!("no layer for {fname} in {m}"));
+        assert_eq!(l["digest"], sha(bytes));
+        let media = if fname.ends_with(".safetensors") {
+            "application/vnd.candlewick.image.safetensors"
+        } else {
+            "application/vnd.ollama.image.json"
+        };
+        assert_eq!(l["mediaType"], media, "{fname}");
+    }
+    let media: Vec<&str> = layers
+        .iter()
+        .map(|l| l["mediaType"].as_str().unwrap())
+        .collect();
+    assert!(
+        media.contains(&"application/vnd.ollama.image.system"),
+        "{m}"
+    );
+    assert!(
+        media.contains(&"application/vnd.ollama.image.params"),
+        "{m}"
+    );
+    assert_eq!(layers.len(), 9, "seven files, system and params: {m}");
+    assert_store_clean(&dir);
+
+    let listed = tags(&base).await;
+    let t = listed
+        .iter()
+        .find(|t| t["name"] == "smol-st:latest")
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    let params = candlewick::store::human_params(smol.parameters);
+    assert_eq!(
+        t["details"],
+        json!({"parent_model": "", "format": "safetensors", "family": "llama",
+               "families": ["llama"], "parameter_size": params, "quantization_level": "F32"})
+    );
+    let s = show(&base, "smol-st").await;
+    assert_eq!(s["details"]["format"], "safetensors");
+    assert_eq!(s["template"], smol.template.as_str());
+    assert_eq!(
+        s["system"],
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    );
+    assert_eq!(s["model_info"]["general.parameter_count"], smol.parameters);
+    let answer = chat_answer(&base, "smol-st").await;
+    assert!(answer.contains("Berlin"), "{answer}");
+
+    // Sets that cannot be loaded are refused before anything is written.
+    let digest = |name: &str| sha(file(&smol.files, name));
+    let mut all: serde_json::Map<String, Value> = model_files(&smol.files)
+        .into_iter()
+        .map(|(n, b)| (n.clone(), sha(b).into()))
+        .collect();
+    let refuse = |files: serde_json::Map<String, Value>, want: &'static str| {
+        let base = base.clone();
+        async move {
+            let resp = post(
+                &base,
+                "/api/create",
+                json!({"model": "bad", "files": files}),
+            )
+            .await;
+            assert_eq!(resp.status(), 400, "{want}");
+            let v: Value = resp.json().await.unwrap();
+            let e = v["error"].as_str().unwrap_or_default().to_string();
+            assert!(e.contains(want), "{want:?} in {e:?}");
+        }
+    };
+    let mut no_config = all.clone();
+    no_config.remove("config.json");
+    refuse(no_config, "no config.json").await;
+    let mut no_weights = all.clone();
+    no_weights.remove("model.safetensors.index.json");
+    refuse(no_weights, "no weights").await;
+    let mut missing_shard = all.clone();
+    missing_shard.remove(SHARD2);
+    refuse(missing_shard, SHARD2).await;
+    let mut dotdot = all.clone();
+    dotdot.insert("../config.json".into(), digest("config.json").into());
+    refuse(dotdot, "invalid file name").await;
+    all.insert("sub/tokenizer.json".into(), digest("tokenizer.json").into());
+    refuse(all, "invalid file name").await;
+    assert!(!tags(&base).await.iter().any(|t| t["name"] == "bad:latest"));
+}

@@ -71,7 +71,8 @@ impl StoreApiError {
                 | StoreError::BadDigest(_)
                 | StoreError::UploadMismatch { .. }
                 | StoreError::BadGguf { .. }
-                | StoreError::NoModelLayer(_) => StatusCode::BAD_REQUEST,
+                | StoreError::NoModelLayer(_)
+                | StoreError::BadModelFiles(_) => StatusCode::BAD_REQUEST,
                 StoreError::NotFound(_) | StoreError::BlobNotFound(_) => StatusCode::NOT_FOUND,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -342,6 +343,26 @@ fn normalize_parameters(mut p: Map<String, Value>) -> Map<String, Value> {
     p
 }
 
+/// What `files` of `/api/create` hold.
+enum Files<'a> {
+    None,
+    /// One file that is not part of a safetensors directory: GGUF weights.
+    Gguf(&'a str),
+    /// A Hugging Face directory's files (`config.json`, `*.safetensors`, ...).
+    Safetensors,
+}
+
+fn files_kind(files: &BTreeMap<String, String>) -> Files<'_> {
+    let mut it = files.iter();
+    match (it.next(), it.next()) {
+        (None, _) => Files::None,
+        (Some((name, d)), None) if !name.ends_with(".json") && !name.ends_with(".safetensors") => {
+            Files::Gguf(d)
+        }
+        _ => Files::Safetensors,
+    }
+}
+
 /// Turns the request into a [`CreateSpec`], or the error Ollama gives before streaming.
 fn create_spec(state: &AppState, req: CreateRequest) -> Result<CreateSpec> {
     if req.quantize.as_ref().is_some_and(|q| !q.is_empty()) {
@@ -364,17 +385,13 @@ fn create_spec(state: &AppState, req: CreateRequest) -> Result<CreateSpec> {
         };
     }
     let files = req.files.unwrap_or_default();
-    let mut ggufs = files.values();
-    spec.gguf = match (ggufs.next(), ggufs.next()) {
-        (None, _) => None,
-        (Some(d), None) => Some(normalize_digest(d)?),
-        (Some(_), Some(_)) => {
-            return Err(StoreApiError::Unsupported(
-                "only one GGUF file per model is supported".into(),
-            ))
-        }
-    };
-    if spec.base.is_none() && spec.gguf.is_none() {
+    match files_kind(&files) {
+        Files::None => {}
+        Files::Gguf(d) => spec.gguf = Some(normalize_digest(d)?),
+        // Checked (blobs and headers) by the caller, off the async threads.
+        Files::Safetensors => {}
+    }
+    if spec.base.is_none() && files.is_empty() {
         return Err(StoreApiError::Api(ApiError::BadRequest(
             "neither 'from' or 'files' was specified".into(),
         )));
@@ -409,8 +426,17 @@ pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Respon
     let mut req: CreateRequest = parse_body(&body)?;
     let name = ModelName::parse(&model_field(req.model.take(), req.name.take()))?;
     let stream = req.stream.unwrap_or(true);
-    let spec = create_spec(&state, req)?;
+    let files = req.files.clone().unwrap_or_default();
+    let mut spec = create_spec(&state, req)?;
     let store = state.store.clone();
+    if let Files::Safetensors = files_kind(&files) {
+        // A file set that is not a loadable model is a 400 before anything streams.
+        let s = store.clone();
+        let model = tokio::task::spawn_blocking(move || s.safetensors_model(&files))
+            .await
+            .map_err(join_err)??;
+        spec.safetensors = Some(model);
+    }
     if !stream {
         tokio::task::spawn_blocking(move || store.create(&name, spec, &mut |_| {}))
             .await

@@ -388,9 +388,19 @@ impl Store {
         }
         let mut tick = tokio::time::interval(TICK);
         let mut last_save = Instant::now();
-        // Dirty pages are written back while the download runs, so the sync before the
-        // rename has little left to do.
+        // Dirty pages are written back while the download runs, one flush after the other,
+        // so the sync before the rename has little left to do: the disk, not the network or
+        // the hash, is what a durable download waits for, and a backlog of dirty pages at
+        // the end would be written only after the last byte arrived.
         let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
+        let flush = |flushing: &mut Option<tokio::task::JoinHandle<()>>| {
+            if flushing.as_ref().is_none_or(|h| h.is_finished()) {
+                let f = file.clone();
+                *flushing = Some(tokio::task::spawn_blocking(move || {
+                    let _ = f.sync_data();
+                }));
+            }
+        };
         loop {
             tokio::select! {
                 joined = tasks.join_next() => match joined {
@@ -403,22 +413,22 @@ impl Store {
                 },
                 _ = tick.tick() => {
                     progress(shared.completed());
+                    flush(&mut flushing);
                     if last_save.elapsed() >= SAVE_EVERY {
                         // The state never runs ahead of the bytes written; if a power
                         // cut loses some of them, the hash at the end catches it.
                         shared.save()?;
                         last_save = Instant::now();
-                        if flushing.as_ref().is_none_or(|h| h.is_finished()) {
-                            let f = file.clone();
-                            flushing = Some(tokio::task::spawn_blocking(move || {
-                                let _ = f.sync_data();
-                            }));
-                        }
                     }
                 }
             }
         }
         progress(size);
+        // The last bytes go to disk while the hash catches up with them.
+        if let Some(h) = flushing.take() {
+            let _ = h.await;
+        }
+        flush(&mut flushing);
 
         let got = hasher
             .await
@@ -588,7 +598,8 @@ fn follow_hash(
     stop: &AtomicBool,
 ) -> Result<String, StoreError> {
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 4 << 20];
+    // Small enough that what `read` copied is still in the CPU cache when it is hashed.
+    let mut buf = vec![0u8; 256 << 10];
     let (mut pos, mut j) = (0u64, 0usize);
     loop {
         while j < shared.parts.len()

@@ -40,14 +40,13 @@ use sha2::{Digest, Sha256};
 use super::blobs::{error_chain, normalize_digest, Source};
 use super::catalog::{valid_file_name, valid_repo, valid_revision, HfSource};
 use super::pull::{fetch_reporting, finish_pull, repository_url, PullProgress};
+use super::safetensors::{self, media_type, INDEX, REQUIRED, SINGLE};
 use super::{
-    safetensors, Layer, Manifest, ModelName, Store, StoreError, MEDIA_CONFIG, MEDIA_FILE,
-    MEDIA_JSON, MEDIA_MANIFEST, MEDIA_PARAMS, MEDIA_SAFETENSORS,
+    Layer, Manifest, ModelName, Store, StoreError, MEDIA_CONFIG, MEDIA_FILE, MEDIA_MANIFEST,
+    MEDIA_PARAMS,
 };
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-/// Files every model needs.
-const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
 /// Files taken when the repository has them.
 const OPTIONAL: [&str; 4] = [
     "generation_config.json",
@@ -55,8 +54,6 @@ const OPTIONAL: [&str; 4] = [
     "special_tokens_map.json",
     "chat_template.jinja",
 ];
-const INDEX: &str = "model.safetensors.index.json";
-const SINGLE: &str = "model.safetensors";
 /// Files the Hub keeps in git are under 10 MB; a file this large without a sha256 is not
 /// taken on trust.
 const MAX_UNHASHED: u64 = 64 << 20;
@@ -527,17 +524,6 @@ fn local_layer(
     })
 }
 
-/// The layer media type of a model file, by its extension.
-fn media_type(file: &str) -> &'static str {
-    if file.ends_with(".safetensors") {
-        MEDIA_SAFETENSORS
-    } else if file.ends_with(".json") {
-        MEDIA_JSON
-    } else {
-        MEDIA_FILE
-    }
-}
-
 fn bad_index(src: &HfSource, msg: &str) -> HfError {
     HfError::BadListing {
         repo: src.repo.clone(),
@@ -588,6 +574,7 @@ pub fn source_of(name: &ModelName) -> HfSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{MEDIA_JSON, MEDIA_SAFETENSORS};
 
     fn listing(files: &[&str]) -> Listing {
         Listing {

@@ -99,6 +99,9 @@ pub enum StoreError {
     /// A layer `name` that is not a plain file name, which a model directory cannot hold.
     #[error("{0}: the manifest names a file {1:?} that cannot be part of a model directory")]
     BadFileName(String, String),
+    /// `/api/create` files that do not make a loadable safetensors model.
+    #[error("{0}")]
+    BadModelFiles(String),
     #[error(transparent)]
     Hf(#[from] hf::HfError),
     #[error(transparent)]

@@ -11,7 +11,24 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::gguf::{human_params, GgufSummary};
-use super::{io_err, ConfigBlob, StoreError};
+use super::{io_err, ConfigBlob, StoreError, MEDIA_FILE, MEDIA_JSON, MEDIA_SAFETENSORS};
+
+/// Files every model needs.
+pub const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
+/// The weights: an index naming the shards, or one file.
+pub const INDEX: &str = "model.safetensors.index.json";
+pub const SINGLE: &str = "model.safetensors";
+
+/// The layer media type of a model file, by its extension.
+pub fn media_type(file: &str) -> &'static str {
+    if file.ends_with(".safetensors") {
+        MEDIA_SAFETENSORS
+    } else if file.ends_with(".json") {
+        MEDIA_JSON
+    } else {
+        MEDIA_FILE
+    }
+}
 
 /// A header larger than this is not a safetensors header (the format's own reader refuses
 /// 100 MB as well); it protects us from allocating whatever a broken file claims.
@@ -79,7 +96,6 @@ impl WeightStats {
 /// The weight files of a model directory given as `file name -> path`: the shards its
 /// index names, or `model.safetensors`.
 pub fn weight_files(files: &BTreeMap<String, PathBuf>) -> Result<Vec<PathBuf>, StoreError> {
-    const INDEX: &str = "model.safetensors.index.json";
     if let Some(index) = files.get(INDEX) {
         let names = index_shards(&read_json(index)?).ok_or_else(|| StoreError::BadSafetensors {
             path: index.clone(),
@@ -99,10 +115,10 @@ pub fn weight_files(files: &BTreeMap<String, PathBuf>) -> Result<Vec<PathBuf>, S
             .collect();
     }
     files
-        .get("model.safetensors")
+        .get(SINGLE)
         .map(|p| vec![p.clone()])
         .ok_or_else(|| StoreError::BadSafetensors {
-            path: PathBuf::from("model.safetensors"),
+            path: PathBuf::from(SINGLE),
             msg: "the model has no weights".into(),
         })
 }

@@ -3,14 +3,16 @@
 //! uses) and creating one from an existing model or uploaded blobs plus text layers
 //! (`/api/create`, `wick create`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
 use super::blobs::normalize_digest;
+use super::catalog::valid_file_name;
 use super::gguf;
+use super::safetensors::{self, media_type, INDEX, REQUIRED, SINGLE};
 use super::{
     io_err, subdirs, write_atomic, ConfigBlob, Layer, LocalModel, Manifest, ModelName, Store,
     StoreError, MEDIA_CONFIG, MEDIA_LICENSE, MEDIA_MANIFEST, MEDIA_MODEL, MEDIA_PARAMS,
@@ -26,6 +28,8 @@ pub struct CreateSpec {
     pub base: Option<LocalModel>,
     /// A GGUF blob (`sha256:…`, already in the store) to use as the weights.
     pub gguf: Option<String>,
+    /// Or a safetensors model's files, checked by [`Store::safetensors_model`].
+    pub safetensors: Option<SafetensorsModel>,
     pub template: Option<String>,
     pub system: Option<String>,
     pub license: Vec<String>,
@@ -34,7 +38,106 @@ pub struct CreateSpec {
     pub messages: Option<Vec<Value>>,
 }
 
+/// A safetensors model made of uploaded blobs: one named layer per file (as a Hugging Face
+/// pull stores it) and its config blob.
+#[derive(Debug)]
+pub struct SafetensorsModel {
+    pub layers: Vec<Layer>,
+    pub config: ConfigBlob,
+}
+
 impl Store {
+    /// Checks that `files` (file name -> `sha256:…` of an uploaded blob) make a model the
+    /// loader can open: plain file names, every blob present, config.json, tokenizer.json,
+    /// and weights (`model.safetensors`, or the index and every shard it names) whose
+    /// headers parse; the family, parameter size and dtype come from the same reading a
+    /// Hugging Face pull does ([`safetensors::config_blob`]). The layers come out in the
+    /// order a Hugging Face pull writes them: the required files, the other small files,
+    /// the index, the weights.
+    pub fn safetensors_model(
+        &self,
+        files: &BTreeMap<String, String>,
+    ) -> Result<SafetensorsModel, StoreError> {
+        let bad = |msg: String| StoreError::BadModelFiles(msg);
+        let mut paths: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut digests: BTreeMap<&str, (String, u64)> = BTreeMap::new();
+        for (name, digest) in files {
+            if !valid_file_name(name) {
+                return Err(bad(format!(
+                    "invalid file name {name:?}: a model's files must be plain names in one \
+                     directory"
+                )));
+            }
+            let digest = normalize_digest(digest)?;
+            let path = self.blob_path(&digest)?;
+            let size = match fs::metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                _ => return Err(StoreError::BlobNotFound(digest)),
+            };
+            paths.insert(name.clone(), path);
+            digests.insert(name, (digest, size));
+        }
+        let not_a_model =
+            |what: &str| bad(format!("the files are not a safetensors model: {what}"));
+        for f in REQUIRED {
+            if !paths.contains_key(f) {
+                return Err(not_a_model(&format!("no {f}")));
+            }
+        }
+        if !paths.contains_key(INDEX) && !paths.contains_key(SINGLE) {
+            return Err(not_a_model(&format!("no weights ({SINGLE} or {INDEX})")));
+        }
+        // The headers are read here, so broken weights are refused before the model exists;
+        // errors name the file, not its blob.
+        let name_of = |p: &Path| {
+            paths
+                .iter()
+                .find(|(_, q)| q.as_path() == p)
+                .map_or_else(|| p.display().to_string(), |(n, _)| n.clone())
+        };
+        let weights = safetensors::weight_files(&paths).map_err(|e| match e {
+            StoreError::BadSafetensors { path, msg } => {
+                not_a_model(&format!("{}: {msg}", name_of(&path)))
+            }
+            e => e,
+        })?;
+        let weight_names: Vec<String> = weights.iter().map(|p| name_of(p)).collect();
+        let mut order: Vec<&str> = REQUIRED.to_vec();
+        order.extend(
+            digests
+                .keys()
+                .copied()
+                .filter(|n| !REQUIRED.contains(n) && *n != INDEX && !n.ends_with(".safetensors")),
+        );
+        if paths.contains_key(INDEX) {
+            order.push(INDEX);
+        }
+        // Other *.safetensors files (a repository's `consolidated.safetensors` beside its
+        // shards) are not the model's and stay out of it.
+        order.extend(weight_names.iter().map(String::as_str));
+        let layers: Vec<Layer> = order
+            .into_iter()
+            .filter_map(|n| {
+                let (digest, size) = digests.get(n)?;
+                Some(Layer {
+                    media_type: media_type(n).into(),
+                    digest: digest.clone(),
+                    size: *size,
+                    from: None,
+                    name: Some(n.to_string()),
+                })
+            })
+            .collect();
+        let all: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
+        let config = safetensors::config_blob(&paths, &all).map_err(|e| match e {
+            StoreError::BadSafetensors { path, msg } => {
+                not_a_model(&format!("{}: {msg}", name_of(&path)))
+            }
+            e => e,
+        })?;
+        Ok(SafetensorsModel { layers, config })
+    }
+
     /// Writes `bytes` as the manifest of `name` (temp file + rename) and returns the
     /// manifest it replaced, if any.
     pub fn write_manifest(
@@ -188,6 +291,23 @@ impl Store {
             );
             let config = ConfigBlob::for_gguf(&summary, &digest);
             let bytes = to_json(&config, &path)?;
+            let digest = self.write_blob_bytes(&bytes)?;
+            config_layer = Some(Layer {
+                media_type: MEDIA_CONFIG.into(),
+                digest,
+                size: bytes.len() as u64,
+                from: None,
+                name: None,
+            });
+        }
+        if let Some(model) = spec.safetensors {
+            for l in &model.layers {
+                status(format!("using existing layer {}", l.digest));
+            }
+            // New weights replace the old ones, GGUF or a safetensors model's files.
+            layers.retain(|l| l.media_type != MEDIA_MODEL && l.name.is_none());
+            layers.splice(0..0, model.layers);
+            let bytes = to_json(&model.config, &self.root)?;
             let digest = self.write_blob_bytes(&bytes)?;
             config_layer = Some(Layer {
                 media_type: MEDIA_CONFIG.into(),
