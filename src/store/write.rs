@@ -249,6 +249,17 @@ impl Store {
         Ok(())
     }
 
+    /// Stores a config blob and returns its manifest entry.
+    fn config_layer(&self, bytes: &[u8]) -> Result<Layer, StoreError> {
+        Ok(Layer {
+            media_type: MEDIA_CONFIG.into(),
+            digest: self.write_blob_bytes(bytes)?,
+            size: bytes.len() as u64,
+            from: None,
+            name: None,
+        })
+    }
+
     /// Builds a model from `spec` and writes its manifest last; `status` hears Ollama's
     /// progress lines (`parsing GGUF`, `using existing layer …`, `creating new layer …`,
     /// `writing manifest`).
@@ -290,15 +301,7 @@ impl Store {
                 },
             );
             let config = ConfigBlob::for_gguf(&summary, &digest);
-            let bytes = to_json(&config, &path)?;
-            let digest = self.write_blob_bytes(&bytes)?;
-            config_layer = Some(Layer {
-                media_type: MEDIA_CONFIG.into(),
-                digest,
-                size: bytes.len() as u64,
-                from: None,
-                name: None,
-            });
+            config_layer = Some(self.config_layer(&to_json(&config, &path)?)?);
         }
         if let Some(model) = spec.safetensors {
             for l in &model.layers {
@@ -307,15 +310,7 @@ impl Store {
             // New weights replace the old ones, GGUF or a safetensors model's files.
             layers.retain(|l| l.media_type != MEDIA_MODEL && l.name.is_none());
             layers.splice(0..0, model.layers);
-            let bytes = to_json(&model.config, &self.root)?;
-            let digest = self.write_blob_bytes(&bytes)?;
-            config_layer = Some(Layer {
-                media_type: MEDIA_CONFIG.into(),
-                digest,
-                size: bytes.len() as u64,
-                from: None,
-                name: None,
-            });
+            config_layer = Some(self.config_layer(&to_json(&model.config, &self.root)?)?);
         }
         let Some(config) = config_layer else {
             return Err(StoreError::NoModelLayer(name.display_short()));
