@@ -14,21 +14,16 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use api_common::{config, store_dir};
+use api_common::{assert_store_clean, blob_files, config, post, pull, sha, store_dir, tags};
 use axum::body::Bytes;
 use common::hub::{is_lfs, HubFaults, TestHub};
 use common::registry::TestRegistry;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const REPO: &str = "testorg/SmolLM2-135M-Instruct";
 const SHARD1: &str = "model-00001-of-00002.safetensors";
 const SHARD2: &str = "model-00002-of-00002.safetensors";
-
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 /// SmolLM2-135M-Instruct as its Hugging Face repository holds it, made from the real test
 /// GGUF: its weights converted to f32 safetensors and split into two shards with an index,
@@ -141,60 +136,10 @@ fn spawn_server(models: &Path, extra: &[(&str, &str)]) -> String {
     format!("http://{addr}")
 }
 
-async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
-async fn pull(base: &str, body: Value) -> Vec<Value> {
-    let resp = post(base, "/api/pull", body).await;
-    assert_eq!(resp.status(), 200);
-    api_common::ndjson_lines(resp).await
-}
-
-async fn tags(base: &str) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("{base}/api/tags"))
-        .await
-        .expect("tags")
-        .json()
-        .await
-        .expect("tags JSON");
-    v["models"].as_array().expect("models").clone()
-}
-
 async fn show(base: &str, model: &str) -> Value {
     let resp = post(base, "/api/show", json!({"model": model})).await;
     assert_eq!(resp.status(), 200, "show {model}");
     resp.json().await.expect("show JSON")
-}
-
-fn blob_files(models: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(models.join("blobs"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// Every file in `blobs/` is a finished blob whose bytes hash to its name.
-fn assert_store_clean(models: &Path) {
-    for name in blob_files(models) {
-        let hex = name.strip_prefix("sha256-").unwrap_or("");
-        assert!(
-            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-            "stray file in blobs/: {name}"
-        );
-        let bytes = std::fs::read(models.join("blobs").join(&name)).expect("blob");
-        assert_eq!(sha(&bytes), format!("sha256:{hex}"), "blob {name}");
-    }
 }
 
 fn assert_success(lines: &[Value]) {

@@ -11,21 +11,18 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use api_common::{config, store_dir, WickProcess};
+use api_common::{
+    assert_store_clean, blob_files, config, ok_lines, post, pull, sha, store_dir, tags, WickProcess,
+};
 use axum::body::Bytes;
 use common::registry::{Faults, TestRegistry};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 const QUESTION: &str = "What is the capital of Germany?";
 /// The Go template Ollama's library ships for SmolLM2-style ChatML models (shortened).
 const GO_TEMPLATE: &str = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n";
 const PARAMS: &str = r#"{"stop":["<|im_start|>","<|im_end|>"],"temperature":0}"#;
-
-fn sha(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
 
 fn gguf() -> Bytes {
     static GGUF: OnceLock<Bytes> = OnceLock::new();
@@ -55,66 +52,6 @@ fn spawn_server(models: &Path) -> String {
 
 fn spawn_wick(models: &Path) -> WickProcess {
     WickProcess::start(models, &[])
-}
-
-async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .expect("request")
-}
-
-/// Reads a whole NDJSON body.
-async fn lines_of(resp: reqwest::Response) -> Vec<Value> {
-    assert_eq!(resp.status(), 200);
-    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
-    let text = resp.text().await.expect("body");
-    assert!(text.ends_with('\n'), "{text}");
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
-}
-
-async fn pull(base: &str, body: Value) -> Vec<Value> {
-    lines_of(post(base, "/api/pull", body).await).await
-}
-
-async fn tags(base: &str) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("{base}/api/tags"))
-        .await
-        .expect("tags")
-        .json()
-        .await
-        .expect("tags JSON");
-    v["models"].as_array().expect("models").clone()
-}
-
-/// Files in `blobs/`, by name.
-fn blob_files(models: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(models.join("blobs"))
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
-
-/// Every file in `blobs/` is a finished blob whose bytes hash to its name.
-fn assert_store_clean(models: &Path) {
-    for name in blob_files(models) {
-        let hex = name.strip_prefix("sha256-").unwrap_or("");
-        assert!(
-            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
-            "stray file in blobs/: {name}"
-        );
-        let bytes = std::fs::read(models.join("blobs").join(&name)).expect("blob");
-        assert_eq!(sha(&bytes), format!("sha256:{hex}"), "blob {name}");
-    }
 }
 
 fn publish_smollm2(reg: &TestRegistry) -> Vec<u8> {
@@ -645,7 +582,7 @@ async fn blobs_create_copy_and_delete() {
         .unwrap();
     assert_eq!(r.status(), 200, "already there");
 
-    let lines = lines_of(
+    let lines = ok_lines(
         post(
             &base,
             "/api/create",

@@ -161,3 +161,66 @@ impl Drop for WickProcess {
         let _ = self.child.wait();
     }
 }
+
+/// `sha256:<hex>` of `bytes`, as digests are written in manifests.
+pub fn sha(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+pub async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A whole NDJSON reply with status 200 (see [`ndjson_lines`]).
+pub async fn ok_lines(resp: reqwest::Response) -> Vec<Value> {
+    assert_eq!(resp.status(), 200);
+    ndjson_lines(resp).await
+}
+
+/// `/api/pull`'s progress lines.
+pub async fn pull(base: &str, body: Value) -> Vec<Value> {
+    ok_lines(post(base, "/api/pull", body).await).await
+}
+
+/// `/api/tags`'s models.
+pub async fn tags(base: &str) -> Vec<Value> {
+    let v: Value = reqwest::get(format!("{base}/api/tags"))
+        .await
+        .expect("tags")
+        .json()
+        .await
+        .expect("tags JSON");
+    v["models"].as_array().expect("models").clone()
+}
+
+/// Files in `blobs/`, by name.
+pub fn blob_files(models: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(models.join("blobs"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Every file in `blobs/` is a finished blob whose bytes hash to its name.
+pub fn assert_store_clean(models: &Path) {
+    for name in blob_files(models) {
+        let hex = name.strip_prefix("sha256-").unwrap_or("");
+        assert!(
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "stray file in blobs/: {name}"
+        );
+        let bytes = std::fs::read(models.join("blobs").join(&name)).expect("blob");
+        assert_eq!(sha(&bytes), format!("sha256:{hex}"), "blob {name}");
+    }
+}
