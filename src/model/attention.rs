@@ -112,6 +112,26 @@ pub trait KvCache {
     fn num_blocks(&self) -> usize;
 }
 
+/// Checks an `attend` call against a cache of `layers` layers of `heads` query heads of
+/// `head_dim`, and returns `q`'s `(tokens, heads, head_dim)`.
+pub(crate) fn check_query(
+    q: &Tensor,
+    batch: &Batch,
+    layer: usize,
+    (layers, heads, head_dim): (usize, usize, usize),
+) -> Result<(usize, usize, usize)> {
+    let (n, h, hd) = q.dims3()?;
+    if h != heads || hd != head_dim || n != batch.tokens.len() || layer >= layers {
+        return Err(Error::Config(format!(
+            "attention got q {:?} for {} tokens at layer {layer}, expected {heads} heads of \
+             {head_dim} and fewer than {layers} layers",
+            q.dims(),
+            batch.tokens.len(),
+        )));
+    }
+    Ok((n, h, hd))
+}
+
 /// The CPU paged cache: per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]`
 /// f32, allocated once.
 pub struct CpuKvCache {
@@ -257,16 +277,8 @@ impl KvCache for CpuKvCache {
         v: &Tensor,
         batch: &Batch,
     ) -> Result<Tensor> {
-        let (n, heads, hd) = q.dims3()?;
-        if heads != self.heads || hd != self.head_dim || n != batch.tokens.len() {
-            return Err(Error::Config(format!(
-                "attention got q {:?} for {} tokens, expected {} heads of {}",
-                q.dims(),
-                batch.tokens.len(),
-                self.heads,
-                self.head_dim
-            )));
-        }
+        let (n, heads, hd) =
+            check_query(q, batch, layer, (self.k.len(), self.heads, self.head_dim))?;
         let kv_row = self.kv_heads * hd;
         let k_new = to_f32_vec(k)?;
         let v_new = to_f32_vec(v)?;

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::ops::{self, PagedAttention, Split};
-use crate::model::attention::{Batch, KvCache};
+use crate::model::attention::{check_query, Batch, KvCache};
 use crate::model::config::ArchConfig;
 use crate::model::{Error, Result};
 
@@ -163,22 +163,8 @@ impl KvCache for CudaKvCache {
         v: &Tensor,
         batch: &Batch,
     ) -> Result<Tensor> {
-        let (n, heads, hd) = q.dims3()?;
-        if heads != self.heads
-            || hd != self.head_dim
-            || n != batch.tokens.len()
-            || layer >= self.k.len()
-        {
-            return Err(Error::Config(format!(
-                "attention got q {:?} for {} tokens at layer {layer}, expected {} heads of {} \
-                 and fewer than {} layers",
-                q.dims(),
-                batch.tokens.len(),
-                self.heads,
-                self.head_dim,
-                self.k.len()
-            )));
-        }
+        let (n, heads, hd) =
+            check_query(q, batch, layer, (self.k.len(), self.heads, self.head_dim))?;
         if n == 0 {
             return Ok(Tensor::zeros((0, heads * hd), DType::F16, &self.device)?);
         }
