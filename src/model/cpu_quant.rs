@@ -13,6 +13,9 @@ use memmap2::Mmap;
 
 const QK: usize = 32;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
     /// d: f16, m: f16, 16 bytes of nibbles; x = d * q + m.
@@ -42,7 +45,9 @@ impl Kind {
 }
 
 /// One block of quantized activations: 32 int8 values with scale `d` and `s = d * sum(q)`.
-#[derive(Clone, Copy)]
+/// `repr(C)`: the AMX kernel loads `q` of 16 rows at a fixed stride.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
 struct Act {
     d: f32,
     s: f32,
@@ -246,6 +251,11 @@ impl FastQuant {
 
 /// Rows per interleaved group of the packed layout.
 const GROUP: usize = 8;
+
+/// Activation rows from which a matmul goes to AMX where the CPU has it: one AMX tile is
+/// 16 rows, and below that the VNNI tile kernel wastes less.
+#[cfg(target_arch = "x86_64")]
+const AMX_MIN_ROWS: usize = 16;
 
 /// The tile kernels' instruction sets: `vpdpbusd` on 256-bit registers, as AVX-VNNI or as
 /// AVX-512 VNNI with VL. Without either, weights stay in GGUF layout for the row kernel.
@@ -604,7 +614,7 @@ mod x86 {
     /// The Q5_0 high bits of one packed chunk (8 bytes at `p`, one per row), as 0x10 in
     /// the bytes of the low-nibble and of the high-nibble values.
     #[inline(always)]
-    unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
+    pub(super) unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
         let h = (p as *const i64).read_unaligned();
         let spread = _mm256_setr_epi8(
             0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7,
@@ -816,6 +826,33 @@ impl QuantizedType for FastQuant {
         quantize_act(lhs, &mut acts);
         if let (true, Some(t)) = (self.packed, tile_kernel()) {
             let group_bytes = GROUP * row_bytes;
+            #[cfg(target_arch = "x86_64")]
+            if m >= AMX_MIN_ROWS && amx::available() {
+                acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
+                let pairs = n / amx::COLS;
+                let out = super::parallel::SharedOut(dst.as_mut_ptr());
+                let (out, acts, data) = (&out, &acts, &self.data);
+                super::parallel::par_for(pairs + n / GROUP % 2, |items| {
+                    let mut scratch = Vec::new();
+                    for p in items {
+                        let g = data[p * 2 * group_bytes..].as_ptr();
+                        // SAFETY: AMX is available; dst holds m rows of n values (checked
+                        // above) and item p writes only its own 16 (or, for an odd last
+                        // group, 8) columns; acts were padded to whole tiles; each group
+                        // pointer starts a whole group of the tensor.
+                        unsafe {
+                            if p < pairs {
+                                let (g1, o) = (g.add(group_bytes), out.0.add(p * amx::COLS));
+                                amx::run(self.kind, g, g1, nb, acts.as_ptr(), m, &mut scratch, o, n)
+                            } else {
+                                let w = &data[p * 2 * group_bytes..][..group_bytes];
+                                tile(t, self.kind, w, nb, &acts[..m * nb], out.0.add(p * 16), n)
+                            }
+                        }
+                    }
+                });
+                return Ok(());
+            }
             let out = super::parallel::SharedOut(dst.as_mut_ptr());
             let (out, acts) = (&out, &acts);
             super::parallel::par_for(n / GROUP, |groups| {
@@ -946,13 +983,20 @@ mod tests {
         }
         // k is not a multiple of 256, as for the Q8_0 tensors we take over from candle; m
         // is not a multiple of the tile kernel's 4 activation rows.
-        let (m, k, n) = (7, 288, 48);
+        // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded),
+        // and n = 40 is two 16-row AMX pairs plus one 8-row group for the VNNI kernel.
+        for (m, n) in [(7, 48), (37, 40)] {
+            same_blocks(m, 288, n);
+        }
+    }
+
+    fn same_blocks(m: usize, k: usize, n: usize) {
         let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
         let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
             let theirs = QTensor::quantize(&w, dtype).expect("quantize");
             let bytes = theirs.data().expect("bytes").to_vec();
-            let Ok(ours) = FastQuant::owned(dtype, 288, bytes) else {
+            let Ok(ours) = FastQuant::owned(dtype, k, bytes) else {
                 panic!("{dtype:?} not wrapped")
             };
             // Where the tile kernel runs, the weights are packed: the row kernel on the

@@ -1,0 +1,240 @@
+//! Prompt-sized matmuls on Intel AMX (Sapphire Rapids and later): one `tdpbssd` multiplies
+//! 16 activation rows by 16 weight rows over a 32-value block, where the VNNI tile kernel
+//! needs 32 instructions for a quarter of that. Weights keep the packed layout of
+//! [`super::pack`]; each pair of 8-row groups is expanded to signed bytes once per matmul and
+//! then reused for every 16 activation rows, so the expansion is paid once, not per row.
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::x86::{high_bits_rows, Q4_1, Q5_0, Q8_0};
+use super::{Act, QK};
+
+/// Activation rows per tile: callers pad the activations to a multiple of this.
+pub const ROWS: usize = 16;
+/// Weight rows per tile: two packed groups.
+pub const COLS: usize = 16;
+
+/// Whether this CPU and OS let us use AMX-INT8 (with AVX-512 for the float epilogue).
+pub fn available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
+        use std::arch::is_x86_feature_detected as has;
+        if !(has!("avx512f") && has!("avx512bw") && has!("avx2") && has!("fma") && has!("f16c")) {
+            return false;
+        }
+        // CPUID.(7,0):EDX bit 24 is AMX-TILE, bit 25 AMX-INT8.
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (3 << 24) != 3 << 24 {
+            return false;
+        }
+        // Linux hands out the 8 KiB tile state only on request (a seccomp profile may refuse).
+        const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+        const XFEATURE_XTILEDATA: libc::c_long = 18;
+        // SAFETY: a plain syscall with integer arguments.
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
+    })
+}
+
+#[repr(C, align(64))]
+struct TileConfig {
+    palette: u8,
+    start_row: u8,
+    reserved: [u8; 14],
+    colsb: [u16; 16],
+    rows: [u8; 16],
+}
+
+/// Loads the tile shapes on this thread: tmm0-3 results (16 x 16 i32), tmm4-5 activations
+/// (16 rows x 32 bytes), tmm6-7 weights (8 rows x 64 bytes). candle 0.11's AMX Q4_K kernel
+/// runs on the same threads, loads its configuration once per thread and uses these same
+/// registers with these same shapes, so either configuration serves both.
+///
+/// # Safety
+/// [`available`] must be true.
+#[target_feature(enable = "avx512f")]
+unsafe fn configure() {
+    let mut cfg = TileConfig {
+        palette: 1,
+        start_row: 0,
+        reserved: [0; 14],
+        colsb: [0; 16],
+        rows: [0; 16],
+    };
+    for t in 0..4 {
+        (cfg.colsb[t], cfg.rows[t]) = (64, 16);
+    }
+    for t in 4..6 {
+        (cfg.colsb[t], cfg.rows[t]) = (32, 16);
+    }
+    for t in 6..8 {
+        (cfg.colsb[t], cfg.rows[t]) = (64, 8);
+    }
+    std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
+}
+
+/// One 32-value block of 16 weight rows, expanded: `q` in the layout `tdpbssd` wants for its
+/// second operand (row `r` of 8 holds values 4r..4r+4 of each weight row in turn), as signed
+/// bytes; `d` the rows' scales and `m` their offsets (Q4_1's minimum, else 0).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Expanded {
+    q: [u8; 8 * 64],
+    d: [f32; COLS],
+    m: [f32; COLS],
+}
+
+impl Default for Expanded {
+    fn default() -> Self {
+        Self {
+            q: [0; 8 * 64],
+            d: [0.0; COLS],
+            m: [0.0; COLS],
+        }
+    }
+}
+
+/// Expands the `nb` blocks of two packed groups (`g0` and `g1`, `BB * 8` bytes a block).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn expand<const KIND: u8, const BB: usize>(
+    g0: *const u8,
+    g1: *const u8,
+    nb: usize,
+    out: &mut [Expanded],
+) {
+    let low = _mm256_set1_epi8(0x0f);
+    for (b, e) in out.iter_mut().enumerate().take(nb) {
+        for (half, g) in [g0, g1].into_iter().enumerate() {
+            let sb = g.add(b * 8 * BB);
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+            _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
+            let m = if KIND == Q4_1 {
+                _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
+            } else {
+                _mm256_setzero_ps()
+            };
+            _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
+            let base = e.q.as_mut_ptr().add(32 * half);
+            let row = |r: usize| base.add(64 * r) as *mut __m256i;
+            if KIND == Q8_0 {
+                // Stored as q + 128 (see `pack`): flip the sign bit back.
+                let flip = _mm256_set1_epi8(-128);
+                for c in 0..8 {
+                    let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
+                    _mm256_storeu_si256(row(c), _mm256_xor_si256(q, flip));
+                }
+                continue;
+            }
+            let qs = sb.add(if KIND == Q4_1 { 32 } else { 48 });
+            for c in 0..4 {
+                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                let mut lo = _mm256_and_si256(q, low);
+                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                if KIND == Q5_0 {
+                    // 5-bit values are offset by 16: subtracting it here makes them signed,
+                    // so the dot product needs no correction term.
+                    let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
+                    let sixteen = _mm256_set1_epi8(16);
+                    lo = _mm256_sub_epi8(_mm256_or_si256(lo, hl), sixteen);
+                    hi = _mm256_sub_epi8(_mm256_or_si256(hi, hh), sixteen);
+                }
+                _mm256_storeu_si256(row(c), lo);
+                _mm256_storeu_si256(row(4 + c), hi);
+            }
+        }
+    }
+}
+
+/// `m` activation rows (`nb` blocks each at `acts`, padded with zero blocks to a multiple of
+/// [`ROWS`] rows) times the 16 weight rows of packed groups `g0` and `g1`: writes 16 outputs
+/// of each activation row, `out_stride` apart. `scratch` holds the expanded weights.
+///
+/// # Safety
+/// [`available`] must be true; `g0`/`g1` must hold `nb` packed superblocks each; `acts` must
+/// hold `m.next_multiple_of(ROWS) * nb` blocks; `out` room for `(m - 1) * out_stride + 16`.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+unsafe fn tile_pair<const KIND: u8, const BB: usize>(
+    g0: *const u8,
+    g1: *const u8,
+    nb: usize,
+    acts: *const Act,
+    m: usize,
+    scratch: &mut Vec<Expanded>,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    scratch.resize(nb, Expanded::default());
+    expand::<KIND, BB>(g0, g1, nb, scratch);
+    let a_stride = nb * std::mem::size_of::<Act>();
+    let q_offset = std::mem::offset_of!(Act, q);
+    #[repr(C, align(64))]
+    struct Sums([i32; ROWS * COLS]);
+    let mut sums = Sums([0; ROWS * COLS]);
+    for m0 in (0..m).step_by(ROWS) {
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        let row0 = acts.add(m0 * nb);
+        for (b, e) in scratch.iter().enumerate() {
+            let a = (row0.add(b) as *const u8).add(q_offset);
+            std::arch::asm!(
+                "tileloadd tmm4, [{a} + {a_stride}*1]",
+                "tileloadd tmm6, [{w} + {w_stride}*1]",
+                "tilezero tmm0",
+                "tdpbssd tmm0, tmm4, tmm6",
+                "tilestored [{c} + {c_stride}*1], tmm0",
+                a = in(reg) a,
+                a_stride = in(reg) a_stride,
+                w = in(reg) e.q.as_ptr(),
+                w_stride = in(reg) 64usize,
+                c = in(reg) sums.0.as_mut_ptr(),
+                c_stride = in(reg) 64usize,
+                options(nostack)
+            );
+            let d = _mm512_load_ps(e.d.as_ptr());
+            let mins = _mm512_load_ps(e.m.as_ptr());
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let act = &*row0.add(i * nb + b);
+                let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums.0.as_ptr().add(COLS * i) as _));
+                // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s).
+                *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(act.d)), *acc);
+                if KIND == Q4_1 {
+                    *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(m - m0) {
+            _mm512_storeu_ps(out.add((m0 + i) * out_stride), *acc);
+        }
+    }
+}
+
+/// The packed kinds' [`tile_pair`], for `kind` in `Q4_1`/`Q5_0`/`Q8_0`.
+///
+/// # Safety
+/// As for [`tile_pair`]; also loads this thread's tile configuration.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run(
+    kind: super::Kind,
+    g0: *const u8,
+    g1: *const u8,
+    nb: usize,
+    acts: *const Act,
+    m: usize,
+    scratch: &mut Vec<Expanded>,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    const { assert!(QK == 32) };
+    configure();
+    match kind {
+        super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(g0, g1, nb, acts, m, scratch, out, out_stride),
+        super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(g0, g1, nb, acts, m, scratch, out, out_stride),
+        super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(g0, g1, nb, acts, m, scratch, out, out_stride),
+    }
+}
