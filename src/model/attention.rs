@@ -7,6 +7,7 @@ use candle_core::{Device, Tensor};
 use std::ops::Range;
 
 use super::config::ArchConfig;
+use super::cpu_attention::{self, Rows};
 use super::{Error, Result};
 
 /// One sequence's part of a packed step.
@@ -191,67 +192,77 @@ impl CpuKvCache {
     }
 }
 
-/// A dot product: AVX2/FMA where the CPU has it (the compiler keeps a portable loop scalar
-/// here, since it may not reorder float additions), else eight independent partial sums.
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        if *FMA.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }) {
-            // SAFETY: the features were just checked.
-            return unsafe { dot_fma(a, b) };
-        }
-    }
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+/// Query rows (tokens x heads of one kv head) per prompt chunk of CPU attention: each cached
+/// row is read once for all of them, and a chunk's probabilities at a 4k context stay 1 MiB.
+const PROMPT_ROWS: usize = 64;
+
+/// One CPU attention work item's context: a sequence and one of its kv heads in a layer.
+struct Job<'a> {
+    cache: &'a CpuKvCache,
+    layer: usize,
+    seq: &'a SeqSlice,
+    kvh: usize,
+    group: usize,
+    scale: f32,
+    positions: &'a [u32],
+    q: &'a [f32],
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = a.len().min(b.len());
-    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut i = 0;
-    while i + 16 <= n {
-        acc0 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i)),
-            _mm256_loadu_ps(b.as_ptr().add(i)),
-            acc0,
-        );
-        acc1 = _mm256_fmadd_ps(
-            _mm256_loadu_ps(a.as_ptr().add(i + 8)),
-            _mm256_loadu_ps(b.as_ptr().add(i + 8)),
-            acc1,
-        );
-        i += 16;
+impl Job<'_> {
+    /// The first position that batch token `t` attends to (its sliding window).
+    fn window_start(&self, t: usize) -> usize {
+        let pos = self.positions[t] as usize;
+        match self.cache.sliding_window {
+            Some(w) if pos + 1 > w => pos + 1 - w,
+            _ => 0,
+        }
     }
-    let v = _mm256_add_ps(acc0, acc1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    let mut sum = _mm_cvtss_f32(s);
-    while i < n {
-        sum += a[i] * b[i];
-        i += 1;
+
+    /// The `group` query heads of token `t`, one after another.
+    fn queries(&self, t: usize) -> &[f32] {
+        let (heads, hd) = (self.cache.heads, self.cache.head_dim);
+        let first = t * heads + self.kvh * self.group;
+        &self.q[first * hd..(first + self.group) * hd]
     }
-    sum
+
+    /// Tokens `ts` of the sequence (consecutive positions), see [`cpu_attention`].
+    fn attend<'o>(&self, ts: Range<usize>, mut out_of: impl FnMut(usize) -> &'o mut [f32]) {
+        let (c, hd, group) = (self.cache, self.cache.head_dim, self.group);
+        let lo = self.window_start(ts.start);
+        let end = self.positions[ts.end - 1] as usize + 1;
+        let span = end - lo;
+        let mut rows = Rows::new(ts.len() * group, hd, span);
+        let n = rows.rows;
+        for (i, t) in ts.clone().enumerate() {
+            let window = (
+                (self.window_start(t) - lo) as u32,
+                (self.positions[t] as usize + 1 - lo) as u32,
+            );
+            for (g, q) in self.queries(t).chunks_exact(hd).enumerate() {
+                let r = i * group + g;
+                rows.window[r] = window;
+                for (d, &v) in q.iter().enumerate() {
+                    rows.qt[d * n + r] = v * self.scale;
+                }
+            }
+        }
+        let cached: Vec<usize> = c.rows(&self.seq.block_table, lo..end).collect();
+        let col = self.kvh * hd;
+        let (k, v) = (&c.k[self.layer], &c.v[self.layer]);
+        let out = cpu_attention::attend(
+            &rows,
+            hd,
+            cached.iter().map(|&r| &k[r + col..r + col + hd]),
+            cached.iter().map(|&r| &v[r + col..r + col + hd]),
+            span,
+        );
+        for (i, t) in ts.enumerate() {
+            for (g, o) in out_of(t).chunks_exact_mut(hd).enumerate() {
+                let r = i * group + g;
+                o.copy_from_slice(&out[r * hd..(r + 1) * hd]);
+            }
+        }
+    }
 }
 
 fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -298,56 +309,44 @@ impl KvCache for CpuKvCache {
 
         let group = heads / self.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        let k_cache = &self.k[layer];
-        let v_cache = &self.v[layer];
-        let this = &*self;
-        let kv_heads = self.kv_heads;
-        // One work item per (token, kv head): independent, so they parallelize cleanly even
-        // for a single decode token, and each cached key/value row is read once for all the
-        // query heads that share it (GQA). Its heads' outputs are one contiguous run.
-        let mut out = vec![0f32; n * heads * hd];
-        let seq_of: Vec<&SeqSlice> = batch
+        // Work items: a sequence's tokens in chunks, times its kv heads. Each item reads a
+        // cached key/value row once for all its query rows (its tokens, and the query heads
+        // that share the kv head) and writes only its own (token, kv head) outputs.
+        let chunk = (PROMPT_ROWS / group).max(1);
+        let items: Vec<(&SeqSlice, Range<usize>, usize)> = batch
             .seqs
             .iter()
-            .flat_map(|s| std::iter::repeat_n(s, s.len))
+            .flat_map(|s| {
+                (s.start..s.start + s.len)
+                    .step_by(chunk)
+                    .map(move |t0| (s, t0..(t0 + chunk).min(s.start + s.len)))
+            })
+            .flat_map(|(s, ts)| (0..self.kv_heads).map(move |kvh| (s, ts.clone(), kvh)))
             .collect();
-        super::parallel::par_rows(&mut out, group * hd, |item, out_grp| {
-            let (t, kvh) = (item / kv_heads, item % kv_heads);
-            let s = seq_of[t];
-            let pos = batch.positions[t] as usize;
-            let lo = match this.sliding_window {
-                Some(w) if pos + 1 > w => pos + 1 - w,
-                _ => 0,
-            };
-            let span = pos + 1 - lo;
-            let q_grp = &q[(t * heads + kvh * group) * hd..(t * heads + (kvh + 1) * group) * hd];
-            let mut scores = vec![0f32; group * span];
-            for (j, r) in this.rows(&s.block_table, lo..pos + 1).enumerate() {
-                let kv = &k_cache[r + kvh * hd..r + (kvh + 1) * hd];
-                for (g, qv) in q_grp.chunks_exact(hd).enumerate() {
-                    scores[g * span + j] = dot(qv, kv) * scale;
-                }
-            }
-            for sc in scores.chunks_exact_mut(span) {
-                let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut denom = 0f32;
-                for v in sc.iter_mut() {
-                    *v = (*v - max).exp();
-                    denom += *v;
-                }
-                for v in sc.iter_mut() {
-                    *v /= denom;
-                }
-            }
-            out_grp.fill(0.0);
-            for (j, r) in this.rows(&s.block_table, lo..pos + 1).enumerate() {
-                let vv = &v_cache[r + kvh * hd..r + (kvh + 1) * hd];
-                for (g, o) in out_grp.chunks_exact_mut(hd).enumerate() {
-                    let w = scores[g * span + j];
-                    for (oi, vi) in o.iter_mut().zip(vv) {
-                        *oi += w * vi;
-                    }
-                }
+        let mut out = vec![0f32; n * heads * hd];
+        let out_ptr = super::parallel::SharedOut(out.as_mut_ptr());
+        let (out_ptr, this, q) = (&out_ptr, &*self, &q);
+        super::parallel::par_for(items.len(), |range| {
+            for (s, ts, kvh) in &items[range] {
+                let job = Job {
+                    cache: this,
+                    layer,
+                    seq: s,
+                    kvh: *kvh,
+                    group,
+                    scale,
+                    positions: &batch.positions,
+                    q,
+                };
+                // SAFETY: items are disjoint in (token, kv head), and each writes only the
+                // `group * hd` outputs of its own pairs, inside `out` (n tokens x heads).
+                let out_of = |t: usize| unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.0.add((t * heads + kvh * group) * hd),
+                        group * hd,
+                    )
+                };
+                job.attend(ts.clone(), out_of);
             }
         });
         Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)

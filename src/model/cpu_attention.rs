@@ -1,0 +1,415 @@
+//! The CPU attention kernel: a block of query rows (some tokens of one sequence, times the
+//! query heads that share one kv head) against the cached keys and values of a span of
+//! positions, each row masked to its own causal (and sliding) window.
+//!
+//! Query rows sit in the lanes of a vector: a key row is read once for all of them (a long
+//! prompt's rows share it instead of each streaming the whole cache again), and every lane
+//! computes the same chain of operations in the same order whatever rows run beside it. So a
+//! token's attention is bit-identical whether it runs alone, in a prompt chunk of any size or
+//! in a batch with other sequences: generation does not depend on what else the server does.
+
+/// Lanes per row block (AVX2 f32).
+pub const LANES: usize = 8;
+
+/// One block of query rows: `q` transposed to `[head_dim][rows]` and already scaled, with
+/// rows padded to a multiple of [`LANES`]; `window[r]` the span-relative keys row `r` sees.
+pub struct Rows {
+    pub rows: usize,
+    pub qt: Vec<f32>,
+    pub window: Vec<(u32, u32)>,
+}
+
+impl Rows {
+    pub fn new(rows: usize, head_dim: usize, span: usize) -> Self {
+        let padded = rows.next_multiple_of(LANES);
+        Self {
+            rows: padded,
+            qt: vec![0.0; head_dim * padded],
+            // Padding rows see every key (their zero queries give finite scores).
+            window: vec![(0, span as u32); padded],
+        }
+    }
+}
+
+/// Attention outputs `[rows][head_dim]` for `rows` against `keys`/`values`: one slice of
+/// `head_dim` values per span position, in order.
+pub fn attend<'a>(
+    rows: &Rows,
+    head_dim: usize,
+    keys: impl Iterator<Item = &'a [f32]>,
+    values: impl Iterator<Item = &'a [f32]>,
+    span: usize,
+) -> Vec<f32> {
+    let mut probs = vec![0f32; span * rows.rows];
+    let mut out = vec![0f32; head_dim * rows.rows];
+    #[cfg(target_arch = "x86_64")]
+    if has_fma() {
+        // SAFETY: the features were just checked; buffers have the sizes the kernels use.
+        unsafe {
+            x86::scores(rows, head_dim, keys, &mut probs);
+            x86::softmax(rows.rows, span, &mut probs);
+            x86::weighted_values(rows.rows, head_dim, values, &probs, &mut out);
+        }
+        return out;
+    }
+    portable(rows, head_dim, keys, values, span, &mut probs, &mut out);
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_fma() -> bool {
+    static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FMA.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    })
+}
+
+/// The same computation without SIMD (each lane's chain of operations spelled out).
+fn portable<'a>(
+    rows: &Rows,
+    hd: usize,
+    keys: impl Iterator<Item = &'a [f32]>,
+    values: impl Iterator<Item = &'a [f32]>,
+    span: usize,
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let n = rows.rows;
+    for (j, k) in keys.enumerate() {
+        for r in 0..n {
+            let (from, to) = rows.window[r];
+            probs[j * n + r] = if (from..to).contains(&(j as u32)) {
+                (0..hd).fold(0.0, |s, d| rows.qt[d * n + r].mul_add(k[d], s))
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+    }
+    for r in 0..n {
+        let max = (0..span).fold(f32::NEG_INFINITY, |m, j| m.max(probs[j * n + r]));
+        let mut sum = 0.0;
+        for j in 0..span {
+            let e = (probs[j * n + r] - max).exp();
+            probs[j * n + r] = e;
+            sum += e;
+        }
+        for j in 0..span {
+            probs[j * n + r] *= 1.0 / sum;
+        }
+    }
+    for (j, v) in values.enumerate() {
+        for r in 0..n {
+            for d in 0..hd {
+                out[r * hd + d] = probs[j * n + r].mul_add(v[d], out[r * hd + d]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Rows, LANES};
+    use std::arch::x86_64::*;
+
+    /// Dot products of `B` blocks of 8 query rows (`qt`, `n` floats per head dimension)
+    /// with two keys, as one fused multiply-add chain per lane over the head dimensions.
+    #[inline(always)]
+    unsafe fn dots<const B: usize>(
+        qt: *const f32,
+        n: usize,
+        k0: *const f32,
+        k1: *const f32,
+        hd: usize,
+    ) -> [[__m256; B]; 2] {
+        let mut acc = [[_mm256_setzero_ps(); B]; 2];
+        let mut q = qt;
+        for d in 0..hd {
+            let (a, b) = (_mm256_set1_ps(*k0.add(d)), _mm256_set1_ps(*k1.add(d)));
+            let [acc0, acc1] = &mut acc;
+            for (i, (x, y)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+                let qv = _mm256_loadu_ps(q.add(LANES * i));
+                *x = _mm256_fmadd_ps(qv, a, *x);
+                *y = _mm256_fmadd_ps(qv, b, *y);
+            }
+            q = q.add(n);
+        }
+        acc
+    }
+
+    /// Scores `[span][rows]`: for each key, the dot product with every row's query (see
+    /// [`dots`]); keys outside a row's window get -inf.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores<'a>(
+        rows: &Rows,
+        hd: usize,
+        keys: impl Iterator<Item = &'a [f32]>,
+        probs: &mut [f32],
+    ) {
+        let n = rows.rows;
+        let (from, to): (Vec<i32>, Vec<i32>) = rows
+            .window
+            .iter()
+            .map(|&(f, t)| (f as i32, t as i32))
+            .unzip();
+        let keys: Vec<*const f32> = keys.map(|k| k[..hd].as_ptr()).collect();
+        let out = probs.as_mut_ptr();
+        let store = |j: usize, r: usize, acc: __m256| {
+            let jv = _mm256_set1_epi32(j as i32);
+            let lo = _mm256_loadu_si256(from.as_ptr().add(r) as *const __m256i);
+            let hi = _mm256_loadu_si256(to.as_ptr().add(r) as *const __m256i);
+            // Outside the window: j < from or j >= to.
+            let outside = _mm256_or_si256(
+                _mm256_cmpgt_epi32(lo, jv),
+                _mm256_cmpgt_epi32(_mm256_add_epi32(jv, _mm256_set1_epi32(1)), hi),
+            );
+            let s = _mm256_blendv_ps(
+                acc,
+                _mm256_set1_ps(f32::NEG_INFINITY),
+                _mm256_castsi256_ps(outside),
+            );
+            _mm256_storeu_ps(out.add(j * n + r), s);
+        };
+        for j in (0..keys.len()).step_by(2) {
+            // An odd last key is paired with itself.
+            let (k0, k1) = (keys[j], keys[(j + 1).min(keys.len() - 1)]);
+            let mut r = 0;
+            macro_rules! pass {
+                ($b:literal) => {{
+                    let acc = dots::<$b>(rows.qt.as_ptr().add(r), n, k0, k1, hd);
+                    for (key, acc) in acc.iter().enumerate().take(keys.len() - j) {
+                        for (i, a) in acc.iter().enumerate() {
+                            store(j + key, r + LANES * i, *a);
+                        }
+                    }
+                    r += $b * LANES;
+                }};
+            }
+            while n - r >= 4 * LANES {
+                pass!(4);
+            }
+            match (n - r) / LANES {
+                3 => pass!(3),
+                2 => pass!(2),
+                1 => pass!(1),
+                _ => {}
+            }
+            debug_assert_eq!(r, n);
+        }
+    }
+
+    fn has_avx512() -> bool {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// [`weighted_values`] for rows `r..r + 4` and head dimensions `d0..d0 + 64`: sixteen
+    /// 512-bit accumulators, so each value load serves four rows. Same chain per element.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weighted_values_512(
+        n: usize,
+        hd: usize,
+        r: usize,
+        d0: usize,
+        values: &[*const f32],
+        probs: &[f32],
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+        let mut p = probs.as_ptr().add(r);
+        for v in values {
+            let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.add(d0 + i)));
+            for (row, acc) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*p.add(row));
+                for (a, v) in acc.iter_mut().zip(v) {
+                    *a = _mm512_fmadd_ps(w, v, *a);
+                }
+            }
+            p = p.add(n);
+        }
+        for (row, acc) in acc.iter().enumerate() {
+            for (i, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.as_mut_ptr().add((r + row) * hd + d0 + 16 * i), *a);
+            }
+        }
+    }
+
+    /// e^x for 8 lanes: 2^n * p(r) with x = n ln 2 + r, |r| <= ln 2 / 2 and p the degree-6
+    /// Taylor polynomial (relative error about 1e-7, f32's own rounding). -inf gives 0, as
+    /// does anything below -87 (under f32's normal range).
+    #[inline(always)]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        // ln 2 in two parts, so r = x - n ln 2 keeps its low bits.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let two_n = _mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        );
+        let e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+        // Masked scores (-inf) and deep underflow: exactly 0.
+        let zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LE_OQ);
+        _mm256_andnot_ps(zero, e)
+    }
+
+    /// Softmax over the span, per row (lane), in place.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax(n: usize, span: usize, probs: &mut [f32]) {
+        let p = probs.as_mut_ptr();
+        for r in (0..n).step_by(LANES) {
+            let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+            for j in 0..span {
+                max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
+            }
+            let mut sum = _mm256_setzero_ps();
+            for j in 0..span {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), max));
+                _mm256_storeu_ps(p.add(j * n + r), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
+            for j in 0..span {
+                let e = _mm256_loadu_ps(p.add(j * n + r));
+                _mm256_storeu_ps(p.add(j * n + r), _mm256_mul_ps(e, inv));
+            }
+        }
+    }
+
+    /// Outputs `[rows][hd]`: each row's probability-weighted sum of the value rows, one fused
+    /// multiply-add per position in order, 64 head dimensions per pass in registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_values<'a>(
+        n: usize,
+        hd: usize,
+        values: impl Iterator<Item = &'a [f32]>,
+        probs: &[f32],
+        out: &mut [f32],
+    ) {
+        let values: Vec<*const f32> = values.map(|v| v[..hd].as_ptr()).collect();
+        let p = probs.as_ptr();
+        let wide = has_avx512();
+        for r in 0..n {
+            let mut d0 = 0;
+            if wide {
+                // Rows in fours (n is a multiple of 8), so each value load serves four rows.
+                if r % 4 == 0 {
+                    for d0 in (0..hd - hd % 64).step_by(64) {
+                        weighted_values_512(n, hd, r, d0, &values, probs, out);
+                    }
+                }
+                d0 = hd - hd % 64;
+            }
+            while d0 + 64 <= hd {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (j, v) in values.iter().enumerate() {
+                    let w = _mm256_set1_ps(*p.add(j * n + r));
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(d0 + 8 * i)), *acc);
+                    }
+                }
+                for (i, acc) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(r * hd + d0 + 8 * i), *acc);
+                }
+                d0 += 64;
+            }
+            // Head sizes that are not a multiple of 64: the same chain, one lane at a time.
+            for d in d0..hd {
+                let mut acc = 0f32;
+                for (j, v) in values.iter().enumerate() {
+                    acc = (*p.add(j * n + r)).mul_add(*v.add(d), acc);
+                }
+                out[r * hd + d] = acc;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Rows `(query, window)` against `span` keys and values, through [`attend`].
+    fn run(rows: &[(&[f32], (u32, u32))], hd: usize, kv: &[f32], span: usize) -> Vec<Vec<f32>> {
+        let mut r = Rows::new(rows.len(), hd, span);
+        for (i, (q, w)) in rows.iter().enumerate() {
+            r.window[i] = *w;
+            for d in 0..hd {
+                r.qt[d * r.rows + i] = q[d];
+            }
+        }
+        let keys = kv[..span * hd].chunks_exact(hd);
+        let values = kv[span * hd..].chunks_exact(hd);
+        let out = attend(&r, hd, keys, values, span);
+        out.chunks_exact(hd)
+            .take(rows.len())
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
+    /// A row's output is bit-identical whatever rows share its block and however long the
+    /// span around its window is, and agrees with softmax attention computed in f64.
+    #[test]
+    fn rows_are_independent_of_their_neighbours() {
+        let (hd, span) = (128, 45);
+        let kv = pseudo_random(2 * span * hd, 7);
+        let qs = pseudo_random(13 * hd, 8);
+        let q = |i: usize| &qs[i * hd..(i + 1) * hd];
+        let target = (q(0), (3, 30));
+        let alone = run(&[target], hd, &kv, span)[0].clone();
+        let crowd: Vec<(&[f32], (u32, u32))> = (1..13)
+            .map(|i| (q(i), (0, i as u32 * 3 + 1)))
+            .chain([target])
+            .collect();
+        assert_eq!(
+            run(&crowd, hd, &kv, span)[12],
+            alone,
+            "next to 12 other rows"
+        );
+        let (keys, values) = kv.split_at(span * hd);
+        // The span cut right after the window.
+        let short = [&keys[..30 * hd], &values[..30 * hd]].concat();
+        assert_eq!(
+            run(&[target], hd, &short, 30)[0],
+            alone,
+            "in a shorter span"
+        );
+        let scores: Vec<f64> = (3..30)
+            .map(|j| {
+                (0..hd)
+                    .map(|d| q(0)[d] as f64 * keys[j * hd + d] as f64)
+                    .sum()
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        for d in 0..hd {
+            let want: f64 = (3..30)
+                .map(|j| weights[j - 3] / total * values[j * hd + d] as f64)
+                .sum();
+            assert!(
+                (want - alone[d] as f64).abs() < 1e-5,
+                "dim {d}: {want} vs {}",
+                alone[d]
+            );
+        }
+    }
+}
