@@ -51,6 +51,8 @@ impl Kind {
 struct Act {
     d: f32,
     s: f32,
+    /// sum(q), for the integer offset correction of Q5_0/Q8_0 in the tile kernel.
+    sum: i32,
     q: [i8; QK],
 }
 
@@ -408,6 +410,7 @@ fn quantize_act(xs: &[f32], out: &mut Vec<Act>) {
         out.push(Act {
             d,
             s: d * sum as f32,
+            sum,
             q,
         });
     }
@@ -599,6 +602,7 @@ mod x86 {
         let mut out = Act {
             d,
             s: d * sum as f32,
+            sum,
             q: [0; 32],
         };
         _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
@@ -680,26 +684,23 @@ mod x86 {
                             }
                         }
                     }
-                    if KIND == Q4_1 {
-                        // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
-                        let wm = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i));
-                        for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
-                            let a = &*acts.add(i * nb + b);
-                            let p = _mm256_mul_ps(_mm256_cvtepi32_ps(*s), _mm256_set1_ps(a.d));
-                            *acc = _mm256_fmadd_ps(p, ws, *acc);
+                    // The same float operations per output as the AMX kernel (amx.rs), so a
+                    // row's result does not depend on how many rows run with it.
+                    let wm = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i));
+                    for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                        let a = &*acts.add(i * nb + b);
+                        // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0): subtract
+                        // K * sum(qa) for the exact signed sum.
+                        let s = match KIND {
+                            Q5_0 => _mm256_sub_epi32(*s, _mm256_set1_epi32(16 * a.sum)),
+                            Q8_0 => _mm256_sub_epi32(*s, _mm256_set1_epi32(128 * a.sum)),
+                            _ => *s,
+                        };
+                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d));
+                        *acc = _mm256_fmadd_ps(t, ws, *acc);
+                        if KIND == Q4_1 {
+                            // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
                             *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
-                        }
-                    } else {
-                        // x = d * (q + K) with q stored unsigned: K = -16 (Q5_0), -128 (Q8_0).
-                        let k = if KIND == Q5_0 { -16.0 } else { -128.0 };
-                        for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
-                            let a = &*acts.add(i * nb + b);
-                            let t = _mm256_fmadd_ps(
-                                _mm256_cvtepi32_ps(*s),
-                                _mm256_set1_ps(a.d),
-                                _mm256_set1_ps(k * a.s),
-                            );
-                            *acc = _mm256_fmadd_ps(t, ws, *acc);
                         }
                     }
                 }
@@ -985,12 +986,21 @@ mod tests {
         // is not a multiple of the tile kernel's 4 activation rows.
         // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded),
         // and n = 40 is two 16-row AMX pairs plus one 8-row group for the VNNI kernel.
-        for (m, n) in [(7, 48), (37, 40)] {
-            same_blocks(m, 288, n);
+        let few = same_blocks(7, 288, 40);
+        let many = same_blocks(37, 288, 40);
+        // A row's result does not depend on how many rows run with it (AMX or VNNI).
+        for (dtype, (few, many)) in few.iter().zip(&many).enumerate() {
+            assert_eq!(
+                few[..],
+                many[..few.len()],
+                "kind {dtype}: 7 rows vs 37 rows"
+            );
         }
     }
 
-    fn same_blocks(m: usize, k: usize, n: usize) {
+    /// Our results for the three kinds, after checking them against candle.
+    fn same_blocks(m: usize, k: usize, n: usize) -> Vec<Vec<f32>> {
+        let mut results = Vec::new();
         let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
         let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
@@ -1012,6 +1022,7 @@ mod tests {
             let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
             rows.matmul_t((m, k, n), &xs, &mut y_rows).expect("rows");
             ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
+            results.push(y_ours.clone());
             for (a, b) in y_rows.iter().zip(&y_ours) {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
@@ -1047,6 +1058,7 @@ mod tests {
                 }
             }
         }
+        results
     }
 
     #[test]
@@ -1071,6 +1083,7 @@ mod tests {
             assert_eq!(fast.q.to_vec(), q, "block {b}");
             assert_eq!(fast.d, d, "block {b}");
             assert_eq!(fast.s, d * sum as f32, "block {b}");
+            assert_eq!(fast.sum, sum, "block {b}");
         }
     }
 

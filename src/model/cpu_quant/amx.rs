@@ -201,8 +201,10 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(
             for (i, acc) in acc.iter_mut().enumerate() {
                 let act = &*row0.add(i * nb + b);
                 let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums.0.as_ptr().add(COLS * i) as _));
-                // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s).
-                *acc = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(act.d)), *acc);
+                // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s), with the
+                // VNNI tile kernel's operations in its order (results independent of m).
+                let t = _mm512_mul_ps(s, _mm512_set1_ps(act.d));
+                *acc = _mm512_fmadd_ps(t, d, *acc);
                 if KIND == Q4_1 {
                     *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
                 }
