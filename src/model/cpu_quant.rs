@@ -24,15 +24,38 @@ enum Kind {
     Q5_0,
     /// d: f16, 32 signed bytes; x = d * q.
     Q8_0,
+    /// Q4_K, held per 32 values as d: f32, m: f32 and 16 bytes of nibbles (x = d * q + m,
+    /// Q4_1's form): the 6-bit sub-block scales are multiplied out, exactly, at load.
+    Q4K,
+    /// Q6_K, held per 32 values as two f32 scales (values 0..16 and 16..32) and 32 bytes of
+    /// q in 0..64: x = d * (q - 32).
+    Q6K,
 }
 
 impl Kind {
+    /// Bytes per 32 values of a row, in our layout (the GGUF layout for the 32-value types).
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q5_0 => 22,
             Kind::Q8_0 => 34,
+            Kind::Q4K => 24,
+            Kind::Q6K => 40,
         }
+    }
+
+    /// Values and bytes of one GGUF block of this type.
+    fn gguf_block(self) -> (usize, usize) {
+        match self {
+            Kind::Q4K => (256, 144),
+            Kind::Q6K => (256, 210),
+            k => (QK, k.block_bytes()),
+        }
+    }
+
+    /// The k-quants, which only our packed (tile kernel) layout holds.
+    fn is_k(self) -> bool {
+        matches!(self, Kind::Q4K | Kind::Q6K)
     }
 
     fn dtype(self) -> GgmlDType {
@@ -40,6 +63,8 @@ impl Kind {
             Kind::Q4_1 => GgmlDType::Q4_1,
             Kind::Q5_0 => GgmlDType::Q5_0,
             Kind::Q8_0 => GgmlDType::Q8_0,
+            Kind::Q4K => GgmlDType::Q4K,
+            Kind::Q6K => GgmlDType::Q6K,
         }
     }
 }
@@ -51,8 +76,10 @@ impl Kind {
 struct Act {
     d: f32,
     s: f32,
-    /// sum(q), for the integer offset correction of Q5_0/Q8_0 in the tile kernel.
+    /// sum(q), and the sum of its first 16 values: for the integer offset correction of
+    /// Q5_0, Q8_0 and (per half) Q6_K in the tile kernels.
     sum: i32,
+    sum_lo: i32,
     q: [i8; QK],
 }
 
@@ -75,6 +102,8 @@ impl std::ops::Deref for Data {
 
 /// Quantized weights, multiplied by our kernels: in GGUF block layout, or with rows
 /// interleaved in groups of [`GROUP`] (see [`pack`]) where the CPU has a tile kernel for that.
+/// Projections call [`FastQuant::forward`] directly: candle's own CPU matmul picks repacked
+/// kernels by dtype and would read our packed bytes as GGUF blocks.
 pub struct FastQuant {
     kind: Kind,
     data: Data,
@@ -83,18 +112,38 @@ pub struct FastQuant {
     packed: bool,
 }
 
+impl std::fmt::Debug for FastQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FastQuant")
+            .field("kind", &self.kind)
+            .field("row_blocks", &self.row_blocks)
+            .field("packed", &self.packed)
+            .finish()
+    }
+}
+
 impl FastQuant {
     /// The kind when we have a faster kernel than candle for `dtype` on this CPU. For Q8_0,
     /// candle's repacked AVX-512 kernel wins where it applies (rows of a multiple of 256
     /// values), so only other row lengths come here.
+    /// Q4_K and Q6_K come here where the CPU has a tile kernel (their activations are then
+    /// quantized once per matmul, not once per row part as in candle's kernels, and held
+    /// once, not in candle's two extra repacked copies).
     fn kind_for(dtype: GgmlDType, row_len: usize, len: usize) -> Option<Kind> {
         let kind = match dtype {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
             GgmlDType::Q8_0 if !row_len.is_multiple_of(256) => Kind::Q8_0,
+            GgmlDType::Q4K if tile_kernel().is_some() => Kind::Q4K,
+            GgmlDType::Q6K if tile_kernel().is_some() => Kind::Q6K,
             _ => return None,
         };
-        (has_avx2() && len.is_multiple_of(kind.block_bytes())).then_some(kind)
+        let (values, bytes) = kind.gguf_block();
+        let whole = row_len.is_multiple_of(values) && len.is_multiple_of(bytes);
+        // The k-quants need whole groups of rows for the packed layout.
+        let rows = len / (row_len / values * bytes).max(1);
+        let packable = !kind.is_k() || rows.is_multiple_of(GROUP);
+        (has_avx2() && whole && packable).then_some(kind)
     }
 
     /// Whether tensors of `dtype` with rows of `row_len` values get our kernels (which are
@@ -105,7 +154,8 @@ impl FastQuant {
 
     /// Wraps owned GGUF tensor bytes, or gives them back to be left to candle.
     pub fn owned(dtype: GgmlDType, row_len: usize, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
-        match Self::kind_for(dtype, row_len, bytes.len()) {
+        match Self::kind_for(dtype, row_len, bytes.len()).filter(|k| !bytes.is_empty() || !k.is_k())
+        {
             Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes), true)),
             None => Err(bytes),
         }
@@ -123,15 +173,24 @@ impl FastQuant {
         for_matmul: bool,
     ) -> Option<Self> {
         let kind = Self::kind_for(dtype, row_len, range.len())?;
+        // k-quant tables only gathered from stay with candle (they need no repacking).
+        if kind.is_k() && (!for_matmul || range.is_empty()) {
+            return None;
+        }
         (range.end <= map.len())
             .then(|| Self::new(kind, row_len, Data::Mapped(map.clone(), range), for_matmul))
     }
 
     fn new(kind: Kind, row_len: usize, data: Data, for_matmul: bool) -> Self {
         let row_blocks = row_len / QK;
-        let rows = data.len() / (row_blocks * kind.block_bytes()).max(1);
-        let packed =
-            for_matmul && row_blocks > 0 && rows.is_multiple_of(GROUP) && tile_kernel().is_some();
+        let (values, bytes) = kind.gguf_block();
+        let rows = data.len() / (row_len / values * bytes).max(1);
+        // kind_for made sure the k-quants can always be packed.
+        let packed = kind.is_k()
+            || for_matmul
+                && row_blocks > 0
+                && rows.is_multiple_of(GROUP)
+                && tile_kernel().is_some();
         let data = if packed {
             Data::Owned(pack(kind, &data, row_blocks))
         } else {
@@ -145,6 +204,27 @@ impl FastQuant {
         }
     }
 
+    /// `x @ W^T` for activations `[.., k]` (any float dtype, on the CPU): `[.., n]` in f32.
+    pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        let mut dims = x.dims().to_vec();
+        let k = self.row_blocks * QK;
+        let n = self.data.len() / (self.row_blocks * self.kind.block_bytes()).max(1);
+        if dims.last() != Some(&k) {
+            candle_core::bail!("{:?} matmul: input {dims:?} does not end in {k}", self.kind);
+        }
+        let xs: Vec<f32> = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let m = xs.len() / k;
+        let mut out = vec![0f32; m * n];
+        self.matmul_t((m, k, n), &xs, &mut out)?;
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        candle_core::Tensor::from_vec(out, dims, x.device())
+    }
+
     /// Whether the blocks are still read from the file's memory map.
     pub fn is_mapped(&self) -> bool {
         matches!(self.data, Data::Mapped(..))
@@ -155,6 +235,18 @@ impl FastQuant {
     }
 
     fn dequantize_blocks(&self, first: usize, count: usize, out: &mut [f32]) {
+        if self.kind.is_k() {
+            for (i, o) in out.chunks_exact_mut(QK).take(count).enumerate() {
+                let b = unpack_k(self.kind, &self.data, self.row_blocks, first + i);
+                for (j, (o, &q)) in o.iter_mut().zip(&b.q).enumerate() {
+                    *o = match self.kind {
+                        Kind::Q4K => b.d[0] * q as f32 + b.m,
+                        _ => b.d[j / 16] * (q as f32 - 32.0),
+                    };
+                }
+            }
+            return;
+        }
         let bb = self.kind.block_bytes();
         let mut tmp = [0u8; 34];
         for (i, o) in out.chunks_exact_mut(QK).take(count).enumerate() {
@@ -184,6 +276,7 @@ impl FastQuant {
                         *o = d * (q as i8) as f32;
                     }
                 }
+                Kind::Q4K | Kind::Q6K => unreachable!("k-quants returned above"),
                 Kind::Q5_0 => {
                     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                     for (j, &q) in b[6..22].iter().enumerate() {
@@ -198,6 +291,10 @@ impl FastQuant {
     }
 
     fn quantize_into(&mut self, xs: &[f32]) {
+        if self.kind.is_k() {
+            self.data = Data::Owned(pack(self.kind, &k_quantize(self.kind, xs), self.row_blocks));
+            return;
+        }
         let bb = self.kind.block_bytes();
         let mut data = vec![0u8; self.data.len()];
         for (i, x) in xs.chunks_exact(QK).enumerate() {
@@ -225,6 +322,7 @@ impl FastQuant {
                         *q = ((v * id).round() as i8) as u8;
                     }
                 }
+                Kind::Q4K | Kind::Q6K => unreachable!("k-quants returned above"),
                 Kind::Q5_0 => {
                     let amax = x
                         .iter()
@@ -304,6 +402,9 @@ fn tile_kernel() -> Option<Tile> {
 /// against four broadcast activation bytes then yields the 8 rows' partial dot products in
 /// its 8 lanes, and the kernel never needs a horizontal sum. Same size as the input.
 fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
+    if kind.is_k() {
+        return pack_k(kind, src, row_blocks);
+    }
     let bb = kind.block_bytes();
     let mut out = vec![0u8; src.len()];
     for (i, blk) in src.chunks_exact(bb).enumerate() {
@@ -328,6 +429,7 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
                     sb[48 + 32 * c + 4 * r..][..4].copy_from_slice(&blk[6 + 4 * c..10 + 4 * c]);
                 }
             }
+            Kind::Q4K | Kind::Q6K => unreachable!("k-quants went to pack_k"),
             Kind::Q8_0 => {
                 for c in 0..8 {
                     for j in 0..4 {
@@ -365,6 +467,7 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
             }
             blk[2..6].copy_from_slice(&qh.to_le_bytes());
         }
+        Kind::Q4K | Kind::Q6K => unreachable!("k-quant blocks are read with unpack_k"),
         Kind::Q8_0 => {
             for c in 0..8 {
                 for j in 0..4 {
@@ -372,6 +475,140 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
                 }
             }
         }
+    }
+}
+
+/// 32 values of a k-quant row: scales (`d[1]` only for Q6_K's second 16), Q4_K's offset
+/// `m`, and q (Q4_K: 0..16, x = d q + m; Q6_K: 0..64, x = d (q - 32)).
+#[derive(Default)]
+struct KBlock {
+    d: [f32; 2],
+    m: f32,
+    q: [u8; QK],
+}
+
+/// The eight 32-value blocks of one GGUF Q4_K or Q6_K block (llama.cpp's layouts). Scales
+/// are an f16 times a 6- or 8-bit integer: exact in f32.
+fn decode_k(kind: Kind, b: &[u8]) -> [KBlock; 8] {
+    let mut out: [KBlock; 8] = Default::default();
+    let f16_at = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    if kind == Kind::Q4K {
+        let (d, dmin, sc, qs) = (f16_at(0), f16_at(2), &b[4..16], &b[16..144]);
+        for (j, o) in out.iter_mut().enumerate() {
+            let (scale, min) = if j < 4 {
+                (sc[j] & 63, sc[j + 4] & 63)
+            } else {
+                (
+                    (sc[j + 4] & 0x0f) | (sc[j - 4] >> 6) << 4,
+                    (sc[j + 4] >> 4) | (sc[j] >> 6) << 4,
+                )
+            };
+            o.d[0] = d * scale as f32;
+            o.m = -(dmin * min as f32);
+            // Bytes 32c..32c+32 hold values 64c.. (low nibbles) and 64c+32.. (high).
+            let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
+            for (q, &byte) in o.q.iter_mut().zip(bytes) {
+                *q = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+            }
+        }
+    } else {
+        let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], f16_at(208));
+        let mut q = [0u8; 256];
+        for half in 0..2 {
+            let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+            for l in 0..32 {
+                let v = &mut q[128 * half..];
+                v[l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
+                v[l + 32] = (ql[l + 32] & 0x0f) | (qh[l] >> 2 & 3) << 4;
+                v[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+                v[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
+            }
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            o.d = [d * sc[2 * j] as i8 as f32, d * sc[2 * j + 1] as i8 as f32];
+            o.q.copy_from_slice(&q[32 * j..32 * j + 32]);
+        }
+    }
+    out
+}
+
+/// Packs GGUF Q4_K/Q6_K rows of `row_blocks` 32-value blocks into groups of [`GROUP`] rows,
+/// one superblock per group and block index (`GROUP * block_bytes` bytes):
+/// - f32 scales `d` of the 8 rows, then Q4_K's offsets `m` or Q6_K's second scales;
+/// - Q4_K: nibble chunks as for Q4_1 (see [`pack`]); Q6_K: 8 chunks of 32 bytes, bytes
+///   4r..4r+4 of chunk c = row r's q of values 4c..4c+4 (as Q8_0, unsigned).
+fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
+    let (_, gguf_bytes) = kind.gguf_block();
+    let bb = kind.block_bytes();
+    let mut out = vec![0u8; src.len() / gguf_bytes * 8 * bb];
+    for (g, blk) in src.chunks_exact(gguf_bytes).enumerate() {
+        for (k, b) in decode_k(kind, blk).iter().enumerate() {
+            let i = g * 8 + k;
+            let (row, bi) = (i / row_blocks, i % row_blocks);
+            let sb = (row / GROUP * row_blocks + bi) * GROUP * bb;
+            let sb = &mut out[sb..sb + GROUP * bb];
+            let r = row % GROUP;
+            sb[4 * r..4 * r + 4].copy_from_slice(&b.d[0].to_le_bytes());
+            let second = if kind == Kind::Q4K { b.m } else { b.d[1] };
+            sb[32 + 4 * r..36 + 4 * r].copy_from_slice(&second.to_le_bytes());
+            if kind == Kind::Q4K {
+                for c in 0..4 {
+                    for j in 0..4 {
+                        let v = 4 * c + j;
+                        sb[64 + 32 * c + 4 * r + j] = b.q[v] | b.q[v + 16] << 4;
+                    }
+                }
+            } else {
+                for c in 0..8 {
+                    sb[64 + 32 * c + 4 * r..][..4].copy_from_slice(&b.q[4 * c..4 * c + 4]);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Block `i` (row-major 32-value block index) of a packed k-quant tensor.
+fn unpack_k(kind: Kind, data: &[u8], row_blocks: usize, i: usize) -> KBlock {
+    let bb = kind.block_bytes();
+    let (row, bi) = (i / row_blocks, i % row_blocks);
+    let sb = (row / GROUP * row_blocks + bi) * GROUP * bb;
+    let (sb, r) = (&data[sb..sb + GROUP * bb], row % GROUP);
+    let f32_at = |o: usize| f32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    let mut b = KBlock {
+        d: [f32_at(4 * r), 0.0],
+        ..Default::default()
+    };
+    if kind == Kind::Q4K {
+        b.m = f32_at(32 + 4 * r);
+        for c in 0..4 {
+            for j in 0..4 {
+                let byte = sb[64 + 32 * c + 4 * r + j];
+                (b.q[4 * c + j], b.q[16 + 4 * c + j]) = (byte & 0x0f, byte >> 4);
+            }
+        }
+    } else {
+        b.d[1] = f32_at(32 + 4 * r);
+        for c in 0..8 {
+            b.q[4 * c..4 * c + 4].copy_from_slice(&sb[64 + 32 * c + 4 * r..][..4]);
+        }
+    }
+    b
+}
+
+/// `xs` quantized to GGUF Q4_K/Q6_K bytes by candle's own quantizer.
+fn k_quantize(kind: Kind, xs: &[f32]) -> Vec<u8> {
+    use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, GgmlType};
+    fn bytes<T: GgmlType>(xs: &[f32]) -> Vec<u8> {
+        let mut blocks = vec![T::zeros(); xs.len() / T::BLCK_SIZE];
+        T::from_float(xs, &mut blocks);
+        let len = std::mem::size_of_val(blocks.as_slice());
+        // SAFETY: candle's block types are repr(C) plain bytes (GGUF's layout).
+        unsafe { std::slice::from_raw_parts(blocks.as_ptr() as *const u8, len) }.to_vec()
+    }
+    match kind {
+        Kind::Q4K => bytes::<BlockQ4K>(xs),
+        _ => bytes::<BlockQ6K>(xs),
     }
 }
 
@@ -411,6 +648,7 @@ fn quantize_act(xs: &[f32], out: &mut Vec<Act>) {
             d,
             s: d * sum as f32,
             sum,
+            sum_lo: q[..16].iter().map(|&v| v as i32).sum(),
             q,
         });
     }
@@ -506,6 +744,8 @@ mod x86 {
     pub const Q4_1: u8 = 0;
     pub const Q5_0: u8 = 1;
     pub const Q8_0: u8 = 2;
+    pub const Q4K: u8 = 3;
+    pub const Q6K: u8 = 4;
 
     macro_rules! dot_fn {
         ($name:ident, $features:literal, $vnni:literal) => {
@@ -586,14 +826,16 @@ mod x86 {
             let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half));
             _mm256_cvttps_epi32(r)
         });
-        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-        let sum = _mm_add_epi32(
-            _mm256_castsi256_si128(sum),
-            _mm256_extracti128_si256(sum, 1),
+        let hsum = |v: __m256i| {
+            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+        };
+        let lo = _mm256_add_epi32(q[0], q[1]);
+        let (sum_lo, sum) = (
+            hsum(lo),
+            hsum(_mm256_add_epi32(lo, _mm256_add_epi32(q[2], q[3]))),
         );
-        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b01_00_11_10));
-        let sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0b10_11_00_01));
-        let sum = _mm_cvtsi128_si32(sum);
         // i32 -> i16 -> i8 with saturation; packs work per 128-bit lane, so restore order.
         let w01 = _mm256_packs_epi32(q[0], q[1]);
         let w23 = _mm256_packs_epi32(q[2], q[3]);
@@ -603,6 +845,7 @@ mod x86 {
             d,
             s: d * sum as f32,
             sum,
+            sum_lo,
             q: [0; 32],
         };
         _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
@@ -656,18 +899,42 @@ mod x86 {
                 let low = _mm256_set1_epi8(0x0f);
                 for b in 0..nb {
                     let sb = w.add(b * 8 * BB);
-                    let ws = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
-                    let mut isum = [_mm256_setzero_si256(); M];
-                    if KIND == Q8_0 {
+                    let k_quant = KIND == Q4K || KIND == Q6K;
+                    // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
+                    // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
+                    let (ws, wm) = if k_quant {
+                        let f = sb as *const f32;
+                        (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                    } else {
+                        let h = sb as *const __m128i;
+                        (
+                            _mm256_cvtph_ps(_mm_loadu_si128(h)),
+                            _mm256_cvtph_ps(_mm_loadu_si128(h.add(1))),
+                        )
+                    };
+                    // Q6_K: values 16..32 have their own scale, so their own sums.
+                    let (mut isum, mut isum2) =
+                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                    if KIND == Q8_0 || KIND == Q6K {
+                        let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
                         for c in 0..8 {
-                            let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
-                            for (i, s) in isum.iter_mut().enumerate() {
+                            let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                            let sums = if KIND == Q6K && c >= 4 {
+                                &mut isum2
+                            } else {
+                                &mut isum
+                            };
+                            for (i, s) in sums.iter_mut().enumerate() {
                                 let aq = (*acts.add(i * nb + b)).q.as_ptr();
                                 *s = $dp(*s, q, bcast4(aq.add(4 * c)));
                             }
                         }
                     } else {
-                        let qs = sb.add(if KIND == Q4_1 { 32 } else { 48 });
+                        let qs = sb.add(match KIND {
+                            Q4_1 => 32,
+                            Q4K => 64,
+                            _ => 48,
+                        });
                         for c in 0..4 {
                             let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
                             let mut lo = _mm256_and_si256(q, low);
@@ -686,21 +953,31 @@ mod x86 {
                     }
                     // The same float operations per output as the AMX kernel (amx.rs), so a
                     // row's result does not depend on how many rows run with it.
-                    let wm = _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i));
-                    for (i, (acc, s)) in acc.iter_mut().zip(&isum).enumerate() {
+                    for (i, (acc, (s, s2))) in
+                        acc.iter_mut().zip(isum.iter().zip(&isum2)).enumerate()
+                    {
                         let a = &*acts.add(i * nb + b);
-                        // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0): subtract
-                        // K * sum(qa) for the exact signed sum.
+                        // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0), 32 (Q6_K):
+                        // subtract K * sum(qa) for the exact signed sum.
+                        let k = |s: __m256i, k: i32, sum: i32| {
+                            _mm256_sub_epi32(s, _mm256_set1_epi32(k * sum))
+                        };
                         let s = match KIND {
-                            Q5_0 => _mm256_sub_epi32(*s, _mm256_set1_epi32(16 * a.sum)),
-                            Q8_0 => _mm256_sub_epi32(*s, _mm256_set1_epi32(128 * a.sum)),
+                            Q5_0 => k(*s, 16, a.sum),
+                            Q8_0 => k(*s, 128, a.sum),
+                            Q6K => k(*s, 32, a.sum_lo),
                             _ => *s,
                         };
                         let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d));
                         *acc = _mm256_fmadd_ps(t, ws, *acc);
-                        if KIND == Q4_1 {
+                        if KIND == Q4_1 || KIND == Q4K {
                             // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
                             *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
+                        }
+                        if KIND == Q6K {
+                            let s2 = k(*s2, 32, a.sum - a.sum_lo);
+                            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s2), _mm256_set1_ps(a.d));
+                            *acc = _mm256_fmadd_ps(t, wm, *acc);
                         }
                     }
                 }
@@ -742,6 +1019,7 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
                 (Kind::Q4_1, false) => dot_avx2::<Q4_1, 20>(r, a, nb),
                 (Kind::Q5_0, false) => dot_avx2::<Q5_0, 22>(r, a, nb),
                 (Kind::Q8_0, false) => dot_avx2::<Q8_0, 34>(r, a, nb),
+                (Kind::Q4K | Kind::Q6K, _) => unreachable!("k-quants are always packed"),
             }
         }
     }
@@ -760,7 +1038,7 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
 unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut f32, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use x86::{tile_avx512vnni, tile_avxvnni, Q4_1, Q5_0, Q8_0};
+        use x86::{tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
         debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
         macro_rules! run {
             ($f:ident, $m:literal, $a:expr, $o:expr) => {
@@ -768,6 +1046,8 @@ unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut
                     Kind::Q4_1 => $f::<Q4_1, 20, $m>(w.as_ptr(), nb, $a, $o, n),
                     Kind::Q5_0 => $f::<Q5_0, 22, $m>(w.as_ptr(), nb, $a, $o, n),
                     Kind::Q8_0 => $f::<Q8_0, 34, $m>(w.as_ptr(), nb, $a, $o, n),
+                    Kind::Q4K => $f::<Q4K, 24, $m>(w.as_ptr(), nb, $a, $o, n),
+                    Kind::Q6K => $f::<Q6K, 40, $m>(w.as_ptr(), nb, $a, $o, n),
                 }
             };
         }
@@ -986,49 +1266,74 @@ mod tests {
         // is not a multiple of the tile kernel's 4 activation rows.
         // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded),
         // and n = 40 is two 16-row AMX pairs plus one 8-row group for the VNNI kernel.
-        let few = same_blocks(7, 288, 40);
-        let many = same_blocks(37, 288, 40);
-        // A row's result does not depend on how many rows run with it (AMX or VNNI).
-        for (dtype, (few, many)) in few.iter().zip(&many).enumerate() {
-            assert_eq!(
-                few[..],
-                many[..few.len()],
-                "kind {dtype}: 7 rows vs 37 rows"
-            );
+        let kinds = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
+        // The k-quants (with a tile kernel only): rows of 512 values, two GGUF blocks.
+        let k_kinds: &[GgmlDType] = match tile_kernel() {
+            Some(_) => &[GgmlDType::Q4K, GgmlDType::Q6K],
+            None => &[],
+        };
+        for (k, kinds) in [(288, &kinds[..]), (512, k_kinds)] {
+            let few = same_blocks(kinds, 7, k, 40);
+            let many = same_blocks(kinds, 37, k, 40);
+            // A row's result does not depend on how many rows run with it (AMX or VNNI).
+            for (dtype, (few, many)) in kinds.iter().zip(few.iter().zip(&many)) {
+                assert_eq!(few[..], many[..few.len()], "{dtype:?}: 7 rows vs 37 rows");
+            }
         }
     }
 
-    /// Our results for the three kinds, after checking them against candle.
-    fn same_blocks(m: usize, k: usize, n: usize) -> Vec<Vec<f32>> {
+    /// Our results for `kinds`, after checking them against candle.
+    fn same_blocks(kinds: &[GgmlDType], m: usize, k: usize, n: usize) -> Vec<Vec<f32>> {
         let mut results = Vec::new();
         let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
         let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
-        for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0] {
+        for &dtype in kinds {
             let theirs = QTensor::quantize(&w, dtype).expect("quantize");
             let bytes = theirs.data().expect("bytes").to_vec();
             let Ok(ours) = FastQuant::owned(dtype, k, bytes) else {
                 panic!("{dtype:?} not wrapped")
             };
             // Where the tile kernel runs, the weights are packed: the row kernel on the
-            // unpacked bytes must agree with it too.
+            // unpacked bytes must agree with it too (k-quants are only ever packed).
             assert_eq!(ours.packed, tile_kernel().is_some());
+            let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
+            let mut y_ours = vec![0f32; m * n];
+            ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
+            results.push(y_ours.clone());
+            if ours.kind.is_k() {
+                same_as_candle(dtype, theirs, ours, &x, n, k);
+                continue;
+            }
             let rows = FastQuant {
                 kind: ours.kind,
                 data: Data::Owned(theirs.data().expect("bytes").to_vec()),
                 row_blocks: k / QK,
                 packed: false,
             };
-            let (mut y_rows, mut y_ours) = (vec![0f32; m * n], vec![0f32; m * n]);
-            let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
+            let mut y_rows = vec![0f32; m * n];
             rows.matmul_t((m, k, n), &xs, &mut y_rows).expect("rows");
-            ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
-            results.push(y_ours.clone());
             for (a, b) in y_rows.iter().zip(&y_ours) {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
                     "{dtype:?}: {a} vs {b}"
                 );
             }
+            same_as_candle(dtype, theirs, ours, &x, n, k);
+        }
+        results
+    }
+
+    /// Our weights dequantize exactly as candle's, and multiply to within the error that
+    /// quantizing the activations to 8 bits allows.
+    fn same_as_candle(
+        dtype: GgmlDType,
+        theirs: QTensor,
+        ours: FastQuant,
+        x: &Tensor,
+        n: usize,
+        k: usize,
+    ) {
+        {
             let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
             let deq = |t: &QTensor| -> Vec<f32> {
                 let d = t.dequantize(&Device::Cpu).expect("dequantize");
@@ -1036,29 +1341,36 @@ mod tests {
             };
             let (deq_a, deq_b) = (deq(&theirs), deq(&ours));
             assert_eq!(deq_a, deq_b, "{dtype:?} dequantization");
-            let ya: Vec<Vec<f32>> = QMatMul::from_qtensor(theirs)
+            let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
+            let m = xs.len() / k;
+            let y: Vec<f32> = QMatMul::from_qtensor(ours)
                 .expect("mm")
-                .forward(&x)
-                .expect("fwd")
-                .to_vec2()
-                .expect("v");
-            let yb: Vec<Vec<f32>> = QMatMul::from_qtensor(ours)
-                .expect("mm")
-                .forward(&x)
-                .expect("fwd")
-                .to_vec2()
-                .expect("v");
-            for (ra, rb) in ya.iter().zip(&yb) {
-                for (a, b) in ra.iter().zip(rb) {
-                    // Both quantize activations to 8 bits; candle keeps their scale in f16, we in f32.
+                .forward(x)
+                .and_then(|y| y.flatten_all()?.to_vec1())
+                .expect("fwd");
+            // Exact products of the dequantized weights, and the most that rounding each
+            // activation to its 8-bit step (half a step per value) can move them.
+            for i in 0..m {
+                let xi = &xs[i * k..(i + 1) * k];
+                for j in 0..n {
+                    let wj = &deq_a[j * k..(j + 1) * k];
+                    let exact: f64 = xi.iter().zip(wj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let bound: f64 = xi
+                        .chunks(QK)
+                        .zip(wj.chunks(QK))
+                        .map(|(a, w)| {
+                            let step = a.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 127.0;
+                            w.iter().map(|w| w.abs() as f64).sum::<f64>() * step / 2.0
+                        })
+                        .sum();
+                    let got = y[i * n + j] as f64;
                     assert!(
-                        (a - b).abs() < 0.02 + 1e-2 * a.abs(),
-                        "{dtype:?}: {a} vs {b}"
+                        (got - exact).abs() <= bound * 1.01 + 1e-5,
+                        "{dtype:?} ({i}, {j}): {got} vs {exact} (bound {bound})"
                     );
                 }
             }
         }
-        results
     }
 
     #[test]
@@ -1084,6 +1396,8 @@ mod tests {
             assert_eq!(fast.d, d, "block {b}");
             assert_eq!(fast.s, d * sum as f32, "block {b}");
             assert_eq!(fast.sum, sum, "block {b}");
+            let sum_lo: i32 = q[..16].iter().map(|&v| v as i32).sum();
+            assert_eq!(fast.sum_lo, sum_lo, "block {b}");
         }
     }
 

@@ -116,43 +116,75 @@ impl GgufFile {
     ) -> Result<QTensor> {
         let (info, range) = self.tensor_range(name)?;
         let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
+        // Inside a QTensor only the 32-value kinds may be ours: candle's CPU matmul picks
+        // its repacked k-quant kernels by dtype and would read our packed bytes as GGUF
+        // blocks. Projections take our k-quant kernels directly (`linear`).
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        if !k_quant {
+            if let Some(f) = self.fast_quant(name, device, permute_heads, for_matmul)? {
+                return Ok(QTensor::new(QStorage::Cpu(Box::new(f)), dims)?);
+            }
+        }
         let bytes = &self.mmap[range.clone()];
-        let row_len = dims.last().copied().unwrap_or(0);
         let storage = match permute_heads {
             Some(n_head) => {
-                let owned =
-                    unpermute_rows(bytes, &dims, n_head).ok_or_else(|| Error::BadTensor {
-                        path: self.path.clone(),
-                        name: name.to_string(),
-                        msg: format!("cannot split {dims:?} into {n_head} rope heads"),
-                    })?;
-                let fast = match device {
-                    Device::Cpu => FastQuant::owned(dtype, row_len, owned),
-                    _ => Err(owned),
-                };
-                match fast {
-                    Ok(f) => QStorage::Cpu(Box::new(f)),
-                    Err(owned) => QStorage::from_data(Cow::Owned(owned), device, dtype)?,
-                }
+                let owned = self.unpermuted(name, bytes, &dims, n_head)?;
+                QStorage::from_data(Cow::Owned(owned), device, dtype)?
             }
-            None => match (
-                device,
-                FastQuant::mapped(dtype, row_len, &self.mmap, range.clone(), for_matmul),
-            ) {
-                (Device::Cpu, Some(f)) => {
-                    if !f.is_mapped() {
-                        self.release(range);
-                    }
-                    QStorage::Cpu(Box::new(f))
-                }
-                _ => {
-                    let s = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
-                    self.release(range);
-                    s
-                }
-            },
+            None => {
+                let s = QStorage::from_data(Cow::Borrowed(bytes), device, dtype)?;
+                self.release(range);
+                s
+            }
         };
         Ok(QTensor::new(storage, dims)?)
+    }
+
+    /// A tensor our CPU kernels take (see `cpu_quant`), or None for candle's.
+    fn fast_quant(
+        &self,
+        name: &str,
+        device: &Device,
+        permute_heads: Option<usize>,
+        for_matmul: bool,
+    ) -> Result<Option<FastQuant>> {
+        if !device.is_cpu() {
+            return Ok(None);
+        }
+        let (info, range) = self.tensor_range(name)?;
+        let (dtype, dims) = (info.ggml_dtype, info.shape.dims());
+        let row_len = dims.last().copied().unwrap_or(0);
+        if !FastQuant::handles(dtype, row_len) {
+            return Ok(None);
+        }
+        Ok(match permute_heads {
+            Some(n_head) => {
+                let owned = self.unpermuted(name, &self.mmap[range.clone()], dims, n_head)?;
+                FastQuant::owned(dtype, row_len, owned).ok()
+            }
+            None => {
+                let f = FastQuant::mapped(dtype, row_len, &self.mmap, range.clone(), for_matmul);
+                if f.as_ref().is_some_and(|f| !f.is_mapped()) {
+                    self.release(range);
+                }
+                f
+            }
+        })
+    }
+
+    /// A llama Q/K projection's rows in Hugging Face order (see `unpermute_rows`).
+    fn unpermuted(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        dims: &[usize],
+        n_head: usize,
+    ) -> Result<Vec<u8>> {
+        unpermute_rows(bytes, dims, n_head).ok_or_else(|| Error::BadTensor {
+            path: self.path.clone(),
+            name: name.to_string(),
+            msg: format!("cannot split {dims:?} into {n_head} rope heads"),
+        })
     }
 
     /// Drops the file pages of a tensor that has been copied out, so loading does not hold
@@ -314,8 +346,24 @@ pub fn hf_name(gguf: &str) -> String {
 /// `model::parallel`); our own kernels are parallel inside and stay whole.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    parts: Vec<QMatMul>,
+    parts: Vec<Part>,
     bias: Option<Tensor>,
+}
+
+/// A projection (or a row part of one): candle's matmul, or our CPU kernels.
+#[derive(Clone, Debug)]
+enum Part {
+    Candle(QMatMul),
+    Ours(Arc<FastQuant>),
+}
+
+impl Part {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Part::Candle(w) => x.apply(w),
+            Part::Ours(w) => w.forward(x)?.to_dtype(x.dtype()),
+        }
+    }
 }
 
 impl Linear {
@@ -323,10 +371,19 @@ impl Linear {
         let parts = match weight {
             QMatMul::Tensor(w) if w.device().is_cpu() => split_rows(w.dim(0)?)
                 .into_iter()
-                .map(|r| Ok(QMatMul::Tensor(w.narrow(0, r.start, r.len())?)))
+                .map(|r| {
+                    Ok(Part::Candle(QMatMul::Tensor(w.narrow(
+                        0,
+                        r.start,
+                        r.len(),
+                    )?)))
+                })
                 .collect::<Result<_>>()?,
-            QMatMul::QTensor(q) => split_q(q)?.into_iter().map(QMatMul::QTensor).collect(),
-            w => vec![w],
+            QMatMul::QTensor(q) => split_q(q)?
+                .into_iter()
+                .map(|q| Part::Candle(QMatMul::QTensor(q)))
+                .collect(),
+            w => vec![Part::Candle(w)],
         };
         Ok(Self { parts, bias })
     }
@@ -334,16 +391,18 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.parts.as_slice() {
             // candle's CUDA quantized matmul takes f32 activations only; the GPU runs f16.
-            [w @ QMatMul::QTensor(_)] if x.device().is_cuda() && x.dtype() != DType::F32 => {
+            [Part::Candle(w @ QMatMul::QTensor(_))]
+                if x.device().is_cuda() && x.dtype() != DType::F32 =>
+            {
                 x.to_dtype(DType::F32)?.apply(w)?.to_dtype(x.dtype())?
             }
-            [w] => x.apply(w)?,
+            [w] => w.forward(x)?,
             parts => {
                 let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
                     parts.iter().map(|_| Default::default()).collect();
                 super::parallel::par_for(parts.len(), |r| {
                     for i in r {
-                        let y = x.apply(&parts[i]);
+                        let y = parts[i].forward(x);
                         if let Ok(mut slot) = outs[i].lock() {
                             *slot = Some(y);
                         }
@@ -484,10 +543,25 @@ impl WeightSource {
         cfg: &ArchConfig,
         rope_heads: Option<usize>,
     ) -> Result<Linear> {
+        let bias_name = format!("{name}.bias");
+        let bias = if self.has(&bias_name) {
+            Some(self.tensor(&bias_name, device, dtype)?)
+        } else {
+            None
+        };
         let weight = match self {
             Self::Gguf(g) => {
-                let permute = rope_heads.filter(|_| gguf_rope_permuted(cfg));
-                let q = g.qtensor(&format!("{name}.weight"), device, permute, true)?;
+                let (name, permute) = (
+                    format!("{name}.weight"),
+                    rope_heads.filter(|_| gguf_rope_permuted(cfg)),
+                );
+                if let Some(f) = g.fast_quant(&name, device, permute, true)? {
+                    return Ok(Linear {
+                        parts: vec![Part::Ours(Arc::new(f))],
+                        bias,
+                    });
+                }
+                let q = g.qtensor(&name, device, permute, true)?;
                 match q.dtype() {
                     // Unquantized GGUF tensors are ordinary dense matmuls in the compute dtype.
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
@@ -499,12 +573,6 @@ impl WeightSource {
             Self::Safetensors(s) => {
                 QMatMul::Tensor(s.load(&hf_name(&format!("{name}.weight")), device, dtype)?)
             }
-        };
-        let bias_name = format!("{name}.bias");
-        let bias = if self.has(&bias_name) {
-            Some(self.tensor(&bias_name, device, dtype)?)
-        } else {
-            None
         };
         Linear::new(weight, bias)
     }
@@ -545,7 +613,10 @@ impl WeightSource {
         match embedding {
             // Already in row parts: share them rather than split a second copy.
             Embedding::Quantized(parts) => Ok(Linear {
-                parts: parts.iter().cloned().map(QMatMul::QTensor).collect(),
+                parts: parts
+                    .iter()
+                    .map(|q| Part::Candle(QMatMul::QTensor(q.clone())))
+                    .collect(),
                 bias: None,
             }),
             Embedding::Dense(w) => Linear::new(QMatMul::Tensor(w.clone()), None),

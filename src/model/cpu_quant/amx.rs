@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::x86::{high_bits_rows, Q4_1, Q5_0, Q8_0};
+use super::x86::{high_bits_rows, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
 use super::{Act, QK};
 
 /// Activation rows per tile: callers pad the activations to a multiple of this.
@@ -81,11 +81,14 @@ unsafe fn configure() {
 
 /// One 32-value block of 16 weight rows, expanded: `q` in the layout `tdpbssd` wants for its
 /// second operand (row `r` of 8 holds values 4r..4r+4 of each weight row in turn), as signed
-/// bytes; `d` the rows' scales and `m` their offsets (Q4_1's minimum, else 0).
+/// bytes; `d` the rows' scales and `m` their offsets (Q4_1's and Q4_K's minimum). Q6_K has
+/// a second scale for values 16..32: `q` then holds values 0..16 (rows 4..8 zero), `q2`
+/// values 16..32 (rows 0..4 zero) and `m` their scale.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
 pub struct Expanded {
     q: [u8; 8 * 64],
+    q2: [u8; 8 * 64],
     d: [f32; COLS],
     m: [f32; COLS],
 }
@@ -94,6 +97,7 @@ impl Default for Expanded {
     fn default() -> Self {
         Self {
             q: [0; 8 * 64],
+            q2: [0; 8 * 64],
             d: [0.0; COLS],
             m: [0.0; COLS],
         }
@@ -112,16 +116,35 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
     for (b, e) in out.iter_mut().enumerate().take(nb) {
         for (half, g) in [g0, g1].into_iter().enumerate() {
             let sb = g.add(b * 8 * BB);
-            let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
-            _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
-            let m = if KIND == Q4_1 {
-                _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
+            let (d, m) = if KIND == Q4K || KIND == Q6K {
+                let f = sb as *const f32;
+                (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
             } else {
-                _mm256_setzero_ps()
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+                let m = if KIND == Q4_1 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                (d, m)
             };
+            _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
             _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
             let base = e.q.as_mut_ptr().add(32 * half);
             let row = |r: usize| base.add(64 * r) as *mut __m256i;
+            if KIND == Q6K {
+                // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
+                let base2 = e.q2.as_mut_ptr().add(32 * half);
+                let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
+                for c in 0..8 {
+                    let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
+                    let q = _mm256_sub_epi8(q, off);
+                    let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
+                    _mm256_storeu_si256(row(c), first);
+                    _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
+                }
+                continue;
+            }
             if KIND == Q8_0 {
                 // Stored as q + 128 (see `pack`): flip the sign bit back.
                 let flip = _mm256_set1_epi8(-128);
@@ -131,7 +154,11 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
                 }
                 continue;
             }
-            let qs = sb.add(if KIND == Q4_1 { 32 } else { 48 });
+            let qs = sb.add(match KIND {
+                Q4_1 => 32,
+                Q4K => 64,
+                _ => 48,
+            });
             for c in 0..4 {
                 let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
                 let mut lo = _mm256_and_si256(q, low);
@@ -176,7 +203,7 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(
     let q_offset = std::mem::offset_of!(Act, q);
     #[repr(C, align(64))]
     struct Sums([i32; ROWS * COLS]);
-    let mut sums = Sums([0; ROWS * COLS]);
+    let (mut sums, mut sums2) = (Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS]));
     for m0 in (0..m).step_by(ROWS) {
         let mut acc = [_mm512_setzero_ps(); ROWS];
         let row0 = acts.add(m0 * nb);
@@ -196,6 +223,19 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(
                 c_stride = in(reg) 64usize,
                 options(nostack)
             );
+            if KIND == Q6K {
+                std::arch::asm!(
+                    "tileloadd tmm7, [{w} + {w_stride}*1]",
+                    "tilezero tmm1",
+                    "tdpbssd tmm1, tmm4, tmm7",
+                    "tilestored [{c} + {c_stride}*1], tmm1",
+                    w = in(reg) e.q2.as_ptr(),
+                    w_stride = in(reg) 64usize,
+                    c = in(reg) sums2.0.as_mut_ptr(),
+                    c_stride = in(reg) 64usize,
+                    options(nostack)
+                );
+            }
             let d = _mm512_load_ps(e.d.as_ptr());
             let mins = _mm512_load_ps(e.m.as_ptr());
             for (i, acc) in acc.iter_mut().enumerate() {
@@ -205,8 +245,16 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(
                 // VNNI tile kernel's operations in its order (results independent of m).
                 let t = _mm512_mul_ps(s, _mm512_set1_ps(act.d));
                 *acc = _mm512_fmadd_ps(t, d, *acc);
-                if KIND == Q4_1 {
+                if KIND == Q4_1 || KIND == Q4K {
                     *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
+                }
+                if KIND == Q6K {
+                    let s2 = sums2.0.as_ptr().add(COLS * i);
+                    let t = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_load_si512(s2 as _)),
+                        _mm512_set1_ps(act.d),
+                    );
+                    *acc = _mm512_fmadd_ps(t, mins, *acc);
                 }
             }
         }
@@ -238,5 +286,7 @@ pub unsafe fn run(
         super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(g0, g1, nb, acts, m, scratch, out, out_stride),
         super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(g0, g1, nb, acts, m, scratch, out, out_stride),
         super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(g0, g1, nb, acts, m, scratch, out, out_stride),
+        super::Kind::Q4K => tile_pair::<Q4K, 24>(g0, g1, nb, acts, m, scratch, out, out_stride),
+        super::Kind::Q6K => tile_pair::<Q6K, 40>(g0, g1, nb, acts, m, scratch, out, out_stride),
     }
 }
