@@ -112,24 +112,23 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Dot products of `B` blocks of 8 query rows (`qt`, `n` floats per head dimension)
-    /// with two keys, as one fused multiply-add chain per lane over the head dimensions.
+    /// with `K` keys, as one fused multiply-add chain per lane over the head dimensions.
     #[inline(always)]
-    unsafe fn dots<const B: usize>(
+    unsafe fn dots<const B: usize, const K: usize>(
         qt: *const f32,
         n: usize,
-        k0: *const f32,
-        k1: *const f32,
+        keys: [*const f32; K],
         hd: usize,
-    ) -> [[__m256; B]; 2] {
-        let mut acc = [[_mm256_setzero_ps(); B]; 2];
+    ) -> [[__m256; B]; K] {
+        let mut acc = [[_mm256_setzero_ps(); B]; K];
         let mut q = qt;
         for d in 0..hd {
-            let (a, b) = (_mm256_set1_ps(*k0.add(d)), _mm256_set1_ps(*k1.add(d)));
-            let [acc0, acc1] = &mut acc;
-            for (i, (x, y)) in acc0.iter_mut().zip(acc1.iter_mut()).enumerate() {
+            let k = keys.map(|k| _mm256_set1_ps(*k.add(d)));
+            for i in 0..B {
                 let qv = _mm256_loadu_ps(q.add(LANES * i));
-                *x = _mm256_fmadd_ps(qv, a, *x);
-                *y = _mm256_fmadd_ps(qv, b, *y);
+                for (acc, k) in acc.iter_mut().zip(k) {
+                    acc[i] = _mm256_fmadd_ps(qv, k, acc[i]);
+                }
             }
             q = q.add(n);
         }
@@ -169,29 +168,41 @@ mod x86 {
             );
             _mm256_storeu_ps(out.add(j * n + r), s);
         };
-        for j in (0..keys.len()).step_by(2) {
-            // An odd last key is paired with itself.
-            let (k0, k1) = (keys[j], keys[(j + 1).min(keys.len() - 1)]);
+        // Few rows (decode): four keys per pass; more rows: two keys times up to four blocks.
+        // Either way the accumulators, keys and queries of a pass fit the 16 registers.
+        let per_pass = if n <= 2 * LANES { 4 } else { 2 };
+        for j in (0..keys.len()).step_by(per_pass) {
+            // Past the last key, a pass repeats it (and does not store it again).
+            let key = |i: usize| keys[(j + i).min(keys.len() - 1)];
+            let valid = keys.len() - j;
             let mut r = 0;
             macro_rules! pass {
-                ($b:literal) => {{
-                    let acc = dots::<$b>(rows.qt.as_ptr().add(r), n, k0, k1, hd);
-                    for (key, acc) in acc.iter().enumerate().take(keys.len() - j) {
-                        for (i, a) in acc.iter().enumerate() {
-                            store(j + key, r + LANES * i, *a);
+                ($b:literal, $k:literal) => {{
+                    let acc =
+                        dots::<$b, $k>(rows.qt.as_ptr().add(r), n, std::array::from_fn(key), hd);
+                    for (i, acc) in acc.iter().enumerate().take(valid) {
+                        for (b, a) in acc.iter().enumerate() {
+                            store(j + i, r + LANES * b, *a);
                         }
                     }
                     r += $b * LANES;
                 }};
             }
-            while n - r >= 4 * LANES {
-                pass!(4);
-            }
-            match (n - r) / LANES {
-                3 => pass!(3),
-                2 => pass!(2),
-                1 => pass!(1),
-                _ => {}
+            if per_pass == 4 {
+                match n / LANES {
+                    2 => pass!(2, 4),
+                    _ => pass!(1, 4),
+                }
+            } else {
+                while n - r >= 4 * LANES {
+                    pass!(4, 2);
+                }
+                match (n - r) / LANES {
+                    3 => pass!(3, 2),
+                    2 => pass!(2, 2),
+                    1 => pass!(1, 2),
+                    _ => {}
+                }
             }
             debug_assert_eq!(r, n);
         }
@@ -370,7 +381,7 @@ mod tests {
     fn rows_are_independent_of_their_neighbours() {
         let (hd, span) = (128, 45);
         let kv = pseudo_random(2 * span * hd, 7);
-        let qs = pseudo_random(13 * hd, 8);
+        let qs = pseudo_random(41 * hd, 8);
         let q = |i: usize| &qs[i * hd..(i + 1) * hd];
         let target = (q(0), (3, 30));
         let alone = run(&[target], hd, &kv, span)[0].clone();
