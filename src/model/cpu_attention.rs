@@ -346,16 +346,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::pseudo_random;
 
     /// Rows `(query, window)` against `span` keys and values, through [`attend`].
     fn run(rows: &[(&[f32], (u32, u32))], hd: usize, kv: &[f32], span: usize) -> Vec<Vec<f32>> {

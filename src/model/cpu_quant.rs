@@ -861,7 +861,7 @@ mod x86 {
     /// The Q5_0 high bits of one packed chunk (8 bytes at `p`, one per row), as 0x10 in
     /// the bytes of the low-nibble and of the high-nibble values.
     #[inline(always)]
-    pub(super) unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
+    unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
         let h = (p as *const i64).read_unaligned();
         let spread = _mm256_setr_epi8(
             0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7,
@@ -876,6 +876,29 @@ mod x86 {
         let lo = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_lo), sel_lo);
         let hi = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_hi), sel_hi);
         (_mm256_and_si256(lo, bit), _mm256_and_si256(hi, bit))
+    }
+
+    /// Chunk `c` (of 4) of a packed 4- or 5-bit superblock at `sb` (see `pack`): values
+    /// 4c..4c+4 (first) and 16+4c..16+4c+4 (second) of its 8 rows, as unsigned bytes.
+    #[inline(always)]
+    pub(super) unsafe fn nibble_chunk<const KIND: u8>(
+        sb: *const u8,
+        c: usize,
+    ) -> (__m256i, __m256i) {
+        let offset = match KIND {
+            Q4_1 => 32,
+            Q4K => 64,
+            _ => 48,
+        };
+        let q = _mm256_loadu_si256(sb.add(offset + 32 * c) as *const __m256i);
+        let low = _mm256_set1_epi8(0x0f);
+        let lo = _mm256_and_si256(q, low);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+        if KIND != Q5_0 {
+            return (lo, hi);
+        }
+        let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
+        (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
     }
 
     macro_rules! tile_fn {
@@ -896,7 +919,6 @@ mod x86 {
                 out_stride: usize,
             ) {
                 let mut acc = [_mm256_setzero_ps(); M];
-                let low = _mm256_set1_epi8(0x0f);
                 for b in 0..nb {
                     let sb = w.add(b * 8 * BB);
                     let k_quant = KIND == Q4K || KIND == Q6K;
@@ -930,20 +952,8 @@ mod x86 {
                             }
                         }
                     } else {
-                        let qs = sb.add(match KIND {
-                            Q4_1 => 32,
-                            Q4K => 64,
-                            _ => 48,
-                        });
                         for c in 0..4 {
-                            let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                            let mut lo = _mm256_and_si256(q, low);
-                            let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-                            if KIND == Q5_0 {
-                                let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
-                                lo = _mm256_or_si256(lo, hl);
-                                hi = _mm256_or_si256(hi, hh);
-                            }
+                            let (lo, hi) = nibble_chunk::<KIND>(sb, c);
                             for (i, s) in isum.iter_mut().enumerate() {
                                 let aq = (*acts.add(i * nb + b)).q.as_ptr();
                                 *s = $dp(*s, lo, bcast4(aq.add(4 * c)));
@@ -1123,8 +1133,16 @@ impl QuantizedType for FastQuant {
                         // pointer starts a whole group of the tensor.
                         unsafe {
                             if p < pairs {
-                                let (g1, o) = (g.add(group_bytes), out.0.add(p * amx::COLS));
-                                amx::run(self.kind, g, g1, nb, acts.as_ptr(), m, &mut scratch, o, n)
+                                let pair = amx::Pair {
+                                    g0: g,
+                                    g1: g.add(group_bytes),
+                                    nb,
+                                    acts: acts.as_ptr(),
+                                    m,
+                                    out: out.0.add(p * amx::COLS),
+                                    out_stride: n,
+                                };
+                                amx::run(self.kind, &pair, &mut scratch)
                             } else {
                                 let w = &data[p * 2 * group_bytes..][..group_bytes];
                                 tile(t, self.kind, w, nb, &acts[..m * nb], out.0.add(p * 16), n)
@@ -1242,18 +1260,9 @@ impl QuantizedType for FastQuant {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::pseudo_random;
     use candle_core::quantized::{QMatMul, QStorage, QTensor};
     use candle_core::{Device, Module, Tensor};
-
-    fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Our kernels against candle's own scalar implementation of the same block type, on the
     /// same quantized bytes.

@@ -76,3 +76,15 @@ pub fn open_device(spec: crate::config::DeviceSpec) -> Result<candle_core::Devic
         )),
     }
 }
+
+/// Test data shared by the kernel tests: deterministic values in [-1, 1).
+#[cfg(test)]
+pub(crate) fn pseudo_random(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}

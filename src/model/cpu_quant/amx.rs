@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::x86::{high_bits_rows, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
+use super::x86::{nibble_chunk, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
 use super::{Act, QK};
 
 /// Activation rows per tile: callers pad the activations to a multiple of this.
@@ -112,7 +112,6 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
     nb: usize,
     out: &mut [Expanded],
 ) {
-    let low = _mm256_set1_epi8(0x0f);
     for (b, e) in out.iter_mut().enumerate().take(nb) {
         for (half, g) in [g0, g1].into_iter().enumerate() {
             let sb = g.add(b * 8 * BB);
@@ -154,22 +153,14 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
                 }
                 continue;
             }
-            let qs = sb.add(match KIND {
-                Q4_1 => 32,
-                Q4K => 64,
-                _ => 48,
-            });
             for c in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                let mut lo = _mm256_and_si256(q, low);
-                let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+                let (mut lo, mut hi) = nibble_chunk::<KIND>(sb, c);
                 if KIND == Q5_0 {
                     // 5-bit values are offset by 16: subtracting it here makes them signed,
                     // so the dot product needs no correction term.
-                    let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
                     let sixteen = _mm256_set1_epi8(16);
-                    lo = _mm256_sub_epi8(_mm256_or_si256(lo, hl), sixteen);
-                    hi = _mm256_sub_epi8(_mm256_or_si256(hi, hh), sixteen);
+                    lo = _mm256_sub_epi8(lo, sixteen);
+                    hi = _mm256_sub_epi8(hi, sixteen);
                 }
                 _mm256_storeu_si256(row(c), lo);
                 _mm256_storeu_si256(row(4 + c), hi);
@@ -178,25 +169,36 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
     }
 }
 
-/// `m` activation rows (`nb` blocks each at `acts`, padded with zero blocks to a multiple of
-/// [`ROWS`] rows) times the 16 weight rows of packed groups `g0` and `g1`: writes 16 outputs
-/// of each activation row, `out_stride` apart. `scratch` holds the expanded weights.
+/// One AMX work item: `m` activation rows (`nb` blocks each at `acts`, padded with zero
+/// blocks to a multiple of [`ROWS`] rows) times the 16 weight rows of packed groups `g0` and
+/// `g1`, into 16 outputs of each activation row, `out_stride` apart.
+#[derive(Clone, Copy)]
+pub struct Pair {
+    pub g0: *const u8,
+    pub g1: *const u8,
+    pub nb: usize,
+    pub acts: *const Act,
+    pub m: usize,
+    pub out: *mut f32,
+    pub out_stride: usize,
+}
+
+/// Multiplies a [`Pair`]; `scratch` holds its expanded weights.
 ///
 /// # Safety
 /// [`available`] must be true; `g0`/`g1` must hold `nb` packed superblocks each; `acts` must
 /// hold `m.next_multiple_of(ROWS) * nb` blocks; `out` room for `(m - 1) * out_stride + 16`.
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-unsafe fn tile_pair<const KIND: u8, const BB: usize>(
-    g0: *const u8,
-    g1: *const u8,
-    nb: usize,
-    acts: *const Act,
-    m: usize,
-    scratch: &mut Vec<Expanded>,
-    out: *mut f32,
-    out_stride: usize,
-) {
+unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec<Expanded>) {
+    let Pair {
+        g0,
+        g1,
+        nb,
+        acts,
+        m,
+        out,
+        out_stride,
+    } = *p;
     scratch.resize(nb, Expanded::default());
     expand::<KIND, BB>(g0, g1, nb, scratch);
     let a_stride = nb * std::mem::size_of::<Act>();
@@ -264,29 +266,18 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(
     }
 }
 
-/// The packed kinds' [`tile_pair`], for `kind` in `Q4_1`/`Q5_0`/`Q8_0`.
+/// [`tile_pair`] for `kind`.
 ///
 /// # Safety
 /// As for [`tile_pair`]; also loads this thread's tile configuration.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn run(
-    kind: super::Kind,
-    g0: *const u8,
-    g1: *const u8,
-    nb: usize,
-    acts: *const Act,
-    m: usize,
-    scratch: &mut Vec<Expanded>,
-    out: *mut f32,
-    out_stride: usize,
-) {
+pub unsafe fn run(kind: super::Kind, p: &Pair, scratch: &mut Vec<Expanded>) {
     const { assert!(QK == 32) };
     configure();
     match kind {
-        super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(g0, g1, nb, acts, m, scratch, out, out_stride),
-        super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(g0, g1, nb, acts, m, scratch, out, out_stride),
-        super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(g0, g1, nb, acts, m, scratch, out, out_stride),
-        super::Kind::Q4K => tile_pair::<Q4K, 24>(g0, g1, nb, acts, m, scratch, out, out_stride),
-        super::Kind::Q6K => tile_pair::<Q6K, 40>(g0, g1, nb, acts, m, scratch, out, out_stride),
+        super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(p, scratch),
+        super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(p, scratch),
+        super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(p, scratch),
+        super::Kind::Q4K => tile_pair::<Q4K, 24>(p, scratch),
+        super::Kind::Q6K => tile_pair::<Q6K, 40>(p, scratch),
     }
 }
