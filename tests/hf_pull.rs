@@ -165,6 +165,25 @@ fn error_of(lines: &[Value]) -> String {
         .to_string()
 }
 
+/// Each model file of `files` is a layer of manifest `m`, named after it, over its blob.
+fn assert_file_layers(m: &Value, files: &[(String, Bytes)]) {
+    let layers = m["layers"].as_array().unwrap();
+    for (fname, bytes) in model_files(files) {
+        let l = layers
+            .iter()
+            .find(|l| l["name"] == fname.as_str())
+            .unwrap_or_else(|| panic!("no layer for {fname} in {m}"));
+        assert_eq!(l["digest"], sha(bytes));
+        assert_eq!(l["size"], bytes.len() as u64);
+        let media = if fname.ends_with(".safetensors") {
+            "application/vnd.candlewick.image.safetensors"
+        } else {
+            "application/vnd.ollama.image.json"
+        };
+        assert_eq!(l["mediaType"], media, "{fname}");
+    }
+}
+
 fn manifest_of(models: &Path, rel: &str) -> Value {
     let bytes = std::fs::read(models.join("manifests").join(rel)).expect("manifest file");
     serde_json::from_slice(&bytes).expect("manifest JSON")
@@ -222,20 +241,7 @@ async fn a_safetensors_repo_pulls_lists_shows_chats_copies_and_deletes() {
     // One manifest in Ollama's layout, each file a named layer over its blob.
     let m = manifest_of(&dir, &format!("hf.co/{REPO}/latest"));
     let layers = m["layers"].as_array().unwrap();
-    for (fname, bytes) in model_files(&smol.files) {
-        let l = layers
-            .iter()
-            .find(|l| l["name"] == fname.as_str())
-            .unwrap_or_else(|| panic!("no layer for {fname} in {m}"));
-        assert_eq!(l["digest"], sha(bytes));
-        assert_eq!(l["size"], bytes.len() as u64);
-        let media = if fname.ends_with(".safetensors") {
-            "application/vnd.candlewick.image.safetensors"
-        } else {
-            "application/vnd.ollama.image.json"
-        };
-        assert_eq!(l["mediaType"], media, "{fname}");
-    }
+    assert_file_layers(&m, &smol.files);
     assert_eq!(layers.len(), 7, "{m}");
     assert_store_clean(&dir);
     assert_eq!(blob_files(&dir).len(), 8, "seven files and the config");
@@ -729,19 +735,7 @@ async fn create_from_a_safetensors_directory_with_the_cli() {
 
     let m = manifest_of(&dir, "registry.ollama.ai/library/smol-st/latest");
     let layers = m["layers"].as_array().unwrap();
-    for (fname, bytes) in model_files(&smol.files) {
-        let l = layers
-            .iter()
-            .find(|l| l["name"] == fname.as_str())
-            .unwrap_or_else(|| panic!("no layer for {fname} in {m}"));
-        assert_eq!(l["digest"], sha(bytes));
-        let media = if fname.ends_with(".safetensors") {
-            "application/vnd.candlewick.image.safetensors"
-        } else {
-            "application/vnd.ollama.image.json"
-        };
-        assert_eq!(l["mediaType"], media, "{fname}");
-    }
+    assert_file_layers(&m, &smol.files);
     let media: Vec<&str> = layers
         .iter()
         .map(|l| l["mediaType"].as_str().unwrap())
