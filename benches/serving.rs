@@ -66,35 +66,63 @@ struct Run {
     gaps: Vec<Duration>,
 }
 
+/// Arrival times of one request's streamed pieces, from when it was sent.
+struct Arrivals {
+    start: Instant,
+    last: Instant,
+    ttft: Option<Duration>,
+    gaps: Vec<Duration>,
+    count: usize,
+}
+
+impl Arrivals {
+    fn start() -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            last: now,
+            ttft: None,
+            gaps: Vec::new(),
+            count: 0,
+        }
+    }
+
+    fn arrived(&mut self) {
+        let now = Instant::now();
+        match self.ttft {
+            None => self.ttft = Some(now - self.start),
+            Some(_) => self.gaps.push(now - self.last),
+        }
+        self.last = now;
+        self.count += 1;
+    }
+
+    /// The run, with `tokens` as the server counted them, else one per piece.
+    fn run(self, text: String, tokens: Option<usize>) -> Run {
+        Run {
+            text,
+            tokens: tokens.unwrap_or(self.count),
+            ttft: self.ttft.unwrap_or_default(),
+            gaps: self.gaps,
+        }
+    }
+}
+
 /// Streams one request to its end, timing each token's arrival.
 fn drive(engine: &Engine, prompt: Vec<u32>, n: usize) -> Run {
     let mut req = Request::new(prompt);
     req.num_predict = Some(n);
-    let start = Instant::now();
+    let mut clock = Arrivals::start();
     let stream = engine.submit(req).expect("submit");
-    let (mut last, mut ttft, mut gaps, mut tokens) = (start, None, Vec::new(), 0);
     let mut text = String::new();
     for ev in stream {
         match ev {
-            Event::Token { .. } => {
-                let now = Instant::now();
-                match ttft {
-                    None => ttft = Some(now - start),
-                    Some(_) => gaps.push(now - last),
-                }
-                last = now;
-                tokens += 1;
-            }
+            Event::Token { .. } => clock.arrived(),
             Event::Text(t) => text.push_str(&t),
             Event::Done(_) => break,
         }
     }
-    Run {
-        text,
-        tokens,
-        ttft: ttft.unwrap_or_default(),
-        gaps,
-    }
+    clock.run(text, None)
 }
 
 fn bench_model(file: &str, levels: &[usize], out_tokens: usize) {
@@ -211,7 +239,7 @@ async fn drive_http(
         "model": model, "messages": messages, "stream": true, "max_tokens": n,
         "temperature": 0, "stream_options": {"include_usage": true},
     });
-    let start = Instant::now();
+    let mut clock = Arrivals::start();
     let resp = client
         .post(format!("{url}/v1/chat/completions"))
         .json(&body)
@@ -219,8 +247,7 @@ async fn drive_http(
         .await
         .unwrap_or_else(|e| panic!("request to {url}: {e}"));
     assert!(resp.status().is_success(), "HTTP {}", resp.status());
-    let (mut last, mut ttft, mut gaps, mut chunks, mut usage) = (start, None, Vec::new(), 0, None);
-    let (mut buf, mut text) = (Vec::new(), String::new());
+    let (mut buf, mut text, mut usage) = (Vec::new(), String::new(), None);
     let mut body = resp.bytes_stream();
     while let Some(bytes) = body.next().await {
         buf.extend_from_slice(&bytes.expect("stream"));
@@ -238,22 +265,11 @@ async fn drive_http(
             let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
             text.push_str(content);
             if !content.is_empty() {
-                let now = Instant::now();
-                match ttft {
-                    None => ttft = Some(now - start),
-                    Some(_) => gaps.push(now - last),
-                }
-                last = now;
-                chunks += 1;
+                clock.arrived();
             }
         }
     }
-    Run {
-        text,
-        tokens: usage.unwrap_or(chunks),
-        ttft: ttft.unwrap_or_default(),
-        gaps,
-    }
+    clock.run(text, usage)
 }
 
 /// The same workload as [`bench_model`], over HTTP.
