@@ -43,7 +43,7 @@ pub fn attend<'a>(
     let mut probs = vec![0f32; span * rows.rows];
     let mut out = vec![0f32; head_dim * rows.rows];
     #[cfg(target_arch = "x86_64")]
-    if has_fma() {
+    if super::cpu_quant::has_avx2() {
         // SAFETY: the features were just checked; buffers have the sizes the kernels use.
         unsafe {
             x86::scores(rows, head_dim, keys, &mut probs);
@@ -54,14 +54,6 @@ pub fn attend<'a>(
     }
     portable(rows, head_dim, keys, values, span, &mut probs, &mut out);
     out
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_fma() -> bool {
-    static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FMA.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
 }
 
 /// The same computation without SIMD (each lane's chain of operations spelled out).
@@ -208,11 +200,6 @@ mod x86 {
         }
     }
 
-    fn has_avx512() -> bool {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-
     /// [`weighted_values`] for rows `r..r + 4` and head dimensions `d0..d0 + 64`: sixteen
     /// 512-bit accumulators, so each value load serves four rows. Same chain per element.
     #[target_feature(enable = "avx512f")]
@@ -306,7 +293,7 @@ mod x86 {
     ) {
         let values: Vec<*const f32> = values.map(|v| v[..hd].as_ptr()).collect();
         let p = probs.as_ptr();
-        let wide = has_avx512();
+        let wide = std::arch::is_x86_feature_detected!("avx512f");
         for r in 0..n {
             let mut d0 = 0;
             if wide {

@@ -612,7 +612,8 @@ fn k_quantize(kind: Kind, xs: &[f32]) -> Vec<u8> {
     }
 }
 
-fn has_avx2() -> bool {
+/// AVX2 with FMA: what every x86 kernel of ours needs (std caches the detection).
+pub(super) fn has_avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
