@@ -363,15 +363,16 @@ mod tests {
         let q = |i: usize| &qs[i * hd..(i + 1) * hd];
         let target = (q(0), (3, 30));
         let alone = run(&[target], hd, &kv, span)[0].clone();
-        let crowd: Vec<(&[f32], (u32, u32))> = (1..13)
-            .map(|i| (q(i), (0, i as u32 * 3 + 1)))
-            .chain([target])
-            .collect();
-        assert_eq!(
-            run(&crowd, hd, &kv, span)[12],
-            alone,
-            "next to 12 other rows"
-        );
+        // 12 others: one pass shape (four keys, up to 2 row blocks); 40 others: the other
+        // (two keys, up to 4 row blocks).
+        for others in [12, 40] {
+            let crowd: Vec<(&[f32], (u32, u32))> = (1..=others)
+                .map(|i| (q(i), (0, (i as u32 * 3 + 1).min(span as u32))))
+                .chain([target])
+                .collect();
+            let out = run(&crowd, hd, &kv, span);
+            assert_eq!(out[others], alone, "next to {others} other rows");
+        }
         let (keys, values) = kv.split_at(span * hd);
         // The span cut right after the window.
         let short = [&keys[..30 * hd], &values[..30 * hd]].concat();
