@@ -246,16 +246,13 @@ impl Job<'_> {
                 }
             }
         }
-        let cached: Vec<usize> = c.rows(&self.seq.block_table, lo..end).collect();
         let col = self.kvh * hd;
         let (k, v) = (&c.k[self.layer], &c.v[self.layer]);
-        let out = cpu_attention::attend(
-            &rows,
-            hd,
-            cached.iter().map(|&r| &k[r + col..r + col + hd]),
-            cached.iter().map(|&r| &v[r + col..r + col + hd]),
-            span,
-        );
+        let (keys, values): (Vec<&[f32]>, Vec<&[f32]>) = c
+            .rows(&self.seq.block_table, lo..end)
+            .map(|r| (&k[r + col..r + col + hd], &v[r + col..r + col + hd]))
+            .unzip();
+        let out = cpu_attention::attend(&rows, hd, &keys, &values);
         for (i, t) in ts.enumerate() {
             for (g, o) in out_of(t).chunks_exact_mut(hd).enumerate() {
                 let r = i * group + g;

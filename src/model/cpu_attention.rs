@@ -31,15 +31,14 @@ impl Rows {
     }
 }
 
-/// Attention outputs `[rows][head_dim]` for `rows` against `keys`/`values`: one slice of
+/// Attention outputs `[rows][head_dim]` for `rows` against `keys`/`values`: one row of
 /// `head_dim` values per span position, in order.
-pub fn attend<'a>(
-    rows: &Rows,
-    head_dim: usize,
-    keys: impl Iterator<Item = &'a [f32]>,
-    values: impl Iterator<Item = &'a [f32]>,
-    span: usize,
-) -> Vec<f32> {
+pub fn attend(rows: &Rows, head_dim: usize, keys: &[&[f32]], values: &[&[f32]]) -> Vec<f32> {
+    let span = keys.len();
+    assert!(
+        values.len() == span && keys.iter().chain(values).all(|r| r.len() >= head_dim),
+        "attention rows shorter than the head"
+    );
     let mut probs = vec![0f32; span * rows.rows];
     let mut out = vec![0f32; head_dim * rows.rows];
     #[cfg(target_arch = "x86_64")]
@@ -52,22 +51,21 @@ pub fn attend<'a>(
         }
         return out;
     }
-    portable(rows, head_dim, keys, values, span, &mut probs, &mut out);
+    portable(rows, head_dim, keys, values, &mut probs, &mut out);
     out
 }
 
 /// The same computation without SIMD (each lane's chain of operations spelled out).
-fn portable<'a>(
+fn portable(
     rows: &Rows,
     hd: usize,
-    keys: impl Iterator<Item = &'a [f32]>,
-    values: impl Iterator<Item = &'a [f32]>,
-    span: usize,
+    keys: &[&[f32]],
+    values: &[&[f32]],
     probs: &mut [f32],
     out: &mut [f32],
 ) {
-    let n = rows.rows;
-    for (j, k) in keys.enumerate() {
+    let (n, span) = (rows.rows, keys.len());
+    for (j, k) in keys.iter().enumerate() {
         for r in 0..n {
             let (from, to) = rows.window[r];
             probs[j * n + r] = if (from..to).contains(&(j as u32)) {
@@ -89,7 +87,7 @@ fn portable<'a>(
             probs[j * n + r] *= 1.0 / sum;
         }
     }
-    for (j, v) in values.enumerate() {
+    for (j, v) in values.iter().enumerate() {
         for r in 0..n {
             for d in 0..hd {
                 out[r * hd + d] = probs[j * n + r].mul_add(v[d], out[r * hd + d]);
@@ -130,19 +128,13 @@ mod x86 {
     /// Scores `[span][rows]`: for each key, the dot product with every row's query (see
     /// [`dots`]); keys outside a row's window get -inf.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores<'a>(
-        rows: &Rows,
-        hd: usize,
-        keys: impl Iterator<Item = &'a [f32]>,
-        probs: &mut [f32],
-    ) {
+    pub unsafe fn scores(rows: &Rows, hd: usize, keys: &[&[f32]], probs: &mut [f32]) {
         let n = rows.rows;
         let (from, to): (Vec<i32>, Vec<i32>) = rows
             .window
             .iter()
             .map(|&(f, t)| (f as i32, t as i32))
             .unzip();
-        let keys: Vec<*const f32> = keys.map(|k| k[..hd].as_ptr()).collect();
         let out = probs.as_mut_ptr();
         let store = |j: usize, r: usize, acc: __m256| {
             let jv = _mm256_set1_epi32(j as i32);
@@ -165,7 +157,7 @@ mod x86 {
         let per_pass = if n <= 2 * LANES { 4 } else { 2 };
         for j in (0..keys.len()).step_by(per_pass) {
             // Past the last key, a pass repeats it (and does not store it again).
-            let key = |i: usize| keys[(j + i).min(keys.len() - 1)];
+            let key = |i: usize| keys[(j + i).min(keys.len() - 1)].as_ptr();
             let valid = keys.len() - j;
             let mut r = 0;
             macro_rules! pass {
@@ -208,14 +200,14 @@ mod x86 {
         hd: usize,
         r: usize,
         d0: usize,
-        values: &[*const f32],
+        values: &[&[f32]],
         probs: &[f32],
         out: &mut [f32],
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; 4];
         let mut p = probs.as_ptr().add(r);
         for v in values {
-            let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.add(d0 + i)));
+            let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.as_ptr().add(d0 + i)));
             for (row, acc) in acc.iter_mut().enumerate() {
                 let w = _mm512_set1_ps(*p.add(row));
                 for (a, v) in acc.iter_mut().zip(v) {
@@ -284,14 +276,13 @@ mod x86 {
     /// Outputs `[rows][hd]`: each row's probability-weighted sum of the value rows, one fused
     /// multiply-add per position in order, 64 head dimensions per pass in registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_values<'a>(
+    pub unsafe fn weighted_values(
         n: usize,
         hd: usize,
-        values: impl Iterator<Item = &'a [f32]>,
+        values: &[&[f32]],
         probs: &[f32],
         out: &mut [f32],
     ) {
-        let values: Vec<*const f32> = values.map(|v| v[..hd].as_ptr()).collect();
         let p = probs.as_ptr();
         let wide = std::arch::is_x86_feature_detected!("avx512f");
         for r in 0..n {
@@ -300,7 +291,7 @@ mod x86 {
                 // Rows in fours (n is a multiple of 8), so each value load serves four rows.
                 if r % 4 == 0 {
                     for d0 in (0..hd - hd % 64).step_by(64) {
-                        weighted_values_512(n, hd, r, d0, &values, probs, out);
+                        weighted_values_512(n, hd, r, d0, values, probs, out);
                     }
                 }
                 d0 = hd - hd % 64;
@@ -310,7 +301,8 @@ mod x86 {
                 for (j, v) in values.iter().enumerate() {
                     let w = _mm256_set1_ps(*p.add(j * n + r));
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        *acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(d0 + 8 * i)), *acc);
+                        *acc =
+                            _mm256_fmadd_ps(w, _mm256_loadu_ps(v.as_ptr().add(d0 + 8 * i)), *acc);
                     }
                 }
                 for (i, acc) in acc.iter().enumerate() {
@@ -322,7 +314,7 @@ mod x86 {
             for d in d0..hd {
                 let mut acc = 0f32;
                 for (j, v) in values.iter().enumerate() {
-                    acc = (*p.add(j * n + r)).mul_add(*v.add(d), acc);
+                    acc = (*p.add(j * n + r)).mul_add(v[d], acc);
                 }
                 out[r * hd + d] = acc;
             }
@@ -344,9 +336,9 @@ mod tests {
                 r.qt[d * r.rows + i] = q[d];
             }
         }
-        let keys = kv[..span * hd].chunks_exact(hd);
-        let values = kv[span * hd..].chunks_exact(hd);
-        let out = attend(&r, hd, keys, values, span);
+        let keys: Vec<&[f32]> = kv[..span * hd].chunks_exact(hd).collect();
+        let values: Vec<&[f32]> = kv[span * hd..].chunks_exact(hd).collect();
+        let out = attend(&r, hd, &keys, &values);
         out.chunks_exact(hd)
             .take(rows.len())
             .map(<[f32]>::to_vec)
