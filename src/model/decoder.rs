@@ -2,6 +2,8 @@
 //! projection, for every family `ArchConfig` describes. It runs a packed batch of tokens
 //! from many sequences at different positions; attention goes through `KvCache`.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Batch, KvCache};
@@ -99,28 +101,35 @@ impl Decoder {
 
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        Ok(self.forward_with_sums(batch, cache, &[])?.0)
+    }
+
+    /// [`Self::forward`], and for each range of batch rows in `sums` the sum of those rows'
+    /// final hidden states (after the last norm, f32): what an embedding pools, one prefill
+    /// chunk at a time.
+    pub fn forward_with_sums(
+        &self,
+        batch: &Batch,
+        cache: &mut dyn KvCache,
+        sums: &[Range<usize>],
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
         let x = self.trunk(batch, cache)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut pooled = Vec::with_capacity(sums.len());
+        for r in sums {
+            let rows = x.narrow(0, r.start, r.len())?;
+            let h = candle_nn::ops::rms_norm(&rows, &self.norm, eps)?.to_dtype(DType::F32)?;
+            pooled.push(h.sum(0)?.to_vec1::<f32>()?);
+        }
         if batch.logits_indices.is_empty() {
             // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
-            return Ok(Tensor::zeros(
-                (0, self.cfg.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            let none = Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?;
+            return Ok((none, pooled));
         }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-        let eps = self.cfg.rms_norm_eps as f32;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
-    }
-
-    /// The final hidden state of every token of the batch, after the last norm,
-    /// `[tokens, hidden]` (f32): what embeddings pool.
-    pub fn hidden_states(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
-        let x = self.trunk(batch, cache)?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?.to_dtype(DType::F32)?)
+        Ok((self.lm_head.forward(&x)?.to_dtype(DType::F32)?, pooled))
     }
 
     /// Embedding and every block: the residual stream `[tokens, hidden]` before the final

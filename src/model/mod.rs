@@ -55,6 +55,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// The template refused what it was given (`raise_exception`, e.g. Llama 3.1's "only
+    /// single tool-calls at once"), or it was too large to render: the caller's input.
+    #[error("{0}")]
+    TemplateRaised(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[cfg(feature = "cuda")]

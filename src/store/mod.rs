@@ -102,6 +102,14 @@ pub enum StoreError {
     /// `/api/create` files that do not make a loadable safetensors model.
     #[error("{0}")]
     BadModelFiles(String),
+    /// A blob larger than any model file could be (a registry's manifest said so).
+    #[error(
+        "the registry declares a blob of {size} bytes, more than the {limit} a model file may have"
+    )]
+    BlobTooLarge { size: u64, limit: u64 },
+    /// Not enough free space for a download; nothing of it was written.
+    #[error("not enough disk space for the model: a blob needs {need} more bytes, {free} are free in the model directory")]
+    DiskFull { need: u64, free: u64 },
     #[error(transparent)]
     Hf(#[from] hf::HfError),
     #[error(transparent)]
@@ -220,6 +228,21 @@ impl Store {
         self.root.join("manifests")
     }
 
+    /// Every file under `manifests/<host>/<namespace>/<model>/`, temp files included.
+    pub(crate) fn manifest_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for host in subdirs(&self.manifests_dir()).unwrap_or_default() {
+            for ns in subdirs(&host).unwrap_or_default() {
+                for model in subdirs(&ns).unwrap_or_default() {
+                    if let Ok(tags) = fs::read_dir(&model) {
+                        out.extend(tags.flatten().map(|t| t.path()).filter(|p| p.is_file()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// `blobs/`, where every layer lives under its digest.
     pub fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs")
@@ -254,7 +277,9 @@ impl Store {
                     };
                     for tag in tags.flatten() {
                         let path = tag.path();
-                        if !path.is_file() {
+                        // Hidden files are temp manifests of a write in progress or cut
+                        // short (tags never start with a dot).
+                        if !path.is_file() || file_name(&path).starts_with('.') {
                             continue;
                         }
                         let name = ModelName {
