@@ -13,7 +13,15 @@
 //! A model is either a GGUF model (an `application/vnd.ollama.image.model` layer) or a
 //! safetensors model: one layer per file of its Hugging Face directory, each with the
 //! file's name in the layer's `name` ([`MEDIA_JSON`], [`MEDIA_SAFETENSORS`],
-//! [`MEDIA_FILE`]). [`Store::model_files`] gives the loader a path for either.
+//! [`MEDIA_FILE`]). Its config blob says `model_format: safetensors`, the family from
+//! `model_type`, the parameter count from the safetensors headers and the dtype (`BF16`,
+//! `F16`, `F32`) as the quantization level. [`Store::model_files`] gives the loader a path
+//! for either: the GGUF blob, or a directory of links to the safetensors model's blobs under
+//! the system temp directory, removed once the weights are mapped.
+//!
+//! Temp files of writes that a crash cut short (hidden `.<tag>.tmp-*` manifests,
+//! `.upload-*` blobs, `-partial` downloads) are never listed, and [`Store::remove_stale`]
+//! clears them at start-up once they are a day old and no live process holds them.
 
 pub mod blobs;
 pub mod catalog;
