@@ -27,6 +27,13 @@ use common::gemma::{
 };
 use serde_json::{json, Value};
 
+/// Held by the tests that hold a 270M-parameter f32 checkpoint (over 1 GB, twice with the
+/// reference), so that parallel tests do not stack them up in memory.
+fn one_big_model_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn gguf_path() -> PathBuf {
     common::test_model(GEMMA3_GGUF)
 }
@@ -91,14 +98,6 @@ impl Run {
             .expect("forward");
         l.to_vec2().expect("logits")
     }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Deterministic token ids below `vocab`, avoiding the control tokens at the bottom.
@@ -250,10 +249,23 @@ fn gguf_as_hf() -> (PathBuf, GemmaShape) {
     (dir, gemma3_gguf_shape(&gguf_path()))
 }
 
-#[test]
-fn gguf_greedy_matches_candle_gemma3() {
+/// [`compare_greedy`] on the real model against candle's gemma3 on its weights; at least
+/// `min_exact` of `steps` choices must be exactly the reference's.
+fn check_real_greedy(what: &str, ids: &[u32], steps: usize, min_exact: usize) {
+    let _big = one_big_model_at_a_time();
     let model = gguf_model();
     let (dir, shape) = gguf_as_hf();
+    let mut reference = GemmaReference::load(&dir, &shape, GemmaLayout::Text);
+    let exact = compare_greedy(&model, &mut reference, ids, steps);
+    eprintln!("{what}: {exact}/{steps} greedy choices equal");
+    assert!(
+        exact >= min_exact,
+        "{what}: only {exact}/{steps} greedy choices equal"
+    );
+}
+
+#[test]
+fn gguf_greedy_matches_candle_gemma3() {
     let prompts = [
         "def add(a, b):",
         "The capital of France is",
@@ -261,11 +273,8 @@ fn gguf_greedy_matches_candle_gemma3() {
         "1, 2, 3, 4, 5,",
     ];
     for p in prompts {
-        let ids = model.tokenizer.encode(p, true).expect("encode");
-        let mut reference = GemmaReference::load(&dir, &shape, GemmaLayout::Text);
-        let exact = compare_greedy(&model, &mut reference, &ids, 24);
-        eprintln!("{p:?}: {exact}/24 greedy choices equal");
-        assert!(exact >= 21, "{p:?}: only {exact}/24 greedy choices equal");
+        let ids = gguf_model().tokenizer.encode(p, true).expect("encode");
+        check_real_greedy(p, &ids, 24, 21);
     }
 }
 
@@ -273,26 +282,22 @@ fn gguf_greedy_matches_candle_gemma3() {
 /// the sliding layers drop the oldest tokens (candle's decode path is exact there).
 #[test]
 fn gguf_greedy_across_the_window() {
-    let model = gguf_model();
-    let (dir, shape) = gguf_as_hf();
     let para = "The river rises in the hills north of the town and runs south through \
                 farmland, woods and three villages before it reaches the sea. In spring the \
                 meltwater floods the meadows; in summer children swim below the old mill. ";
-    let mut ids = model
+    let mut ids = gguf_model()
         .tokenizer
         .encode(&para.repeat(20), true)
         .expect("encode");
     ids.truncate(490);
-    let mut reference = GemmaReference::load(&dir, &shape, GemmaLayout::Text);
-    let exact = compare_greedy(&model, &mut reference, &ids, 40);
-    eprintln!("across the window: {exact}/40 greedy choices equal");
-    assert!(exact >= 35, "only {exact}/40 greedy choices equal");
+    check_real_greedy("across the window", &ids, 40, 35);
 }
 
 /// Our safetensors path on the GGUF's weights (f32, norms stored as offsets from 1) agrees
 /// with our GGUF path on the top token at (nearly) every position.
 #[test]
 fn safetensors_agrees_with_gguf() {
+    let _big = one_big_model_at_a_time();
     let gguf = gguf_model();
     let (dir, _) = gguf_as_hf();
     let hf = Model::load(&dir, &Device::Cpu).expect("load safetensors");
@@ -320,6 +325,36 @@ fn safetensors_agrees_with_gguf() {
 // Random weights against candle's gemma3
 // ---------------------------------------------------------------------------------------
 
+/// A random-weight checkpoint of `shape` in a scratch directory, with the GGUF's tokenizer.
+fn random_checkpoint(
+    tag: &str,
+    shape: &GemmaShape,
+    seed: u64,
+    layout: GemmaLayout,
+) -> common::ScratchDir {
+    let dir = common::ScratchDir::new(tag);
+    let tokenizer = tokenizer_dir().join("tokenizer.json");
+    write_random_gemma3(dir.path(), shape, seed, layout, &tokenizer);
+    dir
+}
+
+/// Sets `key` of the checkpoint's config.json.
+fn set_config(dir: &Path, key: &str, value: Value) {
+    let path = dir.join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("config");
+    config[key] = value;
+    std::fs::write(&path, config.to_string()).expect("write");
+}
+
+/// The reference's logits after each of `ids`, fed one at a time (its exact path).
+fn one_by_one(reference: &mut GemmaReference, ids: &[u32]) -> Vec<Vec<f32>> {
+    ids.iter()
+        .enumerate()
+        .map(|(p, &t)| reference.forward(&[t], p))
+        .collect()
+}
+
 /// Ours against the reference on `prompt` then `steps` one at a time, with the prompt in
 /// chunks of each size in `chunks`; logits within `tol`.
 fn check_logits(model: &Model, reference: &[Vec<f32>], prompt: &[u32], steps: &[u32], tol: f32) {
@@ -337,7 +372,7 @@ fn check_logits(model: &Model, reference: &[Vec<f32>], prompt: &[u32], steps: &[
             done += 1;
         }
         for (i, (a, b)) in rows.iter().zip(reference).enumerate() {
-            let d = max_abs_diff(a, b);
+            let d = common::max_abs_diff(a, b);
             assert!(d < tol, "chunk {chunk}: step {i} differs by {d}");
         }
     }
@@ -355,15 +390,9 @@ fn reference_rows(reference: &mut GemmaReference, prompt: &[u32], steps: &[u32])
 /// layers, 4 query heads of 256 over one kv head, window 512 with every sixth layer global).
 #[test]
 fn random_270m_matches_candle_gemma3() {
+    let _big = one_big_model_at_a_time();
     let shape = GemmaShape::gemma3_270m();
-    let dir = common::ScratchDir::new("gemma-270m");
-    write_random_gemma3(
-        dir.path(),
-        &shape,
-        11,
-        GemmaLayout::Text,
-        &tokenizer_dir().join("tokenizer.json"),
-    );
+    let dir = random_checkpoint("gemma-270m", &shape, 11, GemmaLayout::Text);
     let model = Model::load(dir.path(), &Device::Cpu).expect("load");
     assert_eq!(model.config().full_attention_layers, vec![5, 11, 17]);
     let ids = model
@@ -388,23 +417,12 @@ fn random_270m_matches_candle_gemma3() {
 #[test]
 fn sliding_windows_across_blocks_and_chunks() {
     let shape = GemmaShape::tiny(262_144);
-    let dir = common::ScratchDir::new("gemma-tiny");
-    write_random_gemma3(
-        dir.path(),
-        &shape,
-        5,
-        GemmaLayout::Text,
-        &tokenizer_dir().join("tokenizer.json"),
-    );
+    let dir = random_checkpoint("gemma-tiny", &shape, 5, GemmaLayout::Text);
     let model = Model::load(dir.path(), &Device::Cpu).expect("load");
     assert_eq!(model.config().full_attention_layers, vec![1, 3]);
     let ids = random_ids(120, shape.vocab, 3);
     let mut reference = GemmaReference::load(dir.path(), &shape, GemmaLayout::Text);
-    let want: Vec<Vec<f32>> = ids
-        .iter()
-        .enumerate()
-        .map(|(p, &t)| reference.forward(&[t], p))
-        .collect();
+    let want = one_by_one(&mut reference, &ids);
     let (prompt, steps) = ids.split_at(100);
     for (chunk, block) in [(100, 4), (13, 4), (5, 16), (1, 4)] {
         let mut run = Run::new(&model, 1, ids.len(), block);
@@ -419,7 +437,7 @@ fn sliding_windows_across_blocks_and_chunks() {
             done += 1;
         }
         for (p, (a, b)) in rows.iter().zip(&want).enumerate() {
-            let d = max_abs_diff(a, b);
+            let d = common::max_abs_diff(a, b);
             assert!(
                 d < 1e-4,
                 "chunk {chunk}, block {block}: position {p} differs by {d}"
@@ -439,26 +457,14 @@ fn multimodal_wrapper_runs_its_text_model() {
     shape.rope_theta = 1_000_000.0;
     shape.rope_local_theta = 10_000.0;
     shape.final_logit_softcapping = Some(0.05);
-    let dir = common::ScratchDir::new("gemma-wrapped");
-    write_random_gemma3(
-        dir.path(),
-        &shape,
-        9,
-        GemmaLayout::Wrapped,
-        &tokenizer_dir().join("tokenizer.json"),
-    );
+    let dir = random_checkpoint("gemma-wrapped", &shape, 9, GemmaLayout::Wrapped);
     let model = Model::load(dir.path(), &Device::Cpu).expect("load");
     assert_eq!(model.config().final_logit_softcap, Some(0.05));
     let ids = random_ids(30, shape.vocab, 4);
     let (prompt, steps) = ids.split_at(24);
     // One token at a time: the prompt is longer than the window (see `forward`).
     let mut reference = GemmaReference::load(dir.path(), &shape, GemmaLayout::Wrapped);
-    let mut want: Vec<Vec<f32>> = ids
-        .iter()
-        .enumerate()
-        .map(|(p, &t)| reference.forward(&[t], p))
-        .collect();
-    let want = want.split_off(prompt.len() - 1);
+    let want = one_by_one(&mut reference, &ids).split_off(prompt.len() - 1);
     let capped = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
     // The cap is small enough to bite: the largest logits sit right at it.
     assert!(
@@ -475,18 +481,11 @@ fn multimodal_wrapper_runs_its_text_model() {
 #[test]
 fn query_pre_attn_scalar_scales_the_scores() {
     let shape = GemmaShape::tiny(262_144);
-    let ours_dir = common::ScratchDir::new("gemma-qpas");
-    let tok = tokenizer_dir().join("tokenizer.json");
-    write_random_gemma3(ours_dir.path(), &shape, 21, GemmaLayout::Text, &tok);
+    let ours_dir = random_checkpoint("gemma-qpas", &shape, 21, GemmaLayout::Text);
     let scalar = 3.0 * shape.head_dim as f64;
-    let path = ours_dir.path().join("config.json");
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("config");
-    config["query_pre_attn_scalar"] = json!(scalar);
-    std::fs::write(&path, config.to_string()).expect("write");
+    set_config(ours_dir.path(), "query_pre_attn_scalar", json!(scalar));
 
-    let ref_dir = common::ScratchDir::new("gemma-qpas-ref");
-    write_random_gemma3(ref_dir.path(), &shape, 21, GemmaLayout::Text, &tok);
+    let ref_dir = random_checkpoint("gemma-qpas-ref", &shape, 21, GemmaLayout::Text);
     let weights = ref_dir.path().join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).expect("load");
     let factor = (shape.head_dim as f64 / scalar).sqrt();
@@ -501,15 +500,11 @@ fn query_pre_attn_scalar_scales_the_scores() {
     assert_eq!(model.config().query_pre_attn_scalar, Some(scalar));
     let ids = random_ids(20, shape.vocab, 8);
     let mut reference = GemmaReference::load(ref_dir.path(), &shape, GemmaLayout::Text);
-    let want: Vec<Vec<f32>> = ids
-        .iter()
-        .enumerate()
-        .map(|(p, &t)| reference.forward(&[t], p))
-        .collect();
+    let want = one_by_one(&mut reference, &ids);
     let mut run = Run::new(&model, 1, ids.len(), 4);
     let rows = run.step(&model, &ids, 0, true);
     for (p, (a, b)) in rows.iter().zip(&want).enumerate() {
-        let d = max_abs_diff(a, b);
+        let d = common::max_abs_diff(a, b);
         assert!(d < 1e-4, "position {p} differs by {d}");
     }
 }
@@ -518,19 +513,8 @@ fn query_pre_attn_scalar_scales_the_scores() {
 #[test]
 fn attention_soft_capping_is_refused() {
     let shape = GemmaShape::tiny(262_144);
-    let dir = common::ScratchDir::new("gemma-softcap");
-    write_random_gemma3(
-        dir.path(),
-        &shape,
-        1,
-        GemmaLayout::Text,
-        &tokenizer_dir().join("tokenizer.json"),
-    );
-    let path = dir.path().join("config.json");
-    let mut config: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("config");
-    config["attn_logit_softcapping"] = json!(50.0);
-    std::fs::write(&path, config.to_string()).expect("write");
+    let dir = random_checkpoint("gemma-softcap", &shape, 1, GemmaLayout::Text);
+    set_config(dir.path(), "attn_logit_softcapping", json!(50.0));
     let err = Model::load(dir.path(), &Device::Cpu)
         .err()
         .expect("refused")

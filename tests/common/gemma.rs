@@ -370,33 +370,6 @@ pub fn gemma3_gguf_shape(gguf: &Path) -> GemmaShape {
     read().unwrap_or_else(|e| panic!("{}: {e}", gguf.display()))
 }
 
-/// Hugging Face names of a Gemma 3 GGUF's text tensors.
-fn hf_gemma_name(gguf_name: &str) -> Option<String> {
-    match gguf_name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        _ => {}
-    }
-    let (layer, rest) = gguf_name.strip_prefix("blk.")?.split_once('.')?;
-    let part = match rest.strip_suffix(".weight")? {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_norm" => "input_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
-        "ffn_norm" => "pre_feedforward_layernorm",
-        "post_ffw_norm" => "post_feedforward_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{part}.weight"))
-}
-
 /// The Gemma 3 half of `convert_gguf`: every tensor dequantized to f32 under its Hugging
 /// Face name, norm weights back to offsets from 1 (GGUF converters store 1 + w), and a
 /// `gemma3_text` config.json.
@@ -406,7 +379,7 @@ pub(super) fn convert_gemma3(ct: &gguf_file::Content, file: &mut fs::File, out: 
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        let Some(hf) = hf_gemma_name(name) else {
+        let Some(hf) = super::hf_tensor_name(name, true) else {
             return Err(format!("GGUF tensor {name} has no Hugging Face mapping").into());
         };
         let mut t = ct
