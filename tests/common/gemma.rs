@@ -15,6 +15,9 @@ use serde_json::{json, Value as Json};
 use super::{write_json, write_safetensors, F32Tensor, Res, SplitMix64};
 
 pub const GEMMA3_GGUF: &str = "gemma-3-270m-q4_k_m.gguf";
+/// Gemma 3's Hugging Face tokenizer.json and tokenizer_config.json (chat template).
+pub const GEMMA3_TOKENIZER: &str = "gemma3-tokenizer.json";
+pub const GEMMA3_TOKENIZER_CONFIG: &str = "gemma3-tokenizer_config.json";
 
 /// The sizes and attention layout of a Gemma 3 text model.
 #[derive(Clone, Debug)]
