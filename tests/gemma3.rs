@@ -347,6 +347,32 @@ fn completes_add_like_llama_cpp() {
     );
 }
 
+/// Through the engine: a 700-token prompt (past the 512-token window) prefilled in chunks
+/// of 64 answers exactly as one prefilled in a single pass.
+#[test]
+fn long_prompt_chunked_prefill_through_the_engine() {
+    let model = gguf_model();
+    let text = "Every morning the baker opened the shop at six, set out the bread, and \
+                greeted the first customers by name. ";
+    let mut ids = model
+        .tokenizer
+        .encode(&text.repeat(40), true)
+        .expect("encode");
+    ids.truncate(700);
+    let run = |chunk: usize| {
+        let opts = GenerateOptions {
+            sampling: SamplingParams::greedy(),
+            num_predict: Some(16),
+            prefill_chunk: chunk,
+            ..GenerateOptions::default()
+        };
+        generate(&model, &ids, &opts, |_| {})
+            .expect("generate")
+            .tokens
+    };
+    assert_eq!(run(64), run(1024));
+}
+
 /// candle's quantized matmuls (and ours) quantize activations to 8 bits; a token the
 /// reference scores within this of its best is a correct greedy choice too.
 const NEAR_TIE: f32 = 1.0;
