@@ -239,12 +239,15 @@ impl Decoder {
             }
             x = (x + out)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let gate = l.gate.forward(&h)?;
-            let gate = match self.cfg.activation {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                Activation::GeluTanh => gate.gelu()?,
+            let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
+            let act = match self.cfg.activation {
+                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+                Activation::GeluTanh => match super::cpu_activation::gelu_tanh_mul(&gate, &up)? {
+                    Some(act) => act,
+                    None => (gate.gelu()? * up)?,
+                },
             };
-            let mut out = l.down.forward(&(gate * l.up.forward(&h)?)?)?;
+            let mut out = l.down.forward(&act)?;
             if let Some(w) = &l.post_ffn_norm {
                 out = candle_nn::ops::rms_norm(&out, w, eps)?;
             }

@@ -5,6 +5,7 @@
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
 #[cfg(feature = "cuda")]
