@@ -157,6 +157,19 @@ fn llama3_1() {
     check_fixture("llama3.1");
 }
 
+/// The built-in template for Gemma GGUFs without one; the fixture holds a copy of it.
+#[test]
+fn gemma3_builtin() {
+    let builtin = candlewick::model::chat_template::builtin(candlewick::model::Family::Gemma3)
+        .expect("a Gemma template");
+    assert_eq!(
+        read(&fixture_dir().join("gemma3.jinja")),
+        builtin,
+        "rerun scripts/render-template-fixtures.py after changing the template"
+    );
+    check_fixture("gemma3");
+}
+
 #[test]
 fn jinja2_features() {
     check_fixture("features");

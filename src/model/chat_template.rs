@@ -33,6 +33,15 @@ use minijinja::{Environment, ErrorKind, State, UndefinedBehavior, Value};
 
 use super::{Error, Result};
 
+/// The chat template of a family whose turn format is fixed, for model files that carry
+/// none (Gemma 3 GGUFs as converted for Ollama and by llama.cpp from base checkpoints).
+pub fn builtin(family: super::Family) -> Option<&'static str> {
+    match family {
+        super::Family::Gemma3 => Some(include_str!("templates/gemma3.jinja")),
+        _ => None,
+    }
+}
+
 /// The name the template is registered under; it shows up in error messages.
 const TEMPLATE_NAME: &str = "chat_template";
 

@@ -48,6 +48,10 @@ impl Model {
                 cfg.vocab_size
             )));
         }
+        // Gemma GGUFs often come without a template (Ollama keeps it beside the weights);
+        // their turn format is fixed, so the built-in one stands in.
+        let template_src =
+            template_src.or_else(|| super::chat_template::builtin(cfg.family).map(str::to_owned));
         let chat_template = match template_src {
             Some(t) => {
                 let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i));

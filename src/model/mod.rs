@@ -1,10 +1,11 @@
-//! The math: one decoder for the llama, qwen2 and qwen3 families, weight loading from GGUF
+//! The math: one decoder for the llama, qwen2, qwen3 and gemma3 families, weight loading from GGUF
 //! and Hugging Face safetensors, attention over a paged KV cache, tokenizers and chat
 //! templates. Knows tensors, never requests.
 
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
 #[cfg(feature = "cuda")]
@@ -47,7 +48,9 @@ pub enum Error {
         name: String,
         msg: String,
     },
-    #[error("unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    #[error(
+        "unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3, gemma3)"
+    )]
     UnsupportedArch(String),
     #[error("model config: {0}")]
     Config(String),
