@@ -7,6 +7,7 @@
 //! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`] and the
 //! CLI client [`client_base_url`].
 
+use crate::model::KvType;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -262,6 +263,10 @@ pub struct Config {
     /// `WICK_KV_CACHE_BYTES`: the KV cache budget per model; `None`: sized from the memory
     /// available (see `engine::kv_budget`).
     pub kv_cache_bytes: Option<usize>,
+    /// `OLLAMA_KV_CACHE_TYPE`: the CPU KV cache's element type (`f16` default, `f32`;
+    /// Ollama's quantized `q8_0`/`q4_0` fall back to f16 with a warning, as Ollama does where
+    /// it cannot quantize the cache).
+    pub kv_type: KvType,
 }
 
 /// Ollama trims whitespace and surrounding quotes from every value; empty means unset.
@@ -418,6 +423,24 @@ impl Config {
             hf_token: var("HF_TOKEN").map(Secret),
             catalog: var("WICK_CATALOG").map(PathBuf::from),
             kv_cache_bytes: number("WICK_KV_CACHE_BYTES")?,
+            kv_type: match var("OLLAMA_KV_CACHE_TYPE").map(|v| v.to_ascii_lowercase()) {
+                None => KvType::F16,
+                Some(v) if v == "f16" => KvType::F16,
+                Some(v) if v == "f32" => KvType::F32,
+                Some(v) if v == "q8_0" || v == "q4_0" => {
+                    tracing::warn!(
+                        "OLLAMA_KV_CACHE_TYPE={v} is not supported by this build; using f16"
+                    );
+                    KvType::F16
+                }
+                Some(v) => {
+                    return Err(invalid(
+                        "OLLAMA_KV_CACHE_TYPE",
+                        &v,
+                        "expected f16, f32, q8_0 or q4_0".into(),
+                    ))
+                }
+            },
             max_blob_bytes: number("WICK_MAX_BLOB_BYTES")?
                 .map_or(crate::store::blobs::MAX_BLOB_BYTES, |n| n as u64),
         })

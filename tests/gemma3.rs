@@ -21,7 +21,7 @@ use candlewick::engine::generate::{generate, GenerateOptions};
 use candlewick::engine::sampler::SamplingParams;
 use candlewick::model::config::Family;
 use candlewick::model::weights::GgufFile;
-use candlewick::model::{Batch, ChatTemplate, CpuKvCache, KvCache, Model, Tokenizer};
+use candlewick::model::{Batch, ChatTemplate, CpuKvCache, KvCache, KvType, Model, Tokenizer};
 use common::gemma::{
     gemma3_gguf_shape, write_random_gemma3, GemmaLayout, GemmaReference, GemmaShape, GEMMA3_GGUF,
     GEMMA3_TOKENIZER, GEMMA3_TOKENIZER_CONFIG,
@@ -72,7 +72,8 @@ impl Run {
     fn new(model: &Model, seqs: usize, ctx: usize, block: usize) -> Run {
         let per_seq = ctx.div_ceil(block);
         Run {
-            cache: CpuKvCache::new(model.config(), seqs * per_seq, block),
+            // f32 like the reference, whose logits these runs are held to.
+            cache: CpuKvCache::with_type(model.config(), seqs * per_seq, block, KvType::F32),
             block,
             per_seq,
         }

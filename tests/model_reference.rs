@@ -6,22 +6,24 @@ mod common;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
+use candlewick::model::{Batch, CpuKvCache, KvCache, KvType, Model};
 use common::TinyArch;
 
 const BLOCK: usize = 16;
 
 /// A private cache and block table for one or more sequences of up to `ctx` tokens each.
+/// The reference models keep K/V in f32: logit comparisons use an f32 cache, the greedy
+/// comparisons on real weights the server's default (f16).
 struct Run {
     cache: CpuKvCache,
     blocks_per_seq: usize,
 }
 
 impl Run {
-    fn new(model: &Model, seqs: usize, ctx: usize) -> Self {
+    fn new(model: &Model, seqs: usize, ctx: usize, ty: KvType) -> Self {
         let blocks_per_seq = ctx.div_ceil(BLOCK);
         Self {
-            cache: CpuKvCache::new(model.config(), seqs * blocks_per_seq, BLOCK),
+            cache: CpuKvCache::with_type(model.config(), seqs * blocks_per_seq, BLOCK, ty),
             blocks_per_seq,
         }
     }
@@ -41,7 +43,7 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// Prompt in one pass (or in chunks), then decode steps one token at a time.
 fn our_logits(model: &Model, prompt: &[u32], steps: &[u32], chunk: usize) -> Vec<Vec<f32>> {
-    let mut run = Run::new(model, 1, prompt.len() + steps.len() + 1);
+    let mut run = Run::new(model, 1, prompt.len() + steps.len() + 1, KvType::F32);
     let mut out = Vec::new();
     let mut done = 0;
     for c in prompt.chunks(chunk) {
@@ -132,7 +134,7 @@ fn packed_batch_equals_sequences_alone() {
 
     // Prefill all but the last token of each, each in its own blocks; then one step that mixes
     // two decodes with the third sequence's last token.
-    let mut run = Run::new(&model, 3, 64);
+    let mut run = Run::new(&model, 3, 64, KvType::F16);
     let mut b = Batch::default();
     for (s, p) in prompts.iter().enumerate() {
         b.push_seq(&p[..p.len() - 1], 0, run.table(s, p.len() - 1), false);
@@ -234,7 +236,7 @@ fn reference_greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> Vec<Ref
 /// Our greedy choice at each step, fed the reference's tokens (teacher forcing), so one
 /// near-tie cannot make the rest of the comparison meaningless.
 fn our_choices(model: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
-    let mut run = Run::new(model, 1, prompt.len() + forced.len() + 1);
+    let mut run = Run::new(model, 1, prompt.len() + forced.len() + 1, KvType::F16);
     let mut b = Batch::default();
     b.push_seq(prompt, 0, run.table(0, prompt.len()), true);
     let mut l = model
@@ -318,7 +320,7 @@ fn qwen_gguf_greedy_matches_reference() {
 
 /// Logits at every position of a text, through one forward with all positions requested.
 fn all_position_argmax(model: &Model, ids: &[u32]) -> Vec<u32> {
-    let mut run = Run::new(model, 1, ids.len());
+    let mut run = Run::new(model, 1, ids.len(), KvType::F16);
     let mut b = Batch::default();
     b.push_seq(ids, 0, run.table(0, ids.len()), false);
     b.logits_indices = (0..ids.len()).collect();

@@ -86,6 +86,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                 "kv_cache": {
                     "bytes": l.engine.kv_budget().bytes,
                     "tokens": l.engine.kv_budget().tokens,
+                    "type": l.engine.kv_budget().kv_type,
                     "reason": l.engine.kv_budget().why,
                 },
             })

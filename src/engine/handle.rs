@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::model::Model;
+use crate::model::{KvType, Model};
 
 use super::block_manager::BlockManager;
 use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
@@ -25,6 +25,8 @@ pub struct EngineConfig {
     pub num_blocks: Option<usize>,
     /// KV cache budget in bytes (`WICK_KV_CACHE_BYTES`).
     pub kv_cache_bytes: Option<usize>,
+    /// The CPU KV cache's element type (`OLLAMA_KV_CACHE_TYPE`; the GPU cache is f16).
+    pub kv_type: KvType,
     /// Without a byte budget: this fraction of the memory available now.
     pub kv_memory_fraction: f64,
     /// Tokens per forward step (decode tokens plus prefill chunks).
@@ -47,6 +49,7 @@ impl Default for EngineConfig {
             block_size: 16,
             num_blocks: None,
             kv_cache_bytes: None,
+            kv_type: KvType::F16,
             kv_memory_fraction: 0.3,
             max_tokens_per_step: 512,
             max_running: None,
@@ -63,6 +66,7 @@ impl EngineConfig {
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Self {
             kv_cache_bytes: cfg.kv_cache_bytes,
+            kv_type: cfg.kv_type,
             max_running: cfg.num_parallel,
             default_num_ctx: cfg.context_length,
             max_queue: cfg.max_queue,
@@ -78,6 +82,8 @@ impl EngineConfig {
 pub struct KvBudget {
     pub bytes: usize,
     pub tokens: usize,
+    /// The element type, as `OLLAMA_KV_CACHE_TYPE` spells it.
+    pub kv_type: &'static str,
     pub why: String,
 }
 
@@ -139,7 +145,7 @@ impl Engine {
     /// Sizes the KV cache, allocates it once and starts the engine thread.
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         let block_size = cfg.block_size.max(1);
-        let per_block = block_bytes(&model, block_size);
+        let per_block = block_bytes(&model, block_size, cfg.kv_type);
         let (num_blocks, why) = match cfg.num_blocks {
             Some(n) => (n, "a fixed number of blocks".to_string()),
             None => {
@@ -163,10 +169,11 @@ impl Engine {
                 block_bytes: per_block,
             });
         }
-        let cache = new_cache(&model, num_blocks, block_size)?;
+        let (cache, kv_type) = new_cache(&model, num_blocks, block_size, cfg.kv_type)?;
         let budget = KvBudget {
             bytes: num_blocks * per_block,
             tokens: num_blocks * block_size,
+            kv_type,
             why,
         };
         tracing::info!(

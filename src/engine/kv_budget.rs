@@ -3,18 +3,17 @@
 
 use std::path::Path;
 
-use crate::model::{CpuKvCache, KvCache, Model};
+use crate::model::{CpuKvCache, KvCache, KvType, Model};
 
 use super::EngineError;
 
-/// Bytes of one KV block on the CPU cache (K and V, f32, every layer).
-pub(super) fn block_bytes(model: &Model, block_size: usize) -> usize {
+/// Bytes of one KV block (K and V, every layer) of elements `ty` on the CPU (f16 on a GPU).
+pub(super) fn block_bytes(model: &Model, block_size: usize, ty: KvType) -> usize {
     #[cfg(feature = "cuda")]
     if model.decoder.device().is_cuda() {
         return crate::model::cuda::CudaKvCache::block_bytes(model.config(), block_size);
     }
-    let c = model.config();
-    2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+    block_size * model.config().kv_bytes_per_token(ty.size())
 }
 
 /// The KV cache budget without `WICK_KV_CACHE_BYTES`, and why: on a GPU, 90% of its free
@@ -61,7 +60,8 @@ pub(super) fn new_cache(
     model: &Model,
     num_blocks: usize,
     block_size: usize,
-) -> Result<Box<dyn KvCache + Send>, EngineError> {
+    ty: KvType,
+) -> Result<(Box<dyn KvCache + Send>, &'static str), EngineError> {
     #[cfg(feature = "cuda")]
     if model.decoder.device().is_cuda() {
         let c = crate::model::cuda::CudaKvCache::new(
@@ -71,13 +71,10 @@ pub(super) fn new_cache(
             model.decoder.device(),
         )
         .map_err(EngineError::Cache)?;
-        return Ok(Box::new(c));
+        return Ok((Box::new(c), "f16"));
     }
-    Ok(Box::new(CpuKvCache::new(
-        model.config(),
-        num_blocks,
-        block_size,
-    )))
+    let cache = CpuKvCache::with_type(model.config(), num_blocks, block_size, ty);
+    Ok((Box::new(cache), ty.name()))
 }
 
 /// Memory this process may still take, and where the figure comes from.

@@ -7,7 +7,9 @@ use candle_core::{Device, Tensor};
 use std::ops::Range;
 
 use super::config::ArchConfig;
-use super::cpu_attention::{self, Rows};
+use half::f16;
+
+use super::cpu_attention::{self, KvElem, Rows};
 use super::{Error, Result};
 
 /// One sequence's part of a packed step.
@@ -133,11 +135,41 @@ pub(crate) fn check_query(
     Ok((n, h, hd))
 }
 
-/// The CPU paged cache: per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]`
-/// f32, allocated once.
-pub struct CpuKvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+/// The element type of the CPU KV cache (`OLLAMA_KV_CACHE_TYPE`): f16 by default, as
+/// Ollama and llama.cpp keep it; f32 on request (twice the memory, the reference tests use it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    #[default]
+    F16,
+    F32,
+}
+
+impl KvType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            KvType::F16 => 2,
+            KvType::F32 => 4,
+        }
+    }
+
+    /// As `OLLAMA_KV_CACHE_TYPE` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::F32 => "f32",
+        }
+    }
+}
+
+/// Per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]` of one element type.
+enum Planes {
+    F16(Vec<Vec<f16>>, Vec<Vec<f16>>),
+    F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+}
+
+/// The CPU cache's shape.
+struct Geometry {
     block_size: usize,
     num_blocks: usize,
     kv_heads: usize,
@@ -147,26 +179,54 @@ pub struct CpuKvCache {
     windows: Vec<Option<usize>>,
 }
 
+/// The CPU paged cache, allocated once (zeroed pages: memory is touched as blocks are first
+/// used).
+pub struct CpuKvCache {
+    planes: Planes,
+    geo: Geometry,
+}
+
 impl CpuKvCache {
+    /// An f16 cache.
     pub fn new(cfg: &ArchConfig, num_blocks: usize, block_size: usize) -> Self {
+        Self::with_type(cfg, num_blocks, block_size, KvType::F16)
+    }
+
+    pub fn with_type(cfg: &ArchConfig, num_blocks: usize, block_size: usize, ty: KvType) -> Self {
         let per_layer = num_blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
+        fn zeros<E: KvElem>(layers: usize, n: usize) -> Vec<Vec<E>> {
+            (0..layers).map(|_| vec![E::from_f32(0.0); n]).collect()
+        }
+        let layers = cfg.num_layers;
+        let planes = match ty {
+            KvType::F16 => Planes::F16(zeros(layers, per_layer), zeros(layers, per_layer)),
+            KvType::F32 => Planes::F32(zeros(layers, per_layer), zeros(layers, per_layer)),
+        };
         Self {
-            k: (0..cfg.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            v: (0..cfg.num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            block_size,
-            num_blocks,
-            kv_heads: cfg.num_kv_heads,
-            heads: cfg.num_heads,
-            head_dim: cfg.head_dim,
-            windows: (0..cfg.num_layers).map(|l| cfg.layer_window(l)).collect(),
+            planes,
+            geo: Geometry {
+                block_size,
+                num_blocks,
+                kv_heads: cfg.num_kv_heads,
+                heads: cfg.num_heads,
+                head_dim: cfg.head_dim,
+                windows: (0..layers).map(|l| cfg.layer_window(l)).collect(),
+            },
         }
     }
 
     /// Bytes held by the cache.
     pub fn size_bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|l| l.len() * 4).sum()
+        let g = &self.geo;
+        let (layers, ty) = match &self.planes {
+            Planes::F16(k, _) => (k.len(), KvType::F16),
+            Planes::F32(k, _) => (k.len(), KvType::F32),
+        };
+        2 * layers * g.num_blocks * g.block_size * g.kv_heads * g.head_dim * ty.size()
     }
+}
 
+impl Geometry {
     /// The cache rows of positions `range`, in order: one division per block, not per row.
     fn rows<'a>(
         &self,
@@ -198,8 +258,10 @@ impl CpuKvCache {
 const PROMPT_ROWS: usize = 64;
 
 /// One CPU attention work item's context: a sequence and one of its kv heads in a layer.
-struct Job<'a> {
-    cache: &'a CpuKvCache,
+struct Job<'a, E> {
+    geo: &'a Geometry,
+    k: &'a [E],
+    v: &'a [E],
     layer: usize,
     seq: &'a SeqSlice,
     kvh: usize,
@@ -209,11 +271,11 @@ struct Job<'a> {
     q: &'a [f32],
 }
 
-impl Job<'_> {
+impl<E: KvElem> Job<'_, E> {
     /// The first position that batch token `t` attends to (its sliding window).
     fn window_start(&self, t: usize) -> usize {
         let pos = self.positions[t] as usize;
-        match self.cache.windows[self.layer] {
+        match self.geo.windows[self.layer] {
             Some(w) if pos + 1 > w => pos + 1 - w,
             _ => 0,
         }
@@ -221,14 +283,14 @@ impl Job<'_> {
 
     /// The `group` query heads of token `t`, one after another.
     fn queries(&self, t: usize) -> &[f32] {
-        let (heads, hd) = (self.cache.heads, self.cache.head_dim);
+        let (heads, hd) = (self.geo.heads, self.geo.head_dim);
         let first = t * heads + self.kvh * self.group;
         &self.q[first * hd..(first + self.group) * hd]
     }
 
     /// Tokens `ts` of the sequence (consecutive positions), see [`cpu_attention`].
     fn attend<'o>(&self, ts: Range<usize>, mut out_of: impl FnMut(usize) -> &'o mut [f32]) {
-        let (c, hd, group) = (self.cache, self.cache.head_dim, self.group);
+        let (hd, group) = (self.geo.head_dim, self.group);
         let lo = self.window_start(ts.start);
         let end = self.positions[ts.end - 1] as usize + 1;
         let span = end - lo;
@@ -248,8 +310,9 @@ impl Job<'_> {
             }
         }
         let col = self.kvh * hd;
-        let (k, v) = (&c.k[self.layer], &c.v[self.layer]);
-        let (keys, values): (Vec<&[f32]>, Vec<&[f32]>) = c
+        let (k, v) = (self.k, self.v);
+        let (keys, values): (Vec<&[E]>, Vec<&[E]>) = self
+            .geo
             .rows(&self.seq.block_table, lo..end)
             .map(|r| (&k[r + col..r + col + hd], &v[r + col..r + col + hd]))
             .unzip();
@@ -271,11 +334,11 @@ fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
 
 impl KvCache for CpuKvCache {
     fn block_size(&self) -> usize {
-        self.block_size
+        self.geo.block_size
     }
 
     fn num_blocks(&self) -> usize {
-        self.num_blocks
+        self.geo.num_blocks
     }
 
     fn attend(
@@ -286,26 +349,62 @@ impl KvCache for CpuKvCache {
         v: &Tensor,
         batch: &Batch,
     ) -> Result<Tensor> {
-        let (n, heads, hd) =
-            check_query(q, batch, layer, (self.k.len(), self.heads, self.head_dim))?;
-        let kv_row = self.kv_heads * hd;
-        let k_new = to_f32_vec(k)?;
-        let v_new = to_f32_vec(v)?;
-        let q = to_f32_vec(q)?;
+        let g = &self.geo;
+        let layers = match &self.planes {
+            Planes::F16(k, _) => k.len(),
+            Planes::F32(k, _) => k.len(),
+        };
+        let (n, heads, hd) = check_query(q, batch, layer, (layers, g.heads, g.head_dim))?;
+        let (k_new, v_new, q) = (to_f32_vec(k)?, to_f32_vec(v)?, to_f32_vec(q)?);
+        let step = Step {
+            layer,
+            batch,
+            k_new: &k_new,
+            v_new: &v_new,
+            q: &q,
+            n,
+        };
+        let out = match &mut self.planes {
+            Planes::F16(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+            Planes::F32(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+        };
+        Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
+    }
+}
 
+/// One layer's attention step on the CPU cache: the step's keys, values and queries (f32).
+struct Step<'a> {
+    layer: usize,
+    batch: &'a Batch,
+    k_new: &'a [f32],
+    v_new: &'a [f32],
+    q: &'a [f32],
+    n: usize,
+}
+
+impl Step<'_> {
+    /// Stores the step's K/V in the layer's planes `k`/`v`, then attends: `[n][heads * hd]`.
+    fn run<E: KvElem>(&self, g: &Geometry, k: &mut [E], v: &mut [E]) -> Vec<f32> {
+        let (heads, hd, batch) = (g.heads, g.head_dim, self.batch);
+        let kv_row = g.kv_heads * hd;
         // Write this step's keys and values into their slots first, so each query sees its
         // own token and everything before it in one uniform loop.
         for s in &batch.seqs {
             let first_pos = s.context_len - s.len;
             for i in 0..s.len {
-                let row = self.row(&s.block_table, first_pos + i);
+                let row = g.row(&s.block_table, first_pos + i);
                 let src = (s.start + i) * kv_row;
-                self.k[layer][row..row + kv_row].copy_from_slice(&k_new[src..src + kv_row]);
-                self.v[layer][row..row + kv_row].copy_from_slice(&v_new[src..src + kv_row]);
+                for (dst, &x) in k[row..row + kv_row].iter_mut().zip(&self.k_new[src..]) {
+                    *dst = E::from_f32(x);
+                }
+                for (dst, &x) in v[row..row + kv_row].iter_mut().zip(&self.v_new[src..]) {
+                    *dst = E::from_f32(x);
+                }
             }
         }
+        let (k, v) = (&*k, &*v);
 
-        let group = heads / self.kv_heads;
+        let group = heads / g.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         // Work items: a sequence's tokens in chunks, times its kv heads. Each item reads a
         // cached key/value row once for all its query rows (its tokens, and the query heads
@@ -319,22 +418,24 @@ impl KvCache for CpuKvCache {
                     .step_by(chunk)
                     .map(move |t0| (s, t0..(t0 + chunk).min(s.start + s.len)))
             })
-            .flat_map(|(s, ts)| (0..self.kv_heads).map(move |kvh| (s, ts.clone(), kvh)))
+            .flat_map(|(s, ts)| (0..g.kv_heads).map(move |kvh| (s, ts.clone(), kvh)))
             .collect();
-        let mut out = vec![0f32; n * heads * hd];
+        let mut out = vec![0f32; self.n * heads * hd];
         let out_ptr = super::parallel::SharedOut(out.as_mut_ptr());
-        let (out_ptr, this, q) = (&out_ptr, &*self, &q);
+        let out_ptr = &out_ptr;
         super::parallel::par_for(items.len(), |range| {
             for (s, ts, kvh) in &items[range] {
                 let job = Job {
-                    cache: this,
-                    layer,
+                    geo: g,
+                    k,
+                    v,
+                    layer: self.layer,
                     seq: s,
                     kvh: *kvh,
                     group,
                     scale,
                     positions: &batch.positions,
-                    q,
+                    q: self.q,
                 };
                 // SAFETY: items are disjoint in (token, kv head), and each writes only the
                 // `group * hd` outputs of its own pairs, inside `out` (n tokens x heads).
@@ -347,6 +448,6 @@ impl KvCache for CpuKvCache {
                 job.attend(ts.clone(), out_of);
             }
         });
-        Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
+        out
     }
 }

@@ -7,6 +7,11 @@
 //! computes the same chain of operations in the same order whatever rows run beside it. So a
 //! token's attention is bit-identical whether it runs alone, in a prompt chunk of any size or
 //! in a batch with other sequences: generation does not depend on what else the server does.
+//!
+//! Keys and values are read in the cache's own element type ([`KvElem`]: f16 by default, f32
+//! on request) and widened to f32 in registers as they are loaded: no dequantized copy.
+
+use half::f16;
 
 /// Lanes per row block (AVX2 f32).
 pub const LANES: usize = 8;
@@ -31,9 +36,71 @@ impl Rows {
     }
 }
 
+/// An element of the KV cache: how it is stored from f32 and widened back as it is read.
+pub trait KvElem: Copy + Send + Sync + 'static {
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    /// Eight elements from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to eight readable elements; the CPU must have AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen elements from `p`, widened.
+    ///
+    /// # Safety
+    /// `p` must point to sixteen readable elements; the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl KvElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl KvElem for f16 {
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`; f16 is 16 bits.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`; f16 is 16 bits.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
 /// Attention outputs `[rows][head_dim]` for `rows` against `keys`/`values`: one row of
 /// `head_dim` values per span position, in order.
-pub fn attend(rows: &Rows, head_dim: usize, keys: &[&[f32]], values: &[&[f32]]) -> Vec<f32> {
+pub fn attend<E: KvElem>(rows: &Rows, head_dim: usize, keys: &[&[E]], values: &[&[E]]) -> Vec<f32> {
     let span = keys.len();
     assert!(
         values.len() == span && keys.iter().chain(values).all(|r| r.len() >= head_dim),
@@ -42,7 +109,7 @@ pub fn attend(rows: &Rows, head_dim: usize, keys: &[&[f32]], values: &[&[f32]]) 
     let mut probs = vec![0f32; span * rows.rows];
     let mut out = vec![0f32; head_dim * rows.rows];
     #[cfg(target_arch = "x86_64")]
-    if super::cpu_quant::has_avx2() {
+    if super::cpu_quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
         // SAFETY: the features were just checked; buffers have the sizes the kernels use.
         unsafe {
             x86::scores(rows, head_dim, keys, &mut probs);
@@ -56,11 +123,11 @@ pub fn attend(rows: &Rows, head_dim: usize, keys: &[&[f32]], values: &[&[f32]]) 
 }
 
 /// The same computation without SIMD (each lane's chain of operations spelled out).
-fn portable(
+fn portable<E: KvElem>(
     rows: &Rows,
     hd: usize,
-    keys: &[&[f32]],
-    values: &[&[f32]],
+    keys: &[&[E]],
+    values: &[&[E]],
     probs: &mut [f32],
     out: &mut [f32],
 ) {
@@ -69,7 +136,7 @@ fn portable(
         for r in 0..n {
             let (from, to) = rows.window[r];
             probs[j * n + r] = if (from..to).contains(&(j as u32)) {
-                (0..hd).fold(0.0, |s, d| rows.qt[d * n + r].mul_add(k[d], s))
+                (0..hd).fold(0.0, |s, d| rows.qt[d * n + r].mul_add(k[d].to_f32(), s))
             } else {
                 f32::NEG_INFINITY
             };
@@ -90,7 +157,7 @@ fn portable(
     for (j, v) in values.iter().enumerate() {
         for r in 0..n {
             for d in 0..hd {
-                out[r * hd + d] = probs[j * n + r].mul_add(v[d], out[r * hd + d]);
+                out[r * hd + d] = probs[j * n + r].mul_add(v[d].to_f32(), out[r * hd + d]);
             }
         }
     }
@@ -98,7 +165,7 @@ fn portable(
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
-    use super::{Rows, LANES};
+    use super::{KvElem, Rows, LANES};
     use std::arch::x86_64::*;
 
     /// Dot products of `B` blocks of 8 query rows (`qt`, `n` floats per head dimension)
@@ -107,10 +174,10 @@ pub(super) mod x86 {
     /// # Safety
     /// `qt` must hold `B * 8` floats per head dimension `n` apart for `hd` dimensions, each key `hd` floats, and the CPU must have AVX2 and FMA.
     #[inline(always)]
-    unsafe fn dots<const B: usize, const K: usize>(
+    unsafe fn dots<E: KvElem, const B: usize, const K: usize>(
         qt: *const f32,
         n: usize,
-        keys: [*const f32; K],
+        keys: [*const E; K],
         hd: usize,
     ) -> [[__m256; B]; K] {
         // SAFETY: the caller upholds the contract in `# Safety` above.
@@ -118,7 +185,7 @@ pub(super) mod x86 {
             let mut acc = [[_mm256_setzero_ps(); B]; K];
             let mut q = qt;
             for d in 0..hd {
-                let k = keys.map(|k| _mm256_set1_ps(*k.add(d)));
+                let k = keys.map(|k| _mm256_set1_ps((*k.add(d)).to_f32()));
                 for i in 0..B {
                     let qv = _mm256_loadu_ps(q.add(LANES * i));
                     for (acc, k) in acc.iter_mut().zip(k) {
@@ -135,9 +202,9 @@ pub(super) mod x86 {
     /// [`dots`]); keys outside a row's window get -inf.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `rows` and `probs` must have the shapes `attend` gives them (`probs` holds `keys.len()` times the padded row count).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(rows: &Rows, hd: usize, keys: &[&[f32]], probs: &mut [f32]) {
+    /// The CPU must have AVX2, FMA and F16C; `rows` and `probs` must have the shapes `attend` gives them (`probs` holds `keys.len()` times the padded row count).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<E: KvElem>(rows: &Rows, hd: usize, keys: &[&[E]], probs: &mut [f32]) {
         // SAFETY: the caller upholds the contract in `# Safety` above.
         unsafe {
             let n = rows.rows;
@@ -173,7 +240,7 @@ pub(super) mod x86 {
                 let mut r = 0;
                 macro_rules! pass {
                     ($b:literal, $k:literal) => {{
-                        let acc = dots::<$b, $k>(
+                        let acc = dots::<E, $b, $k>(
                             rows.qt.as_ptr().add(r),
                             n,
                             std::array::from_fn(key),
@@ -214,12 +281,12 @@ pub(super) mod x86 {
     /// # Safety
     /// The CPU must have AVX-512F; rows `r..r + 4` and dimensions `d0..d0 + 64` must lie inside `probs`, `values` and `out`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn weighted_values_512(
+    unsafe fn weighted_values_512<E: KvElem>(
         n: usize,
         hd: usize,
         r: usize,
         d0: usize,
-        values: &[&[f32]],
+        values: &[&[E]],
         probs: &[f32],
         out: &mut [f32],
     ) {
@@ -228,7 +295,7 @@ pub(super) mod x86 {
             let mut acc = [[_mm512_setzero_ps(); 4]; 4];
             let mut p = probs.as_ptr().add(r);
             for v in values {
-                let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.as_ptr().add(d0 + i)));
+                let v = [0, 16, 32, 48].map(|i| E::load16(v.as_ptr().add(d0 + i)));
                 for (row, acc) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(*p.add(row));
                     for (a, v) in acc.iter_mut().zip(v) {
@@ -311,12 +378,12 @@ pub(super) mod x86 {
     /// multiply-add per position in order, 64 head dimensions per pass in registers.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA; `probs` must hold `values.len()` rows of `n` lanes, each value row `hd` floats, `out` `n * hd` floats.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn weighted_values(
+    /// The CPU must have AVX2, FMA and F16C; `probs` must hold `values.len()` rows of `n` lanes, each value row `hd` elements, `out` `n * hd` floats.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn weighted_values<E: KvElem>(
         n: usize,
         hd: usize,
-        values: &[&[f32]],
+        values: &[&[E]],
         probs: &[f32],
         out: &mut [f32],
     ) {
@@ -340,11 +407,7 @@ pub(super) mod x86 {
                     for (j, v) in values.iter().enumerate() {
                         let w = _mm256_set1_ps(*p.add(j * n + r));
                         for (i, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(
-                                w,
-                                _mm256_loadu_ps(v.as_ptr().add(d0 + 8 * i)),
-                                *acc,
-                            );
+                            *acc = _mm256_fmadd_ps(w, E::load8(v.as_ptr().add(d0 + 8 * i)), *acc);
                         }
                     }
                     for (i, acc) in acc.iter().enumerate() {
@@ -356,7 +419,7 @@ pub(super) mod x86 {
                 for d in d0..hd {
                     let mut acc = 0f32;
                     for (j, v) in values.iter().enumerate() {
-                        acc = (*p.add(j * n + r)).mul_add(v[d], acc);
+                        acc = (*p.add(j * n + r)).mul_add(v[d].to_f32(), acc);
                     }
                     out[r * hd + d] = acc;
                 }
@@ -372,6 +435,17 @@ mod tests {
 
     /// Rows `(query, window)` against `span` keys and values, through [`attend`].
     fn run(rows: &[(&[f32], (u32, u32))], hd: usize, kv: &[f32], span: usize) -> Vec<Vec<f32>> {
+        run_as::<f32>(rows, hd, kv, span)
+    }
+
+    /// [`run`] with the keys and values stored as `E`.
+    fn run_as<E: KvElem>(
+        rows: &[(&[f32], (u32, u32))],
+        hd: usize,
+        kv: &[f32],
+        span: usize,
+    ) -> Vec<Vec<f32>> {
+        let kv: Vec<E> = kv.iter().map(|&x| E::from_f32(x)).collect();
         let mut r = Rows::new(rows.len(), hd, span);
         for (i, (q, w)) in rows.iter().enumerate() {
             r.window[i] = *w;
@@ -379,8 +453,8 @@ mod tests {
                 r.qt[d * r.rows + i] = q[d];
             }
         }
-        let keys: Vec<&[f32]> = kv[..span * hd].chunks_exact(hd).collect();
-        let values: Vec<&[f32]> = kv[span * hd..].chunks_exact(hd).collect();
+        let keys: Vec<&[E]> = kv[..span * hd].chunks_exact(hd).collect();
+        let values: Vec<&[E]> = kv[span * hd..].chunks_exact(hd).collect();
         let out = attend(&r, hd, &keys, &values);
         out.chunks_exact(hd)
             .take(rows.len())
@@ -436,5 +510,24 @@ mod tests {
                 alone[d]
             );
         }
+    }
+
+    /// An f16 cache: rows stay independent of their neighbours, and the result is that of
+    /// f32 attention over the f16-rounded keys and values (read directly, widened exactly).
+    #[test]
+    fn f16_rows_are_exact_widenings() {
+        let (hd, span) = (64, 37);
+        let kv = pseudo_random(2 * span * hd, 3);
+        let qs = pseudo_random(20 * hd, 4);
+        let q = |i: usize| &qs[i * hd..(i + 1) * hd];
+        let target = (q(0), (0, 37));
+        let alone = run_as::<f16>(&[target], hd, &kv, span)[0].clone();
+        let crowd: Vec<(&[f32], (u32, u32))> = (1..20)
+            .map(|i| (q(i), (0, i as u32 + 1)))
+            .chain([target])
+            .collect();
+        assert_eq!(run_as::<f16>(&crowd, hd, &kv, span)[19], alone);
+        let rounded: Vec<f32> = kv.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
+        assert_eq!(run(&[target], hd, &rounded, span)[0], alone);
     }
 }

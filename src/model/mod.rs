@@ -19,7 +19,7 @@ pub mod weights;
 
 use std::path::PathBuf;
 
-pub use attention::{Batch, CpuKvCache, KvCache, SeqSlice};
+pub use attention::{Batch, CpuKvCache, KvCache, KvType, SeqSlice};
 pub use chat_template::ChatTemplate;
 pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
