@@ -224,8 +224,11 @@ impl std::fmt::Display for DeviceSpec {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub host: HostPort,
-    /// The model store root (`manifests/`, `blobs/`).
+    /// The model store root (`manifests/`, `blobs/`): the one store written to.
     pub models_dir: PathBuf,
+    /// `WICK_MODELS_READONLY`: more stores (colon-separated directories, e.g. a model baked
+    /// into the image), searched after `models_dir` and never written.
+    pub models_readonly: Vec<PathBuf>,
     /// Extra CORS origins (`OLLAMA_ORIGINS`, comma-separated), on top of the built-in ones.
     pub origins: Vec<String>,
     pub keep_alive: KeepAlive,
@@ -342,6 +345,15 @@ impl Config {
                 PathBuf::from(home).join(".ollama").join("models")
             }
         };
+        let models_readonly = var("WICK_MODELS_READONLY")
+            .map(|v| {
+                v.split(':')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default();
         let origins = var("OLLAMA_ORIGINS")
             .map(|v| {
                 v.split(',')
@@ -357,6 +369,7 @@ impl Config {
         Ok(Config {
             host,
             models_dir,
+            models_readonly,
             origins,
             keep_alive,
             num_parallel: number("OLLAMA_NUM_PARALLEL")?.filter(|&n| n > 0),
@@ -450,6 +463,23 @@ mod tests {
         assert_eq!(c.context_length, 4096);
         assert_eq!(c.max_loaded_models, 3);
         assert!(c.origins.is_empty());
+        assert!(c.models_readonly.is_empty());
+    }
+
+    #[test]
+    fn read_only_stores() {
+        let c = cfg(&[
+            ("OLLAMA_MODELS", "/nas/models"),
+            ("WICK_MODELS_READONLY", " /opt/baked: :/srv/share/models:"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.models_readonly,
+            vec![
+                PathBuf::from("/opt/baked"),
+                PathBuf::from("/srv/share/models")
+            ]
+        );
     }
 
     #[test]

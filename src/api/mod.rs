@@ -47,7 +47,7 @@ impl AppState {
     /// Needs a tokio runtime (the model manager starts a task).
     pub fn new(config: Config) -> Result<AppState, ApiError> {
         Ok(AppState {
-            store: Store::new(&config.models_dir),
+            store: Store::new(&config.models_dir).with_readonly(config.models_readonly.clone()),
             models: ModelManager::new(&config)?,
             config: Arc::new(config),
             metrics: Arc::default(),
