@@ -253,6 +253,9 @@ pub struct Config {
     pub hf_token: Option<Secret>,
     /// `WICK_CATALOG`: a directory of extra catalog files (`*.toml`), or one file.
     pub catalog: Option<PathBuf>,
+    /// `WICK_PRELOAD`: models (comma-separated names) loaded as the server starts, before
+    /// `/api/ready` answers 200.
+    pub preload: Vec<String>,
     /// `WICK_KV_CACHE_BYTES`: the KV cache budget per model; `None`: sized from the memory
     /// available (see `engine::kv_budget`).
     pub kv_cache_bytes: Option<usize>,
@@ -423,6 +426,14 @@ impl Config {
             hf_token: var("HF_TOKEN").map(Secret),
             catalog: var("WICK_CATALOG").map(PathBuf::from),
             kv_cache_bytes: number("WICK_KV_CACHE_BYTES")?,
+            preload: var("WICK_PRELOAD")
+                .map(|v| {
+                    v.split(',')
+                        .map(|n| n.trim().to_string())
+                        .filter(|n| !n.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -464,6 +475,13 @@ mod tests {
         assert_eq!(c.max_loaded_models, 3);
         assert!(c.origins.is_empty());
         assert!(c.models_readonly.is_empty());
+        assert!(c.preload.is_empty());
+        let c = cfg(&[
+            ("HOME", "/h"),
+            ("WICK_PRELOAD", "qwen2.5:0.5b, smollm2:135m,"),
+        ])
+        .unwrap();
+        assert_eq!(c.preload, vec!["qwen2.5:0.5b", "smollm2:135m"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod infer;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod ready;
 pub mod store_api;
 
 use std::future::Future;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub models: ModelManager,
     pub config: Arc<Config>,
     pub metrics: Arc<metrics::Metrics>,
+    /// `WICK_PRELOAD`'s progress and shutdown, for `/api/ready`.
+    pub ready: Arc<ready::Readiness>,
 }
 
 impl AppState {
@@ -49,6 +52,7 @@ impl AppState {
         Ok(AppState {
             store: Store::new(&config.models_dir).with_readonly(config.models_readonly.clone()),
             models: ModelManager::new(&config)?,
+            ready: Arc::new(ready::Readiness::new(config.preload.clone())),
             config: Arc::new(config),
             metrics: Arc::default(),
         })
@@ -62,6 +66,7 @@ pub fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route("/", get(root))
+        .route("/api/ready", get(ready::ready))
         .route("/api/version", get(ollama::version))
         .route("/api/tags", get(ollama::tags))
         .route("/api/show", post(ollama::show))
@@ -96,7 +101,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
-/// finish for up to the configured shutdown timeout.
+/// finish for up to the configured shutdown timeout. `WICK_PRELOAD`'s models load in the
+/// background meanwhile (`/api/ready` says when they are done).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -105,8 +111,12 @@ pub async fn serve(
     let deadline = state.config.shutdown_timeout;
     let signalled = Arc::new(tokio::sync::Notify::new());
     let notify = signalled.clone();
+    let preload = tokio::spawn(ready::preload(state.clone()));
+    let readiness = state.ready.clone();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
+        readiness.drain();
+        preload.abort();
         tracing::info!("shutting down: no new connections, finishing requests in flight");
         notify.notify_one();
     });
