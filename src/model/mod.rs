@@ -64,36 +64,6 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Refuses a CPU below the instruction set this binary was compiled for (the portable
-/// build's floor is x86-64-v3: AVX2, FMA, F16C, BMI2), with an error naming what is missing,
-/// instead of dying on the first such instruction with SIGILL. Faster paths (AVX-512, VNNI,
-/// AMX) are chosen at run time by the kernels themselves.
-pub fn check_cpu() -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        let needed = [
-            (cfg!(target_feature = "avx2"), has!("avx2"), "AVX2"),
-            (cfg!(target_feature = "fma"), has!("fma"), "FMA"),
-            (cfg!(target_feature = "f16c"), has!("f16c"), "F16C"),
-            (cfg!(target_feature = "bmi2"), has!("bmi2"), "BMI2"),
-        ];
-        let missing: Vec<&str> = needed
-            .iter()
-            .filter(|(compiled, present, _)| *compiled && !*present)
-            .map(|(_, _, name)| *name)
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::Config(format!(
-                "this CPU lacks {}, which this build of wick needs (it targets x86-64-v3: \
-                 Haswell, Zen 1 or newer)",
-                missing.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
-
 /// Opens the device `spec` names (`WICK_DEVICE`, `--device`).
 pub fn open_device(spec: crate::config::DeviceSpec) -> Result<candle_core::Device> {
     match spec {
