@@ -319,10 +319,13 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             .await?;
         return Ok(Started::Loaded);
     }
-    let in_use = state
-        .models
-        .acquire(&state.store, &info, req.keep_alive)
-        .await?;
+    let in_use = {
+        let _waiting = state.metrics.waiting_for_load();
+        state
+            .models
+            .acquire(&state.store, &info, req.keep_alive)
+            .await?
+    };
     let base = state
         .store
         .params(&info)
