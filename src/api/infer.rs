@@ -385,6 +385,48 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     Ok(Started::Stream(rx))
 }
 
+/// Starts a streamed request. When its model still has to load, the stream is handed back
+/// at once, so the response headers go out before the load (a gateway's first-byte timeout
+/// does not fire during a cold start), and the load happens inside the stream: what fails
+/// after this point arrives as the stream's `Error` item, as any mid-stream failure does.
+/// Bad names and unknown models are still refused before anything is sent. A model that is
+/// loaded already starts as [`start`] does.
+pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
+    let info = resolve(state, &req.model)?;
+    let loaded = state
+        .models
+        .list()
+        .await
+        .iter()
+        .any(|l| l.info.manifest_path == info.manifest_path);
+    if loaded || req.input.is_empty() {
+        return start(state, req).await;
+    }
+    let (tx, rx) = mpsc::channel(256);
+    let state = state.clone();
+    tokio::spawn(async move {
+        match start(&state, req).await {
+            Ok(Started::Stream(mut inner)) => {
+                // Dropping `inner` (the client left) cancels the sequence.
+                while let Some(out) = inner.recv().await {
+                    if tx.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Started::Loaded | Started::Unloaded) => {
+                let _ = tx
+                    .send(Out::Error("no prompt to generate from".into()))
+                    .await;
+            }
+            Err(e) => {
+                let _ = tx.send(Out::Error(e.to_string())).await;
+            }
+        }
+    });
+    Ok(Started::Stream(rx))
+}
+
 /// Raw sentence embeddings (mean-pooled, not normalised) of `inputs`, one per input.
 pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
