@@ -4,8 +4,8 @@
 //! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them, and our
 //! own `WICK_*` settings, and for Hugging Face pulls `HF_ENDPOINT`, `HF_TOKEN` and
 //! `WICK_CATALOG` (the user's catalog files). Nothing else in the crate reads the
-//! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`] and the
-//! CLI client [`client_base_url`].
+//! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`], the
+//! weight loader [`read_threads_from_env`] and the CLI client [`client_base_url`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -275,6 +275,16 @@ pub fn threads_from_env() -> Option<usize> {
         .iter()
         .find_map(|v| clean(std::env::var(v).ok())?.parse::<usize>().ok())
         .filter(|&n| n > 0)
+}
+
+/// Threads that read a weight file ahead of the loader (`WICK_READ_THREADS`; default 4;
+/// 0: none, the loader's page faults on the memory map read the file). Read by the weight
+/// loader, which has no [`Config`].
+pub fn read_threads_from_env() -> usize {
+    clean(std::env::var("WICK_READ_THREADS").ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(4)
+        .min(64)
 }
 
 /// The server the CLI talks to: `OLLAMA_HOST` as an `http(s)://host:port` base URL, with a
