@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Everything the tests need besides Rust: the real test models (sha256-checked), the
 # official Python clients (`ollama`, `openai`, pytest), ollama-js (tests/clients/js),
-# headless Chromium for the browser test (Debian `chromium`) and qemu's user-mode emulator for
-# the portable-build test (Debian `qemu-user`).
+# headless Chromium for the browser test (Debian `chromium`), qemu's user-mode emulator for
+# the portable-build test (Debian `qemu-user`), and for the fleet test (tests/fleet.rs)
+# iproute2's `ip` (network namespaces) and nginx (Debian's, never started as a service).
 # Safe to rerun: each step is skipped or quick when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ missing=()
 command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q && apt-get install -y -q "${missing[@]}"
 fi

@@ -4,8 +4,8 @@
 //! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them, and our
 //! own `WICK_*` settings, and for Hugging Face pulls `HF_ENDPOINT`, `HF_TOKEN` and
 //! `WICK_CATALOG` (the user's catalog files). Nothing else in the crate reads the
-//! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`] and the
-//! CLI client [`client_base_url`].
+//! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`], the
+//! weight loader [`read_threads_from_env`] and the CLI client [`client_base_url`].
 
 use crate::model::KvType;
 use std::path::PathBuf;
@@ -225,8 +225,11 @@ impl std::fmt::Display for DeviceSpec {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub host: HostPort,
-    /// The model store root (`manifests/`, `blobs/`).
+    /// The model store root (`manifests/`, `blobs/`): the one store written to.
     pub models_dir: PathBuf,
+    /// `WICK_MODELS_READONLY`: more stores (colon-separated directories, e.g. a model baked
+    /// into the image), searched after `models_dir` and never written.
+    pub models_readonly: Vec<PathBuf>,
     /// Extra CORS origins (`OLLAMA_ORIGINS`, comma-separated), on top of the built-in ones.
     pub origins: Vec<String>,
     pub keep_alive: KeepAlive,
@@ -257,6 +260,9 @@ pub struct Config {
     pub hf_token: Option<Secret>,
     /// `WICK_CATALOG`: a directory of extra catalog files (`*.toml`), or one file.
     pub catalog: Option<PathBuf>,
+    /// `WICK_PRELOAD`: models (comma-separated names) loaded as the server starts, before
+    /// `/api/ready` answers 200.
+    pub preload: Vec<String>,
     /// `WICK_MAX_BLOB_BYTES`: the largest blob `POST /api/blobs` takes (default 4 TiB, the
     /// largest a pull takes).
     pub max_blob_bytes: u64,
@@ -283,6 +289,16 @@ pub fn threads_from_env() -> Option<usize> {
         .iter()
         .find_map(|v| clean(std::env::var(v).ok())?.parse::<usize>().ok())
         .filter(|&n| n > 0)
+}
+
+/// Threads that read a weight file ahead of the loader (`WICK_READ_THREADS`; default 4;
+/// 0: none, the loader's page faults on the memory map read the file). Read by the weight
+/// loader, which has no [`Config`].
+pub fn read_threads_from_env() -> usize {
+    clean(std::env::var("WICK_READ_THREADS").ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(4)
+        .min(64)
 }
 
 /// The server the CLI talks to: `OLLAMA_HOST` as an `http(s)://host:port` base URL, with a
@@ -356,6 +372,15 @@ impl Config {
                 PathBuf::from(home).join(".ollama").join("models")
             }
         };
+        let models_readonly = var("WICK_MODELS_READONLY")
+            .map(|v| {
+                v.split(':')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            })
+            .unwrap_or_default();
         // Seconds or a Go duration (`30s`, `2m`).
         let duration = |name: &'static str, default_secs: u64| match var(name) {
             None => Ok(Duration::from_secs(default_secs)),
@@ -387,6 +412,7 @@ impl Config {
         Ok(Config {
             host,
             models_dir,
+            models_readonly,
             origins,
             keep_alive,
             num_parallel: number("OLLAMA_NUM_PARALLEL")?.filter(|&n| n > 0),
@@ -441,6 +467,7 @@ impl Config {
                     ))
                 }
             },
+            preload: list("WICK_PRELOAD"),
             max_blob_bytes: number("WICK_MAX_BLOB_BYTES")?
                 .map_or(crate::store::blobs::MAX_BLOB_BYTES, |n| n as u64),
         })
@@ -483,6 +510,30 @@ mod tests {
         assert_eq!(c.context_length, 4096);
         assert_eq!(c.max_loaded_models, 3);
         assert!(c.origins.is_empty());
+        assert!(c.models_readonly.is_empty());
+        assert!(c.preload.is_empty());
+        let c = cfg(&[
+            ("HOME", "/h"),
+            ("WICK_PRELOAD", "qwen2.5:0.5b, smollm2:135m,"),
+        ])
+        .unwrap();
+        assert_eq!(c.preload, vec!["qwen2.5:0.5b", "smollm2:135m"]);
+    }
+
+    #[test]
+    fn read_only_stores() {
+        let c = cfg(&[
+            ("OLLAMA_MODELS", "/nas/models"),
+            ("WICK_MODELS_READONLY", " /opt/baked: :/srv/share/models:"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.models_readonly,
+            vec![
+                PathBuf::from("/opt/baked"),
+                PathBuf::from("/srv/share/models")
+            ]
+        );
     }
 
     #[test]

@@ -162,6 +162,13 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
             .with_context(|| format!("listening on {addr}"))?;
         let local = listener.local_addr()?;
         tracing::info!(models = %config.models_dir.display(), device = %config.device, "model store");
+        for ro in &config.models_readonly {
+            if ro.join("manifests").is_dir() {
+                tracing::info!(store = %ro.display(), "read-only model store");
+            } else {
+                tracing::warn!(store = %ro.display(), "read-only model store has no manifests/ (WICK_MODELS_READONLY)");
+            }
+        }
         eprintln!("Listening on {local} (version {})", api::OLLAMA_VERSION);
         let state = api::AppState::new(config)?;
         api::serve(listener, state, shutdown_signal()).await?;

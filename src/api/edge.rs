@@ -156,10 +156,11 @@ pub async fn hosts(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) ->
 /// The accepted keys.
 pub struct Keys(pub Vec<String>);
 
-/// Bearer-token auth when keys are configured. `/` stays open for health checks and
-/// preflights pass (browsers send them without credentials).
+/// Bearer-token auth when keys are configured. `/` and `/api/ready` stay open for health
+/// checks and preflights pass (browsers send them without credentials).
 pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
-    if keys.0.is_empty() || req.method() == Method::OPTIONS || req.uri().path() == "/" {
+    let open = matches!(req.uri().path(), "/" | "/api/ready");
+    if keys.0.is_empty() || req.method() == Method::OPTIONS || open {
         return next.run(req).await;
     }
     let token = req

@@ -323,23 +323,55 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             .await?;
         return Ok(Started::Loaded);
     }
+    let checked = check(state, &info, &req)?;
+    run(state, req, info, checked).await
+}
+
+/// What [`check`] found valid before any model is loaded.
+struct Checked {
+    engine_req: Request,
+    system_layer: Option<String>,
+}
+
+/// The checks that need no loaded model: the model's and the request's options together.
+fn check(state: &AppState, info: &LocalModel, req: &InferRequest) -> Result<Checked, ApiError> {
     let base = state
         .store
-        .params(&info)
+        .params(info)
         .map(|p| Options::from_map(&p))
         .transpose()?
         .unwrap_or_default();
-    let mut engine_req = req.options.over(base).to_request(Vec::new());
+    let mut engine_req = req.options.clone().over(base).to_request(Vec::new());
     engine_req.json = req.json;
     engine_req
         .sampling
         .validate()
         .map_err(|e| ApiError::Engine(EngineError::Sampling(e)))?;
-    let system_layer = state.store.layer_text(&info, MEDIA_SYSTEM);
-    let in_use = state
-        .models
-        .acquire(&state.store, &info, req.keep_alive)
-        .await?;
+    let system_layer = state.store.layer_text(info, MEDIA_SYSTEM);
+    Ok(Checked {
+        engine_req,
+        system_layer,
+    })
+}
+
+/// Loads the model (or finds it loaded), renders the prompt and submits a checked request.
+async fn run(
+    state: &AppState,
+    req: InferRequest,
+    info: LocalModel,
+    checked: Checked,
+) -> Result<Started, ApiError> {
+    let Checked {
+        mut engine_req,
+        system_layer,
+    } = checked;
+    let in_use = {
+        let _waiting = state.metrics.waiting_for_load();
+        state
+            .models
+            .acquire(&state.store, &info, req.keep_alive)
+            .await?
+    };
     let model = in_use.loaded().model.clone();
     let format = match (&req.input, &model.chat_template) {
         (Input::Generate { raw: true, .. }, _) | (_, None) => ReplyFormat::plain(),
@@ -388,6 +420,50 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     let (tx, rx) = mpsc::channel(256);
     let (metrics, drain) = (state.metrics.clone(), state.drain.clone());
     tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics, drain));
+    Ok(Started::Stream(rx))
+}
+
+/// Starts a streamed request. When its model still has to load, the stream is handed back
+/// at once, so the response headers go out before the load (a gateway's first-byte timeout
+/// does not fire during a cold start), and the load happens inside the stream: what fails
+/// after this point arrives as the stream's `Error` item, as any mid-stream failure does.
+/// Bad names and unknown models are still refused before anything is sent. A model that is
+/// loaded already starts as [`start`] does.
+pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
+    let info = resolve(state, &req.model)?;
+    let loaded = state
+        .models
+        .list()
+        .await
+        .iter()
+        .any(|l| l.info.manifest_path == info.manifest_path);
+    if loaded || req.input.is_empty() {
+        return start(state, req).await;
+    }
+    // Bad options are still a 400 before any header goes out.
+    let checked = check(state, &info, &req)?;
+    let (tx, rx) = mpsc::channel(256);
+    let state = state.clone();
+    tokio::spawn(async move {
+        match run(&state, req, info, checked).await {
+            Ok(Started::Stream(mut inner)) => {
+                // Dropping `inner` (the client left) cancels the sequence.
+                while let Some(out) = inner.recv().await {
+                    if tx.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Ok(Started::Loaded | Started::Unloaded) => {
+                let _ = tx
+                    .send(Out::Error("no prompt to generate from".into()))
+                    .await;
+            }
+            Err(e) => {
+                let _ = tx.send(Out::Error(e.to_string())).await;
+            }
+        }
+    });
     Ok(Started::Stream(rx))
 }
 

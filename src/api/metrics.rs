@@ -1,10 +1,21 @@
 //! `/metrics` in Prometheus' text format: requests by route and status, tokens in and out,
 //! time-to-first-token and inter-token histograms, and, read at scrape time from the
 //! engines, queue depth, running sequences, KV blocks used and free, and loaded models.
+//!
+//! Beside our own `wick_*` names, the same state under the names the Gateway API Inference
+//! Extension's model-server protocol and llm-d's router read by default (vLLM's, so a wick
+//! pod needs no engine mapping): `vllm:num_requests_waiting` (TotalQueuedRequests),
+//! `vllm:num_requests_running`, `vllm:kv_cache_usage_perc` (KVCacheUtilization, 0..1),
+//! `vllm:cache_config_info{block_size,num_gpu_blocks}`, and the
+//! `vllm:time_to_first_token_seconds` / `vllm:inter_token_latency_seconds` histograms, plus
+//! `vllm:prompt_tokens_total` / `vllm:generation_tokens_total`. These describe the whole
+//! process (one series each, no per-model label: a router takes one series per pod, and a
+//! counter's labels must not change as models load and unload); per-model detail is in the
+//! `wick_*` gauges.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -45,6 +56,10 @@ impl Histogram {
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.write_series(out, name);
+    }
+
+    fn write_series(&self, out: &mut String, name: &str) {
         let mut total = 0;
         for (i, c) in self.counts.iter().enumerate() {
             total += c.load(Ordering::Relaxed);
@@ -59,7 +74,9 @@ impl Histogram {
     }
 }
 
-const TTFT_BOUNDS: &[f64] = &[0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+const TTFT_BOUNDS: &[f64] = &[
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
 const ITL_BOUNDS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
 
 /// The server's counters.
@@ -70,6 +87,8 @@ pub struct Metrics {
     pub rejected_busy: AtomicU64,
     pub ttft: Histogram,
     pub inter_token: Histogram,
+    /// Requests waiting for their model to load (queued, as a router sees it).
+    pub waiting_for_load: AtomicUsize,
 }
 
 impl Default for Metrics {
@@ -81,11 +100,27 @@ impl Default for Metrics {
             rejected_busy: AtomicU64::new(0),
             ttft: Histogram::new(TTFT_BOUNDS),
             inter_token: Histogram::new(ITL_BOUNDS),
+            waiting_for_load: AtomicUsize::new(0),
         }
     }
 }
 
+/// Counts a request as waiting for its model's load while it lives.
+pub struct LoadWait<'a>(&'a Metrics);
+
+impl Drop for LoadWait<'_> {
+    fn drop(&mut self) {
+        self.0.waiting_for_load.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Metrics {
+    /// Marks a request waiting for a model to load until the guard drops.
+    pub fn waiting_for_load(&self) -> LoadWait<'_> {
+        self.waiting_for_load.fetch_add(1, Ordering::AcqRel);
+        LoadWait(self)
+    }
+
     /// Counts a finished request under its route pattern (not the raw path, so model ids
     /// in `/v1/models/{id}` do not make new series).
     pub fn request(&self, route: &str, status: StatusCode) {
@@ -149,6 +184,90 @@ impl Metrics {
     }
 }
 
+/// What the vLLM-named series report, summed over the loaded models' engines.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct FleetState {
+    /// Submitted and not yet running (never started, or preempted), plus requests
+    /// waiting for their model to load.
+    pub waiting: usize,
+    pub running: usize,
+    pub used_blocks: usize,
+    pub total_blocks: usize,
+    pub block_size: usize,
+}
+
+impl FleetState {
+    /// The fraction of KV blocks in use (0 with no model loaded).
+    pub fn kv_usage(&self) -> f64 {
+        if self.total_blocks == 0 {
+            0.0
+        } else {
+            self.used_blocks as f64 / self.total_blocks as f64
+        }
+    }
+}
+
+impl Metrics {
+    /// The vLLM-named series (see the module doc).
+    fn render_vllm(&self, out: &mut String, s: &FleetState) {
+        let gauges = [
+            (
+                "vllm:num_requests_waiting",
+                "Requests waiting to be processed (queued, preempted, or waiting for their model to load).",
+                s.waiting.to_string(),
+            ),
+            (
+                "vllm:num_requests_running",
+                "Requests in the running batch.",
+                s.running.to_string(),
+            ),
+            (
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage: the fraction of KV blocks in use, 1 means 100 percent.",
+                s.kv_usage().to_string(),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the KV cache: tokens per block and blocks in all.\n\
+             # TYPE vllm:cache_config_info gauge\n\
+             vllm:cache_config_info{{block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"True\"}} 1",
+            s.block_size, s.total_blocks
+        );
+        for (name, help, v) in [
+            (
+                "vllm:prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                &self.prompt_tokens,
+            ),
+            (
+                "vllm:generation_tokens_total",
+                "Generated tokens.",
+                &self.generated_tokens,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        self.ttft.write(
+            out,
+            "vllm:time_to_first_token_seconds",
+            "Time to first token: from submission to the engine to the first generated token.",
+        );
+        self.inter_token.write(
+            out,
+            "vllm:inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+        );
+    }
+}
+
 fn gauge(out: &mut String, name: &str, help: &str, rows: &[(String, usize)]) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     for (labels, v) in rows {
@@ -162,8 +281,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
     state.metrics.render(&mut out);
     let loaded = state.models.list().await;
     let mut rows: [Vec<(String, usize)>; 5] = Default::default();
+    let mut fleet = FleetState {
+        waiting: state.metrics.waiting_for_load.load(Ordering::Acquire),
+        block_size: crate::engine::EngineConfig::default().block_size,
+        ..FleetState::default()
+    };
     for l in &loaded {
         let s = l.engine.stats();
+        fleet.waiting += l.engine.queued() + s.requeued;
+        fleet.running += s.running;
+        fleet.used_blocks += s.total_blocks - s.free_blocks;
+        fleet.total_blocks += s.total_blocks;
+        fleet.block_size = s.block_size;
         let label = format!(
             "{{model=\"{}\"}}",
             l.info.name.display_short().replace('"', "")
@@ -216,6 +345,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         "Models loaded.",
         &[(String::new(), loaded.len())],
     );
+    state.metrics.render_vllm(&mut out, &fleet);
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -9,6 +9,7 @@ pub mod infer;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
+pub mod ready;
 pub mod store_api;
 
 use std::future::Future;
@@ -42,13 +43,15 @@ pub struct AppState {
     pub models: ModelManager,
     pub config: Arc<Config>,
     pub metrics: Arc<metrics::Metrics>,
+    /// `WICK_PRELOAD`'s progress and shutdown, for `/api/ready`.
+    pub ready: Arc<ready::Readiness>,
     pub drain: Arc<Drain>,
 }
 
 impl AppState {
     /// Needs a tokio runtime (the model manager starts a task).
     pub fn new(config: Config) -> Result<AppState, ApiError> {
-        let store = Store::new(&config.models_dir);
+        let store = Store::new(&config.models_dir).with_readonly(config.models_readonly.clone());
         let removed = store.remove_stale(crate::store::blobs::STALE_AFTER);
         if removed > 0 {
             tracing::info!(
@@ -59,6 +62,7 @@ impl AppState {
         Ok(AppState {
             store,
             models: ModelManager::new(&config)?,
+            ready: Arc::new(ready::Readiness::new(config.preload.clone())),
             config: Arc::new(config),
             metrics: Arc::default(),
             drain: Arc::default(),
@@ -74,6 +78,7 @@ pub fn router(state: AppState, bound: std::net::IpAddr) -> Router {
     let metrics = state.metrics.clone();
     Router::new()
         .route("/", get(root))
+        .route("/api/ready", get(ready::ready))
         .route("/api/version", get(ollama::version))
         .route("/api/tags", get(ollama::tags))
         .route("/api/show", post(ollama::show))
@@ -110,7 +115,8 @@ pub fn router(state: AppState, bound: std::net::IpAddr) -> Router {
 
 /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish
 /// for up to the configured shutdown timeout; streams still running then end with an error
-/// object in their dialect before their connections close.
+/// object in their dialect before their connections close. `WICK_PRELOAD`'s models load in
+/// the background meanwhile (`/api/ready` says when they are done).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -120,6 +126,8 @@ pub async fn serve(
     let deadline = state.config.shutdown_timeout;
     let header_timeout = state.config.header_timeout;
     let drain = state.drain.clone();
+    let preload = tokio::spawn(ready::preload(state.clone()));
+    let readiness = state.ready.clone();
     let bound = listener.local_addr()?.ip();
     let app = router(state, bound);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -161,6 +169,8 @@ pub async fn serve(
         }
     }
     drop(listener);
+    readiness.drain();
+    preload.abort();
     tracing::info!("shutting down: no new connections, finishing requests in flight");
     tokio::select! {
         _ = graceful.shutdown() => return Ok(()),

@@ -431,7 +431,11 @@ async fn respond(
     stream: bool,
     req: InferRequest,
 ) -> Result<Response> {
-    let started = infer::start(state, req).await?;
+    let started = if stream {
+        infer::start_streaming(state, req).await?
+    } else {
+        infer::start(state, req).await?
+    };
     let rx = match started {
         Started::Loaded => {
             return Ok(one(&final_object(

@@ -383,7 +383,12 @@ enum Kind {
 
 /// Starts the request and answers streamed or not.
 async fn run(state: &AppState, kind: Kind, c: &Common, req: InferRequest) -> Result<Response> {
-    let rx = match infer::start(state, req).await? {
+    let started = if c.stream.unwrap_or(false) {
+        infer::start_streaming(state, req).await?
+    } else {
+        infer::start(state, req).await?
+    };
+    let rx = match started {
         Started::Stream(rx) => rx,
         // Both callers refuse an empty input, so there is always a prompt.
         Started::Loaded | Started::Unloaded => {

@@ -74,6 +74,9 @@ impl StoreApiError {
                 | StoreError::NoModelLayer(_)
                 | StoreError::BadModelFiles(_) => StatusCode::BAD_REQUEST,
                 StoreError::NotFound(_) | StoreError::BlobNotFound(_) => StatusCode::NOT_FOUND,
+                StoreError::ReadOnly { .. } | StoreError::BakedModel { .. } => {
+                    StatusCode::FORBIDDEN
+                }
                 StoreError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
                 StoreError::BlobTooLarge { .. } => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -181,6 +184,8 @@ pub async fn pull(State(state): State<AppState>, body: Bytes) -> Result<Response
     let name = ModelName::parse(&raw)?;
     let http = raw.starts_with("http://");
     let insecure = req.insecure.unwrap_or(false);
+    // Refused before anything streams, so the client sees why at once.
+    state.store.check_writable()?;
     let puller = puller(&state)?;
     let store = state.store.clone();
     if !req.stream.unwrap_or(true) {
@@ -227,6 +232,14 @@ pub async fn delete(State(state): State<AppState>, body: Bytes) -> Result<Respon
         Err(StoreError::NotFound(_)) => return Err(StoreApiError::DeleteNotFound(raw)),
         Err(e) => return Err(e.into()),
     };
+    if let Some(root) = &info.readonly_root {
+        return Err(StoreError::BakedModel {
+            name: info.name.display_short(),
+            root: root.clone(),
+        }
+        .into());
+    }
+    state.store.check_writable()?;
     state.models.unload(&info).await;
     let store = state.store.clone();
     tokio::task::spawn_blocking(move || store.delete(&info))
@@ -460,6 +473,7 @@ pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Respon
     let name = ModelName::parse(&model_field(req.model.take(), req.name.take()))?;
     let stream = req.stream.unwrap_or(true);
     let files = req.files.clone().unwrap_or_default();
+    state.store.check_writable()?;
     let mut spec = create_spec(&state, req)?;
     let store = state.store.clone();
     if let Files::Safetensors = files_kind(&files) {

@@ -96,6 +96,8 @@ pub struct EngineStats {
     /// Full blocks holding reusable prefixes.
     pub cached_blocks: usize,
     pub waiting: usize,
+    /// Of the waiting, those preempted after they ran (recomputed when they run again).
+    pub requeued: usize,
     pub running: usize,
     pub prompt_tokens_computed: u64,
     pub tokens_computed: u64,

@@ -410,6 +410,14 @@ impl Worker {
             block_size: bm.block_size(),
             cached_blocks: bm.num_cached(),
             waiting: self.sched.num_waiting(),
+            // Every sequence that never ran is waiting too; the rest of the waiting ran
+            // before and were preempted.
+            requeued: self.sched.num_waiting().saturating_sub(
+                self.active
+                    .values()
+                    .filter(|a| a.admitted.is_none())
+                    .count(),
+            ),
             running: self.sched.num_running(),
             prompt_tokens_computed: c.prompt_tokens_computed,
             tokens_computed: c.tokens_computed,

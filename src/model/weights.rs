@@ -1,6 +1,12 @@
 //! Weight files: GGUF (quantized tensors stay quantized, read from a memory map) and Hugging
 //! Face safetensors directories (single or sharded, memory-mapped). Both are addressed with
 //! GGUF tensor names (`blk.3.attn_q.weight`), so the decoder has one loading path.
+//!
+//! A GGUF file's tensor data is read ahead of the loader by a few threads, in large
+//! sequential `pread`s, into the page cache ([`ReadAhead`]): on a network file system one
+//! page-fault stream on the map waits a round trip per readahead window, while several large
+//! reads in flight keep the link busy; the loader's faults then find the pages there.
+//! `scripts/cold-start.sh` measures both ways on a throttled device.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -26,6 +32,75 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
     mmap: Arc<Mmap>,
+    /// Reads the tensor data ahead of the loader; stopped when the file is dropped.
+    _read_ahead: Option<ReadAhead>,
+}
+
+/// Chunks read ahead by each thread; large enough that a network file system sends full
+/// read requests back to back.
+const READ_AHEAD_CHUNK: u64 = 8 << 20;
+
+/// Threads reading one range of a file in large chunks (thread `i` takes chunks `i`,
+/// `i + n`, ...), so that together they move through it in order ahead of the reader that
+/// follows; each chunk is read into a scratch buffer and dropped: what stays is the page
+/// cache. Dropping it stops the threads after their current chunk.
+pub struct ReadAhead {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl ReadAhead {
+    /// Starts `threads` readers over `range` of `file` (none for 0 threads or an empty range).
+    pub fn start(file: &File, range: std::ops::Range<u64>, threads: usize) -> Option<ReadAhead> {
+        if threads == 0 || range.is_empty() {
+            return None;
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let chunks = (range.end - range.start).div_ceil(READ_AHEAD_CHUNK);
+        let threads = threads.min(chunks as usize);
+        let mut handles = Vec::with_capacity(threads);
+        for t in 0..threads {
+            let Ok(file) = file.try_clone() else { break };
+            let stop = stop.clone();
+            let range = range.clone();
+            let spawned = std::thread::Builder::new()
+                .name("wick-read-ahead".into())
+                .spawn(move || {
+                    use std::os::unix::fs::FileExt;
+                    let mut buf = vec![0u8; READ_AHEAD_CHUNK as usize];
+                    let mut chunk = t as u64;
+                    while chunk < chunks && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let at = range.start + chunk * READ_AHEAD_CHUNK;
+                        let len = READ_AHEAD_CHUNK.min(range.end - at) as usize;
+                        // A failed read only loses the head start; the loader reads for itself.
+                        if file.read_exact_at(&mut buf[..len], at).is_err() {
+                            return;
+                        }
+                        chunk += threads as u64;
+                    }
+                });
+            if let Ok(h) = spawned {
+                handles.push(h);
+            }
+        }
+        Some(ReadAhead {
+            stop,
+            threads: handles,
+        })
+    }
+
+    /// Waits for the readers to finish (benchmarks; the loader never waits).
+    pub fn join(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 pub struct SafetensorsDir {
@@ -91,10 +166,16 @@ impl GgufFile {
                     msg: format!("not a readable GGUF file: {e}"),
                 }
             })?;
+        let read_ahead = ReadAhead::start(
+            &file,
+            content.tensor_data_offset.min(mmap.len() as u64)..mmap.len() as u64,
+            crate::config::read_threads_from_env(),
+        );
         Ok(Self {
             path: path.to_path_buf(),
             content,
             mmap: Arc::new(mmap),
+            _read_ahead: read_ahead,
         })
     }
 
@@ -715,6 +796,27 @@ mod tests {
             "model.layers.2.post_attention_layernorm.weight"
         );
         assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+
+    #[test]
+    fn read_ahead_reads_the_whole_range_and_stops() {
+        use std::io::Write;
+        let path = std::env::temp_dir().join(format!("wick-readahead-{}", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&vec![7u8; (READ_AHEAD_CHUNK * 2 + 5) as usize])
+            .unwrap();
+        drop(f);
+        let f = File::open(&path).unwrap();
+        assert!(ReadAhead::start(&f, 0..10, 0).is_none());
+        assert!(ReadAhead::start(&f, 10..10, 4).is_none());
+        let r = ReadAhead::start(&f, 3..READ_AHEAD_CHUNK * 2 + 5, 4).unwrap();
+        assert_eq!(r.threads.len(), 3, "no more threads than chunks");
+        r.join();
+        // Reading past the end fails quietly.
+        ReadAhead::start(&f, 0..READ_AHEAD_CHUNK * 4, 2)
+            .unwrap()
+            .join();
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

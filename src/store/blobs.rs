@@ -278,9 +278,9 @@ impl Store {
         })
     }
 
-    /// Whether the blob is in the store.
+    /// Whether the blob is in the store (`OLLAMA_MODELS` or a read-only store).
     pub fn has_blob(&self, digest: &str) -> Result<bool, StoreError> {
-        Ok(self.blob_path(digest)?.is_file())
+        Ok(self.blob_file(digest)?.is_file())
     }
 
     /// Makes sure the blob `digest` of `size` bytes is in the store, downloading it from
@@ -301,7 +301,8 @@ impl Store {
             });
         }
         let paths = self.blob_paths(&digest)?;
-        if paths.done.is_file() {
+        // A read-only store's copy is used where it is, never copied.
+        if self.has_blob(&digest)? {
             progress(size);
             return Ok(Fetched::Present);
         }
@@ -485,6 +486,7 @@ impl Store {
     /// Starts an upload of the blob `digest`; the bytes are checked against it in
     /// [`BlobUpload::finish`].
     pub fn begin_upload(&self, digest: &str) -> Result<BlobUpload, StoreError> {
+        self.check_writable()?;
         let expected = normalize_digest(digest)?;
         let done = self.blob_path(&expected)?;
         let blobs = self.blobs_dir();
@@ -542,6 +544,7 @@ impl Store {
 
     /// Waits (briefly: pruning holds the lock for milliseconds) and takes a writer's share.
     pub fn writer_guard(&self) -> Result<WriterGuard, StoreError> {
+        self.check_writable()?;
         let file = self.writers_lock()?;
         file.lock_shared().map_err(io_err(&self.root))?;
         Ok(WriterGuard(file))

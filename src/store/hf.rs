@@ -328,7 +328,7 @@ impl HfHub {
             let index_blob = layers
                 .iter()
                 .find(|l| l.name.as_deref() == Some(INDEX))
-                .map(|l| store.blob_path(&l.digest))
+                .map(|l| store.blob_file(&l.digest))
                 .transpose()?
                 .ok_or_else(|| missing(INDEX))?;
             let index: Value = std::fs::read(&index_blob)
@@ -361,7 +361,7 @@ impl HfHub {
         }
         let files: BTreeMap<String, std::path::PathBuf> = layers
             .iter()
-            .filter_map(|l| Some((l.name.clone()?, store.blob_path(&l.digest).ok()?)))
+            .filter_map(|l| Some((l.name.clone()?, store.blob_file(&l.digest).ok()?)))
             .collect();
         let digests: Vec<String> = layers.iter().map(|l| l.digest.clone()).collect();
         let config = safetensors::config_blob(&files, &digests)?;

@@ -10,6 +10,13 @@
 //! delete with blob pruning). [`gguf`] and [`safetensors`] read what `/api/show` and the
 //! config blob say about the two weight formats, from headers only.
 //!
+//! `OLLAMA_MODELS` is the one store written to; `WICK_MODELS_READONLY` adds stores (a model
+//! baked into a container image, a read-only NAS share) that are searched after it and never
+//! written: names resolve in the writable store first, `list` shows every store's models once,
+//! and a blob is read from whichever store has it, so a pull whose layers a read-only store
+//! already holds downloads nothing. Writes (pull, create, copy, delete, upload) touch only
+//! `OLLAMA_MODELS`, and fail with [`StoreError::ReadOnly`] when that is a read-only mount.
+//!
 //! A model is either a GGUF model (an `application/vnd.ollama.image.model` layer) or a
 //! safetensors model: one layer per file of its Hugging Face directory, each with the
 //! file's name in the layer's `name` ([`MEDIA_JSON`], [`MEDIA_SAFETENSORS`],
@@ -122,6 +129,18 @@ pub enum StoreError {
     Hf(#[from] hf::HfError),
     #[error(transparent)]
     Catalog(#[from] catalog::CatalogError),
+    /// `OLLAMA_MODELS` cannot be written (a read-only mount, or no permission).
+    #[error(
+        "the model directory {path} (OLLAMA_MODELS) is read-only ({reason}): serving works, \
+         but pulls, creates, copies and deletes need a writable OLLAMA_MODELS"
+    )]
+    ReadOnly { path: PathBuf, reason: String },
+    /// The model lives in a `WICK_MODELS_READONLY` store, which is never written.
+    #[error(
+        "model \"{name}\" is in the read-only store {root} (WICK_MODELS_READONLY) and cannot be \
+         deleted"
+    )]
+    BakedModel { name: String, root: PathBuf },
 }
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -206,6 +225,8 @@ pub struct LocalModel {
     /// Sum of the layer sizes and the config size.
     pub size: u64,
     pub config: ConfigBlob,
+    /// Found in a `WICK_MODELS_READONLY` store (this one), not in `OLLAMA_MODELS`.
+    pub readonly_root: Option<PathBuf>,
 }
 
 impl LocalModel {
@@ -217,19 +238,64 @@ impl LocalModel {
     }
 }
 
-/// The store rooted at `$OLLAMA_MODELS`.
+/// The store rooted at `$OLLAMA_MODELS`, with the read-only stores searched after it.
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    readonly: Vec<PathBuf>,
 }
 
 impl Store {
     pub fn new(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        Store {
+            root: root.into(),
+            readonly: Vec::new(),
+        }
+    }
+
+    /// Adds read-only stores (`WICK_MODELS_READONLY`), searched in this order after the
+    /// writable one; one that is the writable store itself is left out.
+    pub fn with_readonly(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> Store {
+        for d in dirs {
+            if d != self.root && !self.readonly.contains(&d) {
+                self.readonly.push(d);
+            }
+        }
+        self
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The read-only stores, in search order.
+    pub fn readonly_roots(&self) -> &[PathBuf] {
+        &self.readonly
+    }
+
+    /// Fails with [`StoreError::ReadOnly`] unless `OLLAMA_MODELS` (or, while it does not
+    /// exist yet, the directory it would be created in) can be written: a clear answer
+    /// before a pull or create starts, rather than an I/O error halfway through it.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let mut dir = self.root.as_path();
+        while !dir.exists() {
+            match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => dir = p,
+                _ => return Ok(()),
+            }
+        }
+        let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else {
+            return Ok(());
+        };
+        // SAFETY: `c` is a NUL-terminated path that outlives the call; access() only reads it.
+        let rc = unsafe { libc::access(c.as_ptr(), libc::W_OK) };
+        if rc == 0 {
+            return Ok(());
+        }
+        Err(StoreError::ReadOnly {
+            path: self.root.clone(),
+            reason: std::io::Error::last_os_error().to_string(),
+        })
     }
 
     fn manifests_dir(&self) -> PathBuf {
@@ -271,11 +337,58 @@ impl Store {
         Ok(self.root.join("blobs").join(format!("sha256-{hex}")))
     }
 
-    /// Every model whose manifest parses, most recently modified first. Unreadable entries
-    /// are skipped with a warning so one bad file does not hide the rest.
+    /// Where a blob is read from: the first store that has it (`OLLAMA_MODELS`, then the
+    /// read-only ones), or its place in `OLLAMA_MODELS` when none does.
+    pub fn blob_file(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        let own = self.blob_path(digest)?;
+        if own.is_file() {
+            return Ok(own);
+        }
+        let name = own.file_name().map(PathBuf::from).unwrap_or_default();
+        Ok(self
+            .readonly
+            .iter()
+            .map(|r| r.join("blobs").join(&name))
+            .find(|p| p.is_file())
+            .unwrap_or(own))
+    }
+
+    /// Every model whose manifest parses, most recently modified first; a name in several
+    /// stores is listed once, as the store it resolves to (the writable one first).
+    /// Unreadable entries are skipped with a warning so one bad file does not hide the rest.
     pub fn list(&self) -> Result<Vec<LocalModel>, StoreError> {
+        let mut out = self.list_root(&self.root, None)?;
+        let key = |n: &ModelName| {
+            format!("{}/{}/{}:{}", n.host, n.namespace, n.model, n.tag).to_ascii_lowercase()
+        };
+        let mut seen: std::collections::HashSet<String> =
+            out.iter().map(|m| key(&m.name)).collect();
+        for ro in &self.readonly {
+            match self.list_root(ro, Some(ro)) {
+                Ok(models) => {
+                    for m in models {
+                        if seen.insert(key(&m.name)) {
+                            out.push(m);
+                        }
+                    }
+                }
+                // A read-only store that cannot be read hides only its own models.
+                Err(e) => {
+                    tracing::warn!(store = %ro.display(), error = %e, "skipping read-only store")
+                }
+            }
+        }
+        out.sort_by_key(|m| std::cmp::Reverse(m.modified));
+        Ok(out)
+    }
+
+    fn list_root(
+        &self,
+        root: &Path,
+        readonly: Option<&Path>,
+    ) -> Result<Vec<LocalModel>, StoreError> {
         let mut out = Vec::new();
-        let top = self.manifests_dir();
+        let top = root.join("manifests");
         // Exactly four levels: host/namespace/model/tag.
         for host in subdirs(&top)? {
             for ns in subdirs(&host)? {
@@ -296,7 +409,7 @@ impl Store {
                             model: file_name(&model),
                             tag: file_name(&path),
                         };
-                        match self.load(name, path) {
+                        match self.load(name, path, readonly) {
                             Ok(m) => out.push(m),
                             Err(e) => tracing::warn!(error = %e, "skipping model"),
                         }
@@ -304,23 +417,41 @@ impl Store {
                 }
             }
         }
-        out.sort_by_key(|m| std::cmp::Reverse(m.modified));
         Ok(out)
     }
 
-    /// Finds a model by name, matching each path component case-insensitively (an exact
-    /// match wins) and keeping the stored casing.
+    /// Finds a model by name, in `OLLAMA_MODELS` and then in each read-only store, matching
+    /// each path component case-insensitively (an exact match wins) and keeping the stored
+    /// casing.
     pub fn resolve(&self, name: &ModelName) -> Result<LocalModel, StoreError> {
-        let not_found = || StoreError::NotFound(name.display_short());
-        let mut dir = self.manifests_dir();
+        if let Some(m) = self.resolve_in(&self.root, None, name)? {
+            return Ok(m);
+        }
+        for ro in &self.readonly {
+            if let Some(m) = self.resolve_in(ro, Some(ro), name)? {
+                return Ok(m);
+            }
+        }
+        Err(StoreError::NotFound(name.display_short()))
+    }
+
+    fn resolve_in(
+        &self,
+        root: &Path,
+        readonly: Option<&Path>,
+        name: &ModelName,
+    ) -> Result<Option<LocalModel>, StoreError> {
+        let mut dir = root.join("manifests");
         let mut parts = Vec::with_capacity(4);
         for want in [&name.host, &name.namespace, &name.model, &name.tag] {
-            let found = find_ci(&dir, want).ok_or_else(not_found)?;
+            let Some(found) = find_ci(&dir, want) else {
+                return Ok(None);
+            };
             parts.push(found.clone());
             dir = dir.join(found);
         }
         if !dir.is_file() {
-            return Err(not_found());
+            return Ok(None);
         }
         let stored = ModelName {
             host: parts[0].clone(),
@@ -328,10 +459,15 @@ impl Store {
             model: parts[2].clone(),
             tag: parts[3].clone(),
         };
-        self.load(stored, dir)
+        self.load(stored, dir, readonly).map(Some)
     }
 
-    fn load(&self, name: ModelName, path: PathBuf) -> Result<LocalModel, StoreError> {
+    fn load(
+        &self,
+        name: ModelName,
+        path: PathBuf,
+        readonly: Option<&Path>,
+    ) -> Result<LocalModel, StoreError> {
         let bytes = fs::read(&path).map_err(io_err(&path))?;
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
@@ -344,7 +480,7 @@ impl Store {
         let size = manifest.config.size + manifest.layers.iter().map(|l| l.size).sum::<u64>();
         // A missing or odd config only loses `details`; the model itself still works.
         let config = self
-            .blob_path(&manifest.config.digest)
+            .blob_file(&manifest.config.digest)
             .ok()
             .and_then(|p| fs::read(p).ok())
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -357,6 +493,7 @@ impl Store {
             modified,
             size,
             config,
+            readonly_root: readonly.map(Path::to_path_buf),
         })
     }
 
@@ -365,7 +502,7 @@ impl Store {
         let layer = m
             .layer(MEDIA_MODEL)
             .ok_or_else(|| StoreError::NoModelLayer(m.name.display_short()))?;
-        self.blob_path(&layer.digest)
+        self.blob_file(&layer.digest)
     }
 
     /// The files of a safetensors model by their names (`config.json` -> its blob), or
@@ -389,7 +526,7 @@ impl Store {
                     name.clone(),
                 ));
             }
-            files.insert(name.clone(), self.blob_path(&l.digest)?);
+            files.insert(name.clone(), self.blob_file(&l.digest)?);
         }
         if files.is_empty()
             || !m
@@ -434,7 +571,7 @@ impl Store {
     /// The text of a layer (template, system, license) if the model has one.
     pub fn layer_text(&self, m: &LocalModel, media_type: &str) -> Option<String> {
         let layer = m.layer(media_type)?;
-        fs::read_to_string(self.blob_path(&layer.digest).ok()?).ok()
+        fs::read_to_string(self.blob_file(&layer.digest).ok()?).ok()
     }
 
     /// The `params` layer (default options), if any.
@@ -446,6 +583,7 @@ impl Store {
     /// blob (temp file + rename), a config blob is written, and the manifest last, so a
     /// crash never leaves a manifest pointing at a missing blob.
     pub fn import_gguf(&self, name: &ModelName, gguf: &Path) -> Result<LocalModel, StoreError> {
+        self.check_writable()?;
         let summary = gguf::read_summary(gguf, false)?;
         let blobs = self.root.join("blobs");
         fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
@@ -520,8 +658,8 @@ impl Store {
     /// Writes a small blob (config, template, params) under its digest unless it is there.
     pub fn write_blob_bytes(&self, bytes: &[u8]) -> Result<String, StoreError> {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
-        let path = self.blob_path(&digest)?;
-        if !path.is_file() {
+        if !self.blob_file(&digest)?.is_file() {
+            let path = self.blob_path(&digest)?;
             let blobs = self.root.join("blobs");
             fs::create_dir_all(&blobs).map_err(io_err(&blobs))?;
             write_atomic(&path, bytes)?;

@@ -69,7 +69,7 @@ impl Store {
                 )));
             }
             let digest = normalize_digest(digest)?;
-            let path = self.blob_path(&digest)?;
+            let path = self.blob_file(&digest)?;
             let size = match fs::metadata(&path) {
                 Ok(m) if m.is_file() => m.len(),
                 _ => return Err(StoreError::BlobNotFound(digest)),
@@ -214,8 +214,16 @@ impl Store {
     }
 
     /// Deletes a model: its manifest, the directories that leaves empty, and the blobs no
-    /// other manifest uses.
+    /// other manifest uses. A model of a read-only store is refused
+    /// ([`StoreError::BakedModel`]).
     pub fn delete(&self, m: &LocalModel) -> Result<(), StoreError> {
+        if let Some(root) = &m.readonly_root {
+            return Err(StoreError::BakedModel {
+                name: m.name.display_short(),
+                root: root.clone(),
+            });
+        }
+        self.check_writable()?;
         fs::remove_file(&m.manifest_path).map_err(io_err(&m.manifest_path))?;
         let top = self.root.join("manifests");
         let mut dir = m.manifest_path.parent();
@@ -244,6 +252,7 @@ impl Store {
 
     /// Copies a model: the same manifest bytes under a second name.
     pub fn copy(&self, src: &LocalModel, dst: &ModelName) -> Result<(), StoreError> {
+        self.check_writable()?;
         let bytes = fs::read(&src.manifest_path).map_err(io_err(&src.manifest_path))?;
         self.write_manifest(dst, &bytes)?;
         Ok(())
@@ -280,7 +289,7 @@ impl Store {
         }
         if let Some(digest) = &spec.gguf {
             let digest = normalize_digest(digest)?;
-            let path = self.blob_path(&digest)?;
+            let path = self.blob_file(&digest)?;
             if !path.is_file() {
                 return Err(StoreError::BlobNotFound(digest));
             }

@@ -73,6 +73,13 @@ impl TestRegistry {
     /// Starts the registry on its own runtime thread: a main listener whose blob requests
     /// are redirected to a second listener when `redirect` is set.
     pub fn start(redirect: bool) -> TestRegistry {
+        Self::start_at("127.0.0.1", redirect)
+    }
+
+    /// [`TestRegistry::start`] on another address of this host (an address in a network
+    /// namespace the test made; the runtime thread inherits the caller's namespace).
+    pub fn start_at(ip: &str, redirect: bool) -> TestRegistry {
+        let ip = ip.to_string();
         let (gate, _) = watch::channel(true);
         let inner = Arc::new(Inner {
             manifests: Mutex::default(),
@@ -90,11 +97,11 @@ impl TestRegistry {
                 .build()
                 .expect("registry runtime");
             rt.block_on(async move {
-                let blob_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                let blob_listener = tokio::net::TcpListener::bind((ip.as_str(), 0))
                     .await
                     .expect("binding the blob host");
                 let blob_addr = blob_listener.local_addr().expect("blob addr");
-                let main_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                let main_listener = tokio::net::TcpListener::bind((ip.as_str(), 0))
                     .await
                     .expect("binding the registry");
                 let main_addr = main_listener.local_addr().expect("registry addr");
