@@ -7,7 +7,6 @@ pub mod chat_template;
 pub mod config;
 mod cpu_attention;
 mod cpu_quant;
-#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod decoder;
 mod loaded;
@@ -57,7 +56,6 @@ pub enum Error {
     Template(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[cfg(feature = "cuda")]
     #[error(transparent)]
     Cuda(#[from] cuda::KernelError),
 }

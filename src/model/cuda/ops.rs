@@ -1,30 +1,30 @@
-//! Safe launch wrappers for kernels/*.cu. Each takes candle tensors on one CUDA device,
-//! checks their dtypes and shapes, and queues the kernel on the device's stream. The ones
-//! marked "in place" write into storage of tensors they are given: only pass tensors the
-//! caller owns outright (a KV cache, a fresh projection output).
+//! Checked launch wrappers for kernels/*.cu. Each takes candle tensors on one device (a GPU
+//! with `--features cuda`, the CPU execution layer without), checks dtypes, shapes and
+//! every index a kernel will follow, and launches. Indices reach the kernels only through
+//! [`PagedMeta`] and [`RopePositions`], which can only be built by validating host-side
+//! values against the cache or table they index, so no public function lets a kernel read
+//! or write out of bounds. The ones marked "in place" write into tensors they are given:
+//! pass only tensors the caller owns outright (a KV cache, a fresh projection output).
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-use candle_core::{DType, Tensor};
-use half::f16;
+use candle_core::{DType, Device, Tensor};
 
-use super::{check_dtype, cuda_device, dev_ptr, driver, func, shape_err, uninit, Result};
+use super::launch::Launch;
+use super::{check_dtype, shape_err, uninit, KernelError, Result};
 
-/// Threads per block for the row kernels (norm, rope, cache writes, argmax).
+/// Threads per block for the row kernels (norm, rope, cache writes).
 const ROW_THREADS: u32 = 256;
+/// Threads per block of argmax.
+const ARGMAX_THREADS: u32 = 1024;
 /// Grid y and z dimensions are limited to this.
 const MAX_GRID_Y: usize = 65_535;
 /// Positions per partition of the split-context attention.
 pub const ATTENTION_PARTITION: usize = 512;
 /// Above this many context positions the split-context attention is used.
 pub const SPLIT_ABOVE: usize = 2 * ATTENTION_PARTITION;
-
-fn launch_cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: grid,
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
+/// Threads of a decode-attention block: kernels/attention.cu's ATTN_WARPS warps.
+const ATTN_THREADS: u32 = 4 * 32;
+/// Query heads one decode-attention block takes (kernels/attention.cu's HEADS_PER_BLOCK).
+const HEADS_PER_BLOCK: usize = 8;
 
 fn u32_of(op: &'static str, what: &str, n: usize) -> Result<u32> {
     u32::try_from(n).map_err(|_| shape_err(op, format!("{what} {n} is too large")))
@@ -62,85 +62,252 @@ fn contiguous(t: &Tensor, op: &'static str, what: &'static str) -> Result<()> {
     Ok(())
 }
 
-/// Writes `key`/`value` rows `[tokens, kv_heads, head_dim]` into the paged caches
-/// `[num_blocks, block_size, kv_heads, head_dim]` (in place) at `slot_mapping[t]`
-/// (`block * block_size + offset`; `u32::MAX` skips a token). All fp16; slots are u32.
-/// Slots are not checked against the cache here (that would read them back): callers build
-/// them from validated block tables, as [`super::CudaKvCache`] does.
-pub fn reshape_and_cache(
-    key: &Tensor,
-    value: &Tensor,
+/// `(num_blocks, block_size, kv_heads, head_dim)` of a paged cache pair.
+fn cache_dims(
     k_cache: &Tensor,
     v_cache: &Tensor,
-    slot_mapping: &Tensor,
-) -> Result<()> {
-    const OP: &str = "reshape_and_cache";
-    let dev = cuda_device(k_cache, OP, "k_cache")?;
-    let (n, k_stride) = row_stride3(key, OP, "key")?;
-    let (nv, v_stride) = row_stride3(value, OP, "value")?;
-    let (_, _, kv_heads, head_dim) = k_cache
-        .dims4()
-        .map_err(|_| shape_err(OP, format!("k_cache must be 4-d, got {:?}", k_cache.dims())))?;
-    let row = kv_heads * head_dim;
-    if v_cache.dims() != k_cache.dims()
-        || nv != n
-        || key.dims()[1..] != [kv_heads, head_dim]
-        || value.dims()[1..] != [kv_heads, head_dim]
-        || slot_mapping.dims() != [n]
-    {
-        return Err(shape_err(
-            OP,
+    op: &'static str,
+) -> Result<(usize, usize, usize, usize)> {
+    let d = k_cache.dims4().map_err(|_| {
+        shape_err(
+            op,
             format!(
-                "key {:?}, value {:?}, slots {:?} do not fit caches {:?} / {:?}",
-                key.dims(),
-                value.dims(),
-                slot_mapping.dims(),
+                "k_cache must be [blocks, block_size, kv_heads, head_dim], got {:?}",
+                k_cache.dims()
+            ),
+        )
+    })?;
+    if v_cache.dims() != k_cache.dims() {
+        return Err(shape_err(
+            op,
+            format!(
+                "k_cache {:?} and v_cache {:?} differ",
                 k_cache.dims(),
                 v_cache.dims()
             ),
         ));
     }
-    contiguous(k_cache, OP, "k_cache")?;
-    contiguous(v_cache, OP, "v_cache")?;
-    contiguous(slot_mapping, OP, "slot_mapping")?;
+    for (t, what) in [(k_cache, "k_cache"), (v_cache, "v_cache")] {
+        contiguous(t, op, what)?;
+        check_dtype(t, DType::F16, op, what)?;
+    }
+    Ok(d)
+}
+
+/// One sequence's part of a paged attention step: `len` query rows (consecutive in the
+/// packed batch, starting at `start`) at the last positions of a context of `context_len`
+/// tokens held by the blocks of `block_table`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqQueries {
+    pub start: usize,
+    pub len: usize,
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// A step's paged-attention metadata, validated against a cache of `num_blocks` blocks of
+/// `block_size` and uploaded once to the device for every layer of the step.
+///
+/// Per query row `i` (a token): its sequence's row in the block tables (`query_seq`), the
+/// positions it sees (`query_ctx`: its own position + 1, so attention is causal), and the
+/// cache slot its K/V go to (`slots`).
+pub struct PagedMeta {
+    pub(super) block_tables: Tensor,
+    pub(super) query_seq: Tensor,
+    pub(super) query_ctx: Tensor,
+    pub(super) slots: Tensor,
+    pub(super) rows: usize,
+    pub(super) max_blocks: usize,
+    pub(super) max_context: usize,
+    pub(super) num_blocks: usize,
+    pub(super) block_size: usize,
+}
+
+impl PagedMeta {
+    /// Validates `seqs` (rows in order, contexts covered by their tables, block ids inside
+    /// the cache, slots below `u32::MAX`) and uploads the tables to `device`.
+    pub fn new(
+        seqs: &[SeqQueries],
+        num_blocks: usize,
+        block_size: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        const OP: &str = "paged metadata";
+        if block_size == 0 {
+            return Err(shape_err(OP, "block size 0".into()));
+        }
+        let max_blocks = seqs
+            .iter()
+            .map(|s| s.context_len.div_ceil(block_size))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let rows: usize = seqs.iter().map(|s| s.len).sum();
+        if num_blocks * block_size >= u32::MAX as usize {
+            return Err(shape_err(OP, "cache slots beyond u32".into()));
+        }
+        let mut tables = vec![0u32; seqs.len() * max_blocks];
+        let mut query_seq = Vec::with_capacity(rows);
+        let mut query_ctx = Vec::with_capacity(rows);
+        let mut slots = Vec::with_capacity(rows);
+        let mut max_context = 0;
+        for (si, s) in seqs.iter().enumerate() {
+            let used = s.context_len.div_ceil(block_size);
+            if s.start != query_seq.len() || s.len > s.context_len {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "sequence {si}: rows {}..+{} of context {} out of order",
+                        s.start, s.len, s.context_len
+                    ),
+                ));
+            }
+            if s.block_table.len() < used {
+                return Err(shape_err(
+                    OP,
+                    format!(
+                        "sequence {si}: {} blocks cannot hold {} tokens",
+                        s.block_table.len(),
+                        s.context_len
+                    ),
+                ));
+            }
+            if let Some(b) = s.block_table[..used]
+                .iter()
+                .find(|&&b| b as usize >= num_blocks)
+            {
+                return Err(shape_err(
+                    OP,
+                    format!("sequence {si}: block {b} is beyond the cache's {num_blocks}"),
+                ));
+            }
+            tables[si * max_blocks..si * max_blocks + used].copy_from_slice(&s.block_table[..used]);
+            for pos in s.context_len - s.len..s.context_len {
+                let block = s.block_table[pos / block_size] as usize;
+                slots.push((block * block_size + pos % block_size) as u32);
+                query_seq.push(si as u32);
+                query_ctx.push((pos + 1) as u32);
+            }
+            max_context = max_context.max(s.context_len);
+        }
+        if rows > MAX_GRID_Y * 64 || max_context > i32::MAX as usize {
+            return Err(shape_err(
+                OP,
+                format!("{rows} rows are too many for one step"),
+            ));
+        }
+        let n = seqs.len();
+        Ok(Self {
+            block_tables: Tensor::from_vec(tables, (n, max_blocks), device)?,
+            query_seq: Tensor::from_vec(query_seq, rows, device)?,
+            query_ctx: Tensor::from_vec(query_ctx, rows, device)?,
+            slots: Tensor::from_vec(slots, rows, device)?,
+            rows,
+            max_blocks,
+            max_context,
+            num_blocks,
+            block_size,
+        })
+    }
+
+    /// Query rows (tokens) of the step.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The longest context of the step.
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn check_cache(
+        &self,
+        k_cache: &Tensor,
+        v_cache: &Tensor,
+        op: &'static str,
+    ) -> Result<(usize, usize)> {
+        let (nb, bs, kv_heads, head_dim) = cache_dims(k_cache, v_cache, op)?;
+        if nb != self.num_blocks || bs != self.block_size {
+            return Err(shape_err(
+                op,
+                format!(
+                    "metadata for {} blocks of {} used with a cache of {nb} blocks of {bs}",
+                    self.num_blocks, self.block_size
+                ),
+            ));
+        }
+        if !self.block_tables.device().same_device(k_cache.device()) {
+            return Err(shape_err(
+                op,
+                "metadata and cache on different devices".into(),
+            ));
+        }
+        Ok((kv_heads, head_dim))
+    }
+}
+
+/// Writes this step's `key`/`value` rows `[rows, kv_heads, head_dim]` (fp16, rows
+/// contiguous, any row stride) into the paged caches `[num_blocks, block_size, kv_heads,
+/// head_dim]` (in place) at the slots `meta` validated.
+pub fn reshape_and_cache(
+    key: &Tensor,
+    value: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    meta: &PagedMeta,
+) -> Result<()> {
+    const OP: &str = "reshape_and_cache";
+    let (kv_heads, head_dim) = meta.check_cache(k_cache, v_cache, OP)?;
+    let (n, k_stride) = row_stride3(key, OP, "key")?;
+    let (nv, v_stride) = row_stride3(value, OP, "value")?;
+    let row = kv_heads * head_dim;
+    if nv != n
+        || n != meta.rows
+        || key.dims()[1..] != [kv_heads, head_dim]
+        || value.dims()[1..] != [kv_heads, head_dim]
+    {
+        return Err(shape_err(
+            OP,
+            format!(
+                "key {:?}, value {:?} for {} rows do not fit caches {:?}",
+                key.dims(),
+                value.dims(),
+                meta.rows,
+                k_cache.dims(),
+            ),
+        ));
+    }
+    check_dtype(key, DType::F16, OP, "key")?;
+    check_dtype(value, DType::F16, OP, "value")?;
     if n == 0 {
         return Ok(());
     }
-    let stream = dev.cuda_stream();
-    let f = func(dev, "cache", "wick_reshape_and_cache_f16")?;
-    let kp = dev_ptr::<f16>(key, &stream, OP, "key")?;
-    let vp = dev_ptr::<f16>(value, &stream, OP, "value")?;
-    let kcp = dev_ptr::<f16>(k_cache, &stream, OP, "k_cache")?;
-    let vcp = dev_ptr::<f16>(v_cache, &stream, OP, "v_cache")?;
-    let sp = dev_ptr::<u32>(slot_mapping, &stream, OP, "slot_mapping")?;
-    let row_len = i32_of(OP, "row", row)?;
-    let (ks, vs) = (k_stride as i64, v_stride as i64);
-    let mut b = stream.launch_builder(&f);
-    b.arg(&kp)
-        .arg(&vp)
-        .arg(&kcp)
-        .arg(&vcp)
-        .arg(&sp)
-        .arg(&row_len)
-        .arg(&ks)
-        .arg(&vs);
-    let threads = (row as u32 / 2).clamp(32, ROW_THREADS);
-    unsafe { b.launch(launch_cfg((u32_of(OP, "tokens", n)?, 1, 1), threads)) }.map_err(driver)?;
-    Ok(())
+    let threads = ((row as u32 / 2).div_ceil(32) * 32).clamp(32, ROW_THREADS);
+    Launch::new(
+        OP,
+        "cache",
+        "wick_reshape_and_cache_f16",
+        (u32_of(OP, "rows", n)?, 1, 1),
+        threads,
+    )
+    .input(key, "key")
+    .input(value, "value")
+    .output(k_cache, "k_cache")
+    .output(v_cache, "v_cache")
+    .input(&meta.slots, "slot_mapping")
+    .i32(i32_of(OP, "row", row)?)
+    .i64(k_stride as i64)
+    .i64(v_stride as i64)
+    .run()
 }
 
-/// Everything paged attention reads. Query row `i` of `q` (`[rows, heads, head_dim]`,
-/// fp16) belongs to block-table row `query_seq[i]` and sees positions
-/// `[query_ctx[i] - window, query_ctx[i])` of it. `block_tables`: `[seqs, max_blocks]` u32.
+/// Everything paged attention reads: query rows `q` `[rows, heads, head_dim]` (fp16), the
+/// caches, and the step's metadata.
 pub struct PagedAttention<'a> {
     pub q: &'a Tensor,
     pub k_cache: &'a Tensor,
     pub v_cache: &'a Tensor,
-    pub block_tables: &'a Tensor,
-    pub query_seq: &'a Tensor,
-    pub query_ctx: &'a Tensor,
-    /// The largest `query_ctx` (the host knows it; sizes the split-context grid).
-    pub max_context: usize,
+    pub meta: &'a PagedMeta,
     pub sliding_window: Option<usize>,
     /// Softmax scale, usually `1 / sqrt(head_dim)`.
     pub scale: f32,
@@ -158,96 +325,70 @@ pub enum Split {
     Partition(usize),
 }
 
-/// Head sizes the attention kernel is built for.
+/// Head sizes the attention kernels are built for.
 pub const ATTENTION_HEAD_DIMS: [usize; 4] = [64, 96, 128, 256];
 
-/// Paged attention for one query row per entry of `query_seq`; returns `[rows, heads,
-/// head_dim]` fp16. Grouped-query heads: `heads` must be a multiple of the cache's kv_heads.
-pub fn paged_attention(a: &PagedAttention) -> Result<Tensor> {
-    const OP: &str = "paged_attention";
-    let dev = cuda_device(a.q, OP, "q")?;
-    let (rows, q_stride) = row_stride3(a.q, OP, "q")?;
+/// Checks `q` against the caches; returns `(rows, q_stride, heads, head_dim, kv_heads)`.
+fn check_attention(
+    a: &PagedAttention,
+    op: &'static str,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let (kv_heads, cache_hd) = a.meta.check_cache(a.k_cache, a.v_cache, op)?;
+    let (rows, q_stride) = row_stride3(a.q, op, "q")?;
     let (_, heads, head_dim) = a.q.dims3()?;
-    let (_, block_size, kv_heads, cache_hd) = a.k_cache.dims4().map_err(|_| {
-        shape_err(
-            OP,
-            format!("k_cache must be 4-d, got {:?}", a.k_cache.dims()),
-        )
-    })?;
-    if a.v_cache.dims() != a.k_cache.dims() || cache_hd != head_dim {
+    check_dtype(a.q, DType::F16, op, "q")?;
+    if cache_hd != head_dim || rows != a.meta.rows {
         return Err(shape_err(
-            OP,
+            op,
             format!(
-                "q {:?} does not fit caches {:?} / {:?}",
+                "q {:?} does not fit caches {:?} and {} query rows",
                 a.q.dims(),
                 a.k_cache.dims(),
-                a.v_cache.dims()
+                a.meta.rows
             ),
         ));
     }
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
         return Err(shape_err(
-            OP,
+            op,
             format!("{heads} query heads are not a multiple of {kv_heads} kv heads"),
         ));
     }
     if !ATTENTION_HEAD_DIMS.contains(&head_dim) {
         return Err(shape_err(
-            OP,
+            op,
             format!("head_dim {head_dim} is not one of {ATTENTION_HEAD_DIMS:?}"),
         ));
     }
-    let (_, max_blocks) = a.block_tables.dims2().map_err(|_| {
-        shape_err(
-            OP,
-            format!("block_tables must be 2-d, got {:?}", a.block_tables.dims()),
-        )
-    })?;
-    if a.query_seq.dims() != [rows] || a.query_ctx.dims() != [rows] {
-        return Err(shape_err(
-            OP,
-            format!(
-                "query_seq {:?} / query_ctx {:?} must have one entry per query row ({rows})",
-                a.query_seq.dims(),
-                a.query_ctx.dims()
-            ),
-        ));
+    // The kernels read q and K/V rows in 8-byte pieces.
+    for (t, what) in [(a.q, "q"), (a.k_cache, "k_cache"), (a.v_cache, "v_cache")] {
+        if !t.layout().start_offset().is_multiple_of(4) {
+            return Err(shape_err(op, format!("{what} must start 8-byte aligned")));
+        }
     }
-    if a.max_context > max_blocks * block_size {
-        return Err(shape_err(
-            OP,
-            format!(
-                "context {} exceeds the {max_blocks} blocks of {block_size} in block_tables",
-                a.max_context
-            ),
-        ));
+    if !q_stride.is_multiple_of(4) {
+        return Err(shape_err(op, "q rows must be 8-byte aligned".into()));
     }
-    for (t, what) in [
-        (a.k_cache, "k_cache"),
-        (a.v_cache, "v_cache"),
-        (a.block_tables, "block_tables"),
-        (a.query_seq, "query_seq"),
-        (a.query_ctx, "query_ctx"),
-    ] {
-        contiguous(t, OP, what)?;
+    Ok((rows, q_stride, heads, head_dim, kv_heads))
+}
+
+/// Paged attention, one query row at a time (the decode kernel); returns `[rows, heads,
+/// head_dim]` fp16. Grouped-query heads: `heads` must be a multiple of the cache's kv_heads.
+pub fn paged_attention(a: &PagedAttention) -> Result<Tensor> {
+    const OP: &str = "paged_attention";
+    let (rows, q_stride, heads, head_dim, kv_heads) = check_attention(a, OP)?;
+    let dev = a.q.device();
+    let out = uninit(dev, DType::F16, &[rows, heads, head_dim])?;
+    if rows == 0 {
+        return Ok(out);
     }
-    check_dtype(a.q, DType::F16, OP, "q")?;
     if rows > MAX_GRID_Y {
         return Err(shape_err(
             OP,
             format!("{rows} query rows exceed the {MAX_GRID_Y} of one launch"),
         ));
     }
-    // The kernel reads K/V rows in 8-byte pieces.
-    for (t, what) in [(a.k_cache, "k_cache"), (a.v_cache, "v_cache")] {
-        if !t.layout().start_offset().is_multiple_of(4) {
-            return Err(shape_err(OP, format!("{what} must start 8-byte aligned")));
-        }
-    }
-    let out = uninit(dev, DType::F16, &[rows, heads, head_dim])?;
-    if rows == 0 {
-        return Ok(out);
-    }
+    let block_size = a.meta.block_size;
     let partition = match a.split {
         Split::Partition(p) if p == 0 || !p.is_multiple_of(block_size) => {
             return Err(shape_err(
@@ -256,14 +397,20 @@ pub fn paged_attention(a: &PagedAttention) -> Result<Tensor> {
             ))
         }
         Split::Partition(p) => p,
-        Split::Auto if a.max_context > SPLIT_ABOVE => ATTENTION_PARTITION,
+        Split::Auto if a.meta.max_context > SPLIT_ABOVE => ATTENTION_PARTITION,
         Split::Auto | Split::Never => 0,
     };
     let partitions = if partition == 0 {
         1
     } else {
-        a.max_context.div_ceil(partition).max(1)
+        a.meta.max_context.div_ceil(partition).max(1)
     };
+    if partitions > MAX_GRID_Y {
+        return Err(shape_err(
+            OP,
+            format!("{partitions} partitions are too many"),
+        ));
+    }
     let split = partition > 0;
     let (part_acc, part_ml) = if split {
         (
@@ -277,76 +424,51 @@ pub fn paged_attention(a: &PagedAttention) -> Result<Tensor> {
     } else {
         (None, None)
     };
-
-    let stream = dev.cuda_stream();
-    let name = format!("wick_paged_attention_d{head_dim}_f16");
-    let f = func(dev, "attention", &name)?;
-    let out_p = dev_ptr::<f16>(&out, &stream, OP, "out")?;
-    let acc_p = match &part_acc {
-        Some(t) => dev_ptr::<f32>(t, &stream, OP, "partials")?,
-        None => 0u64,
-    };
-    let ml_p = match &part_ml {
-        Some(t) => dev_ptr::<f32>(t, &stream, OP, "partials")?,
-        None => 0u64,
-    };
-    let q_p = dev_ptr::<f16>(a.q, &stream, OP, "q")?;
-    let kc_p = dev_ptr::<f16>(a.k_cache, &stream, OP, "k_cache")?;
-    let vc_p = dev_ptr::<f16>(a.v_cache, &stream, OP, "v_cache")?;
-    let bt_p = dev_ptr::<u32>(a.block_tables, &stream, OP, "block_tables")?;
-    let qs_p = dev_ptr::<u32>(a.query_seq, &stream, OP, "query_seq")?;
-    let qc_p = dev_ptr::<u32>(a.query_ctx, &stream, OP, "query_ctx")?;
-    let q_stride = q_stride as i64;
-    let max_blocks = i32_of(OP, "max_blocks", max_blocks)?;
-    let (heads_i, kv_heads_i) = (
-        i32_of(OP, "heads", heads)?,
-        i32_of(OP, "kv_heads", kv_heads)?,
-    );
-    let block_size_i = i32_of(OP, "block_size", block_size)?;
-    let window = i32_of(OP, "sliding window", a.sliding_window.unwrap_or(0))?;
-    let partition_i = i32_of(OP, "partition", partition)?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&out_p)
-        .arg(&acc_p)
-        .arg(&ml_p)
-        .arg(&q_p)
-        .arg(&q_stride)
-        .arg(&kc_p)
-        .arg(&vc_p)
-        .arg(&bt_p)
-        .arg(&max_blocks)
-        .arg(&qs_p)
-        .arg(&qc_p)
-        .arg(&heads_i)
-        .arg(&kv_heads_i)
-        .arg(&block_size_i)
-        .arg(&window)
-        .arg(&a.scale)
-        .arg(&partition_i);
-    // Must match HEADS_PER_BLOCK and ATTN_WARPS in kernels/attention.cu.
-    let chunks = (heads / kv_heads).div_ceil(8);
+    let chunks = (heads / kv_heads).div_ceil(HEADS_PER_BLOCK);
     let grid = (
         u32_of(OP, "kv heads", kv_heads * chunks)?,
         u32_of(OP, "rows", rows)?,
         u32_of(OP, "partitions", partitions)?,
     );
-    unsafe { b.launch(launch_cfg(grid, 128)) }.map_err(driver)?;
-
-    if split {
-        let f = func(
-            dev,
+    Launch::new(
+        OP,
+        "attention",
+        format!("wick_paged_attention_d{head_dim}_f16"),
+        grid,
+        ATTN_THREADS,
+    )
+    .output(&out, "out")
+    .output_opt(part_acc.as_ref(), "part_acc")
+    .output_opt(part_ml.as_ref(), "part_ml")
+    .input(a.q, "q")
+    .i64(q_stride as i64)
+    .input(a.k_cache, "k_cache")
+    .input(a.v_cache, "v_cache")
+    .input(&a.meta.block_tables, "block_tables")
+    .i32(i32_of(OP, "max_blocks", a.meta.max_blocks)?)
+    .input(&a.meta.query_seq, "query_seq")
+    .input(&a.meta.query_ctx, "query_ctx")
+    .i32(i32_of(OP, "heads", heads)?)
+    .i32(i32_of(OP, "kv_heads", kv_heads)?)
+    .i32(i32_of(OP, "block_size", block_size)?)
+    .i32(i32_of(OP, "sliding window", a.sliding_window.unwrap_or(0))?)
+    .f32(a.scale)
+    .i32(i32_of(OP, "partition", partition)?)
+    .run()?;
+    if let (Some(acc), Some(ml)) = (&part_acc, &part_ml) {
+        Launch::new(
+            OP,
             "attention",
-            &format!("wick_paged_attention_reduce_d{head_dim}_f16"),
-        )?;
-        let parts = i32_of(OP, "partitions", partitions)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&out_p).arg(&acc_p).arg(&ml_p).arg(&parts);
-        let grid = (heads as u32, rows as u32, 1);
-        unsafe { b.launch(launch_cfg(grid, head_dim.min(128) as u32)) }.map_err(driver)?;
+            format!("wick_paged_attention_reduce_d{head_dim}_f16"),
+            (u32_of(OP, "heads", heads)?, u32_of(OP, "rows", rows)?, 1),
+            head_dim.min(128) as u32,
+        )
+        .output(&out, "out")
+        .input(acc, "part_acc")
+        .input(ml, "part_ml")
+        .i32(i32_of(OP, "partitions", partitions)?)
+        .run()?;
     }
-    // The partials must live until the kernels that read them are queued; candle frees
-    // stream-ordered, so dropping them here is safe.
-    drop((part_acc, part_ml));
     Ok(out)
 }
 
@@ -360,7 +482,6 @@ pub fn add_rms_norm(
     eps: f32,
 ) -> Result<Tensor> {
     const OP: &str = "add_rms_norm";
-    let dev = cuda_device(residual, OP, "residual")?;
     let (rows, hidden) = residual.dims2().map_err(|_| {
         shape_err(
             OP,
@@ -380,111 +501,125 @@ pub fn add_rms_norm(
     }
     contiguous(residual, OP, "residual")?;
     contiguous(weight, OP, "weight")?;
+    check_dtype(residual, DType::F16, OP, "residual")?;
+    check_dtype(weight, DType::F16, OP, "weight")?;
     if let Some(d) = delta {
         contiguous(d, OP, "delta")?;
+        check_dtype(d, DType::F16, OP, "delta")?;
     }
-    let out = uninit(dev, DType::F16, &[rows, hidden])?;
+    let out = uninit(residual.device(), DType::F16, &[rows, hidden])?;
     if rows == 0 {
         return Ok(out);
     }
-    let stream = dev.cuda_stream();
-    let f = func(dev, "rms_norm", "wick_add_rms_norm_f16")?;
-    let out_p = dev_ptr::<f16>(&out, &stream, OP, "out")?;
-    let st_p = dev_ptr::<f16>(residual, &stream, OP, "residual")?;
-    let d_p = match delta {
-        Some(d) => dev_ptr::<f16>(d, &stream, OP, "delta")?,
-        None => 0u64,
-    };
-    let w_p = dev_ptr::<f16>(weight, &stream, OP, "weight")?;
-    let hidden_i = i32_of(OP, "hidden", hidden)?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&out_p)
-        .arg(&st_p)
-        .arg(&d_p)
-        .arg(&w_p)
-        .arg(&hidden_i)
-        .arg(&eps);
     let threads = if hidden >= 4096 { 1024 } else { ROW_THREADS };
-    unsafe { b.launch(launch_cfg((u32_of(OP, "rows", rows)?, 1, 1), threads)) }.map_err(driver)?;
+    Launch::new(
+        OP,
+        "rms_norm",
+        "wick_add_rms_norm_f16",
+        (u32_of(OP, "rows", rows)?, 1, 1),
+        threads,
+    )
+    .output(&out, "out")
+    .output(residual, "residual")
+    .input_opt(delta, "delta")
+    .input(weight, "weight")
+    .i32(i32_of(OP, "hidden", hidden)?)
+    .f32(eps)
+    .run()?;
     Ok(out)
+}
+
+/// A step's token positions for the rotary kernel, checked against the tables' length.
+pub struct RopePositions {
+    positions: Tensor,
+    table_len: usize,
+}
+
+impl RopePositions {
+    /// `positions` must each be below `table_len` (the rows of the cos/sin tables).
+    pub fn new(positions: &[u32], table_len: usize, device: &Device) -> Result<Self> {
+        if let Some(p) = positions.iter().find(|&&p| p as usize >= table_len) {
+            return Err(shape_err(
+                "rope_neox",
+                format!("position {p} is beyond the {table_len} rows of the rotary tables"),
+            ));
+        }
+        Ok(Self {
+            positions: Tensor::from_slice(positions, positions.len(), device)?,
+            table_len,
+        })
+    }
 }
 
 /// Neox-style rotary embedding, in place on `q` `[tokens, heads, head_dim]` and `k`
 /// `[tokens, kv_heads, head_dim]` (fp16, rows contiguous). `cos`/`sin`: `[positions,
-/// head_dim / 2]` f32; `positions`: `[tokens]` u32, each below the table's length (the
-/// caller checks; the decoder does before every step).
+/// head_dim / 2]` f32.
 pub fn rope_neox_inplace(
     q: &Tensor,
     k: &Tensor,
     cos: &Tensor,
     sin: &Tensor,
-    positions: &Tensor,
+    positions: &RopePositions,
 ) -> Result<()> {
     const OP: &str = "rope_neox";
-    let dev = cuda_device(q, OP, "q")?;
     let (n, q_stride) = row_stride3(q, OP, "q")?;
     let (nk, k_stride) = row_stride3(k, OP, "k")?;
     let (_, heads, head_dim) = q.dims3()?;
     let (_, kv_heads, k_hd) = k.dims3()?;
-    let (_, half) = cos.dims2()?;
+    let (table_len, half) = cos.dims2()?;
     if nk != n
         || k_hd != head_dim
         || !head_dim.is_multiple_of(2)
         || half * 2 != head_dim
         || sin.dims() != cos.dims()
-        || positions.dims() != [n]
+        || positions.positions.dims() != [n]
+        || table_len != positions.table_len
     {
         return Err(shape_err(
             OP,
             format!(
-                "q {:?}, k {:?}, cos {:?}, sin {:?}, positions {:?} do not fit together",
+                "q {:?}, k {:?}, cos {:?}, sin {:?}, {} positions for a table of {} do not fit",
                 q.dims(),
                 k.dims(),
                 cos.dims(),
                 sin.dims(),
-                positions.dims()
+                positions.positions.dims()[0],
+                positions.table_len
             ),
         ));
     }
-    for (t, what) in [(cos, "cos"), (sin, "sin"), (positions, "positions")] {
+    for (t, what) in [(cos, "cos"), (sin, "sin")] {
         contiguous(t, OP, what)?;
+        check_dtype(t, DType::F32, OP, what)?;
     }
+    check_dtype(q, DType::F16, OP, "q")?;
+    check_dtype(k, DType::F16, OP, "k")?;
     if n == 0 {
         return Ok(());
     }
-    let stream = dev.cuda_stream();
-    let f = func(dev, "rotary", "wick_rope_neox_f16")?;
-    let q_p = dev_ptr::<f16>(q, &stream, OP, "q")?;
-    let k_p = dev_ptr::<f16>(k, &stream, OP, "k")?;
-    let c_p = dev_ptr::<f32>(cos, &stream, OP, "cos")?;
-    let s_p = dev_ptr::<f32>(sin, &stream, OP, "sin")?;
-    let p_p = dev_ptr::<u32>(positions, &stream, OP, "positions")?;
-    let (h, kh, hd) = (
-        i32_of(OP, "heads", heads)?,
-        i32_of(OP, "kv_heads", kv_heads)?,
-        i32_of(OP, "head_dim", head_dim)?,
-    );
-    let (qs, ks) = (q_stride as i64, k_stride as i64);
-    let mut b = stream.launch_builder(&f);
-    b.arg(&q_p)
-        .arg(&k_p)
-        .arg(&c_p)
-        .arg(&s_p)
-        .arg(&p_p)
-        .arg(&h)
-        .arg(&kh)
-        .arg(&hd)
-        .arg(&qs)
-        .arg(&ks);
-    unsafe { b.launch(launch_cfg((u32_of(OP, "tokens", n)?, 1, 1), ROW_THREADS)) }
-        .map_err(driver)?;
-    Ok(())
+    Launch::new(
+        OP,
+        "rotary",
+        "wick_rope_neox_f16",
+        (u32_of(OP, "tokens", n)?, 1, 1),
+        ROW_THREADS,
+    )
+    .output(q, "q")
+    .output(k, "k")
+    .input(cos, "cos")
+    .input(sin, "sin")
+    .input(&positions.positions, "positions")
+    .i32(i32_of(OP, "heads", heads)?)
+    .i32(i32_of(OP, "kv_heads", kv_heads)?)
+    .i32(i32_of(OP, "head_dim", head_dim)?)
+    .i64(q_stride as i64)
+    .i64(k_stride as i64)
+    .run()
 }
 
 /// `silu(gate) * up`, elementwise; both contiguous fp16 of one shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     const OP: &str = "silu_mul";
-    let dev = cuda_device(gate, OP, "gate")?;
     if gate.dims() != up.dims() {
         return Err(shape_err(
             OP,
@@ -493,21 +628,26 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     }
     contiguous(gate, OP, "gate")?;
     contiguous(up, OP, "up")?;
-    let out = uninit(dev, DType::F16, gate.dims())?;
+    check_dtype(gate, DType::F16, OP, "gate")?;
+    check_dtype(up, DType::F16, OP, "up")?;
+    let out = uninit(gate.device(), DType::F16, gate.dims())?;
     let n = gate.elem_count();
     if n == 0 {
         return Ok(out);
     }
-    let stream = dev.cuda_stream();
-    let f = func(dev, "activation", "wick_silu_mul_f16")?;
-    let o_p = dev_ptr::<f16>(&out, &stream, OP, "out")?;
-    let g_p = dev_ptr::<f16>(gate, &stream, OP, "gate")?;
-    let u_p = dev_ptr::<f16>(up, &stream, OP, "up")?;
-    let n_i = n as i64;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&o_p).arg(&g_p).arg(&u_p).arg(&n_i);
     let blocks = n.div_ceil(ROW_THREADS as usize).min(65_535) as u32;
-    unsafe { b.launch(launch_cfg((blocks, 1, 1), ROW_THREADS)) }.map_err(driver)?;
+    Launch::new(
+        OP,
+        "activation",
+        "wick_silu_mul_f16",
+        (blocks, 1, 1),
+        ROW_THREADS,
+    )
+    .output(&out, "out")
+    .input(gate, "gate")
+    .input(up, "up")
+    .i64(n as i64)
+    .run()?;
     Ok(out)
 }
 
@@ -515,7 +655,6 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// contiguous) as `[rows]` u32. Ties go to the lowest id; NaN never wins.
 pub fn argmax(logits: &Tensor) -> Result<Tensor> {
     const OP: &str = "argmax";
-    let dev = cuda_device(logits, OP, "logits")?;
     let (rows, vocab) = logits.dims2().map_err(|_| {
         shape_err(
             OP,
@@ -526,22 +665,11 @@ pub fn argmax(logits: &Tensor) -> Result<Tensor> {
     if vocab > 1 && st[1] != 1 {
         return Err(shape_err(OP, "logits rows must be contiguous".into()));
     }
-    let out = uninit(dev, DType::U32, &[rows])?;
-    if rows == 0 {
-        return Ok(out);
-    }
-    let stream = dev.cuda_stream();
-    let (name, l_p) = match logits.dtype() {
-        DType::F32 => (
-            "wick_argmax_f32",
-            dev_ptr::<f32>(logits, &stream, OP, "logits")?,
-        ),
-        DType::F16 => (
-            "wick_argmax_f16",
-            dev_ptr::<f16>(logits, &stream, OP, "logits")?,
-        ),
+    let name = match logits.dtype() {
+        DType::F32 => "wick_argmax_f32",
+        DType::F16 => "wick_argmax_f16",
         other => {
-            return Err(super::KernelError::DType {
+            return Err(KernelError::DType {
                 op: OP,
                 what: "logits",
                 got: other,
@@ -549,12 +677,21 @@ pub fn argmax(logits: &Tensor) -> Result<Tensor> {
             })
         }
     };
-    let f = func(dev, "sampling", name)?;
-    let o_p = dev_ptr::<u32>(&out, &stream, OP, "out")?;
-    let vocab_i = i32_of(OP, "vocab", vocab)?;
-    let stride = st[0] as i64;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&o_p).arg(&l_p).arg(&vocab_i).arg(&stride);
-    unsafe { b.launch(launch_cfg((u32_of(OP, "rows", rows)?, 1, 1), 1024)) }.map_err(driver)?;
+    let out = uninit(logits.device(), DType::U32, &[rows])?;
+    if rows == 0 {
+        return Ok(out);
+    }
+    Launch::new(
+        OP,
+        "sampling",
+        name,
+        (u32_of(OP, "rows", rows)?, 1, 1),
+        ARGMAX_THREADS,
+    )
+    .output(&out, "out")
+    .input(logits, "logits")
+    .i32(i32_of(OP, "vocab", vocab)?)
+    .i64(if rows > 1 { st[0] as i64 } else { vocab as i64 })
+    .run()?;
     Ok(out)
 }
