@@ -72,7 +72,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
         .iter()
         .map(|l| {
             let name = l.info.name.display_short();
-            json!({
+            let mut m = json!({
                 "name": name,
                 "model": name,
                 "size": l.info.size,
@@ -82,7 +82,13 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                 // CPU serving: nothing lives in GPU memory yet.
                 "size_vram": 0,
                 "context_length": l.context_length(),
-            })
+            });
+            // On a GPU: which path serves it, our kernels or candle's reference ops (the
+            // boot self-check's verdict). Clients ignore fields they do not know.
+            if let Some(p) = l.model.gpu_path {
+                m["gpu_path"] = json!(p.as_str());
+            }
+            m
         })
         .collect();
     Ok(json_response(StatusCode::OK, &json!({"models": models})))

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::model::{CpuKvCache, KvCache, Model, Tokenizer};
+use crate::model::{KvCache, Model, Tokenizer};
 
 use super::block_manager::BlockManager;
 use super::detok::{IncrementalDecoder, StopMatcher};
@@ -274,14 +274,9 @@ pub struct Engine {
     default_num_ctx: usize,
 }
 
-/// Bytes of one KV block on the CPU cache (K and V, f32, every layer).
+/// Bytes of one KV block of the model's cache (K and V, every layer).
 fn block_bytes(model: &Model, block_size: usize) -> usize {
-    #[cfg(feature = "cuda")]
-    if model.decoder.device().is_cuda() {
-        return crate::model::cuda::CudaKvCache::block_bytes(model.config(), block_size);
-    }
-    let c = model.config();
-    2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * std::mem::size_of::<f32>()
+    model.kv_block_bytes(block_size)
 }
 
 /// The KV cache budget without `WICK_KV_CACHE_BYTES`: on a GPU, 90% of its free memory
@@ -303,28 +298,15 @@ fn default_cache_bytes(model: &Model, fraction: f64) -> usize {
     (available_memory() as f64 * fraction.clamp(0.0, 1.0)) as usize
 }
 
-/// The paged KV cache on the model's device.
+/// The paged KV cache on the model's device (on a GPU, of the path it serves on).
 fn new_cache(
     model: &Model,
     num_blocks: usize,
     block_size: usize,
 ) -> Result<Box<dyn KvCache + Send>, EngineError> {
-    #[cfg(feature = "cuda")]
-    if model.decoder.device().is_cuda() {
-        let c = crate::model::cuda::CudaKvCache::new(
-            model.config(),
-            num_blocks,
-            block_size,
-            model.decoder.device(),
-        )
-        .map_err(EngineError::Cache)?;
-        return Ok(Box::new(c));
-    }
-    Ok(Box::new(CpuKvCache::new(
-        model.config(),
-        num_blocks,
-        block_size,
-    )))
+    model
+        .new_kv_cache(num_blocks, block_size)
+        .map_err(EngineError::Cache)
 }
 
 /// Memory available now, from /proc/meminfo; a conservative guess elsewhere.

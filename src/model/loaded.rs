@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use super::selfcheck::{self, GpuPath};
 use super::{
-    ArchConfig, Batch, ChatTemplate, CpuKvCache, Decoder, Error, Result, Tokenizer, WeightSource,
+    ArchConfig, Batch, ChatTemplate, CpuKvCache, Decoder, Error, KvCache, RefKvCache, Result,
+    Tokenizer, WeightSource,
 };
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
@@ -15,6 +17,8 @@ pub struct Model {
     /// The model's own chat template, when its files carry one.
     pub chat_template: Option<ChatTemplate>,
     pub path: PathBuf,
+    /// On a GPU: our kernels or candle's reference ops (the boot self-check's verdict).
+    pub gpu_path: Option<GpuPath>,
 }
 
 impl Model {
@@ -63,26 +67,59 @@ impl Model {
             None => None,
         };
         let decoder = Decoder::load(&src, cfg, device, dtype)?;
+        let gpu_path = device.is_cuda().then(selfcheck::serving_path);
         Ok(Self {
             decoder,
             tokenizer,
             chat_template,
             path: path.to_path_buf(),
+            gpu_path,
         })
     }
 
+    /// A paged KV cache of `num_blocks` blocks of `block_size` tokens for this model on its
+    /// device: the CPU cache, or on a GPU the cache of the path it serves on.
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Box<dyn KvCache + Send>> {
+        let (cfg, device) = (self.config(), self.decoder.device());
+        Ok(match self.gpu_path {
+            None => Box::new(CpuKvCache::new(cfg, num_blocks, block_size)),
+            Some(GpuPath::Kernels) => Box::new(super::cuda::CudaKvCache::new(
+                cfg, num_blocks, block_size, device,
+            )?),
+            Some(GpuPath::Reference) => Box::new(RefKvCache::new(
+                cfg,
+                num_blocks,
+                block_size,
+                device,
+                self.decoder.dtype(),
+            )?),
+        })
+    }
+
+    /// Bytes one KV block takes over every layer (K and V) in [`Self::new_kv_cache`].
+    pub fn kv_block_bytes(&self, block_size: usize) -> usize {
+        let c = self.config();
+        let elem = if self.gpu_path.is_some() { 2 } else { 4 };
+        2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * elem
+    }
+
     /// The mean of the last hidden states over `ids` (not normalised): a sentence
-    /// embedding. Runs on the calling thread with a scratch KV cache of its own.
+    /// embedding. Runs on the calling thread with a scratch KV cache of its own on the
+    /// model's device.
     pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::Config("nothing to embed".into()));
         }
         const BLOCK: usize = 16;
         let blocks = ids.len().div_ceil(BLOCK);
-        let mut cache = CpuKvCache::new(self.config(), blocks, BLOCK);
+        let mut cache = self.new_kv_cache(blocks, BLOCK)?;
         let mut batch = Batch::default();
         batch.push_seq(ids, 0, (0..blocks as u32).collect(), false);
-        let states = self.decoder.hidden_states(&batch, &mut cache)?;
+        let states = self.decoder.hidden_states(&batch, cache.as_mut())?;
         Ok(states.mean(0)?.to_vec1::<f32>()?)
     }
 

@@ -11,7 +11,9 @@ pub mod cuda;
 pub mod decoder;
 mod loaded;
 mod parallel;
+pub mod ref_attention;
 pub mod reply;
+pub mod selfcheck;
 pub mod tokenizer;
 pub mod weights;
 
@@ -23,6 +25,7 @@ pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
 pub use loaded::Model;
 pub use parallel::init_threads;
+pub use ref_attention::RefKvCache;
 pub use reply::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 pub use tokenizer::Tokenizer;
 pub use weights::WeightSource;
