@@ -1,4 +1,5 @@
-//! Builds kernels/*.cu, two ways:
+//! Links src/cpu_floor.c into the binaries (a start-up check of the CPU floor, compiled for
+//! baseline x86-64), and builds kernels/*.cu, two ways:
 //!
 //! * With the `cuda` feature: nvcc compiles each source to a fat binary holding SASS for
 //!   every architecture asked for (default sm_75 and sm_86: T4 and A10 run it without
@@ -21,6 +22,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    cpu_floor();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         build_sim();
         return;
@@ -82,6 +84,25 @@ fn build_sim() {
         .file("kernels/sim/sim.cpp")
         .flag("-U_FORTIFY_SOURCE")
         .compile("wick_sim_runtime");
+}
+
+/// Compiles the CPU floor check for baseline x86-64 (whatever `-C target-cpu` says) and links
+/// its object into the binaries only: an object given to the linker is always kept, with its
+/// constructor, where a library member nobody references would be dropped.
+fn cpu_floor() {
+    println!("cargo:rerun-if-changed=src/cpu_floor.c");
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64") {
+        return;
+    }
+    let objects = cc::Build::new()
+        .file("src/cpu_floor.c")
+        .flag("-march=x86-64")
+        .flag("-mtune=generic")
+        .opt_level(2)
+        .compile_intermediates();
+    for obj in objects {
+        println!("cargo:rustc-link-arg-bins={}", obj.display());
+    }
 }
 
 fn build_kernels() -> Result<(), String> {

@@ -176,7 +176,7 @@ fn main() {
     let model = Arc::new(Model::load(&gguf, &Device::Cpu).expect("load"));
     let engine = Engine::start(
         model.clone(),
-        EngineConfig::from_env().expect("engine config"),
+        EngineConfig::from_config(&Config::from_env().expect("settings")),
     )
     .expect("engine");
 

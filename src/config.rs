@@ -2,8 +2,10 @@
 //! `OLLAMA_MODELS`, `OLLAMA_ORIGINS`, `OLLAMA_KEEP_ALIVE`, `OLLAMA_NUM_PARALLEL`,
 //! `OLLAMA_MAX_LOADED_MODELS`, `OLLAMA_MAX_QUEUE`, `OLLAMA_CONTEXT_LENGTH`) parsed with
 //! Ollama's rules, plus the Go duration syntax that `keep_alive` shares with them, and our
-//! own `WICK_DEVICE` (where models run: `cpu`, `cuda`, `cuda:N`), and for Hugging Face
-//! pulls `HF_ENDPOINT`, `HF_TOKEN` and `WICK_CATALOG` (the user's catalog files).
+//! own `WICK_*` settings, and for Hugging Face pulls `HF_ENDPOINT`, `HF_TOKEN` and
+//! `WICK_CATALOG` (the user's catalog files). Nothing else in the crate reads the
+//! environment: the server reads [`Config`], the CPU thread pool [`threads_from_env`] and the
+//! CLI client [`client_base_url`].
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -248,6 +250,47 @@ pub struct Config {
     pub hf_token: Option<Secret>,
     /// `WICK_CATALOG`: a directory of extra catalog files (`*.toml`), or one file.
     pub catalog: Option<PathBuf>,
+    /// `WICK_KV_CACHE_BYTES`: the KV cache budget per model; `None`: sized from the memory
+    /// available (see `engine::kv_budget`).
+    pub kv_cache_bytes: Option<usize>,
+}
+
+/// Ollama trims whitespace and surrounding quotes from every value; empty means unset.
+fn clean(v: Option<String>) -> Option<String> {
+    v.map(|v| v.trim().trim_matches(['"', '\'']).trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+/// CPU compute threads: `WICK_NUM_THREADS`, else `RAYON_NUM_THREADS`; `None` (unset or not a
+/// positive number): the CPUs this process may use. Read by the thread pool when it starts,
+/// which is before any [`Config`] exists.
+pub fn threads_from_env() -> Option<usize> {
+    ["WICK_NUM_THREADS", "RAYON_NUM_THREADS"]
+        .iter()
+        .find_map(|v| clean(std::env::var(v).ok())?.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+}
+
+/// The server the CLI talks to: `OLLAMA_HOST` as an `http(s)://host:port` base URL, with a
+/// server bound to every interface reached on loopback.
+pub fn client_base_url() -> Result<String, ConfigError> {
+    let raw = clean(std::env::var("OLLAMA_HOST").ok()).unwrap_or_default();
+    let scheme = if raw.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    let mut hp = HostPort::parse(&raw).map_err(|reason| ConfigError::Invalid {
+        name: "OLLAMA_HOST",
+        value: raw.clone(),
+        reason,
+    })?;
+    match hp.host.as_str() {
+        "0.0.0.0" => hp.host = "127.0.0.1".into(),
+        "::" => hp.host = "::1".into(),
+        _ => {}
+    }
+    Ok(format!("{scheme}://{hp}"))
 }
 
 /// A value that must not reach logs: `Debug` shows that it is set, not what it is.
@@ -268,12 +311,7 @@ impl Config {
 
     /// Reads settings through `get` (tests pass a map).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
-        // Ollama trims whitespace and surrounding quotes from every value.
-        let var = |name: &str| {
-            get(name)
-                .map(|v| v.trim().trim_matches(['"', '\'']).trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
+        let var = |name: &str| clean(get(name));
         let invalid = |name: &'static str, value: &str, reason: String| ConfigError::Invalid {
             name,
             value: value.to_string(),
@@ -371,6 +409,7 @@ impl Config {
             },
             hf_token: var("HF_TOKEN").map(Secret),
             catalog: var("WICK_CATALOG").map(PathBuf::from),
+            kv_cache_bytes: number("WICK_KV_CACHE_BYTES")?,
         })
     }
 }

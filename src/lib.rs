@@ -1,10 +1,10 @@
 //! candlewick: an Ollama-compatible LLM inference server on candle.
 //!
-//! The crate is split the way a request flows (see ARCHITECTURE in the project docs):
-//! `model` does the math and knows tensors, `engine` owns sequences, sampling and
-//! detokenization, `store` is the Ollama-layout model directory, `api` is the HTTP edge
-//! (Ollama and OpenAI dialects), `config` holds every setting, and the binary `wick` wires
-//! them to a command line.
+//! The crate is split the way a request flows (ARCHITECTURE.md at the repository root maps
+//! it): [`api`] is the HTTP edge (Ollama and OpenAI dialects), [`engine`] owns loaded models,
+//! sequences, KV blocks and sampling, [`model`] does the math and knows tensors, [`store`] is
+//! the Ollama-layout model directory, and [`config`] holds every setting. The binary `wick`
+//! wires them to a command line.
 
 pub mod api;
 pub mod config;

@@ -5,6 +5,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::engine::manager::LoadError;
 use crate::engine::EngineError;
 use crate::store::StoreError;
 
@@ -47,6 +48,17 @@ pub enum ApiError {
     /// `OLLAMA_MAX_QUEUE` requests are already waiting (Ollama's words).
     #[error("server busy, please try again.  maximum pending requests exceeded")]
     Busy,
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Model(e) => ApiError::Load(e),
+            LoadError::Engine(e) => ApiError::Engine(e),
+            LoadError::Store(e) => e.into(),
+            LoadError::Panicked(msg) => ApiError::Internal(format!("model loader panicked: {msg}")),
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {

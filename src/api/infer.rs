@@ -18,9 +18,9 @@ use crate::model::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
-use super::loaded::InUse;
 use super::metrics::Metrics;
 use super::AppState;
+use crate::engine::manager::InUse;
 
 /// What to generate from.
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@ pub mod cors;
 pub mod edge;
 pub mod error;
 pub mod infer;
-pub mod loaded;
 pub mod metrics;
 pub mod ollama;
 pub mod openai;
@@ -23,6 +22,7 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
+use crate::engine::manager::ModelManager;
 use crate::store::Store;
 
 pub use error::ApiError;
@@ -38,7 +38,7 @@ pub const BODY_LIMIT: usize = 64 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub models: loaded::Models,
+    pub models: ModelManager,
     pub config: Arc<Config>,
     pub metrics: Arc<metrics::Metrics>,
 }
@@ -48,7 +48,7 @@ impl AppState {
     pub fn new(config: Config) -> Result<AppState, ApiError> {
         Ok(AppState {
             store: Store::new(&config.models_dir),
-            models: loaded::Models::new(&config)?,
+            models: ModelManager::new(&config)?,
             config: Arc::new(config),
             metrics: Arc::default(),
         })

@@ -122,14 +122,14 @@ impl BlockManager {
     }
 
     /// How many of `ids` are free now, i.e. would leave the free pool when taken.
-    pub fn count_free(&self, ids: &[u32]) -> usize {
+    fn count_free(&self, ids: &[u32]) -> usize {
         ids.iter()
             .filter(|&&id| self.blocks[id as usize].refs == 0)
             .count()
     }
 
     /// Adds a reference to each of `ids` (cached blocks found by [`Self::match_prefix`]).
-    pub fn take(&mut self, ids: &[u32]) {
+    fn take(&mut self, ids: &[u32]) {
         for &id in ids {
             let meta = &mut self.blocks[id as usize];
             if meta.refs == 0 {
@@ -143,7 +143,7 @@ impl BlockManager {
 
     /// Hands out `n` blocks with one reference each, evicting cached prefixes as needed, or
     /// `None` (and nothing changes) when fewer than `n` are free.
-    pub fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
+    fn allocate(&mut self, n: usize) -> Option<Vec<u32>> {
         if n > self.free.len() {
             return None;
         }
@@ -161,6 +161,32 @@ impl BlockManager {
             out.push(id);
         }
         Some(out)
+    }
+
+    /// Makes the block table `table` cover `upto` tokens: appends `cached` (prefix blocks
+    /// found by [`Self::match_prefix`], taken with a reference each), then fresh blocks for
+    /// the rest. All or nothing: when too few blocks are free, returns false and changes
+    /// nothing. The one place the scheduler gets blocks, for running and new sequences alike.
+    pub fn allocate_slots(&mut self, table: &mut Vec<u32>, cached: &[u32], upto: usize) -> bool {
+        let fresh = upto
+            .div_ceil(self.block_size)
+            .saturating_sub(table.len() + cached.len());
+        // Cached blocks nobody holds leave the free pool when taken.
+        if fresh + self.count_free(cached) > self.num_free() {
+            return false;
+        }
+        self.take(cached);
+        table.extend_from_slice(cached);
+        match self.allocate(fresh) {
+            Some(new) => table.extend(new),
+            // Cannot happen after the check above; undo so the pool stays consistent.
+            None => {
+                self.free(cached);
+                table.truncate(table.len() - cached.len());
+                return false;
+            }
+        }
+        true
     }
 
     /// Drops one reference to each of `ids`. Pass a sequence's table in order: blocks are

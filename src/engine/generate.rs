@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::model::Model;
 
-use super::runtime::{Engine, EngineConfig, EngineError, Event, FinishReason, Request};
 use super::sampler::SamplingParams;
+use super::{Engine, EngineConfig, EngineError, Event, FinishReason, Request};
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {

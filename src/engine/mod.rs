@@ -1,15 +1,25 @@
 //! Serving: sequences, KV blocks, continuous batching, sampling, stop sequences and
-//! incremental detokenization. Knows token ids and text, never HTTP.
+//! incremental detokenization, and the set of loaded models. Knows token ids and text, never
+//! HTTP.
+//!
+//! [`manager`] loads models on demand and unloads them (keep-alive, LRU); each loaded model has
+//! an [`Engine`] ([`handle`]) whose thread ([`worker`]) runs the [`scheduler`]'s steps over
+//! the blocks of the [`block_manager`], sized by [`kv_budget`].
 
 pub mod block_manager;
 pub mod detok;
+mod error;
 pub mod generate;
+mod handle;
 pub mod json_mode;
-pub mod runtime;
+mod kv_budget;
+pub mod manager;
+mod request;
 pub mod sampler;
 pub mod scheduler;
+mod worker;
 
-pub use runtime::{
-    available_memory, Engine, EngineConfig, EngineError, EngineStats, Event, FinishReason, Request,
-    RequestStream, Summary,
-};
+pub use error::EngineError;
+pub use handle::{Engine, EngineConfig, EngineStats};
+pub use kv_budget::available_memory;
+pub use request::{Event, FinishReason, Request, RequestStream, Summary};

@@ -168,11 +168,6 @@ impl Scheduler {
         Some(seq)
     }
 
-    fn blocks_needed(&self, seq: &Sequence, upto: usize) -> usize {
-        upto.div_ceil(self.blocks.block_size())
-            .saturating_sub(seq.blocks.len())
-    }
-
     /// Preempts the newest running sequence: back to the front of the waiting queue with
     /// nothing computed.
     fn preempt_newest(&mut self) -> Option<SeqId> {
@@ -203,31 +198,27 @@ impl Scheduler {
                 continue;
             }
             let upto = seq.computed + n;
-            let mut fits = true;
-            loop {
-                let need = self.blocks_needed(&self.running[i], upto);
-                if need <= self.blocks.num_free() {
-                    break;
+            // Grow its block table, preempting the newest sequences (itself last) until
+            // the blocks fit.
+            let fits = loop {
+                if self
+                    .blocks
+                    .allocate_slots(&mut self.running[i].blocks, &[], upto)
+                {
+                    break true;
                 }
                 let victim_is_self = self.running.len() == i + 1;
                 if let Some(id) = self.preempt_newest() {
                     step.preempted.push(id);
                 }
                 if victim_is_self {
-                    fits = false;
-                    break;
+                    break false;
                 }
-            }
+            };
             if !fits {
                 break;
             }
-            let need = self.blocks_needed(&self.running[i], upto);
-            let Some(new) = self.blocks.allocate(need) else {
-                break;
-            };
-            let seq = &mut self.running[i];
-            seq.blocks.extend(new);
-            push_chunk(&mut step, seq, n);
+            push_chunk(&mut step, &self.running[i], n);
             budget -= n;
             i += 1;
         }
@@ -249,23 +240,17 @@ impl Scheduler {
                 .match_prefix(&seq.tokens, seq.tokens.len().saturating_sub(1));
             let cached_tokens = cached.len() * self.blocks.block_size();
             let n = (seq.tokens.len() - cached_tokens).min(budget);
-            let upto = cached_tokens + n;
-            let new_blocks = upto.div_ceil(self.blocks.block_size()) - cached.len();
-            if new_blocks + self.blocks.count_free(&cached) > self.blocks.num_free() {
+            let mut table = Vec::new();
+            if !self
+                .blocks
+                .allocate_slots(&mut table, &cached, cached_tokens + n)
+            {
                 break;
             }
             let Some(mut seq) = self.waiting.pop_front() else {
                 break;
             };
-            self.blocks.take(&cached);
-            let Some(new) = self.blocks.allocate(new_blocks) else {
-                // Cannot happen after the check above; undo and wait.
-                self.blocks.free(&cached);
-                self.waiting.push_front(seq);
-                break;
-            };
-            seq.blocks = cached;
-            seq.blocks.extend(new);
+            seq.blocks = table;
             seq.hashes = hashes;
             seq.computed = cached_tokens;
             seq.cached_tokens = cached_tokens.min(seq.prompt_len);

@@ -103,6 +103,9 @@ mod x86 {
 
     /// Dot products of `B` blocks of 8 query rows (`qt`, `n` floats per head dimension)
     /// with `K` keys, as one fused multiply-add chain per lane over the head dimensions.
+    ///
+    /// # Safety
+    /// `qt` must hold `B * 8` floats per head dimension `n` apart for `hd` dimensions, each key `hd` floats, and the CPU must have AVX2 and FMA.
     #[inline(always)]
     unsafe fn dots<const B: usize, const K: usize>(
         qt: *const f32,
@@ -110,90 +113,106 @@ mod x86 {
         keys: [*const f32; K],
         hd: usize,
     ) -> [[__m256; B]; K] {
-        let mut acc = [[_mm256_setzero_ps(); B]; K];
-        let mut q = qt;
-        for d in 0..hd {
-            let k = keys.map(|k| _mm256_set1_ps(*k.add(d)));
-            for i in 0..B {
-                let qv = _mm256_loadu_ps(q.add(LANES * i));
-                for (acc, k) in acc.iter_mut().zip(k) {
-                    acc[i] = _mm256_fmadd_ps(qv, k, acc[i]);
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); B]; K];
+            let mut q = qt;
+            for d in 0..hd {
+                let k = keys.map(|k| _mm256_set1_ps(*k.add(d)));
+                for i in 0..B {
+                    let qv = _mm256_loadu_ps(q.add(LANES * i));
+                    for (acc, k) in acc.iter_mut().zip(k) {
+                        acc[i] = _mm256_fmadd_ps(qv, k, acc[i]);
+                    }
                 }
+                q = q.add(n);
             }
-            q = q.add(n);
+            acc
         }
-        acc
     }
 
     /// Scores `[span][rows]`: for each key, the dot product with every row's query (see
     /// [`dots`]); keys outside a row's window get -inf.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `rows` and `probs` must have the shapes `attend` gives them (`probs` holds `keys.len()` times the padded row count).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn scores(rows: &Rows, hd: usize, keys: &[&[f32]], probs: &mut [f32]) {
-        let n = rows.rows;
-        let (from, to): (Vec<i32>, Vec<i32>) = rows
-            .window
-            .iter()
-            .map(|&(f, t)| (f as i32, t as i32))
-            .unzip();
-        let out = probs.as_mut_ptr();
-        let store = |j: usize, r: usize, acc: __m256| {
-            let jv = _mm256_set1_epi32(j as i32);
-            let lo = _mm256_loadu_si256(from.as_ptr().add(r) as *const __m256i);
-            let hi = _mm256_loadu_si256(to.as_ptr().add(r) as *const __m256i);
-            // Outside the window: j < from or j >= to.
-            let outside = _mm256_or_si256(
-                _mm256_cmpgt_epi32(lo, jv),
-                _mm256_cmpgt_epi32(_mm256_add_epi32(jv, _mm256_set1_epi32(1)), hi),
-            );
-            let s = _mm256_blendv_ps(
-                acc,
-                _mm256_set1_ps(f32::NEG_INFINITY),
-                _mm256_castsi256_ps(outside),
-            );
-            _mm256_storeu_ps(out.add(j * n + r), s);
-        };
-        // Few rows (decode): four keys per pass; more rows: two keys times up to four blocks.
-        // Either way the accumulators, keys and queries of a pass fit the 16 registers.
-        let per_pass = if n <= 2 * LANES { 4 } else { 2 };
-        for j in (0..keys.len()).step_by(per_pass) {
-            // Past the last key, a pass repeats it (and does not store it again).
-            let key = |i: usize| keys[(j + i).min(keys.len() - 1)].as_ptr();
-            let valid = keys.len() - j;
-            let mut r = 0;
-            macro_rules! pass {
-                ($b:literal, $k:literal) => {{
-                    let acc =
-                        dots::<$b, $k>(rows.qt.as_ptr().add(r), n, std::array::from_fn(key), hd);
-                    for (i, acc) in acc.iter().enumerate().take(valid) {
-                        for (b, a) in acc.iter().enumerate() {
-                            store(j + i, r + LANES * b, *a);
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let n = rows.rows;
+            let (from, to): (Vec<i32>, Vec<i32>) = rows
+                .window
+                .iter()
+                .map(|&(f, t)| (f as i32, t as i32))
+                .unzip();
+            let out = probs.as_mut_ptr();
+            let store = |j: usize, r: usize, acc: __m256| {
+                let jv = _mm256_set1_epi32(j as i32);
+                let lo = _mm256_loadu_si256(from.as_ptr().add(r) as *const __m256i);
+                let hi = _mm256_loadu_si256(to.as_ptr().add(r) as *const __m256i);
+                // Outside the window: j < from or j >= to.
+                let outside = _mm256_or_si256(
+                    _mm256_cmpgt_epi32(lo, jv),
+                    _mm256_cmpgt_epi32(_mm256_add_epi32(jv, _mm256_set1_epi32(1)), hi),
+                );
+                let s = _mm256_blendv_ps(
+                    acc,
+                    _mm256_set1_ps(f32::NEG_INFINITY),
+                    _mm256_castsi256_ps(outside),
+                );
+                _mm256_storeu_ps(out.add(j * n + r), s);
+            };
+            // Few rows (decode): four keys per pass; more rows: two keys times up to four blocks.
+            // Either way the accumulators, keys and queries of a pass fit the 16 registers.
+            let per_pass = if n <= 2 * LANES { 4 } else { 2 };
+            for j in (0..keys.len()).step_by(per_pass) {
+                // Past the last key, a pass repeats it (and does not store it again).
+                let key = |i: usize| keys[(j + i).min(keys.len() - 1)].as_ptr();
+                let valid = keys.len() - j;
+                let mut r = 0;
+                macro_rules! pass {
+                    ($b:literal, $k:literal) => {{
+                        let acc = dots::<$b, $k>(
+                            rows.qt.as_ptr().add(r),
+                            n,
+                            std::array::from_fn(key),
+                            hd,
+                        );
+                        for (i, acc) in acc.iter().enumerate().take(valid) {
+                            for (b, a) in acc.iter().enumerate() {
+                                store(j + i, r + LANES * b, *a);
+                            }
                         }
+                        r += $b * LANES;
+                    }};
+                }
+                if per_pass == 4 {
+                    match n / LANES {
+                        2 => pass!(2, 4),
+                        _ => pass!(1, 4),
                     }
-                    r += $b * LANES;
-                }};
+                } else {
+                    while n - r >= 4 * LANES {
+                        pass!(4, 2);
+                    }
+                    match (n - r) / LANES {
+                        3 => pass!(3, 2),
+                        2 => pass!(2, 2),
+                        1 => pass!(1, 2),
+                        _ => {}
+                    }
+                }
+                debug_assert_eq!(r, n);
             }
-            if per_pass == 4 {
-                match n / LANES {
-                    2 => pass!(2, 4),
-                    _ => pass!(1, 4),
-                }
-            } else {
-                while n - r >= 4 * LANES {
-                    pass!(4, 2);
-                }
-                match (n - r) / LANES {
-                    3 => pass!(3, 2),
-                    2 => pass!(2, 2),
-                    1 => pass!(1, 2),
-                    _ => {}
-                }
-            }
-            debug_assert_eq!(r, n);
         }
     }
 
     /// [`weighted_values`] for rows `r..r + 4` and head dimensions `d0..d0 + 64`: sixteen
     /// 512-bit accumulators, so each value load serves four rows. Same chain per element.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; rows `r..r + 4` and dimensions `d0..d0 + 64` must lie inside `probs`, `values` and `out`.
     #[target_feature(enable = "avx512f")]
     unsafe fn weighted_values_512(
         n: usize,
@@ -204,21 +223,24 @@ mod x86 {
         probs: &[f32],
         out: &mut [f32],
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-        let mut p = probs.as_ptr().add(r);
-        for v in values {
-            let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.as_ptr().add(d0 + i)));
-            for (row, acc) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*p.add(row));
-                for (a, v) in acc.iter_mut().zip(v) {
-                    *a = _mm512_fmadd_ps(w, v, *a);
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            let mut p = probs.as_ptr().add(r);
+            for v in values {
+                let v = [0, 16, 32, 48].map(|i| _mm512_loadu_ps(v.as_ptr().add(d0 + i)));
+                for (row, acc) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*p.add(row));
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a = _mm512_fmadd_ps(w, v, *a);
+                    }
                 }
+                p = p.add(n);
             }
-            p = p.add(n);
-        }
-        for (row, acc) in acc.iter().enumerate() {
-            for (i, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.as_mut_ptr().add((r + row) * hd + d0 + 16 * i), *a);
+            for (row, acc) in acc.iter().enumerate() {
+                for (i, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add((r + row) * hd + d0 + 16 * i), *a);
+                }
             }
         }
     }
@@ -226,55 +248,70 @@ mod x86 {
     /// e^x for 8 lanes: 2^n * p(r) with x = n ln 2 + r, |r| <= ln 2 / 2 and p the degree-6
     /// Taylor polynomial (relative error about 1e-7, f32's own rounding). -inf gives 0, as
     /// does anything below -87 (under f32's normal range).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
     #[inline(always)]
     unsafe fn exp(x: __m256) -> __m256 {
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
-        let n = _mm256_round_ps(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
-        );
-        // ln 2 in two parts, so r = x - n ln 2 keeps its low bits.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-        let mut p = _mm256_set1_ps(1.0 / 720.0);
-        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+            let n = _mm256_round_ps(
+                _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+            );
+            // ln 2 in two parts, so r = x - n ln 2 keeps its low bits.
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+            let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+            let mut p = _mm256_set1_ps(1.0 / 720.0);
+            for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+            }
+            let two_n = _mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+                23,
+            );
+            let e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+            // Masked scores (-inf) and deep underflow: exactly 0.
+            let zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LE_OQ);
+            _mm256_andnot_ps(zero, e)
         }
-        let two_n = _mm256_slli_epi32(
-            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
-            23,
-        );
-        let e = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
-        // Masked scores (-inf) and deep underflow: exactly 0.
-        let zero = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0), _CMP_LE_OQ);
-        _mm256_andnot_ps(zero, e)
     }
 
     /// Softmax over the span, per row (lane), in place.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `probs` must hold `span` rows of `n` lanes (padded to whole vectors).
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn softmax(n: usize, span: usize, probs: &mut [f32]) {
-        let p = probs.as_mut_ptr();
-        for r in (0..n).step_by(LANES) {
-            let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
-            for j in 0..span {
-                max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
-            }
-            let mut sum = _mm256_setzero_ps();
-            for j in 0..span {
-                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), max));
-                _mm256_storeu_ps(p.add(j * n + r), e);
-                sum = _mm256_add_ps(sum, e);
-            }
-            let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
-            for j in 0..span {
-                let e = _mm256_loadu_ps(p.add(j * n + r));
-                _mm256_storeu_ps(p.add(j * n + r), _mm256_mul_ps(e, inv));
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let p = probs.as_mut_ptr();
+            for r in (0..n).step_by(LANES) {
+                let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+                for j in 0..span {
+                    max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
+                }
+                let mut sum = _mm256_setzero_ps();
+                for j in 0..span {
+                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), max));
+                    _mm256_storeu_ps(p.add(j * n + r), e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
+                for j in 0..span {
+                    let e = _mm256_loadu_ps(p.add(j * n + r));
+                    _mm256_storeu_ps(p.add(j * n + r), _mm256_mul_ps(e, inv));
+                }
             }
         }
     }
 
     /// Outputs `[rows][hd]`: each row's probability-weighted sum of the value rows, one fused
     /// multiply-add per position in order, 64 head dimensions per pass in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `probs` must hold `values.len()` rows of `n` lanes, each value row `hd` floats, `out` `n * hd` floats.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn weighted_values(
         n: usize,
@@ -283,40 +320,46 @@ mod x86 {
         probs: &[f32],
         out: &mut [f32],
     ) {
-        let p = probs.as_ptr();
-        let wide = std::arch::is_x86_feature_detected!("avx512f");
-        for r in 0..n {
-            let mut d0 = 0;
-            if wide {
-                // Rows in fours (n is a multiple of 8), so each value load serves four rows.
-                if r % 4 == 0 {
-                    for d0 in (0..hd - hd % 64).step_by(64) {
-                        weighted_values_512(n, hd, r, d0, values, probs, out);
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let p = probs.as_ptr();
+            let wide = std::arch::is_x86_feature_detected!("avx512f");
+            for r in 0..n {
+                let mut d0 = 0;
+                if wide {
+                    // Rows in fours (n is a multiple of 8), so each value load serves four rows.
+                    if r % 4 == 0 {
+                        for d0 in (0..hd - hd % 64).step_by(64) {
+                            weighted_values_512(n, hd, r, d0, values, probs, out);
+                        }
                     }
+                    d0 = hd - hd % 64;
                 }
-                d0 = hd - hd % 64;
-            }
-            while d0 + 64 <= hd {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (j, v) in values.iter().enumerate() {
-                    let w = _mm256_set1_ps(*p.add(j * n + r));
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        *acc =
-                            _mm256_fmadd_ps(w, _mm256_loadu_ps(v.as_ptr().add(d0 + 8 * i)), *acc);
+                while d0 + 64 <= hd {
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for (j, v) in values.iter().enumerate() {
+                        let w = _mm256_set1_ps(*p.add(j * n + r));
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(
+                                w,
+                                _mm256_loadu_ps(v.as_ptr().add(d0 + 8 * i)),
+                                *acc,
+                            );
+                        }
                     }
+                    for (i, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(out.as_mut_ptr().add(r * hd + d0 + 8 * i), *acc);
+                    }
+                    d0 += 64;
                 }
-                for (i, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(r * hd + d0 + 8 * i), *acc);
+                // Head sizes that are not a multiple of 64: the same chain, one lane at a time.
+                for d in d0..hd {
+                    let mut acc = 0f32;
+                    for (j, v) in values.iter().enumerate() {
+                        acc = (*p.add(j * n + r)).mul_add(v[d], acc);
+                    }
+                    out[r * hd + d] = acc;
                 }
-                d0 += 64;
-            }
-            // Head sizes that are not a multiple of 64: the same chain, one lane at a time.
-            for d in d0..hd {
-                let mut acc = 0f32;
-                for (j, v) in values.iter().enumerate() {
-                    acc = (*p.add(j * n + r)).mul_add(v[d], acc);
-                }
-                out[r * hd + d] = acc;
             }
         }
     }

@@ -661,83 +661,118 @@ mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU must have AVX2.
     #[inline(always)]
     unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
     }
 
     /// The 32 values of a block's 16 nibble bytes: low nibbles first, then high nibbles.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable bytes and the CPU must have AVX2.
     #[inline(always)]
     unsafe fn nibbles(p: *const u8) -> __m256i {
-        let q = _mm_loadu_si128(p as *const __m128i);
-        let m = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, m);
-        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
-        _mm256_set_m128i(hi, lo)
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let q = _mm_loadu_si128(p as *const __m128i);
+            let m = _mm_set1_epi8(0x0f);
+            let lo = _mm_and_si128(q, m);
+            let hi = _mm_and_si128(_mm_srli_epi16(q, 4), m);
+            _mm256_set_m128i(hi, lo)
+        }
     }
 
     /// Byte j is 0x10 where bit j of `bits` is set.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
     #[inline(always)]
     unsafe fn high_bits(bits: u32) -> __m256i {
-        let spread = _mm256_setr_epi64x(
-            0,
-            0x0101010101010101,
-            0x0202020202020202,
-            0x0303030303030303,
-        );
-        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
-        let select = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let spread = _mm256_setr_epi64x(
+                0,
+                0x0101010101010101,
+                0x0202020202020202,
+                0x0303030303030303,
+            );
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(bits as i32), spread);
+            let select = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, select), select);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        }
     }
 
     /// Sums of u8 x i8 products in groups of four, as eight i32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
     #[inline(always)]
     unsafe fn mul_sum_avx2(x: __m256i, y: __m256i) -> __m256i {
-        // maddubs saturates at i16: x < 32 never gets there; Q8_0's |x| <= 128 can only at
-        // -128 * -128 pairs, which its quantizer (|q| <= 127) does not produce.
-        _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            // maddubs saturates at i16: x < 32 never gets there; Q8_0's |x| <= 128 can only at
+            // -128 * -128 pairs, which its quantizer (|q| <= 127) does not produce.
+            _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+        }
     }
 
+    /// # Safety
+    /// The CPU must have AVX-VNNI.
     #[inline(always)]
     unsafe fn mul_sum_vnni(x: __m256i, y: __m256i) -> __m256i {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y)
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), x, y) }
     }
 
+    /// # Safety
+    /// `p` must point to 2 readable bytes.
     #[inline(always)]
     unsafe fn f16_at(p: *const u8) -> f32 {
-        f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32()
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe { f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32() }
     }
 
     /// One block's integer dot product and its scalar correction, for a weight block at `b`.
+    ///
+    /// # Safety
+    /// `b` must point to one weight block of type `KIND`, `a` to one activation block, and the CPU must have AVX2 (and AVX-VNNI when `VNNI`).
     #[inline(always)]
     unsafe fn block<const KIND: u8, const VNNI: bool>(
         b: *const u8,
         a: *const Act,
     ) -> (__m256i, f32) {
-        let mul_sum = |x, y| {
-            if VNNI {
-                mul_sum_vnni(x, y)
-            } else {
-                mul_sum_avx2(x, y)
-            }
-        };
-        let y = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
-        match KIND {
-            Q4_1 => (mul_sum(nibbles(b.add(4)), y), f16_at(b.add(2)) * (*a).s),
-            Q5_0 => {
-                let qh = (b.add(2) as *const u32).read_unaligned();
-                let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(u32::from_le(qh)));
-                // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
-                (mul_sum(x, y), -16.0 * f16_at(b) * (*a).s)
-            }
-            _ => {
-                // Q8_0, u8 x i8 products: move the weight's sign onto the activation.
-                let x = _mm256_loadu_si256(b.add(2) as *const __m256i);
-                (mul_sum(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0.0)
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let mul_sum = |x, y| {
+                if VNNI {
+                    mul_sum_vnni(x, y)
+                } else {
+                    mul_sum_avx2(x, y)
+                }
+            };
+            let y = _mm256_loadu_si256((*a).q.as_ptr() as *const __m256i);
+            match KIND {
+                Q4_1 => (mul_sum(nibbles(b.add(4)), y), f16_at(b.add(2)) * (*a).s),
+                Q5_0 => {
+                    let qh = (b.add(2) as *const u32).read_unaligned();
+                    let x = _mm256_or_si256(nibbles(b.add(6)), high_bits(u32::from_le(qh)));
+                    // Values are stored offset by 16: sum(x*y) - 16*sum(y) = sum(x*y) - 16*s/d.
+                    (mul_sum(x, y), -16.0 * f16_at(b) * (*a).s)
+                }
+                _ => {
+                    // Q8_0, u8 x i8 products: move the weight's sign onto the activation.
+                    let x = _mm256_loadu_si256(b.add(2) as *const __m256i);
+                    (mul_sum(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), 0.0)
+                }
             }
         }
     }
@@ -763,38 +798,41 @@ mod x86 {
                 acts: *const Act,
                 nb: usize,
             ) -> f32 {
-                let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                let mut extra = 0f32;
-                let mut i = 0;
-                while i + 1 < nb {
-                    let (b0, b1) = (row.add(i * BB), row.add((i + 1) * BB));
-                    let (a0, a1) = (acts.add(i), acts.add(i + 1));
-                    let (s0, e0) = block::<KIND, $vnni>(b0, a0);
-                    let (s1, e1) = block::<KIND, $vnni>(b1, a1);
-                    acc0 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b0) * (*a0).d),
-                        _mm256_cvtepi32_ps(s0),
-                        acc0,
-                    );
-                    acc1 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b1) * (*a1).d),
-                        _mm256_cvtepi32_ps(s1),
-                        acc1,
-                    );
-                    extra += e0 + e1;
-                    i += 2;
+                // SAFETY: the caller upholds the contract in `# Safety` above.
+                unsafe {
+                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    let mut extra = 0f32;
+                    let mut i = 0;
+                    while i + 1 < nb {
+                        let (b0, b1) = (row.add(i * BB), row.add((i + 1) * BB));
+                        let (a0, a1) = (acts.add(i), acts.add(i + 1));
+                        let (s0, e0) = block::<KIND, $vnni>(b0, a0);
+                        let (s1, e1) = block::<KIND, $vnni>(b1, a1);
+                        acc0 = _mm256_fmadd_ps(
+                            _mm256_set1_ps(f16_at(b0) * (*a0).d),
+                            _mm256_cvtepi32_ps(s0),
+                            acc0,
+                        );
+                        acc1 = _mm256_fmadd_ps(
+                            _mm256_set1_ps(f16_at(b1) * (*a1).d),
+                            _mm256_cvtepi32_ps(s1),
+                            acc1,
+                        );
+                        extra += e0 + e1;
+                        i += 2;
+                    }
+                    if i < nb {
+                        let (b0, a0) = (row.add(i * BB), acts.add(i));
+                        let (s0, e0) = block::<KIND, $vnni>(b0, a0);
+                        acc0 = _mm256_fmadd_ps(
+                            _mm256_set1_ps(f16_at(b0) * (*a0).d),
+                            _mm256_cvtepi32_ps(s0),
+                            acc0,
+                        );
+                        extra += e0;
+                    }
+                    hsum(_mm256_add_ps(acc0, acc1)) + extra
                 }
-                if i < nb {
-                    let (b0, a0) = (row.add(i * BB), acts.add(i));
-                    let (s0, e0) = block::<KIND, $vnni>(b0, a0);
-                    acc0 = _mm256_fmadd_ps(
-                        _mm256_set1_ps(f16_at(b0) * (*a0).d),
-                        _mm256_cvtepi32_ps(s0),
-                        acc0,
-                    );
-                    extra += e0;
-                }
-                hsum(_mm256_add_ps(acc0, acc1)) + extra
             }
         };
     }
@@ -809,97 +847,116 @@ mod x86 {
     /// `x` must hold at least 32 values and the CPU must have AVX2.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantize_block(x: &[f32]) -> Act {
-        let p = x.as_ptr();
-        let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
-        let sign = _mm256_set1_ps(-0.0);
-        let abs = v.map(|v| _mm256_andnot_ps(sign, v));
-        let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
-        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let amax = _mm_cvtss_f32(m);
-        let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        let half = _mm256_set1_ps(0.5);
-        // round(v * id) half away from zero: truncate(v * id + copysign(0.5, v)).
-        let q = v.map(|v| {
-            let s = _mm256_mul_ps(v, id);
-            let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half));
-            _mm256_cvttps_epi32(r)
-        });
-        let hsum = |v: __m256i| {
-            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
-        };
-        let lo = _mm256_add_epi32(q[0], q[1]);
-        let (sum_lo, sum) = (
-            hsum(lo),
-            hsum(_mm256_add_epi32(lo, _mm256_add_epi32(q[2], q[3]))),
-        );
-        // i32 -> i16 -> i8 with saturation; packs work per 128-bit lane, so restore order.
-        let w01 = _mm256_packs_epi32(q[0], q[1]);
-        let w23 = _mm256_packs_epi32(q[2], q[3]);
-        let b = _mm256_packs_epi16(w01, w23);
-        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        let mut out = Act {
-            d,
-            s: d * sum as f32,
-            sum,
-            sum_lo,
-            q: [0; 32],
-        };
-        _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
-        out
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let p = x.as_ptr();
+            let v = [0, 8, 16, 24].map(|i| _mm256_loadu_ps(p.add(i)));
+            let sign = _mm256_set1_ps(-0.0);
+            let abs = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+            let amax = _mm_cvtss_f32(m);
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            let half = _mm256_set1_ps(0.5);
+            // round(v * id) half away from zero: truncate(v * id + copysign(0.5, v)).
+            let q = v.map(|v| {
+                let s = _mm256_mul_ps(v, id);
+                let r = _mm256_add_ps(s, _mm256_or_ps(_mm256_and_ps(s, sign), half));
+                _mm256_cvttps_epi32(r)
+            });
+            let hsum = |v: __m256i| {
+                let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+                _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+            };
+            let lo = _mm256_add_epi32(q[0], q[1]);
+            let (sum_lo, sum) = (
+                hsum(lo),
+                hsum(_mm256_add_epi32(lo, _mm256_add_epi32(q[2], q[3]))),
+            );
+            // i32 -> i16 -> i8 with saturation; packs work per 128-bit lane, so restore order.
+            let w01 = _mm256_packs_epi32(q[0], q[1]);
+            let w23 = _mm256_packs_epi32(q[2], q[3]);
+            let b = _mm256_packs_epi16(w01, w23);
+            let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            let mut out = Act {
+                d,
+                s: d * sum as f32,
+                sum,
+                sum_lo,
+                q: [0; 32],
+            };
+            _mm256_storeu_si256(out.q.as_mut_ptr() as *mut __m256i, b);
+            out
+        }
     }
 
     /// Four activation bytes at `p`, broadcast to every 32-bit lane.
+    ///
+    /// # Safety
+    /// `p` must point to 4 readable bytes and the CPU must have AVX2.
     #[inline(always)]
     unsafe fn bcast4(p: *const i8) -> __m256i {
-        _mm256_set1_epi32((p as *const i32).read_unaligned())
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
     }
 
     /// The Q5_0 high bits of one packed chunk (8 bytes at `p`, one per row), as 0x10 in
     /// the bytes of the low-nibble and of the high-nibble values.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable bytes and the CPU must have AVX2.
     #[inline(always)]
     unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
-        let h = (p as *const i64).read_unaligned();
-        let spread = _mm256_setr_epi8(
-            0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7,
-            7, 7, 7,
-        );
-        let hb = _mm256_shuffle_epi8(_mm256_set1_epi64x(h), spread);
-        let (sel_lo, sel_hi) = (
-            _mm256_set1_epi32(0x0804_0201),
-            _mm256_set1_epi32(0x8040_2010u32 as i32),
-        );
-        let bit = _mm256_set1_epi8(0x10);
-        let lo = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_lo), sel_lo);
-        let hi = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_hi), sel_hi);
-        (_mm256_and_si256(lo, bit), _mm256_and_si256(hi, bit))
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let h = (p as *const i64).read_unaligned();
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6,
+                7, 7, 7, 7,
+            );
+            let hb = _mm256_shuffle_epi8(_mm256_set1_epi64x(h), spread);
+            let (sel_lo, sel_hi) = (
+                _mm256_set1_epi32(0x0804_0201),
+                _mm256_set1_epi32(0x8040_2010u32 as i32),
+            );
+            let bit = _mm256_set1_epi8(0x10);
+            let lo = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_lo), sel_lo);
+            let hi = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_hi), sel_hi);
+            (_mm256_and_si256(lo, bit), _mm256_and_si256(hi, bit))
+        }
     }
 
     /// Chunk `c` (of 4) of a packed 4- or 5-bit superblock at `sb` (see `pack`): values
     /// 4c..4c+4 (first) and 16+4c..16+4c+4 (second) of its 8 rows, as unsigned bytes.
+    ///
+    /// # Safety
+    /// `sb` must point to one packed superblock of type `KIND` (see `pack`), `c < 4`, and the CPU must have AVX2.
     #[inline(always)]
     pub(super) unsafe fn nibble_chunk<const KIND: u8>(
         sb: *const u8,
         c: usize,
     ) -> (__m256i, __m256i) {
-        let offset = match KIND {
-            Q4_1 => 32,
-            Q4K => 64,
-            _ => 48,
-        };
-        let q = _mm256_loadu_si256(sb.add(offset + 32 * c) as *const __m256i);
-        let low = _mm256_set1_epi8(0x0f);
-        let lo = _mm256_and_si256(q, low);
-        let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
-        if KIND != Q5_0 {
-            return (lo, hi);
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let offset = match KIND {
+                Q4_1 => 32,
+                Q4K => 64,
+                _ => 48,
+            };
+            let q = _mm256_loadu_si256(sb.add(offset + 32 * c) as *const __m256i);
+            let low = _mm256_set1_epi8(0x0f);
+            let lo = _mm256_and_si256(q, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+            if KIND != Q5_0 {
+                return (lo, hi);
+            }
+            let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
+            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
         }
-        let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
-        (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
     }
 
     macro_rules! tile_fn {
@@ -919,81 +976,84 @@ mod x86 {
                 out: *mut f32,
                 out_stride: usize,
             ) {
-                let mut acc = [_mm256_setzero_ps(); M];
-                for b in 0..nb {
-                    let sb = w.add(b * 8 * BB);
-                    let k_quant = KIND == Q4K || KIND == Q6K;
-                    // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
-                    // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
-                    let (ws, wm) = if k_quant {
-                        let f = sb as *const f32;
-                        (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
-                    } else {
-                        let h = sb as *const __m128i;
-                        (
-                            _mm256_cvtph_ps(_mm_loadu_si128(h)),
-                            _mm256_cvtph_ps(_mm_loadu_si128(h.add(1))),
-                        )
-                    };
-                    // Q6_K: values 16..32 have their own scale, so their own sums.
-                    let (mut isum, mut isum2) =
-                        ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
-                    if KIND == Q8_0 || KIND == Q6K {
-                        let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
-                        for c in 0..8 {
-                            let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                            let sums = if KIND == Q6K && c >= 4 {
-                                &mut isum2
-                            } else {
-                                &mut isum
+                // SAFETY: the caller upholds the contract in `# Safety` above.
+                unsafe {
+                    let mut acc = [_mm256_setzero_ps(); M];
+                    for b in 0..nb {
+                        let sb = w.add(b * 8 * BB);
+                        let k_quant = KIND == Q4K || KIND == Q6K;
+                        // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
+                        // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
+                        let (ws, wm) = if k_quant {
+                            let f = sb as *const f32;
+                            (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                        } else {
+                            let h = sb as *const __m128i;
+                            (
+                                _mm256_cvtph_ps(_mm_loadu_si128(h)),
+                                _mm256_cvtph_ps(_mm_loadu_si128(h.add(1))),
+                            )
+                        };
+                        // Q6_K: values 16..32 have their own scale, so their own sums.
+                        let (mut isum, mut isum2) =
+                            ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
+                        if KIND == Q8_0 || KIND == Q6K {
+                            let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
+                            for c in 0..8 {
+                                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                                let sums = if KIND == Q6K && c >= 4 {
+                                    &mut isum2
+                                } else {
+                                    &mut isum
+                                };
+                                for (i, s) in sums.iter_mut().enumerate() {
+                                    let aq = (*acts.add(i * nb + b)).q.as_ptr();
+                                    *s = $dp(*s, q, bcast4(aq.add(4 * c)));
+                                }
+                            }
+                        } else {
+                            for c in 0..4 {
+                                let (lo, hi) = nibble_chunk::<KIND>(sb, c);
+                                for (i, s) in isum.iter_mut().enumerate() {
+                                    let aq = (*acts.add(i * nb + b)).q.as_ptr();
+                                    *s = $dp(*s, lo, bcast4(aq.add(4 * c)));
+                                    *s = $dp(*s, hi, bcast4(aq.add(16 + 4 * c)));
+                                }
+                            }
+                        }
+                        // The same float operations per output as the AMX kernel (amx.rs), so a
+                        // row's result does not depend on how many rows run with it.
+                        for (i, (acc, (s, s2))) in
+                            acc.iter_mut().zip(isum.iter().zip(&isum2)).enumerate()
+                        {
+                            let a = &*acts.add(i * nb + b);
+                            // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0), 32 (Q6_K):
+                            // subtract K * sum(qa) for the exact signed sum.
+                            let k = |s: __m256i, k: i32, sum: i32| {
+                                _mm256_sub_epi32(s, _mm256_set1_epi32(k * sum))
                             };
-                            for (i, s) in sums.iter_mut().enumerate() {
-                                let aq = (*acts.add(i * nb + b)).q.as_ptr();
-                                *s = $dp(*s, q, bcast4(aq.add(4 * c)));
+                            let s = match KIND {
+                                Q5_0 => k(*s, 16, a.sum),
+                                Q8_0 => k(*s, 128, a.sum),
+                                Q6K => k(*s, 32, a.sum_lo),
+                                _ => *s,
+                            };
+                            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d));
+                            *acc = _mm256_fmadd_ps(t, ws, *acc);
+                            if KIND == Q4_1 || KIND == Q4K {
+                                // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
+                                *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
                             }
-                        }
-                    } else {
-                        for c in 0..4 {
-                            let (lo, hi) = nibble_chunk::<KIND>(sb, c);
-                            for (i, s) in isum.iter_mut().enumerate() {
-                                let aq = (*acts.add(i * nb + b)).q.as_ptr();
-                                *s = $dp(*s, lo, bcast4(aq.add(4 * c)));
-                                *s = $dp(*s, hi, bcast4(aq.add(16 + 4 * c)));
+                            if KIND == Q6K {
+                                let s2 = k(*s2, 32, a.sum - a.sum_lo);
+                                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s2), _mm256_set1_ps(a.d));
+                                *acc = _mm256_fmadd_ps(t, wm, *acc);
                             }
                         }
                     }
-                    // The same float operations per output as the AMX kernel (amx.rs), so a
-                    // row's result does not depend on how many rows run with it.
-                    for (i, (acc, (s, s2))) in
-                        acc.iter_mut().zip(isum.iter().zip(&isum2)).enumerate()
-                    {
-                        let a = &*acts.add(i * nb + b);
-                        // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0), 32 (Q6_K):
-                        // subtract K * sum(qa) for the exact signed sum.
-                        let k = |s: __m256i, k: i32, sum: i32| {
-                            _mm256_sub_epi32(s, _mm256_set1_epi32(k * sum))
-                        };
-                        let s = match KIND {
-                            Q5_0 => k(*s, 16, a.sum),
-                            Q8_0 => k(*s, 128, a.sum),
-                            Q6K => k(*s, 32, a.sum_lo),
-                            _ => *s,
-                        };
-                        let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(a.d));
-                        *acc = _mm256_fmadd_ps(t, ws, *acc);
-                        if KIND == Q4_1 || KIND == Q4K {
-                            // x = d * q + m: sum(x * a) = d * da * sum(q * qa) + m * s.
-                            *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
-                        }
-                        if KIND == Q6K {
-                            let s2 = k(*s2, 32, a.sum - a.sum_lo);
-                            let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s2), _mm256_set1_ps(a.d));
-                            *acc = _mm256_fmadd_ps(t, wm, *acc);
-                        }
+                    for (i, acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(out.add(i * out_stride), *acc);
                     }
-                }
-                for (i, acc) in acc.iter().enumerate() {
-                    _mm256_storeu_ps(out.add(i * out_stride), *acc);
                 }
             }
         };
@@ -1047,43 +1107,46 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
 /// # Safety
 /// `out` must have room for `m` rows of `n >= 8` values; `w` must hold `nb` superblocks.
 unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut f32, n: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use x86::{tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
-        debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
-        macro_rules! run {
-            ($f:ident, $m:literal, $a:expr, $o:expr) => {
-                match kind {
-                    Kind::Q4_1 => $f::<Q4_1, 20, $m>(w.as_ptr(), nb, $a, $o, n),
-                    Kind::Q5_0 => $f::<Q5_0, 22, $m>(w.as_ptr(), nb, $a, $o, n),
-                    Kind::Q8_0 => $f::<Q8_0, 34, $m>(w.as_ptr(), nb, $a, $o, n),
-                    Kind::Q4K => $f::<Q4K, 24, $m>(w.as_ptr(), nb, $a, $o, n),
-                    Kind::Q6K => $f::<Q6K, 40, $m>(w.as_ptr(), nb, $a, $o, n),
-                }
-            };
-        }
-        macro_rules! rows {
-            ($f:ident) => {
-                for (i, chunk) in acts.chunks(4 * nb).enumerate() {
-                    let (a, o) = (chunk.as_ptr(), out.add(i * 4 * n));
-                    match chunk.len() / nb {
-                        4 => run!($f, 4, a, o),
-                        3 => run!($f, 3, a, o),
-                        2 => run!($f, 2, a, o),
-                        _ => run!($f, 1, a, o),
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use x86::{tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
+            debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
+            macro_rules! run {
+                ($f:ident, $m:literal, $a:expr, $o:expr) => {
+                    match kind {
+                        Kind::Q4_1 => $f::<Q4_1, 20, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q5_0 => $f::<Q5_0, 22, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q8_0 => $f::<Q8_0, 34, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q4K => $f::<Q4K, 24, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q6K => $f::<Q6K, 40, $m>(w.as_ptr(), nb, $a, $o, n),
                     }
-                }
-            };
+                };
+            }
+            macro_rules! rows {
+                ($f:ident) => {
+                    for (i, chunk) in acts.chunks(4 * nb).enumerate() {
+                        let (a, o) = (chunk.as_ptr(), out.add(i * 4 * n));
+                        match chunk.len() / nb {
+                            4 => run!($f, 4, a, o),
+                            3 => run!($f, 3, a, o),
+                            2 => run!($f, 2, a, o),
+                            _ => run!($f, 1, a, o),
+                        }
+                    }
+                };
+            }
+            match t {
+                Tile::AvxVnni => rows!(tile_avxvnni),
+                Tile::Avx512Vnni => rows!(tile_avx512vnni),
+            }
         }
-        match t {
-            Tile::AvxVnni => rows!(tile_avxvnni),
-            Tile::Avx512Vnni => rows!(tile_avx512vnni),
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (t, kind, w, nb, acts, out, n);
+            unreachable!("tile kernels are x86_64 only")
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (t, kind, w, nb, acts, out, n);
-        unreachable!("tile kernels are x86_64 only")
     }
 }
 

@@ -49,10 +49,7 @@ pub fn init_threads() {
 pub fn num_threads() -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     *N.get_or_init(|| {
-        ["WICK_NUM_THREADS", "RAYON_NUM_THREADS"]
-            .iter()
-            .find_map(|v| std::env::var(v).ok()?.trim().parse::<usize>().ok())
-            .filter(|&n| n > 0)
+        crate::config::threads_from_env()
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     })
 }
@@ -135,13 +132,16 @@ fn pool() -> &'static Pool {
 /// # Safety
 /// The caller must be inside the job (its own caller, or a worker counted in `active`).
 unsafe fn drain(shared: &Shared) {
-    let job = &*shared.job.get();
-    loop {
-        let start = shared.cursor.fetch_add(job.chunk, SeqCst);
-        if start >= job.len {
-            break;
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        let job = &*shared.job.get();
+        loop {
+            let start = shared.cursor.fetch_add(job.chunk, SeqCst);
+            if start >= job.len {
+                break;
+            }
+            (job.run)(job.data, start..job.len.min(start + job.chunk));
         }
-        (job.run)(job.data, start..job.len.min(start + job.chunk));
     }
 }
 
@@ -187,8 +187,11 @@ fn worker(shared: &'static Shared, i: usize) {
     }
 }
 
+/// # Safety
+/// `data` must point to a live `F`.
 unsafe fn call_fn<F: Fn(Range<usize>) + Sync>(data: *const (), r: Range<usize>) {
-    (*(data as *const F))(r)
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe { (*(data as *const F))(r) }
 }
 
 /// Calls `f` on disjoint ranges that together cover `0..count`, in parallel.

@@ -60,23 +60,26 @@ struct TileConfig {
 /// [`available`] must be true.
 #[target_feature(enable = "avx512f")]
 unsafe fn configure() {
-    let mut cfg = TileConfig {
-        palette: 1,
-        start_row: 0,
-        reserved: [0; 14],
-        colsb: [0; 16],
-        rows: [0; 16],
-    };
-    for t in 0..4 {
-        (cfg.colsb[t], cfg.rows[t]) = (64, 16);
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        let mut cfg = TileConfig {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+        };
+        for t in 0..4 {
+            (cfg.colsb[t], cfg.rows[t]) = (64, 16);
+        }
+        for t in 4..6 {
+            (cfg.colsb[t], cfg.rows[t]) = (32, 16);
+        }
+        for t in 6..8 {
+            (cfg.colsb[t], cfg.rows[t]) = (64, 8);
+        }
+        std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
     }
-    for t in 4..6 {
-        (cfg.colsb[t], cfg.rows[t]) = (32, 16);
-    }
-    for t in 6..8 {
-        (cfg.colsb[t], cfg.rows[t]) = (64, 8);
-    }
-    std::arch::asm!("ldtilecfg [{}]", in(reg) &cfg, options(nostack, readonly));
 }
 
 /// One 32-value block of 16 weight rows, expanded: `q` in the layout `tdpbssd` wants for its
@@ -105,6 +108,9 @@ impl Default for Expanded {
 }
 
 /// Expands the `nb` blocks of two packed groups (`g0` and `g1`, `BB * 8` bytes a block).
+///
+/// # Safety
+/// `g0` and `g1` must each hold `nb` packed blocks of `BB * 8` bytes, `out` at least `nb` entries, and the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn expand<const KIND: u8, const BB: usize>(
     g0: *const u8,
@@ -112,58 +118,61 @@ unsafe fn expand<const KIND: u8, const BB: usize>(
     nb: usize,
     out: &mut [Expanded],
 ) {
-    for (b, e) in out.iter_mut().enumerate().take(nb) {
-        for (half, g) in [g0, g1].into_iter().enumerate() {
-            let sb = g.add(b * 8 * BB);
-            let (d, m) = if KIND == Q4K || KIND == Q6K {
-                let f = sb as *const f32;
-                (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
-            } else {
-                let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
-                let m = if KIND == Q4_1 {
-                    _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        for (b, e) in out.iter_mut().enumerate().take(nb) {
+            for (half, g) in [g0, g1].into_iter().enumerate() {
+                let sb = g.add(b * 8 * BB);
+                let (d, m) = if KIND == Q4K || KIND == Q6K {
+                    let f = sb as *const f32;
+                    (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
                 } else {
-                    _mm256_setzero_ps()
+                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+                    let m = if KIND == Q4_1 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    (d, m)
                 };
-                (d, m)
-            };
-            _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
-            _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
-            let base = e.q.as_mut_ptr().add(32 * half);
-            let row = |r: usize| base.add(64 * r) as *mut __m256i;
-            if KIND == Q6K {
-                // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
-                let base2 = e.q2.as_mut_ptr().add(32 * half);
-                let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
-                for c in 0..8 {
-                    let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
-                    let q = _mm256_sub_epi8(q, off);
-                    let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
-                    _mm256_storeu_si256(row(c), first);
-                    _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
+                _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
+                _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
+                let base = e.q.as_mut_ptr().add(32 * half);
+                let row = |r: usize| base.add(64 * r) as *mut __m256i;
+                if KIND == Q6K {
+                    // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
+                    let base2 = e.q2.as_mut_ptr().add(32 * half);
+                    let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
+                    for c in 0..8 {
+                        let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
+                        let q = _mm256_sub_epi8(q, off);
+                        let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
+                        _mm256_storeu_si256(row(c), first);
+                        _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if KIND == Q8_0 {
-                // Stored as q + 128 (see `pack`): flip the sign bit back.
-                let flip = _mm256_set1_epi8(-128);
-                for c in 0..8 {
-                    let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
-                    _mm256_storeu_si256(row(c), _mm256_xor_si256(q, flip));
+                if KIND == Q8_0 {
+                    // Stored as q + 128 (see `pack`): flip the sign bit back.
+                    let flip = _mm256_set1_epi8(-128);
+                    for c in 0..8 {
+                        let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
+                        _mm256_storeu_si256(row(c), _mm256_xor_si256(q, flip));
+                    }
+                    continue;
                 }
-                continue;
-            }
-            for c in 0..4 {
-                let (mut lo, mut hi) = nibble_chunk::<KIND>(sb, c);
-                if KIND == Q5_0 {
-                    // 5-bit values are offset by 16: subtracting it here makes them signed,
-                    // so the dot product needs no correction term.
-                    let sixteen = _mm256_set1_epi8(16);
-                    lo = _mm256_sub_epi8(lo, sixteen);
-                    hi = _mm256_sub_epi8(hi, sixteen);
+                for c in 0..4 {
+                    let (mut lo, mut hi) = nibble_chunk::<KIND>(sb, c);
+                    if KIND == Q5_0 {
+                        // 5-bit values are offset by 16: subtracting it here makes them signed,
+                        // so the dot product needs no correction term.
+                        let sixteen = _mm256_set1_epi8(16);
+                        lo = _mm256_sub_epi8(lo, sixteen);
+                        hi = _mm256_sub_epi8(hi, sixteen);
+                    }
+                    _mm256_storeu_si256(row(c), lo);
+                    _mm256_storeu_si256(row(4 + c), hi);
                 }
-                _mm256_storeu_si256(row(c), lo);
-                _mm256_storeu_si256(row(4 + c), hi);
             }
         }
     }
@@ -190,78 +199,82 @@ pub struct Pair {
 /// hold `m.next_multiple_of(ROWS) * nb` blocks; `out` room for `(m - 1) * out_stride + 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec<Expanded>) {
-    let Pair {
-        g0,
-        g1,
-        nb,
-        acts,
-        m,
-        out,
-        out_stride,
-    } = *p;
-    scratch.resize(nb, Expanded::default());
-    expand::<KIND, BB>(g0, g1, nb, scratch);
-    let a_stride = nb * std::mem::size_of::<Act>();
-    let q_offset = std::mem::offset_of!(Act, q);
-    #[repr(C, align(64))]
-    struct Sums([i32; ROWS * COLS]);
-    let (mut sums, mut sums2) = (Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS]));
-    for m0 in (0..m).step_by(ROWS) {
-        let mut acc = [_mm512_setzero_ps(); ROWS];
-        let row0 = acts.add(m0 * nb);
-        for (b, e) in scratch.iter().enumerate() {
-            let a = (row0.add(b) as *const u8).add(q_offset);
-            std::arch::asm!(
-                "tileloadd tmm4, [{a} + {a_stride}*1]",
-                "tileloadd tmm6, [{w} + {w_stride}*1]",
-                "tilezero tmm0",
-                "tdpbssd tmm0, tmm4, tmm6",
-                "tilestored [{c} + {c_stride}*1], tmm0",
-                a = in(reg) a,
-                a_stride = in(reg) a_stride,
-                w = in(reg) e.q.as_ptr(),
-                w_stride = in(reg) 64usize,
-                c = in(reg) sums.0.as_mut_ptr(),
-                c_stride = in(reg) 64usize,
-                options(nostack)
-            );
-            if KIND == Q6K {
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        let Pair {
+            g0,
+            g1,
+            nb,
+            acts,
+            m,
+            out,
+            out_stride,
+        } = *p;
+        scratch.resize(nb, Expanded::default());
+        expand::<KIND, BB>(g0, g1, nb, scratch);
+        let a_stride = nb * std::mem::size_of::<Act>();
+        let q_offset = std::mem::offset_of!(Act, q);
+        #[repr(C, align(64))]
+        struct Sums([i32; ROWS * COLS]);
+        let (mut sums, mut sums2) = (Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS]));
+        for m0 in (0..m).step_by(ROWS) {
+            let mut acc = [_mm512_setzero_ps(); ROWS];
+            let row0 = acts.add(m0 * nb);
+            for (b, e) in scratch.iter().enumerate() {
+                let a = (row0.add(b) as *const u8).add(q_offset);
                 std::arch::asm!(
-                    "tileloadd tmm7, [{w} + {w_stride}*1]",
-                    "tilezero tmm1",
-                    "tdpbssd tmm1, tmm4, tmm7",
-                    "tilestored [{c} + {c_stride}*1], tmm1",
-                    w = in(reg) e.q2.as_ptr(),
+                    "tileloadd tmm4, [{a} + {a_stride}*1]",
+                    "tileloadd tmm6, [{w} + {w_stride}*1]",
+                    "tilezero tmm0",
+                    "tdpbssd tmm0, tmm4, tmm6",
+                    "tilestored [{c} + {c_stride}*1], tmm0",
+                    a = in(reg) a,
+                    a_stride = in(reg) a_stride,
+                    w = in(reg) e.q.as_ptr(),
                     w_stride = in(reg) 64usize,
-                    c = in(reg) sums2.0.as_mut_ptr(),
+                    c = in(reg) sums.0.as_mut_ptr(),
                     c_stride = in(reg) 64usize,
                     options(nostack)
                 );
-            }
-            let d = _mm512_load_ps(e.d.as_ptr());
-            let mins = _mm512_load_ps(e.m.as_ptr());
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let act = &*row0.add(i * nb + b);
-                let s = _mm512_cvtepi32_ps(_mm512_load_si512(sums.0.as_ptr().add(COLS * i) as _));
-                // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s), with the
-                // VNNI tile kernel's operations in its order (results independent of m).
-                let t = _mm512_mul_ps(s, _mm512_set1_ps(act.d));
-                *acc = _mm512_fmadd_ps(t, d, *acc);
-                if KIND == Q4_1 || KIND == Q4K {
-                    *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
-                }
                 if KIND == Q6K {
-                    let s2 = sums2.0.as_ptr().add(COLS * i);
-                    let t = _mm512_mul_ps(
-                        _mm512_cvtepi32_ps(_mm512_load_si512(s2 as _)),
-                        _mm512_set1_ps(act.d),
+                    std::arch::asm!(
+                        "tileloadd tmm7, [{w} + {w_stride}*1]",
+                        "tilezero tmm1",
+                        "tdpbssd tmm1, tmm4, tmm7",
+                        "tilestored [{c} + {c_stride}*1], tmm1",
+                        w = in(reg) e.q2.as_ptr(),
+                        w_stride = in(reg) 64usize,
+                        c = in(reg) sums2.0.as_mut_ptr(),
+                        c_stride = in(reg) 64usize,
+                        options(nostack)
                     );
-                    *acc = _mm512_fmadd_ps(t, mins, *acc);
+                }
+                let d = _mm512_load_ps(e.d.as_ptr());
+                let mins = _mm512_load_ps(e.m.as_ptr());
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let act = &*row0.add(i * nb + b);
+                    let s =
+                        _mm512_cvtepi32_ps(_mm512_load_si512(sums.0.as_ptr().add(COLS * i) as _));
+                    // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s), with the
+                    // VNNI tile kernel's operations in its order (results independent of m).
+                    let t = _mm512_mul_ps(s, _mm512_set1_ps(act.d));
+                    *acc = _mm512_fmadd_ps(t, d, *acc);
+                    if KIND == Q4_1 || KIND == Q4K {
+                        *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
+                    }
+                    if KIND == Q6K {
+                        let s2 = sums2.0.as_ptr().add(COLS * i);
+                        let t = _mm512_mul_ps(
+                            _mm512_cvtepi32_ps(_mm512_load_si512(s2 as _)),
+                            _mm512_set1_ps(act.d),
+                        );
+                        *acc = _mm512_fmadd_ps(t, mins, *acc);
+                    }
                 }
             }
-        }
-        for (i, acc) in acc.iter().enumerate().take(m - m0) {
-            _mm512_storeu_ps(out.add((m0 + i) * out_stride), *acc);
+            for (i, acc) in acc.iter().enumerate().take(m - m0) {
+                _mm512_storeu_ps(out.add((m0 + i) * out_stride), *acc);
+            }
         }
     }
 }
@@ -271,13 +284,16 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
 /// # Safety
 /// As for [`tile_pair`]; also loads this thread's tile configuration.
 pub unsafe fn run(kind: super::Kind, p: &Pair, scratch: &mut Vec<Expanded>) {
-    const { assert!(QK == 32) };
-    configure();
-    match kind {
-        super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(p, scratch),
-        super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(p, scratch),
-        super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(p, scratch),
-        super::Kind::Q4K => tile_pair::<Q4K, 24>(p, scratch),
-        super::Kind::Q6K => tile_pair::<Q6K, 40>(p, scratch),
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe {
+        const { assert!(QK == 32) };
+        configure();
+        match kind {
+            super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(p, scratch),
+            super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(p, scratch),
+            super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(p, scratch),
+            super::Kind::Q4K => tile_pair::<Q4K, 24>(p, scratch),
+            super::Kind::Q6K => tile_pair::<Q6K, 40>(p, scratch),
+        }
     }
 }

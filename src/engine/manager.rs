@@ -1,9 +1,6 @@
-//! Loaded models: each model loads on first use into its own [`Engine`], at most
-//! `OLLAMA_MAX_LOADED_MODELS` at once (the least recently used idle one makes room), and
-//! unloads when idle past its keep-alive.
-//!
-//! This is the minimal scheduler the HTTP slice needs; the memory-aware version belongs in
-//! `engine` once that settles.
+//! The model manager: each model loads on first use into its own [`Engine`], at most
+//! `OLLAMA_MAX_LOADED_MODELS` at once (the least recently used idle one makes room, and on
+//! the CPU also when memory is short), and unloads when idle past its keep-alive.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -15,11 +12,23 @@ use candle_core::Device;
 use tokio::sync::Notify;
 
 use crate::config::{Config, KeepAlive};
-use crate::engine::{available_memory, Engine, EngineConfig};
 use crate::model::Model;
-use crate::store::{LocalModel, Store};
+use crate::store::{LocalModel, Store, StoreError};
 
-use super::error::ApiError;
+use super::{available_memory, Engine, EngineConfig, EngineError};
+
+/// Why a model could not be made ready.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("loading the model: {0}")]
+    Model(#[from] crate::model::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the model loader panicked: {0}")]
+    Panicked(String),
+}
 
 /// One loaded model.
 pub struct Loaded {
@@ -120,17 +129,15 @@ struct Inner {
 
 /// The set of loaded models.
 #[derive(Clone)]
-pub struct Models {
+pub struct ModelManager {
     inner: Arc<Inner>,
 }
 
-impl Models {
+impl ModelManager {
     /// Starts the manager and its reaper task (needs a tokio runtime).
-    pub fn new(cfg: &Config) -> Result<Models, ApiError> {
-        let mut engine_cfg = EngineConfig::from_env().map_err(ApiError::Engine)?;
-        engine_cfg.default_num_ctx = cfg.context_length;
-        engine_cfg.max_running = cfg.num_parallel;
-        let device = crate::model::open_device(cfg.device).map_err(ApiError::Load)?;
+    pub fn new(cfg: &Config) -> Result<ModelManager, LoadError> {
+        let engine_cfg = EngineConfig::from_config(cfg);
+        let device = crate::model::open_device(cfg.device)?;
         let inner = Arc::new(Inner {
             models: tokio::sync::Mutex::new(HashMap::new()),
             wake: Notify::new(),
@@ -140,7 +147,7 @@ impl Models {
             device,
         });
         tokio::spawn(reaper(Arc::downgrade(&inner)));
-        Ok(Models { inner })
+        Ok(ModelManager { inner })
     }
 
     pub fn default_keep_alive(&self) -> KeepAlive {
@@ -154,7 +161,7 @@ impl Models {
         store: &Store,
         info: &LocalModel,
         keep_alive: Option<KeepAlive>,
-    ) -> Result<InUse, ApiError> {
+    ) -> Result<InUse, LoadError> {
         let keep_alive = keep_alive.unwrap_or(self.inner.default_keep_alive);
         // Held across the load so two requests for one model load it once.
         let mut models = self.inner.models.lock().await;
@@ -172,7 +179,7 @@ impl Models {
                     load(files.path(), engine_cfg, &device)
                 })
                 .await
-                .map_err(|e| ApiError::Internal(format!("model loader panicked: {e}")))??;
+                .map_err(|e| LoadError::Panicked(e.to_string()))??;
                 let (engine, model, load_duration) = loaded;
                 tracing::info!(model = %info.name.display_short(), secs = load_duration.as_secs_f64(), "model loaded");
                 let l = Arc::new(Loaded {
@@ -250,12 +257,12 @@ impl Models {
 
 type LoadResult = (Arc<Engine>, Arc<Model>, Duration);
 
-fn load(path: &Path, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, ApiError> {
+fn load(path: &Path, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, LoadError> {
     let t0 = Instant::now();
-    let model = Arc::new(Model::load(path, device).map_err(ApiError::Load)?);
+    let model = Arc::new(Model::load(path, device)?);
     let load_duration = t0.elapsed();
     cfg.load_duration = load_duration;
-    let engine = Arc::new(Engine::start(model.clone(), cfg).map_err(ApiError::Engine)?);
+    let engine = Arc::new(Engine::start(model.clone(), cfg)?);
     Ok((engine, model, load_duration))
 }
 

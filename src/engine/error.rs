@@ -1,0 +1,26 @@
+//! The errors of starting an engine and submitting to it.
+
+use super::sampler::SamplerError;
+
+/// Errors returned by `Engine::start` and `Engine::submit`.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("empty prompt")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens but the context is {ctx} (and truncation is off)")]
+    PromptTooLong { prompt: usize, ctx: usize },
+    #[error("the prompt has {prompt} tokens but the whole KV cache holds {capacity}")]
+    PromptExceedsCache { prompt: usize, capacity: usize },
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error(transparent)]
+    Sampling(#[from] SamplerError),
+    #[error("the KV cache budget of {bytes} bytes is less than one block of {block_bytes}")]
+    CacheTooSmall { bytes: usize, block_bytes: usize },
+    #[error("the engine has stopped")]
+    Stopped,
+    #[error("starting the engine thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("allocating the KV cache: {0}")]
+    Cache(#[source] crate::model::Error),
+}

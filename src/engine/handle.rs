@@ -1,0 +1,282 @@
+//! The handle of one model's serving engine: [`Engine::start`] sizes the KV cache and starts
+//! the engine thread ([`super::worker`]); [`Engine::submit`] checks a request, fits it to
+//! the context and queues it. Dropping the engine stops the thread.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::model::Model;
+
+use super::block_manager::BlockManager;
+use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
+use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use super::worker::Worker;
+use super::{EngineError, Event, Request, RequestStream};
+
+/// Engine settings; [`EngineConfig::from_config`] takes the server's.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Exact number of KV blocks; overrides the byte budget (tests use it).
+    pub num_blocks: Option<usize>,
+    /// KV cache budget in bytes (`WICK_KV_CACHE_BYTES`).
+    pub kv_cache_bytes: Option<usize>,
+    /// Without a byte budget: this fraction of the memory available now.
+    pub kv_memory_fraction: f64,
+    /// Tokens per forward step (decode tokens plus prefill chunks).
+    pub max_tokens_per_step: usize,
+    /// Running sequences at most (`OLLAMA_NUM_PARALLEL`); `None`: as many as memory allows.
+    pub max_running: Option<usize>,
+    /// Context length for requests that do not set `num_ctx`.
+    pub default_num_ctx: usize,
+    /// How long loading the model took, reported once (on the first request) as Ollama's
+    /// `load_duration`.
+    pub load_duration: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_bytes: None,
+            kv_memory_fraction: 0.3,
+            max_tokens_per_step: 512,
+            max_running: None,
+            default_num_ctx: 4096,
+            load_duration: Duration::ZERO,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// The defaults with the server's settings (`WICK_KV_CACHE_BYTES`,
+    /// `OLLAMA_NUM_PARALLEL`, `OLLAMA_CONTEXT_LENGTH`) applied.
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        Self {
+            kv_cache_bytes: cfg.kv_cache_bytes,
+            max_running: cfg.num_parallel,
+            default_num_ctx: cfg.context_length,
+            ..Self::default()
+        }
+    }
+}
+
+/// A snapshot of the engine's state, for tests and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub total_blocks: usize,
+    pub free_blocks: usize,
+    pub block_size: usize,
+    /// Full blocks holding reusable prefixes.
+    pub cached_blocks: usize,
+    pub waiting: usize,
+    pub running: usize,
+    pub prompt_tokens_computed: u64,
+    pub tokens_computed: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+/// A checked request on its way to the engine thread.
+pub(super) struct Submitted {
+    pub id: SeqId,
+    pub req: Request,
+    /// Tokens of context this sequence may fill.
+    pub ctx: usize,
+    pub truncated: usize,
+    pub tx: Sender<Event>,
+    pub cancel: Arc<AtomicBool>,
+    pub at: Instant,
+}
+
+/// The serving engine of one model. Dropping it cancels what is in flight and stops the
+/// thread.
+pub struct Engine {
+    tx: Option<Sender<Submitted>>,
+    thread: Option<JoinHandle<()>>,
+    stats: Arc<Mutex<EngineStats>>,
+    pending: Arc<AtomicUsize>,
+    next_id: Mutex<SeqId>,
+    model: Arc<Model>,
+    capacity: usize,
+    default_num_ctx: usize,
+}
+
+impl Engine {
+    /// Sizes the KV cache, allocates it once and starts the engine thread.
+    pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let block_size = cfg.block_size.max(1);
+        let per_block = block_bytes(&model, block_size);
+        let num_blocks = match cfg.num_blocks {
+            Some(n) => n,
+            None => {
+                let bytes = cfg
+                    .kv_cache_bytes
+                    .unwrap_or_else(|| default_cache_bytes(&model, cfg.kv_memory_fraction));
+                // No point in more blocks than the longest context times a generous number
+                // of sequences; the rest of memory is better left to the system.
+                let cap = model.config().max_position_embeddings.div_ceil(block_size) * 64;
+                (bytes / per_block).min(cap)
+            }
+        };
+        if num_blocks == 0 {
+            return Err(EngineError::CacheTooSmall {
+                bytes: cfg.kv_cache_bytes.unwrap_or(0),
+                block_bytes: per_block,
+            });
+        }
+        let cache = new_cache(&model, num_blocks, block_size)?;
+        tracing::info!(
+            num_blocks,
+            block_size,
+            bytes = num_blocks * per_block,
+            "KV cache allocated"
+        );
+        let stats = Arc::new(Mutex::new(EngineStats {
+            total_blocks: num_blocks,
+            free_blocks: num_blocks,
+            block_size,
+            ..EngineStats::default()
+        }));
+        let (tx, rx) = mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let sched = Scheduler::new(
+            SchedulerConfig {
+                max_tokens_per_step: cfg.max_tokens_per_step,
+                max_running: cfg.max_running,
+            },
+            BlockManager::new(num_blocks, block_size),
+        );
+        let worker = Worker::new(
+            model.clone(),
+            cache,
+            sched,
+            rx,
+            stats.clone(),
+            pending.clone(),
+            cfg.load_duration,
+        );
+        let thread = std::thread::Builder::new()
+            .name("wick-engine".into())
+            .spawn(move || worker.run())
+            .map_err(EngineError::Spawn)?;
+        Ok(Engine {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+            pending,
+            next_id: Mutex::new(0),
+            model,
+            capacity: num_blocks * block_size,
+            default_num_ctx: cfg.default_num_ctx,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Tokens the whole KV cache holds.
+    pub fn capacity_tokens(&self) -> usize {
+        self.capacity
+    }
+
+    /// Requests submitted and not yet started, counted at once (the stats lag a step).
+    pub fn queued(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        match self.stats.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Checks and queues a request; its events arrive on the returned stream.
+    pub fn submit(&self, mut req: Request) -> Result<RequestStream, EngineError> {
+        let at = Instant::now();
+        if req.prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        req.sampling.validate()?;
+        let vocab = self.model.config().vocab_size;
+        if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
+        if req.prompt.len() > self.capacity {
+            return Err(EngineError::PromptExceedsCache {
+                prompt: req.prompt.len(),
+                capacity: self.capacity,
+            });
+        }
+        // A sequence can never outgrow the cache, so the oldest one always fits alone.
+        let ctx = req
+            .num_ctx
+            .unwrap_or(self.default_num_ctx)
+            .min(self.model.config().max_position_embeddings)
+            .min(self.capacity)
+            .max(2);
+        let mut truncated = 0;
+        if req.prompt.len() >= ctx {
+            if !req.truncate {
+                return Err(EngineError::PromptTooLong {
+                    prompt: req.prompt.len(),
+                    ctx,
+                });
+            }
+            // Keep the newest tokens, leaving room to answer (a quarter of the context, or
+            // num_predict if smaller), and keep a leading BOS.
+            let room = (ctx / 4).min(req.num_predict.unwrap_or(usize::MAX)).max(1);
+            let keep = ctx - room;
+            let bos = self.model.tokenizer.bos_id();
+            let head = usize::from(bos.is_some() && req.prompt.first() == bos.as_ref());
+            truncated = req.prompt.len() - keep;
+            let tail = req.prompt.split_off(req.prompt.len() - (keep - head));
+            req.prompt.truncate(head);
+            req.prompt.extend(tail);
+        }
+        // The id lock is held until the request is queued, so ids reach the engine in
+        // increasing order, which the scheduler's first-come-first-served order relies on.
+        let mut next = match self.next_id.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *next += 1;
+        let id = *next;
+        let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let sub = Submitted {
+            id,
+            req,
+            ctx,
+            truncated,
+            tx,
+            cancel: cancel.clone(),
+            at,
+        };
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(sub).is_ok());
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Stopped);
+        }
+        drop(next);
+        Ok(RequestStream::new(rx, cancel))
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Closing the channel tells the thread to stop.
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! What a request to the engine is and what comes back: the tokenized [`Request`], the
+//! [`Event`]s its [`RequestStream`] carries, and the [`Summary`] that ends it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::sampler::SamplingParams;
+
+/// One generation request, already tokenized (the API renders chat templates).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Maximum new tokens; `None` until a stop or the context is full.
+    pub num_predict: Option<usize>,
+    pub stop: Vec<String>,
+    /// Context length (prompt plus output); `None` takes the engine's default.
+    pub num_ctx: Option<usize>,
+    /// A prompt longer than the context keeps its newest tokens (`true`, Ollama's behaviour)
+    /// or is refused.
+    pub truncate: bool,
+    /// Constrain the output to one JSON object (`format: "json"`).
+    pub json: bool,
+}
+
+impl Request {
+    /// A greedy request with default limits.
+    pub fn new(prompt: Vec<u32>) -> Self {
+        Self {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            num_predict: None,
+            stop: Vec::new(),
+            num_ctx: None,
+            truncate: true,
+            json: false,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `num_predict` or the context length was reached.
+    Length,
+    /// The client went away or the engine shut down.
+    Cancelled,
+    /// The forward pass failed; `Summary::error` says why.
+    Error,
+}
+
+/// The end of a request, with the counts and timings Ollama reports (nanoseconds there).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Summary {
+    pub finish: FinishReason,
+    pub error: Option<String>,
+    /// Prompt tokens after truncation.
+    pub prompt_eval_count: usize,
+    /// Of those, tokens found in the prefix cache (not computed).
+    pub prompt_cached: usize,
+    /// Prompt tokens dropped from the front to fit the context (0 when it fit).
+    pub truncated: usize,
+    pub eval_count: usize,
+    pub load_duration: Duration,
+    /// From admission to the first generated token.
+    pub prompt_eval_duration: Duration,
+    /// From the first generated token to the end.
+    pub eval_duration: Duration,
+    /// From submission to the end.
+    pub total_duration: Duration,
+    /// Times the sequence was preempted and recomputed.
+    pub preemptions: usize,
+}
+
+impl Summary {
+    pub fn nanos(d: Duration) -> u64 {
+        u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// What a request's stream carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A generated token and the text it makes final (often empty: held back for an
+    /// incomplete character or a possible stop string).
+    Token { id: u32, text: String },
+    /// Text released at the end that belongs to no new token (what was held back).
+    Text(String),
+    /// The last event.
+    Done(Summary),
+}
+
+/// A request's output. Dropping it cancels the request.
+#[derive(Debug)]
+pub struct RequestStream {
+    rx: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestStream {
+    /// The next event; `None` after `Done` (or if the engine died).
+    pub fn recv(&self) -> Option<Event> {
+        self.rx.recv().ok()
+    }
+
+    pub fn recv_timeout(&self, t: Duration) -> Result<Event, RecvTimeoutError> {
+        self.rx.recv_timeout(t)
+    }
+
+    pub fn try_recv(&self) -> Result<Event, TryRecvError> {
+        self.rx.try_recv()
+    }
+
+    /// Cancels without dropping (the stream then ends with `Done(Cancelled)`).
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Iterator for RequestStream {
+    type Item = Event;
+    fn next(&mut self) -> Option<Event> {
+        self.recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl RequestStream {
+    pub(super) fn new(rx: Receiver<Event>, cancel: Arc<AtomicBool>) -> Self {
+        Self { rx, cancel }
+    }
+}

@@ -1,0 +1,342 @@
+//! The engine thread: owns the KV cache and the scheduler, takes submitted requests, runs
+//! one batched forward per step, samples, detokenizes and applies stop strings per
+//! sequence, and streams [`Event`]s back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::model::{KvCache, Model, Tokenizer};
+
+use super::detok::{IncrementalDecoder, StopMatcher};
+use super::handle::{EngineStats, Submitted};
+use super::json_mode::JsonMode;
+use super::sampler::Sampler;
+use super::scheduler::{Scheduler, SeqId, Sequence, Step};
+use super::{Event, FinishReason, Summary};
+
+/// Per-sequence state the engine thread keeps beside the scheduler's.
+struct Active {
+    json: Option<JsonMode>,
+    tx: Sender<Event>,
+    cancel: Arc<AtomicBool>,
+    sampler: Sampler,
+    detok: IncrementalDecoder<Arc<Tokenizer>>,
+    stops: StopMatcher,
+    /// New tokens allowed.
+    limit: usize,
+    generated: usize,
+    truncated: usize,
+    submitted: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    load_duration: Duration,
+}
+
+pub(super) struct Worker {
+    model: Arc<Model>,
+    tokenizer: Arc<Tokenizer>,
+    eos: Vec<u32>,
+    cache: Box<dyn KvCache + Send>,
+    sched: Scheduler,
+    active: HashMap<SeqId, Active>,
+    rx: Receiver<Submitted>,
+    stats: Arc<Mutex<EngineStats>>,
+    /// Submitted requests not yet scheduled once (shared with [`Engine::queued`]).
+    pending: Arc<AtomicUsize>,
+    /// Every token's text, built on the first JSON-mode request.
+    token_texts: Option<Arc<Vec<Box<[u8]>>>>,
+    load_duration: Option<Duration>,
+}
+
+impl Worker {
+    pub fn new(
+        model: Arc<Model>,
+        cache: Box<dyn KvCache + Send>,
+        sched: Scheduler,
+        rx: Receiver<Submitted>,
+        stats: Arc<Mutex<EngineStats>>,
+        pending: Arc<AtomicUsize>,
+        load_duration: Duration,
+    ) -> Self {
+        Self {
+            tokenizer: Arc::new(model.tokenizer.clone()),
+            eos: model.tokenizer.eos_ids().to_vec(),
+            model,
+            cache,
+            sched,
+            active: HashMap::new(),
+            rx,
+            stats,
+            pending,
+            token_texts: None,
+            load_duration: Some(load_duration),
+        }
+    }
+
+    pub fn run(mut self) {
+        loop {
+            if !self.intake() {
+                break;
+            }
+            self.drop_cancelled();
+            let step = self.sched.schedule();
+            if step.batch.is_empty() {
+                self.publish_stats();
+                if !self.sched.is_idle() {
+                    // Nothing runnable (cannot happen with a consistent pool): wait a bit
+                    // rather than spin.
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                continue;
+            }
+            self.run_step(step);
+            self.publish_stats();
+        }
+        // Shutting down: tell everyone still here.
+        let ids: Vec<SeqId> = self.active.keys().copied().collect();
+        for id in ids {
+            self.finish(id, FinishReason::Cancelled, None);
+        }
+        self.publish_stats();
+    }
+
+    /// Takes new requests; blocks while idle. Returns false when the engine is dropped.
+    fn intake(&mut self) -> bool {
+        if self.sched.is_idle() {
+            match self.rx.recv() {
+                Ok(sub) => self.admit(sub),
+                Err(_) => return false,
+            }
+        }
+        loop {
+            match self.rx.try_recv() {
+                Ok(sub) => self.admit(sub),
+                Err(TryRecvError::Empty) => return true,
+                Err(TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn admit(&mut self, sub: Submitted) {
+        let prompt_len = sub.req.prompt.len();
+        let limit = sub
+            .req
+            .num_predict
+            .unwrap_or(usize::MAX)
+            .min(sub.ctx.saturating_sub(prompt_len));
+        let json = sub
+            .req
+            .json
+            .then(|| JsonMode::new(self.token_texts(), self.eos.clone()));
+        let active = Active {
+            json,
+            tx: sub.tx,
+            cancel: sub.cancel,
+            sampler: Sampler::new(sub.req.sampling),
+            detok: IncrementalDecoder::with_context(self.tokenizer.clone(), &sub.req.prompt),
+            stops: StopMatcher::new(sub.req.stop),
+            limit,
+            generated: 0,
+            truncated: sub.truncated,
+            submitted: sub.at,
+            admitted: None,
+            first_token: None,
+            load_duration: self.load_duration.take().unwrap_or_default(),
+        };
+        self.active.insert(sub.id, active);
+        self.sched.add(Sequence::new(sub.id, sub.req.prompt));
+        if limit == 0 {
+            self.finish(sub.id, FinishReason::Length, None);
+        }
+    }
+
+    fn token_texts(&mut self) -> Arc<Vec<Box<[u8]>>> {
+        let tok = &self.tokenizer;
+        self.token_texts
+            .get_or_insert_with(|| {
+                let n = tok.vocab_size() as u32;
+                // Special tokens decode to nothing here, which JSON mode never allows.
+                let texts = (0..n)
+                    .map(|id| {
+                        tok.decode(&[id], true)
+                            .unwrap_or_default()
+                            .into_bytes()
+                            .into()
+                    })
+                    .collect();
+                Arc::new(texts)
+            })
+            .clone()
+    }
+
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.cancel.load(Ordering::Relaxed))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Cancelled, None);
+        }
+    }
+
+    fn run_step(&mut self, step: Step) {
+        let now = Instant::now();
+        for s in &step.scheduled {
+            if let Some(a) = self.active.get_mut(&s.id) {
+                if a.admitted.is_none() {
+                    a.admitted = Some(now);
+                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+        let rows = self
+            .model
+            .decoder
+            .forward(&step.batch, self.cache.as_mut())
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "forward step failed");
+                let msg = e.to_string();
+                for s in &step.scheduled {
+                    self.finish(s.id, FinishReason::Error, Some(msg.clone()));
+                }
+                return;
+            }
+        };
+        self.sched.commit(&step);
+        for s in &step.scheduled {
+            let Some(row) = s.logits_row.and_then(|r| rows.get(r)) else {
+                continue;
+            };
+            self.on_logits(s.id, row);
+        }
+    }
+
+    /// Samples a sequence's next token and streams it.
+    fn on_logits(&mut self, id: SeqId, row: &[f32]) {
+        let (Some(seq), Some(a)) = (self.sched.get(id), self.active.get_mut(&id)) else {
+            return;
+        };
+        let tok = match &mut a.json {
+            Some(j) => {
+                let tok = a.sampler.sample(&j.mask(row), &seq.tokens);
+                j.advance(tok);
+                tok
+            }
+            None => a.sampler.sample(row, &seq.tokens),
+        };
+        a.first_token.get_or_insert_with(Instant::now);
+        let outcome = if self.eos.contains(&tok) {
+            Some((FinishReason::Stop, None))
+        } else {
+            a.generated += 1;
+            let mut outcome = None;
+            let text = match a.detok.push(tok) {
+                Ok(Some(piece)) => {
+                    let out = a.stops.push(&piece);
+                    if out.stopped {
+                        outcome = Some((FinishReason::Stop, None));
+                    }
+                    out.emit
+                }
+                Ok(None) => String::new(),
+                Err(e) => {
+                    outcome = Some((FinishReason::Error, Some(e.to_string())));
+                    String::new()
+                }
+            };
+            if a.tx.send(Event::Token { id: tok, text }).is_err() {
+                outcome = Some((FinishReason::Cancelled, None));
+            }
+            if outcome.is_none() && a.generated >= a.limit {
+                outcome = Some((FinishReason::Length, None));
+            }
+            outcome
+        };
+        match outcome {
+            Some((reason, error)) => self.finish(id, reason, error),
+            None => self.sched.append_token(id, tok),
+        }
+    }
+
+    /// Ends a sequence: flushes held-back text, sends the summary, frees its blocks.
+    fn finish(&mut self, id: SeqId, mut reason: FinishReason, error: Option<String>) {
+        let seq = self.sched.remove(id);
+        let Some(mut a) = self.active.remove(&id) else {
+            return;
+        };
+        if a.admitted.is_none() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        if matches!(reason, FinishReason::Stop | FinishReason::Length) && !a.stops.is_stopped() {
+            // Whatever the detokenizer and stop matcher still hold is final now.
+            let mut tail = String::new();
+            match a.detok.flush() {
+                Ok(rest) => {
+                    let out = a.stops.push(&rest);
+                    tail = out.emit;
+                    if out.stopped {
+                        reason = FinishReason::Stop;
+                    } else {
+                        tail.push_str(&a.stops.finish());
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "detokenizer flush failed"),
+            }
+            if !tail.is_empty() {
+                let _ = a.tx.send(Event::Text(tail));
+            }
+        }
+        let end = Instant::now();
+        let (prompt_len, cached, preemptions) = seq.as_ref().map_or((0, 0, 0), |s| {
+            (s.prompt_len, s.cached_tokens, s.preemptions)
+        });
+        let summary = Summary {
+            finish: reason,
+            error,
+            prompt_eval_count: prompt_len,
+            prompt_cached: cached,
+            truncated: a.truncated,
+            eval_count: a.generated,
+            load_duration: a.load_duration,
+            prompt_eval_duration: match (a.admitted, a.first_token) {
+                (Some(s), Some(f)) => f - s,
+                _ => Duration::ZERO,
+            },
+            eval_duration: a.first_token.map_or(Duration::ZERO, |f| end - f),
+            total_duration: end - a.submitted,
+            preemptions,
+        };
+        // Published before `Done` so a client that sees the end also sees the blocks back.
+        self.publish_stats();
+        let _ = a.tx.send(Event::Done(summary));
+    }
+
+    fn publish_stats(&self) {
+        let bm = self.sched.block_manager();
+        let c = self.sched.counters();
+        let snapshot = EngineStats {
+            total_blocks: bm.num_blocks(),
+            free_blocks: bm.num_free(),
+            block_size: bm.block_size(),
+            cached_blocks: bm.num_cached(),
+            waiting: self.sched.num_waiting(),
+            running: self.sched.num_running(),
+            prompt_tokens_computed: c.prompt_tokens_computed,
+            tokens_computed: c.tokens_computed,
+            preemptions: c.preemptions,
+            steps: c.steps,
+        };
+        match self.stats.lock() {
+            Ok(mut s) => *s = snapshot,
+            Err(p) => *p.into_inner() = snapshot,
+        }
+    }
+}
