@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use candlewick::model::cuda::ops::{self, PagedAttention, PagedMeta, SeqQueries, Split};
+use candlewick::model::cuda::ops::{
+    self, HeadShape, PagedAttention, PagedMeta, Route, SeqQueries, Split,
+};
 use candlewick::model::cuda::{self, check};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -38,6 +40,12 @@ fn bench_attention(dev: &Device) -> Res<()> {
                     .collect::<Vec<_>>(),
                 nb,
                 bs,
+                HeadShape {
+                    heads,
+                    kv_heads: kvh,
+                    head_dim: d,
+                },
+                Route::Auto,
                 dev,
             )?;
             for split in [Split::Never, Split::Auto] {

@@ -56,6 +56,11 @@ fn run(names: &[&str]) {
 
 #[test]
 fn every_kernel_against_its_reference_on_the_cpu_layer() {
+    // WICK_KERNEL_CHECKS=name,name runs only those checks (while working on a kernel).
+    if let Ok(only) = std::env::var("WICK_KERNEL_CHECKS") {
+        run(&only.split(',').map(str::trim).collect::<Vec<_>>());
+        return;
+    }
     run(&[]);
     // Every kernel the layer knows was launched by the suite (a kernel that is not executed
     // here does not ship).

@@ -15,6 +15,9 @@ namespace wick_attention {
 namespace wick_cache {
 #include "cache.cu"
 }
+namespace wick_prefill {
+#include "prefill.cu"
+}
 namespace wick_rms_norm {
 #include "rms_norm.cu"
 }
@@ -44,10 +47,14 @@ const KernelEntry* registry(size_t* n) {
         K(wick_attention, wick_paged_attention_reduce_d128_f16),
         K(wick_attention, wick_paged_attention_reduce_d256_f16),
         K(wick_cache, wick_reshape_and_cache_f16),
+        K(wick_prefill, wick_prefill_attention_d64_f16),
+        K(wick_prefill, wick_prefill_attention_d96_f16),
+        K(wick_prefill, wick_prefill_attention_d128_f16),
         K(wick_rms_norm, wick_add_rms_norm_f16),
         K(wick_rotary, wick_rope_neox_f16),
         K(wick_sampling, wick_argmax_f32),
         K(wick_sampling, wick_argmax_f16),
+        K(wick_sampling, wick_sample_f32),
         // The layer's own tests (kernels/sim/selftest.cu).
         K(wick_simtest, wick_simtest_warp_ops),
         K(wick_simtest, wick_simtest_half),

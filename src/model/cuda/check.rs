@@ -13,8 +13,12 @@
 use candle_core::{DType, Device, Tensor};
 use half::f16;
 
-use super::ops::{self, PagedAttention, PagedMeta, RopePositions, SeqQueries, Split};
+use super::ops::{
+    self, HeadShape, PagedAttention, PagedMeta, RopePositions, Route, SampleBatch, SampleSpec,
+    SeqQueries, Split,
+};
 use super::CudaKvCache;
+use crate::engine::sampler::{Sampler, SamplingParams};
 use crate::model::config::{ArchConfig, Family};
 use crate::model::{Batch, CpuKvCache, KvCache, Result};
 
@@ -78,12 +82,14 @@ pub const CHECKS: &[(&str, Check)] = &[
     ("paged_attention_gqa", paged_attention_gqa),
     ("paged_attention_contexts", paged_attention_contexts),
     ("paged_attention_mixed", paged_attention_mixed),
+    ("paged_attention_prefill", paged_attention_prefill),
     ("paged_attention_edges", paged_attention_edges),
     ("kv_cache", kv_cache),
     ("rms_norm", rms_norm),
     ("rope", rope),
     ("silu_mul", silu_mul),
     ("argmax", argmax),
+    ("sampling", sampling),
 ];
 
 /// Deterministic pseudo-random numbers (xorshift), so every run sees the same data.
@@ -237,7 +243,12 @@ pub fn reshape_and_cache(r: &mut Report, dev: &Device) -> Result<()> {
             start += len;
             next += blocks;
         }
-        let meta = PagedMeta::new(&seqs, nb, bs, dev)?;
+        let shape = HeadShape {
+            heads: kvh,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let meta = PagedMeta::new(&seqs, nb, bs, shape, Route::Auto, dev)?;
         let init: Vec<u16> = (0..nb * bs * row)
             .map(|i| f16::from_f32((i % 251) as f32 * 0.5).to_bits())
             .collect();
@@ -409,15 +420,38 @@ fn attention_case(r: &mut Report, dev: &Device, rng: &mut Rng, c: &AttnCase) -> 
             ));
         }
     }
-    let meta = PagedMeta::new(&seqs, nb, bs, dev)?;
     let kc_t = f16_tensor(&kc, &[nb, bs, kvh, d], dev)?;
     let vc_t = f16_tensor(&vc, &[nb, bs, kvh, d], dev)?;
     let q_t = f16_tensor(&q, &[rows, heads, d], dev)?;
     let ctxs: Vec<usize> = c.seqs.iter().map(|s| s.cached + s.rows).collect();
+    let shape = HeadShape {
+        heads,
+        kv_heads: kvh,
+        head_dim: d,
+    };
+    let all_decode = c.seqs.iter().all(|s| s.rows == 1);
+    let mut runs = Vec::new();
+    // The decode kernel under every split; the prefill kernel when built for the head size.
+    let decode_route = if all_decode {
+        Route::Auto
+    } else {
+        Route::DecodeOnly
+    };
+    for split in [Split::Never, Split::Partition(4 * bs), Split::Auto] {
+        runs.push((decode_route, split));
+    }
+    if ops::PREFILL_HEAD_DIMS.contains(&d) {
+        runs.push((Route::PrefillOnly, Split::Never));
+        if !all_decode {
+            // Long chunks tiled, decode rows and short chunks one at a time, in one call.
+            runs.push((Route::Auto, Split::Partition(4 * bs)));
+        }
+    }
     // Relative to the values' magnitude: fp16 output rounding and fp32 sums.
     let tol = 2e-3;
-    for split in [Split::Never, Split::Partition(4 * bs), Split::Auto] {
-        if split == Split::Auto && meta.max_context() <= ops::SPLIT_ABOVE {
+    for (route, split) in runs {
+        let meta = PagedMeta::new(&seqs, nb, bs, shape, route, dev)?;
+        if route == decode_route && split == Split::Auto && meta.max_context() <= ops::SPLIT_ABOVE {
             continue; // same as Never
         }
         let out = ops::paged_attention(&PagedAttention {
@@ -430,7 +464,7 @@ fn attention_case(r: &mut Report, dev: &Device, rng: &mut Rng, c: &AttnCase) -> 
             split,
         })?;
         let err = rel_err(&to_vec(&out)?, &want);
-        let rows_desc = if c.seqs.iter().all(|s| s.rows == 1) {
+        let rows_desc = if all_decode {
             format!("ctx {ctxs:?}")
         } else {
             format!(
@@ -441,9 +475,11 @@ fn attention_case(r: &mut Report, dev: &Device, rng: &mut Rng, c: &AttnCase) -> 
                     .collect::<Vec<_>>()
             )
         };
+        let (dec_rows, tiles) = meta.routed();
         r.check(
             format!(
-                "paged_attention h{heads}/kv{kvh} d{d} bs{bs} win {:?} x{} {split:?} {rows_desc}",
+                "paged_attention h{heads}/kv{kvh} d{d} bs{bs} win {:?} x{} {route:?} \
+                 ({dec_rows} decode rows, {tiles} tiles) {split:?} {rows_desc}",
                 c.window, c.magnitude
             ),
             err,
@@ -608,6 +644,54 @@ pub fn paged_attention_mixed(r: &mut Report, dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// The tiled prefill kernel on chunked prompts: tiles of 64 / group tokens (group 1 to 16),
+/// chunks after a cached prefix, several sequences per launch next to decode rows, windows,
+/// block sizes 16 and 32; against the reference and the decode kernel's routes.
+pub fn paged_attention_prefill(r: &mut Report, dev: &Device) -> Result<()> {
+    let mut rng = Rng::new(45);
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        &'static [(usize, usize)],
+        Option<usize>,
+    );
+    let cases: [Case; 6] = [
+        (
+            14,
+            2,
+            64,
+            16,
+            &[(0, 100), (64, 33), (500, 8), (7, 1), (0, 9)],
+            None,
+        ),
+        (28, 4, 128, 16, &[(0, 70), (1000, 20)], None),
+        (16, 1, 64, 16, &[(0, 40), (30, 12)], None),
+        (4, 4, 96, 16, &[(0, 130), (200, 65)], None),
+        (8, 2, 128, 16, &[(100, 60), (0, 50)], Some(48)),
+        (6, 2, 64, 32, &[(31, 33), (0, 64), (1, 1)], None),
+    ];
+    for (heads, kvh, d, bs, seqs, window) in cases {
+        let seqs: Vec<SeqCase> = seqs.iter().map(|&(c, n)| seq(c, n)).collect();
+        attention_case(
+            r,
+            dev,
+            &mut rng,
+            &AttnCase {
+                heads,
+                kv_heads: kvh,
+                head_dim: d,
+                block_size: bs,
+                seqs: &seqs,
+                window,
+                magnitude: 1.0,
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// Large scores (softmax close to one-hot; the running max must keep fp32 in range),
 /// fp16-extreme values, and NaN in a visible V row propagating to that row only.
 pub fn paged_attention_edges(r: &mut Report, dev: &Device) -> Result<()> {
@@ -679,8 +763,17 @@ pub fn paged_attention_edges(r: &mut Report, dev: &Device) -> Result<()> {
         (heads, kvh, d, bs),
         scale,
     ));
-    let meta = PagedMeta::new(&seqs, nb, bs, dev)?;
-    for split in [Split::Never, Split::Partition(16)] {
+    let shape = HeadShape {
+        heads,
+        kv_heads: kvh,
+        head_dim: d,
+    };
+    for (route, split) in [
+        (Route::Auto, Split::Never),
+        (Route::Auto, Split::Partition(16)),
+        (Route::PrefillOnly, Split::Never),
+    ] {
+        let meta = PagedMeta::new(&seqs, nb, bs, shape, route, dev)?;
         let out = ops::paged_attention(&PagedAttention {
             q: &f16_tensor(&q, &[2, heads, d], dev)?,
             k_cache: &f16_tensor(&kc, &[nb, bs, kvh, d], dev)?,
@@ -693,7 +786,10 @@ pub fn paged_attention_edges(r: &mut Report, dev: &Device) -> Result<()> {
         let got = to_vec(&out)?;
         let nan_row = got[heads * d..].iter().step_by(d).all(|v| v.is_nan());
         r.check(
-            format!("paged_attention V at +-65504/subnormals, NaN in a visible V row, {split:?}"),
+            format!(
+                "paged_attention V at +-65504/subnormals, NaN in a visible V row, {route:?} \
+                 {split:?}"
+            ),
             if nan_row {
                 rel_err(&got, &want)
             } else {
@@ -1049,6 +1145,257 @@ pub fn argmax(r: &mut Report, dev: &Device) -> Result<()> {
                 0.0,
             );
         }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Sampling on the device
+
+/// The uniform number the device sampler draws with for (seed, step): splitmix64.
+pub fn sample_uniform(seed: u64, step: u64) -> f64 {
+    let mut x = seed.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(step.wrapping_add(1)));
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^= x >> 31;
+    (x >> 11) as f64 / (1u64 << 53) as f64
+}
+
+fn params_of(s: &SampleSpec) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        min_p: s.min_p,
+        repeat_penalty: s.repeat_penalty,
+        repeat_last_n: s.repeat_last_n,
+        presence_penalty: s.presence_penalty,
+        frequency_penalty: s.frequency_penalty,
+        seed: Some(s.seed),
+    }
+}
+
+/// The engine sampler's chain over one row, written out: the candidates that survive
+/// penalties (the engine's own `apply_penalties`), top-k, top-p and min-p, best first, with
+/// their (unnormalized) temperature weights.
+fn ref_candidates(logits: &[f32], s: &SampleSpec, history: &[u32]) -> Vec<(f32, u32)> {
+    let mut row = logits.to_vec();
+    Sampler::new(params_of(s)).apply_penalties(&mut row, history);
+    let san = |v: f32| {
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else if v == f32::INFINITY {
+            f32::MAX
+        } else {
+            v
+        }
+    };
+    let mut c: Vec<(f32, u32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (san(v), i as u32))
+        .collect();
+    c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    if s.top_k > 0 && s.top_k < c.len() {
+        c.truncate(s.top_k);
+    }
+    let mx = c[0].0;
+    if mx == f32::NEG_INFINITY {
+        c.truncate(1);
+        return c;
+    }
+    if s.top_p < 1.0 {
+        let total: f64 = c.iter().map(|x| f64::from((x.0 - mx).exp())).sum();
+        let target = f64::from(s.top_p) * total;
+        let (mut acc, mut kept) = (0.0f64, 0);
+        for x in &c {
+            acc += f64::from((x.0 - mx).exp());
+            kept += 1;
+            if acc >= target {
+                break;
+            }
+        }
+        c.truncate(kept.max(1));
+    }
+    if s.min_p > 0.0 {
+        let thr = mx + s.min_p.ln();
+        c.retain(|x| x.0 >= thr);
+    }
+    c
+}
+
+/// The token the device sampler must pick: greedy rows as the engine's sampler picks them;
+/// otherwise the inverse CDF at `sample_uniform(seed, step)` over the candidates, walked best
+/// first when top-k keeps at most 1024 (as the CPU walks its sorted candidates), in id order
+/// otherwise.
+fn ref_sample(logits: &[f32], s: &SampleSpec, history: &[u32]) -> u32 {
+    let p = params_of(s);
+    if p.is_greedy() {
+        return Sampler::new(p).sample(logits, history);
+    }
+    let mut c = ref_candidates(logits, s, history);
+    let small = s.top_k > 0 && s.top_k < logits.len() && s.top_k <= 1024;
+    if c[0].0 == f32::NEG_INFINITY {
+        return if small { c[0].1 } else { 0 };
+    }
+    let mx = c[0].0;
+    if !small {
+        c.sort_by_key(|x| x.1);
+    }
+    let inv_t = 1.0 / s.temperature;
+    let total: f64 = c
+        .iter()
+        .map(|x| f64::from(((x.0 - mx) * inv_t).exp()))
+        .sum();
+    let r = sample_uniform(s.seed, s.step) * total;
+    let (mut cum, mut pick) = (0.0f64, c[0].1);
+    for x in &c {
+        let w = ((x.0 - mx) * inv_t).exp();
+        if w > 0.0 {
+            cum += f64::from(w);
+            pick = x.1;
+            if r < cum {
+                break;
+            }
+        }
+    }
+    pick
+}
+
+/// Device sampling against the engine's sampler: greedy rows (with penalties) pick exactly
+/// its token; stochastic rows pick exactly the token the engine's chain gives at the same
+/// uniform number, over vocabularies up to 151936, top-k below and above 1024 or off, top-p,
+/// min-p, temperatures 0.05 to 5, penalties, flat rows (ties everywhere), NaN/inf logits.
+/// The written-out chain is itself checked against draws of the engine's sampler.
+pub fn sampling(r: &mut Report, dev: &Device) -> Result<()> {
+    let mut rng = Rng::new(111);
+    let spec = |temperature: f32, top_k: usize, top_p: f32, min_p: f32, pen: bool| SampleSpec {
+        temperature,
+        top_k,
+        top_p,
+        min_p,
+        repeat_penalty: if pen { 1.3 } else { 1.0 },
+        repeat_last_n: if pen { 64 } else { 0 },
+        presence_penalty: if pen { 0.4 } else { 0.0 },
+        frequency_penalty: if pen { 0.2 } else { 0.0 },
+        seed: 0,
+        step: 0,
+    };
+    let specs = [
+        ("greedy", spec(0.0, 40, 0.9, 0.0, false)),
+        ("greedy+penalties", spec(0.0, 40, 0.9, 0.0, true)),
+        ("ollama defaults", spec(0.8, 40, 0.9, 0.0, false)),
+        ("defaults+penalties+min_p", spec(0.8, 40, 0.9, 0.05, true)),
+        ("top_k 1", spec(1.0, 1, 1.0, 0.0, false)),
+        ("top_k 1024, top_p 0.5", spec(1.5, 1024, 0.5, 0.0, false)),
+        ("top_k off, top_p 0.95", spec(0.7, 0, 0.95, 0.0, true)),
+        ("top_k 2000, min_p 0.1", spec(5.0, 2000, 1.0, 0.1, false)),
+        ("everything off, cold", spec(0.05, 0, 1.0, 0.0, false)),
+    ];
+    for &vocab in &[1000usize, 5000, 151_936] {
+        let rows_per = if vocab > 10_000 { 2 } else { 24 };
+        let mut logits = Vec::new();
+        let mut rows: Vec<(SampleSpec, Vec<u32>)> = Vec::new();
+        let mut names = Vec::new();
+        for (name, base) in &specs {
+            for j in 0..rows_per {
+                let mut row: Vec<f32> = rng.vec(vocab, 6.0);
+                match j % 6 {
+                    // Flat: every logit equal (ties at every cut).
+                    1 => row.fill(0.5),
+                    // A few NaN and +inf, and a -inf block.
+                    2 => {
+                        row[3] = f32::NAN;
+                        row[vocab / 2] = f32::INFINITY;
+                        row[10..40].fill(f32::NEG_INFINITY);
+                    }
+                    // Quantized values: many ties.
+                    3 => row.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0),
+                    // All -inf.
+                    4 if vocab < 10_000 => row.fill(f32::NEG_INFINITY),
+                    _ => {}
+                }
+                let history: Vec<u32> = (0..100).map(|_| rng.below(vocab + 10) as u32).collect();
+                let mut s = *base;
+                s.seed = rng.below(1 << 30) as u64 * 7919;
+                s.step = j as u64;
+                logits.extend_from_slice(&row);
+                rows.push((s, history));
+                names.push(*name);
+            }
+        }
+        let n = rows.len();
+        let batch = SampleBatch::new(
+            &rows
+                .iter()
+                .map(|(s, h)| (*s, h.as_slice()))
+                .collect::<Vec<_>>(),
+            vocab,
+            dev,
+        )?;
+        let t = Tensor::from_vec(logits.clone(), (n, vocab), dev)?;
+        let got: Vec<u32> = ops::sample(&t, &batch)?
+            .to_device(&Device::Cpu)?
+            .to_vec1()?;
+        let mut wrong: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+        for (i, (s, h)) in rows.iter().enumerate() {
+            let want = ref_sample(&logits[i * vocab..(i + 1) * vocab], s, h);
+            let e = wrong.entry(names[i]).or_default();
+            e.1 += 1;
+            if got[i] != want {
+                e.0 += 1;
+            }
+        }
+        for (name, (bad, total)) in wrong {
+            r.check(
+                format!("sample vocab {vocab} {name}: {total} rows (wrong ids)"),
+                bad as f32,
+                0.0,
+            );
+        }
+    }
+    // The written-out chain against the engine's sampler: its draws land on the chain's
+    // candidates, as often as their probabilities say.
+    let vocab = 300;
+    for (name, base) in &specs[2..] {
+        let row: Vec<f32> = rng.vec(vocab, 4.0);
+        let history: Vec<u32> = (0..50).map(|_| rng.below(vocab) as u32).collect();
+        let cands = ref_candidates(&row, base, &history);
+        let mx = cands[0].0;
+        let inv_t = 1.0 / base.temperature;
+        let total: f64 = cands
+            .iter()
+            .map(|x| f64::from(((x.0 - mx) * inv_t).exp()))
+            .sum();
+        let draws = 3000;
+        let mut counts = vec![0usize; vocab];
+        for seed in 0..draws {
+            let mut p = params_of(base);
+            p.seed = Some(seed as u64);
+            counts[Sampler::new(p).sample(&row, &history) as usize] += 1;
+        }
+        let outside: usize = (0..vocab)
+            .filter(|&i| !cands.iter().any(|x| x.1 as usize == i))
+            .map(|i| counts[i])
+            .sum();
+        let worst_sigma = cands
+            .iter()
+            .map(|x| {
+                let p = f64::from(((x.0 - mx) * inv_t).exp()) / total;
+                let f = counts[x.1 as usize] as f64 / draws as f64;
+                (f - p).abs() / ((p * (1.0 - p) / draws as f64).sqrt() + 1e-9)
+            })
+            .fold(0f64, f64::max);
+        r.check(
+            format!("engine sampler draws vs the written-out chain, {name} (draws outside)"),
+            outside as f32,
+            0.0,
+        );
+        r.check(
+            format!("engine sampler frequencies vs the chain's probabilities, {name} (sigmas)"),
+            worst_sigma as f32,
+            5.0,
+        );
     }
     Ok(())
 }

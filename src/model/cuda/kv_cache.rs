@@ -4,14 +4,15 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::ops::{self, PagedAttention, PagedMeta, SeqQueries, Split};
+use super::ops::{self, HeadShape, PagedAttention, PagedMeta, Route, SeqQueries, Split};
 use crate::model::attention::{check_query, Batch, KvCache};
 use crate::model::config::ArchConfig;
 use crate::model::{Error, Result};
 
 /// The paged KV cache on the kernels' device (a GPU, or the CPU execution layer in tests).
-/// Every batch token is attended as its own query row (context = its position + 1), so
-/// prefill chunks get causal attention.
+/// Every batch token is a query row that sees its own position and those before it (causal
+/// prefill chunks); long chunks take the tiled prefill kernel, decode rows and short chunks
+/// the decode kernel, in one attention call per layer.
 pub struct CudaKvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -97,7 +98,19 @@ impl CudaKvCache {
                     block_table: s.block_table.clone(),
                 })
                 .collect();
-            let meta = PagedMeta::new(&seqs, self.num_blocks, self.block_size, &self.device)?;
+            let shape = HeadShape {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
+            };
+            let meta = PagedMeta::new(
+                &seqs,
+                self.num_blocks,
+                self.block_size,
+                shape,
+                Route::Auto,
+                &self.device,
+            )?;
             self.step = Some((batch.clone(), meta));
         }
         match &self.step {
