@@ -1,6 +1,6 @@
 //! Every kernel of kernels/*.cu executed on the CPU execution layer (the same sources nvcc
 //! compiles, built with the system C++ compiler) against CPU references: the suite of
-//! `candlewick::model::cuda::check`, which examples/gpu_kernel_check.rs runs on a GPU.
+//! `candlewick::model::cuda::check`, which examples/gpu_check.rs runs on a GPU.
 #![cfg(not(feature = "cuda"))]
 
 use candle_core::Device;

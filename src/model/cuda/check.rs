@@ -1,6 +1,6 @@
 //! Every kernel of kernels/*.cu against a CPU reference, on whatever device the kernels run
 //! on: the CPU execution layer in `cargo test` (tests/kernels.rs) and a real GPU in
-//! examples/gpu_kernel_check.rs (scripts/gpu-check.sh). One suite for both, so what CI
+//! examples/gpu_check.rs (scripts/gpu-check.sh). One suite for both, so what CI
 //! proves on the CPU is what a GPU machine re-checks.
 //!
 //! The shapes are chosen to catch indexing bugs: contexts on both sides of block and
