@@ -46,15 +46,18 @@ pub fn built_archs() -> Vec<u32> {
 }
 
 type FuncCache = HashMap<(DeviceId, &'static str, String), CudaFunction>;
+type ModuleCache = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
+
+fn poisoned<T>(_: T) -> KernelError {
+    KernelError::Driver("kernel cache lock poisoned".into())
+}
 
 /// `name` from module `module`, loaded once per device. The module is a fat binary: the
 /// driver takes the SASS built for this GPU's architecture when there is one (nothing to
 /// JIT-compile at start, as on T4 and A10), else JIT-compiles the PTX once.
 fn func(dev: &CudaDevice, module: &'static str, name: &str) -> Result<CudaFunction> {
-    static MODULES: OnceLock<Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>> =
-        OnceLock::new();
+    static MODULES: OnceLock<Mutex<ModuleCache>> = OnceLock::new();
     static FUNCS: OnceLock<Mutex<FuncCache>> = OnceLock::new();
-    let poisoned = |_| KernelError::Driver("kernel cache lock poisoned".into());
     let fkey = (dev.id(), module, name.to_string());
     if let Some(f) = FUNCS
         .get_or_init(Default::default)

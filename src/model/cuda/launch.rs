@@ -16,8 +16,9 @@ pub(crate) enum Arg<'a> {
     In(&'a Tensor, &'static str),
     /// Written by the kernel (in place, or a fresh output). Only tensors the caller owns.
     Out(&'a Tensor, &'static str),
-    /// A null pointer (an optional input left out).
-    Null(&'static str),
+    /// A null pointer (an optional input left out), with its name for the CPU layer's
+    /// messages (the GPU launch has no use for it).
+    Null(#[cfg_attr(feature = "cuda", allow(dead_code))] &'static str),
     I32(i32),
     I64(i64),
     F32(f32),
