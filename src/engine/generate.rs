@@ -79,7 +79,7 @@ pub fn generate(
         stop: opts.stop.clone(),
         num_ctx: Some(ctx),
         truncate: false,
-        json: false,
+        ..Request::new(Vec::new())
     })?;
     let (mut tokens, mut text) = (Vec::new(), String::new());
     for event in stream {
@@ -89,6 +89,7 @@ pub fn generate(
                 text
             }
             Event::Text(tail) => tail,
+            Event::Embedding(_) => String::new(),
             Event::Done(summary) => {
                 if summary.finish == FinishReason::Error {
                     return Err(GenerateError::Failed(summary.error.unwrap_or_default()));

@@ -20,6 +20,6 @@ pub mod scheduler;
 mod worker;
 
 pub use error::EngineError;
-pub use handle::{Engine, EngineConfig, EngineStats};
-pub use kv_budget::available_memory;
+pub use handle::{Engine, EngineConfig, EngineStats, KvBudget};
+pub use kv_budget::{available_memory, memory, Memory};
 pub use request::{Event, FinishReason, Request, RequestStream, Summary};

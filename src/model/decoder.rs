@@ -1,17 +1,21 @@
-//! The one decoder: embedding, N pre-norm attention + SwiGLU blocks, final norm and output
-//! projection, for every family `ArchConfig` describes. It runs a packed batch of tokens
-//! from many sequences at different positions; attention goes through `KvCache`.
+//! The one decoder: embedding, N pre-norm attention + gated-MLP blocks, final norm and
+//! output projection, for every family `ArchConfig` describes (Gemma's extra norms, GELU
+//! gate, embedding scale, per-layer windows and rope bases, and logit soft-capping
+//! included). It runs a packed batch of tokens from many sequences at different positions;
+//! attention goes through `KvCache`.
 //!
 //! Two ways through a layer, chosen by the cache: with our kernel cache (the GPU fast path)
 //! the residual add and norm, rotary embedding and SwiGLU activation run on our fused fp16
 //! kernels (model::cuda::ops); otherwise only candle's ops run (the CPU path, and the GPU
 //! reference path that the boot self-check compares the fast path with).
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use super::attention::{Batch, KvCache};
-use super::config::ArchConfig;
+use super::config::{Activation, ArchConfig, RopeScaling};
 use super::cuda::ops::{self, RopePositions};
 use super::weights::{Embedding, Linear, WeightSource};
 use super::{Error, Result};
@@ -24,10 +28,16 @@ struct Layer {
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// Gemma's norm of the attention output (`post_norms`).
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma's norm of the feed-forward output (`post_norms`).
+    post_ffn_norm: Option<Tensor>,
+    /// Index into `Decoder::ropes`.
+    rope: usize,
 }
 
 pub struct Decoder {
@@ -36,12 +46,12 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    /// Rope tables, [max positions, head_dim / 2], in the compute dtype (candle's rope) and
-    /// in f32 (our rotary kernel).
-    cos: Tensor,
-    sin: Tensor,
-    cos32: Tensor,
-    sin32: Tensor,
+    /// Rope inverse frequencies `[1, head_dim / 2]` (f32), one per distinct rope of the
+    /// layers (Gemma 3: the global layers' and the sliding ones').
+    ropes: Vec<Tensor>,
+    /// Factor on the queries that turns the attention's 1/sqrt(head_dim) into Gemma's
+    /// 1/sqrt(query_pre_attn_scalar), when those differ.
+    q_scale: Option<f64>,
     device: Device,
     dtype: DType,
 }
@@ -56,45 +66,48 @@ impl Decoder {
         dtype: DType,
     ) -> Result<Self> {
         let embed = src.embedding(device, dtype, cfg.tie_embeddings)?;
+        let norm_weight = |name: &str| -> Result<Tensor> {
+            if cfg.norm_weights_offset {
+                // Stored as w for a norm that scales by 1 + w; the sum in f32, as
+                // transformers computes it, before any narrowing.
+                Ok((src.tensor(name, device, DType::F32)? + 1.0)?.to_dtype(dtype)?)
+            } else {
+                src.tensor(name, device, dtype)
+            }
+        };
+        let freq_factors = src.rope_freq_factors(device)?;
+        let (ropes, sliding_rope) = ropes(&cfg, freq_factors.as_deref(), device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let norm = |s: &str| src.tensor(&format!("blk.{i}.{s}.weight"), device, dtype);
+            let norm = |s: &str| norm_weight(&format!("blk.{i}.{s}.weight"));
+            let optional = |on: bool, s: &str| on.then(|| norm(s)).transpose();
             layers.push(Layer {
                 attn_norm: norm("attn_norm")?,
                 q: src.linear(&p("attn_q"), device, dtype, &cfg, Some(cfg.num_heads))?,
                 k: src.linear(&p("attn_k"), device, dtype, &cfg, Some(cfg.num_kv_heads))?,
                 v: src.linear(&p("attn_v"), device, dtype, &cfg, None)?,
                 o: src.linear(&p("attn_output"), device, dtype, &cfg, None)?,
-                q_norm: if cfg.qk_norm {
-                    Some(norm("attn_q_norm")?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(norm("attn_k_norm")?)
-                } else {
-                    None
-                },
+                q_norm: optional(cfg.qk_norm, "attn_q_norm")?,
+                k_norm: optional(cfg.qk_norm, "attn_k_norm")?,
+                post_attn_norm: optional(cfg.post_norms, "post_attention_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 gate: src.linear(&p("ffn_gate"), device, dtype, &cfg, None)?,
                 up: src.linear(&p("ffn_up"), device, dtype, &cfg, None)?,
                 down: src.linear(&p("ffn_down"), device, dtype, &cfg, None)?,
+                post_ffn_norm: optional(cfg.post_norms, "post_ffw_norm")?,
+                rope: if cfg.layer_window(i).is_some() {
+                    sliding_rope
+                } else {
+                    0
+                },
             });
         }
-        let norm = src.tensor("output_norm.weight", device, dtype)?;
+        let norm = norm_weight("output_norm.weight")?;
         let lm_head = src.lm_head(&cfg, &embed, device, dtype)?;
-        let factors = src.rope_freq_factors(device)?;
-        Self::assemble(
-            cfg,
-            embed,
-            layers,
-            norm,
-            lm_head,
-            factors.as_deref(),
-            device,
-            dtype,
-        )
+        Ok(Self::assemble(
+            cfg, embed, layers, norm, lm_head, ropes, device, dtype,
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -104,28 +117,30 @@ impl Decoder {
         layers: Vec<Layer>,
         norm: Tensor,
         lm_head: Linear,
-        rope_factors: Option<&[f32]>,
+        ropes: Vec<Tensor>,
         device: &Device,
         dtype: DType,
-    ) -> Result<Self> {
-        let (cos32, sin32) = rope_tables(&cfg, rope_factors, device)?;
-        Ok(Self {
+    ) -> Self {
+        let q_scale = cfg
+            .query_pre_attn_scalar
+            .filter(|&s| s != cfg.head_dim as f64)
+            .map(|s| (cfg.head_dim as f64 / s).sqrt());
+        Self {
             cfg,
             embed,
             layers,
             norm,
             lm_head,
-            cos: cos32.to_dtype(dtype)?,
-            sin: sin32.to_dtype(dtype)?,
-            cos32,
-            sin32,
+            ropes,
+            q_scale,
             device: device.clone(),
             dtype,
-        })
+        }
     }
 
     /// A decoder of `cfg`'s shapes with random dense weights (seeded), scaled so activations
-    /// stay near unit size through the layers: what the GPU self-check runs.
+    /// stay near unit size through the layers: what the GPU self-check runs. Gemma's extra
+    /// norms, windows, rope bases and scales follow `cfg`.
     pub fn random(cfg: ArchConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
         let mut w = RandomInit {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
@@ -137,8 +152,15 @@ impl Decoder {
             cfg.num_heads * cfg.head_dim,
             cfg.num_kv_heads * cfg.head_dim,
         );
+        let (ropes, sliding_rope) = ropes(&cfg, None, device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
-        for _ in 0..cfg.num_layers {
+        for i in 0..cfg.num_layers {
+            let mut post_norm = || -> Result<Option<Tensor>> {
+                cfg.post_norms
+                    .then(|| w.uniform(&[hidden], 0.2, 1.0))
+                    .transpose()
+            };
+            let (post_attn_norm, post_ffn_norm) = (post_norm()?, post_norm()?);
             layers.push(Layer {
                 attn_norm: w.uniform(&[hidden], 0.2, 1.0)?,
                 q: w.dense(q_out, hidden, cfg.qkv_bias)?,
@@ -147,10 +169,17 @@ impl Decoder {
                 o: w.dense(hidden, q_out, false)?,
                 q_norm: None,
                 k_norm: None,
+                post_attn_norm,
                 ffn_norm: w.uniform(&[hidden], 0.2, 1.0)?,
                 gate: w.dense(inter, hidden, false)?,
                 up: w.dense(inter, hidden, false)?,
                 down: w.dense(hidden, inter, false)?,
+                post_ffn_norm,
+                rope: if cfg.layer_window(i).is_some() {
+                    sliding_rope
+                } else {
+                    0
+                },
             });
         }
         let table = w.uniform(&[cfg.vocab_size, hidden], 1.0, 0.0)?;
@@ -159,16 +188,16 @@ impl Decoder {
         let mut cfg = cfg;
         cfg.tie_embeddings = true;
         cfg.qk_norm = false;
-        Self::assemble(
+        Ok(Self::assemble(
             cfg,
             Embedding::Dense(table),
             layers,
             norm,
             lm_head,
-            None,
+            ropes,
             device,
             dtype,
-        )
+        ))
     }
 
     pub fn config(&self) -> &ArchConfig {
@@ -185,63 +214,102 @@ impl Decoder {
 
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
-        if cache.runs_kernels() {
-            let x = self.trunk_kernels(batch, cache)?;
-            if batch.logits_indices.is_empty() {
-                return Ok(Tensor::zeros(
-                    (0, self.cfg.vocab_size),
-                    DType::F32,
-                    &self.device,
-                )?);
-            }
-            let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
-            let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-            return Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?);
+        Ok(self.forward_with_sums(batch, cache, &[])?.0)
+    }
+
+    /// [`Self::forward`], and for each range of batch rows in `sums` the sum of those rows'
+    /// final hidden states (after the last norm, f32): what an embedding pools, one prefill
+    /// chunk at a time.
+    pub fn forward_with_sums(
+        &self,
+        batch: &Batch,
+        cache: &mut dyn KvCache,
+        sums: &[Range<usize>],
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        // The kernel path's trunk ends with the final norm applied (fused with the last
+        // residual add); candle's path leaves it to be applied to the rows wanted.
+        let kernels = cache.runs_kernels();
+        let x = if kernels {
+            self.trunk_kernels(batch, cache)?
+        } else {
+            self.trunk(batch, cache)?
+        };
+        let final_norm = |x: &Tensor| -> Result<Tensor> {
+            Ok(if kernels {
+                x.clone()
+            } else {
+                candle_nn::ops::rms_norm(x, &self.norm, eps)?
+            })
+        };
+        let mut pooled = Vec::with_capacity(sums.len());
+        for r in sums {
+            let rows = x.narrow(0, r.start, r.len())?;
+            let h = final_norm(&rows)?.to_dtype(DType::F32)?;
+            pooled.push(h.sum(0)?.to_vec1::<f32>()?);
         }
-        let x = self.trunk(batch, cache)?;
         if batch.logits_indices.is_empty() {
             // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
-            return Ok(Tensor::zeros(
-                (0, self.cfg.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            let none = Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?;
+            return Ok((none, pooled));
         }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
-    }
-
-    /// The final hidden state of every token of the batch, after the last norm,
-    /// `[tokens, hidden]` (f32): what embeddings pool.
-    pub fn hidden_states(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
-        if cache.runs_kernels() {
-            return Ok(self.trunk_kernels(batch, cache)?.to_dtype(DType::F32)?);
-        }
-        let x = self.trunk(batch, cache)?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?.to_dtype(DType::F32)?)
+        let x = final_norm(&x)?;
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match self.cfg.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
+        Ok((logits, pooled))
     }
 
     fn check_batch(&self, batch: &Batch, cache: &dyn KvCache) -> Result<()> {
         batch.validate(cache.block_size(), cache.num_blocks())?;
+        let max_pos = self.cfg.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
-            if p as usize >= self.cos.dim(0)? {
+            if p as usize >= max_pos {
                 return Err(Error::Config(format!(
-                    "position {p} is beyond the model's context of {} tokens",
-                    self.cos.dim(0)?
+                    "position {p} is beyond the model's context of {max_pos} tokens"
                 )));
             }
         }
         Ok(())
     }
 
+    /// Per rope of the layers, cos and sin of this step's tokens `[tokens, head_dim / 2]`
+    /// (f32): positions times inverse frequencies as f32 products (as llama.cpp and candle's
+    /// reference models compute them: quantized activations magnify even last-bit
+    /// differences in the rotation).
+    fn rotations(&self, batch: &Batch) -> Result<Vec<(Tensor, Tensor)>> {
+        let pos = Tensor::new(batch.positions.as_slice(), &self.device)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        self.ropes
+            .iter()
+            .map(|inv_freq| {
+                let angles = pos.broadcast_mul(inv_freq)?;
+                Ok((angles.cos()?, angles.sin()?))
+            })
+            .collect()
+    }
+
+    /// The token embeddings of the batch in the compute dtype (scaled for Gemma).
+    fn embed_tokens(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
+        Ok(if self.cfg.scale_embeddings {
+            (x * (self.cfg.hidden_size as f64).sqrt())?
+        } else {
+            x
+        })
+    }
+
     /// The fast path: every block on our fused fp16 kernels and `cache` (our paged
     /// attention), returning the final-normed hidden states `[tokens, hidden]` (f16). The
     /// residual stream is one tensor updated in place: each `add_rms_norm` adds the previous
-    /// block's output into it and normalizes for the next.
+    /// block's output into it and normalizes for the next. Gemma's post-norms, GELU gate and
+    /// query scale are candle ops between the kernels.
     fn trunk_kernels(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         self.check_batch(batch, cache)?;
         if self.dtype != DType::F16 {
@@ -252,13 +320,17 @@ impl Decoder {
         }
         let n = batch.tokens.len();
         let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let positions = RopePositions::new(&batch.positions, self.cos32.dim(0)?, &self.device)?;
+        // The rotary kernel reads table row `positions[t]`; the tables hold this step's
+        // tokens' rows, so token t reads row t.
+        let rows: Vec<u32> = (0..n as u32).collect();
+        let positions = RopePositions::new(&rows, n, &self.device)?;
+        let rotations = self.rotations(batch)?;
         let eps = self.cfg.rms_norm_eps as f32;
         // A fresh tensor of our own: the kernels update it in place.
-        let residual = self.embed.forward(&ids)?.to_dtype(DType::F16)?.copy()?;
+        let residual = self.embed_tokens(batch)?.to_dtype(DType::F16)?.copy()?;
         let mut delta: Option<Tensor> = None;
         for (li, l) in self.layers.iter().enumerate() {
+            let (cos, sin) = &rotations[l.rope];
             let h = ops::add_rms_norm(&residual, delta.as_ref(), &l.attn_norm, eps)?;
             let mut q = l.q.forward(&h)?.reshape((n, heads, hd))?;
             let mut k = l.k.forward(&h)?.reshape((n, kv_heads, hd))?;
@@ -268,16 +340,30 @@ impl Decoder {
                 k = candle_nn::ops::rms_norm(&k, kn, eps)?;
             }
             // Projection outputs are fresh tensors: rotating them in place is ours to do.
-            let (q, k) = (q.contiguous()?, k.contiguous()?);
-            ops::rope_neox_inplace(&q, &k, &self.cos32, &self.sin32, &positions)?;
+            let (mut q, k) = (q.contiguous()?, k.contiguous()?);
+            ops::rope_neox_inplace(&q, &k, cos, sin, &positions)?;
+            if let Some(f) = self.q_scale {
+                q = (q * f)?;
+            }
             let attn = cache.attend(li, &q, &k, &v, batch)?;
-            let o = l.o.forward(&attn)?.contiguous()?;
-            let h = ops::add_rms_norm(&residual, Some(&o), &l.ffn_norm, eps)?;
-            let act = ops::silu_mul(
-                &l.gate.forward(&h)?.contiguous()?,
-                &l.up.forward(&h)?.contiguous()?,
-            )?;
-            delta = Some(l.down.forward(&act)?.contiguous()?);
+            let mut o = l.o.forward(&attn)?;
+            if let Some(w) = &l.post_attn_norm {
+                o = candle_nn::ops::rms_norm(&o, w, eps)?;
+            }
+            let h = ops::add_rms_norm(&residual, Some(&o.contiguous()?), &l.ffn_norm, eps)?;
+            let (gate, up) = (
+                l.gate.forward(&h)?.contiguous()?,
+                l.up.forward(&h)?.contiguous()?,
+            );
+            let act = match self.cfg.activation {
+                Activation::Silu => ops::silu_mul(&gate, &up)?,
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+            };
+            let mut out = l.down.forward(&act)?;
+            if let Some(w) = &l.post_ffn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            delta = Some(out.contiguous()?);
         }
         Ok(ops::add_rms_norm(
             &residual,
@@ -293,14 +379,16 @@ impl Decoder {
         self.check_batch(batch, cache)?;
         let n = batch.tokens.len();
         let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let pos = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
+        let rotations = self
+            .rotations(batch)?
+            .into_iter()
+            .map(|(c, s)| Ok((c.to_dtype(self.dtype)?, s.to_dtype(self.dtype)?)))
+            .collect::<Result<Vec<_>>>()?;
         let eps = self.cfg.rms_norm_eps as f32;
 
-        let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
+        let mut x = self.embed_tokens(batch)?;
         for (li, l) in self.layers.iter().enumerate() {
+            let (cos, sin) = &rotations[l.rope];
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let mut q = l.q.forward(&h)?.reshape((n, heads, hd))?;
             let mut k = l.k.forward(&h)?.reshape((n, kv_heads, hd))?;
@@ -310,15 +398,33 @@ impl Decoder {
                 k = candle_nn::ops::rms_norm(&k, kn, eps)?;
             }
             // rope_thd wants [batch, tokens, heads, dim] with one cos/sin row per token.
-            let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+            let mut q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?
                 .squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+            let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?
                 .squeeze(0)?;
+            if let Some(f) = self.q_scale {
+                q = (q * f)?;
+            }
             let attn = cache.attend(li, &q, &k, &v, batch)?.to_dtype(self.dtype)?;
-            x = (x + l.o.forward(&attn)?)?;
+            let mut out = l.o.forward(&attn)?;
+            if let Some(w) = &l.post_attn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            x = (x + out)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let act = (candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
-            x = (x + l.down.forward(&act)?)?;
+            let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
+            let act = match self.cfg.activation {
+                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+                Activation::GeluTanh => match super::cpu_activation::gelu_tanh_mul(&gate, &up)? {
+                    Some(act) => act,
+                    None => (gate.gelu()? * up)?,
+                },
+            };
+            let mut out = l.down.forward(&act)?;
+            if let Some(w) = &l.post_ffn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            x = (x + out)?;
         }
         Ok(x)
     }
@@ -355,53 +461,82 @@ impl RandomInit<'_> {
     }
 }
 
-/// cos/sin of `position * inv_freq` for every position up to the trained context (f32).
-fn rope_tables(
+/// The layers' ropes as `[1, head_dim / 2]` inverse frequencies (f32): the global one, and
+/// the sliding layers' own base when they have one; with the index of the sliding layers'.
+fn ropes(
     cfg: &ArchConfig,
     freq_factors: Option<&[f32]>,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<(Vec<Tensor>, usize)> {
+    let global = inv_freqs(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), freq_factors)?;
+    let mut ropes = vec![Tensor::new(global.as_slice(), device)?.unsqueeze(0)?];
+    let sliding = match cfg.sliding_rope_theta {
+        // The sliding layers' own base, unscaled (scaling is for the global layers).
+        Some(theta) if cfg.sliding_window.is_some() => {
+            ropes.push(
+                Tensor::new(inv_freqs(cfg, theta, None, None)?.as_slice(), device)?.unsqueeze(0)?,
+            );
+            1
+        }
+        _ => 0,
+    };
+    Ok((ropes, sliding))
+}
+
+/// Rope inverse frequencies `1 / theta^(2i / head_dim)`, stretched by `scaling` or by a
+/// GGUF's per-frequency divisors (`freq_factors`, Llama 3.1).
+fn inv_freqs(
+    cfg: &ArchConfig,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
+    freq_factors: Option<&[f32]>,
+) -> Result<Vec<f32>> {
     let half = cfg.head_dim / 2;
-    // f32 throughout, as llama.cpp and candle's reference models compute it: quantized
-    // activations magnify even last-bit differences in the rotation.
-    let theta = cfg.rope_theta as f32;
+    // f32 throughout, as llama.cpp and candle's reference models compute it.
+    let theta = theta as f32;
     let mut inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
         .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth between.
-        let (factor, low, high) = (
-            s.factor as f32,
-            s.low_freq_factor as f32,
-            s.high_freq_factor as f32,
-        );
-        let old = s.original_max_position_embeddings as f32;
-        let (low_wavelen, high_wavelen) = (old / low, old / high);
-        for f in inv_freq.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= factor;
-            } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - low) / (high - low);
-                *f = (1.0 - smooth) * *f / factor + smooth * *f;
+    match scaling {
+        Some(RopeScaling::Llama3(s)) => {
+            // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth
+            // between.
+            let (factor, low, high) = (
+                s.factor as f32,
+                s.low_freq_factor as f32,
+                s.high_freq_factor as f32,
+            );
+            let old = s.original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
             }
         }
-    } else if let Some(factors) = freq_factors {
-        if factors.len() != half {
-            return Err(Error::Config(format!(
-                "rope_freqs has {} entries, expected {half}",
-                factors.len()
-            )));
+        Some(RopeScaling::Linear { factor }) => {
+            let factor = *factor as f32;
+            for f in inv_freq.iter_mut() {
+                *f /= factor;
+            }
         }
-        for (f, d) in inv_freq.iter_mut().zip(factors) {
-            *f /= *d;
+        None => {
+            if let Some(factors) = freq_factors {
+                if factors.len() != half {
+                    return Err(Error::Config(format!(
+                        "rope_freqs has {} entries, expected {half}",
+                        factors.len()
+                    )));
+                }
+                for (f, d) in inv_freq.iter_mut().zip(factors) {
+                    *f /= *d;
+                }
+            }
         }
     }
-    let max_pos = cfg.max_position_embeddings;
-    let mut angles = Vec::with_capacity(max_pos * half);
-    for p in 0..max_pos {
-        angles.extend(inv_freq.iter().map(|f| p as f32 * f));
-    }
-    let angles = Tensor::from_vec(angles, (max_pos, half), device)?;
-    Ok((angles.cos()?, angles.sin()?))
+    Ok(inv_freq)
 }

@@ -6,8 +6,8 @@ use candle_core::{DType, Device};
 
 use super::selfcheck::{self, GpuPath};
 use super::{
-    ArchConfig, Batch, ChatTemplate, CpuKvCache, Decoder, Error, KvCache, RefKvCache, Result,
-    Tokenizer, WeightSource,
+    ArchConfig, ChatTemplate, CpuKvCache, Decoder, Error, KvCache, RefKvCache, Result, Tokenizer,
+    WeightSource,
 };
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
@@ -54,6 +54,10 @@ impl Model {
                 cfg.vocab_size
             )));
         }
+        // Gemma GGUFs often come without a template (Ollama keeps it beside the weights);
+        // their turn format is fixed, so the built-in one stands in.
+        let template_src =
+            template_src.or_else(|| super::chat_template::builtin(cfg.family).map(str::to_owned));
         let chat_template = match template_src {
             Some(t) => {
                 let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i));
@@ -105,22 +109,6 @@ impl Model {
         let c = self.config();
         let elem = if self.gpu_path.is_some() { 2 } else { 4 };
         2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * elem
-    }
-
-    /// The mean of the last hidden states over `ids` (not normalised): a sentence
-    /// embedding. Runs on the calling thread with a scratch KV cache of its own on the
-    /// model's device.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Err(Error::Config("nothing to embed".into()));
-        }
-        const BLOCK: usize = 16;
-        let blocks = ids.len().div_ceil(BLOCK);
-        let mut cache = self.new_kv_cache(blocks, BLOCK)?;
-        let mut batch = Batch::default();
-        batch.push_seq(ids, 0, (0..blocks as u32).collect(), false);
-        let states = self.decoder.hidden_states(&batch, cache.as_mut())?;
-        Ok(states.mean(0)?.to_vec1::<f32>()?)
     }
 
     pub fn config(&self) -> &ArchConfig {

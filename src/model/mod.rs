@@ -1,10 +1,11 @@
-//! The math: one decoder for the llama, qwen2 and qwen3 families, weight loading from GGUF
+//! The math: one decoder for the llama, qwen2, qwen3 and gemma3 families, weight loading from GGUF
 //! and Hugging Face safetensors, attention over a paged KV cache, tokenizers and chat
 //! templates. Knows tensors, never requests.
 
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
 pub mod cuda;
@@ -49,7 +50,9 @@ pub enum Error {
         name: String,
         msg: String,
     },
-    #[error("unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    #[error(
+        "unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3, gemma3)"
+    )]
     UnsupportedArch(String),
     #[error("model config: {0}")]
     Config(String),
@@ -57,6 +60,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// The template refused what it was given (`raise_exception`, e.g. Llama 3.1's "only
+    /// single tool-calls at once"), or it was too large to render: the caller's input.
+    #[error("{0}")]
+    TemplateRaised(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

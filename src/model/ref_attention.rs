@@ -13,9 +13,10 @@ use super::{Error, Result};
 struct StepIndex {
     /// `[tokens, kv_heads, head_dim]` u32: each element's cache row (scatter index).
     write: Tensor,
-    /// Per sequence: the cache rows of its context `[context_len]`, and its additive mask
-    /// `[len, context_len]` (0 where a query row may look, -inf elsewhere).
-    seqs: Vec<(Tensor, Tensor)>,
+    /// Per sequence: the cache rows of its context `[context_len]`, and per distinct window
+    /// of the layers its additive mask `[len, context_len]` (0 where a query row may look,
+    /// -inf elsewhere).
+    seqs: Vec<(Tensor, Vec<Tensor>)>,
 }
 
 /// Per layer, K and V as `[num_blocks * block_size, kv_heads, head_dim]` in the model's
@@ -28,7 +29,10 @@ pub struct RefKvCache {
     kv_heads: usize,
     heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
+    /// The distinct sliding windows of the layers (Gemma 3: its local layers' and None), and
+    /// each layer's index into them.
+    windows: Vec<Option<usize>>,
+    layer_window: Vec<usize>,
     device: Device,
     step: Option<(Batch, StepIndex)>,
 }
@@ -53,6 +57,19 @@ impl RefKvCache {
                 .map(|_| Ok(Tensor::zeros(shape, dtype, device)?))
                 .collect()
         };
+        let mut windows = Vec::new();
+        let mut layer_window = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let w = cfg.layer_window(l);
+            let i = match windows.iter().position(|&x| x == w) {
+                Some(i) => i,
+                None => {
+                    windows.push(w);
+                    windows.len() - 1
+                }
+            };
+            layer_window.push(i);
+        }
         Ok(Self {
             k: alloc()?,
             v: alloc()?,
@@ -61,7 +78,8 @@ impl RefKvCache {
             kv_heads: cfg.num_kv_heads,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
+            windows,
+            layer_window,
             device: device.clone(),
             step: None,
         })
@@ -82,19 +100,23 @@ impl RefKvCache {
                     write.extend(std::iter::repeat_n(r, per_row));
                 }
                 let ctx: Vec<u32> = (0..s.context_len).map(|p| row(&s.block_table, p)).collect();
-                let mut mask = vec![f32::NEG_INFINITY; s.len * s.context_len];
-                for i in 0..s.len {
-                    let pos = first + i;
-                    let lo = match self.sliding_window {
-                        Some(w) if pos + 1 > w => pos + 1 - w,
-                        _ => 0,
-                    };
-                    mask[i * s.context_len + lo..i * s.context_len + pos + 1].fill(0.0);
-                }
-                seqs.push((
-                    Tensor::from_vec(ctx, s.context_len, &self.device)?,
-                    Tensor::from_vec(mask, (s.len, s.context_len), &self.device)?,
-                ));
+                let masks = self
+                    .windows
+                    .iter()
+                    .map(|&window| {
+                        let mut mask = vec![f32::NEG_INFINITY; s.len * s.context_len];
+                        for i in 0..s.len {
+                            let pos = first + i;
+                            let lo = match window {
+                                Some(w) if pos + 1 > w => pos + 1 - w,
+                                _ => 0,
+                            };
+                            mask[i * s.context_len + lo..i * s.context_len + pos + 1].fill(0.0);
+                        }
+                        Tensor::from_vec(mask, (s.len, s.context_len), &self.device)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                seqs.push((Tensor::from_vec(ctx, s.context_len, &self.device)?, masks));
             }
             let n = batch.tokens.len();
             let write = Tensor::from_vec(write, (n, self.kv_heads, self.head_dim), &self.device)?;
@@ -133,11 +155,13 @@ impl KvCache for RefKvCache {
         let (kc, vc) = (self.k[layer].clone(), self.v[layer].clone());
         let (kvh, g) = (self.kv_heads, heads / self.kv_heads);
         let scale = 1.0 / (hd as f64).sqrt();
+        let wi = self.layer_window[layer];
         let idx = self.step_index(batch)?;
         kc.scatter_set(&idx.write, &k.to_dtype(dtype)?.contiguous()?, 0)?;
         vc.scatter_set(&idx.write, &v.to_dtype(dtype)?.contiguous()?, 0)?;
         let mut outs = Vec::with_capacity(batch.seqs.len());
-        for (s, (rows, mask)) in batch.seqs.iter().zip(&idx.seqs) {
+        for (s, (rows, masks)) in batch.seqs.iter().zip(&idx.seqs) {
+            let mask = &masks[wi];
             let ctx = s.context_len;
             // [kv_heads, ctx, d] in f32, each kv head repeated for its `g` query heads.
             let gather = |c: &Tensor| -> Result<Tensor> {
@@ -166,7 +190,7 @@ impl KvCache for RefKvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Family;
+    use crate::model::config::{Activation, Family};
     use crate::model::CpuKvCache;
 
     /// The reference cache against the CPU cache (its own kernels) in f32, with chunked
@@ -191,6 +215,18 @@ mod tests {
                 qkv_bias: false,
                 qk_norm: false,
                 sliding_window: window,
+                full_attention_layers: if window.is_some() {
+                    vec![1]
+                } else {
+                    Vec::new()
+                },
+                sliding_rope_theta: None,
+                activation: Activation::Silu,
+                post_norms: false,
+                scale_embeddings: false,
+                norm_weights_offset: false,
+                query_pre_attn_scalar: None,
+                final_logit_softcap: None,
                 max_position_embeddings: 512,
             };
             let (nb, bs) = (24, 8);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::{ArchConfig, Family};
+use super::config::{Activation, ArchConfig, Family};
 use super::cuda::CudaKvCache;
 use super::{Batch, Decoder, KvCache, RefKvCache, Result};
 
@@ -93,7 +93,37 @@ fn case_config(heads: usize, kv_heads: usize, head_dim: usize, hidden: usize) ->
         qkv_bias: true,
         qk_norm: false,
         sliding_window: None,
+        full_attention_layers: Vec::new(),
+        sliding_rope_theta: None,
+        activation: Activation::Silu,
+        post_norms: false,
+        scale_embeddings: false,
+        norm_weights_offset: false,
+        query_pre_attn_scalar: None,
+        final_logit_softcap: None,
         max_position_embeddings: 4096,
+    }
+}
+
+/// Gemma 3 270M's heads (4/1x256) with what the kernel path does differently for Gemma:
+/// a sliding-window layer (its own rope base) next to a global one, post-norms, the GELU
+/// gate, scaled embeddings, a query scale and soft-capped logits. The window is `window`
+/// tokens, short enough that the check's contexts outgrow it.
+fn gemma_case_config(hidden: usize, window: usize) -> ArchConfig {
+    ArchConfig {
+        family: Family::Gemma3,
+        arch_name: "gemma3".into(),
+        qkv_bias: false,
+        rope_theta: 1_000_000.0,
+        sliding_window: Some(window),
+        full_attention_layers: vec![1],
+        sliding_rope_theta: Some(10_000.0),
+        activation: Activation::GeluTanh,
+        post_norms: true,
+        scale_embeddings: true,
+        query_pre_attn_scalar: Some(224.0),
+        final_logit_softcap: Some(30.0),
+        ..case_config(4, 1, 256, hidden)
     }
 }
 
@@ -200,14 +230,18 @@ pub fn run(device: &Device, scope: Scope) -> SelfCheck {
         Scope::Boot => SHAPES,
         Scope::Quick => &SHAPES[..2],
     };
-    for (i, &(name, heads, kvh, d)) in shapes.iter().enumerate() {
-        let hidden = if scope == Scope::Boot { 512 } else { 128 };
-        match compare(
-            device,
-            case_config(heads, kvh, d, hidden),
-            scope,
-            17 + i as u64,
-        ) {
+    let hidden = if scope == Scope::Boot { 512 } else { 128 };
+    let mut configs: Vec<(&str, ArchConfig)> = shapes
+        .iter()
+        .map(|&(name, heads, kvh, d)| (name, case_config(heads, kvh, d, hidden)))
+        .collect();
+    let window = if scope == Scope::Boot { 512 } else { 16 };
+    configs.push((
+        "gemma3-270m heads 4/1x256, sliding and global layers",
+        gemma_case_config(hidden, window),
+    ));
+    for (i, (name, cfg)) in configs.into_iter().enumerate() {
+        match compare(device, cfg, scope, 17 + i as u64) {
             Ok(e) => {
                 worst = worst.max(e);
                 cases.push((name.to_string(), e));

@@ -19,7 +19,7 @@ use super::ops::{
 };
 use super::CudaKvCache;
 use crate::engine::sampler::{Sampler, SamplingParams};
-use crate::model::config::{ArchConfig, Family};
+use crate::model::config::{Activation, ArchConfig, Family};
 use crate::model::{Batch, CpuKvCache, KvCache, Result};
 
 /// The result of one comparison.
@@ -805,10 +805,16 @@ pub fn paged_attention_edges(r: &mut Report, dev: &Device) -> Result<()> {
 // The kernel KV cache against the CPU one
 
 /// [`CudaKvCache`] against [`CpuKvCache`] through the `KvCache` trait, with the shapes of
-/// Qwen2.5-0.5B and 7B: steps mixing prefill chunks and decode rows over several layers.
+/// Qwen2.5-0.5B and 7B and of Gemma 3 270M with its mix of a sliding-window layer (a window
+/// short enough to bite here) and a global one: steps mixing prefill chunks and decode rows
+/// over several layers.
 pub fn kv_cache(r: &mut Report, dev: &Device) -> Result<()> {
     let mut rng = Rng::new(61);
-    for (heads, kvh, d) in [(14usize, 2usize, 64usize), (28, 4, 128)] {
+    for (heads, kvh, d, window) in [
+        (14usize, 2usize, 64usize, None),
+        (28, 4, 128, None),
+        (4, 1, 256, Some(24usize)),
+    ] {
         let cfg = ArchConfig {
             family: Family::Qwen2,
             arch_name: "qwen2".into(),
@@ -825,7 +831,19 @@ pub fn kv_cache(r: &mut Report, dev: &Device) -> Result<()> {
             tie_embeddings: true,
             qkv_bias: true,
             qk_norm: false,
-            sliding_window: None,
+            sliding_window: window,
+            full_attention_layers: if window.is_some() {
+                vec![1]
+            } else {
+                Vec::new()
+            },
+            sliding_rope_theta: None,
+            activation: Activation::Silu,
+            post_norms: false,
+            scale_embeddings: false,
+            norm_weights_offset: false,
+            query_pre_attn_scalar: None,
+            final_logit_softcap: None,
             max_position_embeddings: 4096,
         };
         let (nb, bs) = (64, 16);
@@ -869,7 +887,8 @@ pub fn kv_cache(r: &mut Report, dev: &Device) -> Result<()> {
             }
             r.check(
                 format!(
-                    "CudaKvCache vs CpuKvCache h{heads}/kv{kvh} d{d} step {si} tokens {step:?}"
+                    "CudaKvCache vs CpuKvCache h{heads}/kv{kvh} d{d} window {window:?} step {si} \
+                     tokens {step:?}"
                 ),
                 worst,
                 2e-3,

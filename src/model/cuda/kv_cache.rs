@@ -21,7 +21,8 @@ pub struct CudaKvCache {
     kv_heads: usize,
     heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
+    /// Each layer's sliding window (Gemma 3 mixes sliding and global layers).
+    windows: Vec<Option<usize>>,
     device: Device,
     /// The batch the metadata below was built for (layers after the first reuse it).
     step: Option<(Batch, PagedMeta)>,
@@ -69,7 +70,7 @@ impl CudaKvCache {
             kv_heads: cfg.num_kv_heads,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
+            windows: (0..cfg.num_layers).map(|l| cfg.layer_window(l)).collect(),
             device: device.clone(),
             step: None,
         })
@@ -148,7 +149,7 @@ impl KvCache for CudaKvCache {
         }
         let f16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.contiguous()?) };
         let (q, k, v) = (f16(q)?, f16(k)?, f16(v)?);
-        let window = self.sliding_window;
+        let window = self.windows[layer];
         let scale = 1.0 / (hd as f32).sqrt();
         let (k_cache, v_cache) = (self.k[layer].clone(), self.v[layer].clone());
         let meta = self.step_meta(batch)?;
