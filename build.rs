@@ -1,13 +1,19 @@
 //! Links src/cpu_floor.c into the binaries (a start-up check of the CPU floor, compiled for
-//! baseline x86-64), and compiles kernels/*.cu to PTX with nvcc when the `cuda` feature is
-//! on; the CPU build needs no CUDA toolkit.
+//! baseline x86-64), and builds kernels/*.cu, two ways:
 //!
-//! One PTX file per kernel source and per architecture, embedded by src/model/cuda/ptx.rs
-//! (through `$OUT_DIR/wick_kernels.rs`); at run time the newest one the GPU can take is loaded.
-//! Architectures: `WICK_CUDA_ARCHS`, else `CUDA_COMPUTE_CAP`, as a comma list ("75,86",
-//! "8.6", "sm_86"), default `75,86`. (candle-kernels reads `CUDA_COMPUTE_CAP` too but takes
-//! a single value, hence `WICK_CUDA_ARCHS` for building ours for several.) nvcc is `$NVCC`,
-//! else the one on PATH, else `$CUDA_HOME/bin/nvcc`.
+//! * With the `cuda` feature: nvcc compiles each source to a fat binary holding SASS for
+//!   every architecture asked for (default sm_75 and sm_86: T4 and A10 run it without
+//!   JIT-compiling anything at start) plus PTX of the newest of them (later GPUs JIT it
+//!   once). src/model/cuda/driver.rs embeds them through `$OUT_DIR/wick_kernels.rs`.
+//!   Architectures: `WICK_CUDA_ARCHS`, else `CUDA_COMPUTE_CAP`, as a comma list ("75,86",
+//!   "8.6", "sm_86"). (candle-kernels reads `CUDA_COMPUTE_CAP` too but takes a single value,
+//!   hence `WICK_CUDA_ARCHS` for ours.) nvcc is `$NVCC`, else the one on PATH, else
+//!   `$CUDA_HOME/bin/nvcc`.
+//! * Without it: the system C++ compiler (the `cc` crate) compiles the same sources against
+//!   the CPU execution layer in kernels/sim/ (a header standing in for CUDA, and a fiber
+//!   runtime), with bounds/alignment/overflow checks that trap; src/model/cuda/sim.rs runs
+//!   them. `WICK_SIM_UBSAN=1` links the UB sanitizer's runtime instead of trapping, so a
+//!   failing check names its source line.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -15,11 +21,12 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
     cpu_floor();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        build_sim();
         return;
     }
-    println!("cargo:rerun-if-changed=kernels");
     for var in [
         "WICK_CUDA_ARCHS",
         "CUDA_COMPUTE_CAP",
@@ -33,6 +40,50 @@ fn main() {
         eprintln!("error: building the CUDA kernels: {e}");
         std::process::exit(1);
     }
+}
+
+/// The CPU execution layer: the kernels (with UB checks) and the runtime (without).
+fn build_sim() {
+    println!("cargo:rerun-if-env-changed=WICK_SIM_UBSAN");
+    println!("cargo:rerun-if-env-changed=CXX");
+    let ubsan = env::var("WICK_SIM_UBSAN").is_ok_and(|v| v == "1");
+    let base = || {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .std("c++17")
+            .opt_level(2)
+            .include("kernels/sim")
+            .include("kernels")
+            .flag("-fno-strict-aliasing")
+            .flag_if_supported("-Wno-unknown-pragmas")
+            .warnings(true)
+            .extra_warnings(false);
+        b
+    };
+    let mut kernels = base();
+    kernels.file("kernels/sim/kernels.cpp");
+    if ubsan {
+        kernels
+            .flag("-fsanitize=undefined")
+            .flag("-fno-sanitize=null,vptr")
+            .flag("-g");
+        println!("cargo:rustc-link-lib=dylib=ubsan");
+    } else {
+        // Out-of-bounds indices into fixed-size (shared, local) arrays, misaligned vector
+        // accesses and signed overflow in index arithmetic trap; the runtime reports the trap
+        // as a kernel error. (The null check is left out: GCC's misfires on loops that test
+        // an optional pointer; a null access faults anyway.)
+        kernels
+            .flag("-fsanitize=bounds,alignment,signed-integer-overflow,shift,vla-bound")
+            .flag("-fsanitize-undefined-trap-on-error");
+    }
+    kernels.compile("wick_sim_kernels");
+    // The runtime jumps from a fault handler on a fiber's stack back to the launch
+    // (siglongjmp); glibc's fortified longjmp would refuse a jump between stacks.
+    base()
+        .file("kernels/sim/sim.cpp")
+        .flag("-U_FORTIFY_SOURCE")
+        .compile("wick_sim_runtime");
 }
 
 /// Compiles the CPU floor check for baseline x86-64 (whatever `-C target-cpu` says) and links
@@ -70,19 +121,23 @@ fn build_kernels() -> Result<(), String> {
             .file_stem()
             .and_then(|s| s.to_str())
             .ok_or_else(|| format!("odd kernel file name {}", src.display()))?;
-        for arch in &archs {
-            let ptx = out_dir.join(format!("{stem}.sm_{arch}.ptx"));
-            compile(&nvcc, src, arch, &ptx)?;
-            let num: String = arch.chars().take_while(char::is_ascii_digit).collect();
-            table.push_str(&format!(
-                "    ({stem:?}, {num}, include_str!({:?})),\n",
-                ptx.display().to_string()
-            ));
-        }
+        let fatbin = out_dir.join(format!("{stem}.fatbin"));
+        compile(&nvcc, src, &archs, &fatbin)?;
+        table.push_str(&format!(
+            "    ({stem:?}, include_bytes!({:?})),\n",
+            fatbin.display().to_string()
+        ));
     }
+    let nums: Vec<String> = archs
+        .iter()
+        .map(|a| a.chars().take_while(char::is_ascii_digit).collect())
+        .collect();
     let rs = format!(
-        "/// (module, compute capability as major*10+minor, PTX) for every kernels/*.cu and arch.\n\
-         pub const PTX: &[(&str, u32, &str)] = &[\n{table}];\n"
+        "/// Compute capabilities (major*10+minor) with SASS in the fat binaries.\n\
+         pub const ARCHS: &[u32] = &[{}];\n\
+         /// (module, fat binary) for every kernels/*.cu.\n\
+         pub const FATBINS: &[(&str, &[u8])] = &[\n{table}];\n",
+        nums.join(", ")
     );
     std::fs::write(out_dir.join("wick_kernels.rs"), rs).map_err(|e| format!("writing: {e}"))
 }
@@ -141,14 +196,25 @@ fn nvcc() -> Result<PathBuf, String> {
     Err("nvcc not found (set NVCC, put it on PATH or set CUDA_HOME)".into())
 }
 
-fn compile(nvcc: &Path, src: &Path, arch: &str, out: &Path) -> Result<(), String> {
+/// One fat binary: SASS for each arch, and PTX of the newest plain (not `a`/`f`-suffixed,
+/// which are not forward compatible) one.
+fn compile(nvcc: &Path, src: &Path, archs: &[String], out: &Path) -> Result<(), String> {
     let mut cmd = Command::new(nvcc);
-    cmd.arg("--ptx")
-        .arg(format!("-arch=compute_{arch}"))
+    cmd.arg("--fatbin")
         .args(["-O3", "-std=c++17", "-Ikernels"])
         .arg("-o")
-        .arg(out)
-        .arg(src);
+        .arg(out);
+    for a in archs {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=sm_{a}"));
+    }
+    let ptx = archs
+        .iter()
+        .filter(|a| a.chars().all(|c| c.is_ascii_digit()))
+        .max_by_key(|a| a.parse::<u32>().unwrap_or(0));
+    if let Some(a) = ptx {
+        cmd.arg(format!("-gencode=arch=compute_{a},code=compute_{a}"));
+    }
+    cmd.arg(src);
     if let Ok(ccbin) = env::var("NVCC_CCBIN") {
         cmd.arg("-ccbin").arg(ccbin);
     }
@@ -157,7 +223,7 @@ fn compile(nvcc: &Path, src: &Path, arch: &str, out: &Path) -> Result<(), String
         .map_err(|e| format!("running {}: {e}", nvcc.display()))?;
     if !output.status.success() {
         return Err(format!(
-            "{} for sm_{arch} failed:\n{}{}",
+            "{} for {archs:?} failed:\n{}{}",
             src.display(),
             String::from_utf8_lossy(&output.stdout),
             String::from_utf8_lossy(&output.stderr)

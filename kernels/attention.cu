@@ -1,11 +1,12 @@
 // Paged decode attention with grouped-query heads, one query row at a time.
 //
-// Each query row `qi` (one token) attends over positions [lo, ctx) of its sequence, where
-// ctx = query_ctx[qi] (the positions it may see, itself included) and lo = ctx - window
-// under a sliding window. Keys and values are read from the paged cache
-// [num_blocks, block_size, kv_heads, head_dim] (fp16) through the sequence's row of
-// block_tables (row query_seq[qi]). A decode step passes one row per sequence; a prefill
-// chunk may pass one row per token (ctx = position + 1) and gets causal attention.
+// Each listed query `qi` (one token: batch row query_row[qi] of q and out) attends over
+// positions [lo, ctx) of its sequence, where ctx = query_ctx[qi] (the positions it may see,
+// itself included) and lo = ctx - window under a sliding window. Keys and values are read
+// from the paged cache [num_blocks, block_size, kv_heads, head_dim] (fp16) through the
+// sequence's row of block_tables (row query_seq[qi]). Decode steps list one row per
+// sequence; short prefill chunks may list one row per token (ctx = position + 1, causal);
+// long chunks go to the tiled prefill kernel (prefill.cu), which writes the other rows.
 //
 // Grid: x = kv_heads * head_chunks, y = query rows, z = context partitions. One block takes
 // one KV head and up to HEADS_PER_BLOCK of the query heads that share it, so each K/V row is
@@ -52,8 +53,9 @@ __device__ __forceinline__ void paged_attention_impl(
     const __half* __restrict__ q, int64_t q_stride, const __half* __restrict__ k_cache,
     const __half* __restrict__ v_cache, const uint32_t* __restrict__ block_tables,
     int max_blocks, const uint32_t* __restrict__ query_seq,
-    const uint32_t* __restrict__ query_ctx, int num_heads, int num_kv_heads, int block_size,
-    int window, float scale, int partition_size) {
+    const uint32_t* __restrict__ query_ctx, const uint32_t* __restrict__ query_row,
+    int num_heads, int num_kv_heads, int block_size, int window, float scale,
+    int partition_size) {
     constexpr int D = EPL * WICK_WARP;
     __shared__ float sm_acc[ATTN_WARPS][HEADS_PER_BLOCK][D];
     __shared__ float sm_m[ATTN_WARPS][HEADS_PER_BLOCK];
@@ -65,6 +67,7 @@ __device__ __forceinline__ void paged_attention_impl(
     const int head0 = kvh * group + (blockIdx.x % chunks) * HEADS_PER_BLOCK;
     const int nh = min(HEADS_PER_BLOCK, kvh * group + group - head0);
     const int qi = blockIdx.y;
+    const int64_t qrow = query_row[qi];
     const int part = blockIdx.z;
     const int lane = threadIdx.x % WICK_WARP;
     const int warp = threadIdx.x / WICK_WARP;
@@ -87,7 +90,7 @@ __device__ __forceinline__ void paged_attention_impl(
 #pragma unroll
         for (int e = 0; e < EPL; ++e) {
             acc[h][e] = 0.f;
-            qr[h][e] = h < nh ? __half2float(q[qi * q_stride + (int64_t)(head0 + h) * D +
+            qr[h][e] = h < nh ? __half2float(q[qrow * q_stride + (int64_t)(head0 + h) * D +
                                                 lane * EPL + e]) *
                                     scale
                               : 0.f;
@@ -147,7 +150,7 @@ __device__ __forceinline__ void paged_attention_impl(
         }
         const int head = head0 + h;
         if (partition_size == 0) {
-            out[((int64_t)qi * num_heads + head) * D + d] = __float2half(sum > 0.f ? o / sum : 0.f);
+            out[(qrow * num_heads + head) * D + d] = __float2half(sum > 0.f ? o / sum : 0.f);
         } else {
             const int64_t row = ((int64_t)qi * num_heads + head) * gridDim.z + part;
             part_acc[row * D + d] = o;
@@ -159,12 +162,14 @@ __device__ __forceinline__ void paged_attention_impl(
     }
 }
 
-// Combines the partitions of the split-context variant: grid (num_heads, query rows),
-// out[qi, head, :] = sum_p acc_p * e^(m_p - M) / sum_p l_p * e^(m_p - M), M = max_p m_p.
+// Combines the partitions of the split-context variant: grid (num_heads, listed queries),
+// out[query_row[qi], head, :] = sum_p acc_p * e^(m_p - M) / sum_p l_p * e^(m_p - M),
+// M = max_p m_p.
 template <int EPL>
 __device__ __forceinline__ void paged_attention_reduce_impl(
     __half* __restrict__ out, const float* __restrict__ part_acc,
-    const float* __restrict__ part_ml, int num_partitions) {
+    const float* __restrict__ part_ml, const uint32_t* __restrict__ query_row,
+    int num_partitions) {
     constexpr int D = EPL * WICK_WARP;
     const int head = blockIdx.x, qi = blockIdx.y, num_heads = gridDim.x;
     const int64_t row0 = ((int64_t)qi * num_heads + head) * num_partitions;
@@ -184,7 +189,8 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
                 }
             }
         }
-        out[((int64_t)qi * num_heads + head) * D + d] = __float2half(sum > 0.f ? o / sum : 0.f);
+        out[((int64_t)query_row[qi] * num_heads + head) * D + d] =
+            __float2half(sum > 0.f ? o / sum : 0.f);
     }
 }
 
@@ -194,15 +200,17 @@ __device__ __forceinline__ void paged_attention_reduce_impl(
             __half* out, float* part_acc, float* part_ml, const __half* q, int64_t q_stride,   \
             const __half* k_cache, const __half* v_cache, const uint32_t* block_tables,        \
             int max_blocks, const uint32_t* query_seq, const uint32_t* query_ctx,              \
-            int num_heads, int num_kv_heads, int block_size, int window, float scale,          \
-            int partition_size) {                                                              \
+            const uint32_t* query_row, int num_heads, int num_kv_heads, int block_size,        \
+            int window, float scale, int partition_size) {                                     \
         paged_attention_impl<EPL>(out, part_acc, part_ml, q, q_stride, k_cache, v_cache,       \
-                                  block_tables, max_blocks, query_seq, query_ctx, num_heads,  \
-                                  num_kv_heads, block_size, window, scale, partition_size);   \
+                                  block_tables, max_blocks, query_seq, query_ctx, query_row,  \
+                                  num_heads, num_kv_heads, block_size, window, scale,         \
+                                  partition_size);                                             \
     }                                                                                          \
     extern "C" __global__ void wick_paged_attention_reduce_d##D##_f16(                        \
-        __half* out, const float* part_acc, const float* part_ml, int num_partitions) {        \
-        paged_attention_reduce_impl<EPL>(out, part_acc, part_ml, num_partitions);              \
+        __half* out, const float* part_acc, const float* part_ml, const uint32_t* query_row,   \
+        int num_partitions) {                                                                  \
+        paged_attention_reduce_impl<EPL>(out, part_acc, part_ml, query_row, num_partitions);   \
     }
 
 WICK_PAGED_ATTENTION(2, 64)

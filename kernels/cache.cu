@@ -3,8 +3,8 @@
 // Cache layout (both K and V): [num_blocks, block_size, kv_heads, head_dim], fp16, so a slot
 // `s = block * block_size + offset` holds one contiguous row of kv_heads * head_dim values.
 // key/value: [tokens, kv_heads, head_dim] rows with a row stride (elements) so a view into a
-// fused QKV projection works. slot_mapping[t] is the slot of token t; 0xffffffff skips it
-// (padding).
+// fused QKV projection works. slot_mapping[t] is the slot of token t (validated on the host
+// against the cache: src/model/cuda/ops.rs PagedMeta).
 #include "common.cuh"
 
 extern "C" __global__ void wick_reshape_and_cache_f16(
@@ -14,7 +14,6 @@ extern "C" __global__ void wick_reshape_and_cache_f16(
     int64_t value_stride) {
     const int t = blockIdx.x;
     const uint32_t slot = slot_mapping[t];
-    if (slot == 0xffffffffu) return;
     const __half* k = key + (int64_t)t * key_stride;
     const __half* v = value + (int64_t)t * value_stride;
     __half* kc = k_cache + (int64_t)slot * row_len;

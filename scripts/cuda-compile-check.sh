@@ -9,8 +9,7 @@
 #   cuda-13.0/        venv with the nvcc/nvvm/crt/cudart/cccl wheels (reused when present)
 #   cuda-13.0/stubs/  lib/lib{cuda,nvrtc,curand,cublas,cublasLt}.so stubs and libcudart.so
 #   cuda-target/      the cargo target dir (never the CPU build's)
-# Options: --no-clippy (build only), --example-gpu-check (also build the kernel test binary
-# that scripts/gpu-check.sh runs, stripped, into target-gpu-check/).
+# Options: --no-clippy (build only). (scripts/gpu-bundle.sh builds what a GPU machine runs.)
 # Cargo profile `cuda-check` (unoptimised, no debug info): build and clippy share its
 # build-script outputs, so candle's kernels are compiled by nvcc once.
 # Env: CUDA_COMPUTE_CAP (one value, for candle's kernels; default 75),
@@ -19,74 +18,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 clippy=1
-gpu_check=0
 for a in "$@"; do
     case "$a" in
         --no-clippy) clippy=0 ;;
-        --example-gpu-check) gpu_check=1 ;;
         *) echo "unknown option $a" >&2; exit 2 ;;
     esac
 done
 
-cache="${WICK_CUDA_CACHE:-$HOME/.cache/candlewick}"
-venv="$cache/cuda-13.0"
-# The CUDA 13.0 toolkit pieces, pinned: PTX from a newer toolkit does not load on driver 580.
-wheels=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85)
-stamp="$venv/.wick-wheels"
-if [[ ! -f "$stamp" || "$(cat "$stamp")" != "${wheels[*]}" ]]; then
-    echo "== installing CUDA 13.0 wheels into $venv"
-    rm -rf "$venv"
-    pip_install=(-m pip install --quiet --disable-pip-version-check --no-deps)
-    if python3 -m venv "$venv" 2>/dev/null; then
-        "$venv/bin/python" "${pip_install[@]}" "${wheels[@]}"
-    else # no venv module (Debian without python3-venv): a plain target folder does too
-        rm -rf "$venv"
-        python3 "${pip_install[@]}" --target "$venv/site-packages" "${wheels[@]}"
-    fi
-    echo "${wheels[*]}" >"$stamp"
-fi
-cuda_root=""
-for d in "$venv"/lib/python3*/site-packages/nvidia/cu13 "$venv"/site-packages/nvidia/cu13; do
-    [[ -d "$d" ]] && { cuda_root="$d"; break; }
-done
-[[ -x "$cuda_root/bin/nvcc" ]] || { echo "no nvcc under $cuda_root" >&2; exit 1; }
-
-# cudarc links (dynamic-linking, as candle asks for it) against these; the stubs carry the
-# real sonames, so a binary linked here loads the real libraries on a GPU machine.
-cudarc_ver="$(awk '/^name = "cudarc"$/ {getline; gsub(/[^0-9.]/, "", $0); print; exit}' Cargo.lock)"
-cargo fetch --quiet
-cudarc_src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-"$cudarc_ver" | head -1)"
-stubs="$venv/stubs"
-if [[ ! -f "$stubs/.cudarc-$cudarc_ver" ]]; then
-    echo "== generating link stubs from cudarc $cudarc_ver"
-    rm -rf "$stubs"
-    mkdir -p "$stubs/lib" "$stubs/src"
-    for spec in driver:cuda:libcuda.so.1 nvrtc:nvrtc:libnvrtc.so.13 curand:curand:libcurand.so.10 \
-        cublas:cublas:libcublas.so.13 cublaslt:cublasLt:libcublasLt.so.13; do
-        IFS=: read -r module lib soname <<<"$spec"
-        c="$stubs/src/$lib.c"
-        {
-            echo "/* Link-time stub for $soname, generated from cudarc's $module bindings. */"
-            grep -ohE 'pub unsafe fn [A-Za-z_][A-Za-z0-9_]*' "$cudarc_src/src/$module/sys/mod.rs" |
-                awk '{print $4}' | sort -u | sed 's/.*/int &(void) { return 999; }/'
-        } >"$c"
-        cc -shared -fPIC -Wl,-soname,"$soname" -o "$stubs/lib/lib$lib.so" "$c"
-    done
-    ln -sf "$cuda_root/lib/libcudart.so.13" "$stubs/lib/libcudart.so"
-    touch "$stubs/.cudarc-$cudarc_ver"
-fi
-
-export PATH="$cuda_root/bin:$PATH"
-export CUDA_HOME="$cuda_root" CUDA_PATH="$cuda_root"
-# cudarc adds <root>/lib of each of CUDA_HOME, CUDA_PATH, CUDA_ROOT to the link path.
-export CUDA_ROOT="$stubs"
-export CUDARC_CUDA_VERSION=13000
-# candle-kernels 0.11 takes exactly one compute capability (its GGUF/MoE static library is
-# SASS for that one); its PTX kernels JIT forward to newer GPUs.
-export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-75}"
-export WICK_CUDA_ARCHS="${WICK_CUDA_ARCHS:-75,86}"
-export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-2}"
+# shellcheck source=scripts/cuda-env.sh
+source scripts/cuda-env.sh
 export CARGO_TARGET_DIR="${WICK_CUDA_TARGET_DIR:-$cache/cuda-target}"
 jobs="${CARGO_BUILD_JOBS:-2}"
 
@@ -99,12 +39,5 @@ if ((clippy)); then
     echo "== cargo clippy --features cuda"
     cargo clippy -j"$jobs" --profile cuda-check --features cuda --all-targets -- -D warnings
     echo "   clippy in $((SECONDS - t1))s"
-fi
-if ((gpu_check)); then
-    echo "== kernel test binary for scripts/gpu-check.sh"
-    mkdir -p target-gpu-check
-    cp "$CARGO_TARGET_DIR/cuda-check/examples/gpu_kernel_check" target-gpu-check/
-    strip target-gpu-check/gpu_kernel_check
-    ls -l target-gpu-check/gpu_kernel_check
 fi
 echo "== cuda compile check passed in $((SECONDS - t0))s"

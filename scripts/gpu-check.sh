@@ -1,50 +1,84 @@
 #!/usr/bin/env bash
-# Runs the CUDA kernel checks (examples/gpu_kernel_check.rs) on a machine with an NVIDIA GPU
-# and no Rust: every kernel of kernels/*.cu against a CPU reference, printing the largest
-# error of each; exits non-zero if one is out of tolerance.
+# The one device script: on a GPU machine with nothing installed but the NVIDIA driver (and
+# xz), from a bundle made by scripts/gpu-bundle.sh, within 8 minutes including its start:
 #
-# 1. Where Rust is (no GPU needed):
-#        scripts/cuda-compile-check.sh --no-clippy --example-gpu-check
-#    leaves the stripped binary in target-gpu-check/ (git-ignored, a few MiB).
-# 2. On the GPU machine, from the repository root (carry target-gpu-check there):
-#        scripts/gpu-check.sh [--bench] [--sanitize] [--device N]
-#    --bench adds rough decode-attention timings; --sanitize runs it under
-#    compute-sanitizer's memcheck too (slower). The log also goes to $OUT/gpu-check.log when
-#    OUT is set.
-#    With this workplace's device tool: run(command="scripts/gpu-check.sh --bench",
-#    carry=["target-gpu-check"], timeout_s=300); the checks take seconds, most of a call is
-#    the machine's start. The H100/H200 there JIT the sm_86 PTX: right for correctness, not
-#    for T4/A10 timings.
+#   1. every kernel against its CPU reference on this GPU (the suite `cargo test` runs on the
+#      CPU execution layer), and kernel timings;
+#   2. random-weight models of the real Qwen2.5-0.5B and 7B shapes, fp16 and Q4_K, generated
+#      here (no download);
+#   3. `wick serve --device cuda` on each: the boot self-check's verdict (kernels or reference
+#      path, from the log, /api/ps and /metrics), then the streaming chat load at concurrency
+#      1/8/32/64: output tok/s, TTFT and inter-token latency p50/p95;
+#   4. peak GPU memory per model (nvidia-smi);
+#   5. a markdown table of it all (results.md), ready to paste.
 #
-# The binary links dynamically against the driver (libcuda.so.1) and CUDA 13's
-# libcublas/libcublasLt/libcurand/libnvrtc/libcudart; they are taken from the system, else
-# from the nvidia-* wheels of the machine's Python (PyTorch cu13 brings them).
+#   ./gpu-check.sh [--cpu] [--quick]
+#
+# --cpu tries the same flow on a CPU bundle (gpu-bundle.sh --cpu) with a tiny model shape;
+# --quick: 0.5B only, concurrency 1 and 8. Output goes to $OUT (default ./out): results.md,
+# kernels.log, one serve log per model, bench logs. Each step is bounded by a timeout and the
+# whole run by a deadline (WICK_CHECK_DEADLINE seconds, default 450): what does not fit is
+# reported as skipped. Exit status: 0 when every kernel check and self-check passed.
+#
+# With this workplace's device tool, from the repository root of a checkout that has the
+# bundle in gpu-bundle/ (git-ignored; pass it with carry):
+#   run(command="gpu-bundle/gpu-check.sh", carry=["gpu-bundle"], timeout_s=540)
 set -uo pipefail
-cd "$(dirname "$0")/.."
-
-bin="${WICK_GPU_CHECK_BIN:-target-gpu-check/gpu_kernel_check}"
-sanitize=0
-args=()
+here="$(cd "$(dirname "$0")" && pwd)"
+cpu=0
+quick=0
 for a in "$@"; do
     case "$a" in
-        --sanitize) sanitize=1 ;;
-        *) args+=("$a") ;;
+        --cpu) cpu=1 ;;
+        --quick) quick=1 ;;
+        *) echo "unknown option $a" >&2; exit 2 ;;
     esac
 done
-if [[ ! -x "$bin" ]]; then
-    echo "no $bin: build it with scripts/cuda-compile-check.sh --example-gpu-check and carry target-gpu-check" >&2
-    exit 2
-fi
-log="${OUT:-/tmp}/gpu-check.log"
-exec > >(tee "$log") 2>&1
+deadline=$((SECONDS + ${WICK_CHECK_DEADLINE:-450}))
+out="${OUT:-$here/out}"
+mkdir -p "$out"
+work="$(mktemp -d)"
+bin="$work/bin"
+mkdir -p "$bin"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+exec > >(tee "$out/gpu-check.log") 2>&1
 
-nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv 2>/dev/null ||
-    echo "(nvidia-smi not found)"
+left() { echo $((deadline - SECONDS)); }
+status=0
+results="$out/results.md"
+: >"$results"
 
-# The CUDA 13 libraries: any nvidia/*/lib folder of the Python packages, ahead of the rest.
-py="$(command -v python3 || true)"
-if [[ -n "$py" ]]; then
-    wheel_libs="$("$py" - <<'EOF' 2>/dev/null
+for f in "$here"/bin/*.xz; do
+    xz -dc "$f" >"$bin/$(basename "$f" .xz)"
+    chmod +x "$bin/$(basename "$f" .xz)"
+done
+
+if ((cpu)); then
+    device=cpu
+    shapes=(tiny)
+    dtypes=(f16)
+    levels=(1 8)
+    tokens=8
+    gpu_name="cpu ($(nproc) cores)"
+else
+    device=cuda
+    shapes=(qwen2.5-0.5b qwen2.5-7b)
+    dtypes=(f16 q4_k)
+    levels=(1 8 32 64)
+    tokens=64
+    # The CUDA 13 libraries wick links: the system's, else any nvidia/*/lib of the Python
+    # packages (PyTorch cu13 wheels bring them).
+    for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64; do
+        [[ -d "$d" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+    done
+    if command -v python3 >/dev/null; then
+        wheel_libs="$(python3 - <<'EOF' 2>/dev/null
 import glob, os
 try:
     import nvidia
@@ -57,28 +91,133 @@ for root in nvidia.__path__:
 print(":".join(sorted(dirs)))
 EOF
 )"
-    [[ -n "$wheel_libs" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$wheel_libs"
-fi
-for d in /usr/local/nvidia/lib64 /usr/local/cuda/lib64; do
-    [[ -d "$d" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-missing="$(ldd "$bin" | grep 'not found' || true)"
-if [[ -n "$missing" ]]; then
-    echo "libraries not found for $bin:"
-    echo "$missing"
-    exit 3
-fi
-ldd "$bin" | grep -E 'cuda|cublas|curand|nvrtc' | sed 's/^/  /'
-
-status=0
-"$bin" "${args[@]}" || status=$?
-if ((sanitize)); then
-    if command -v compute-sanitizer >/dev/null; then
-        echo "== compute-sanitizer --tool memcheck"
-        compute-sanitizer --tool memcheck --error-exitcode 9 "$bin" || status=$?
-    else
-        echo "(compute-sanitizer not found)"
+        [[ -n "$wheel_libs" ]] && export LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$wheel_libs"
     fi
+    missing="$(ldd "$bin/wick" | grep 'not found' || true)"
+    if [[ -n "$missing" ]]; then
+        echo "libraries not found for wick:"
+        echo "$missing"
+        exit 3
+    fi
+    gpu_name="$(nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version \
+        --format=csv,noheader 2>/dev/null | head -1)"
 fi
-echo "gpu-check exit status $status"
+((quick)) && { shapes=("${shapes[0]}"); levels=(1 8); }
+echo "== $gpu_name; bundle: $(tr '\n' ';' <"$here/MANIFEST")"
+
+# --- 1. kernels
+echo "== kernel checks"
+t=$SECONDS
+kdev=$([[ $device == cpu ]] && echo cpu || echo cuda:0)
+# Seconds on a GPU; on the CPU execution layer (--cpu) minutes.
+ktimeout=$([[ $device == cpu ]] && echo 900 || echo 150)
+if timeout "$ktimeout" "$bin/gpu_check" kernels --device "$kdev" --bench >"$out/kernels.log" 2>&1; then
+    kernels="passed"
+else
+    kernels="FAILED (exit $?)"
+    status=1
+fi
+grep -E '^(FAIL|bench)|kernel check|compute capability' "$out/kernels.log"
+kcount=$(grep -cE '^(ok|FAIL) ' "$out/kernels.log")
+echo "   $kernels: $kcount comparisons in $((SECONDS - t)) s"
+
+# --- GPU memory sampling (peak per model window)
+mem_log="$work/mem.log"
+if [[ $device == cuda ]]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$mem_log" 2>/dev/null &
+    pids+=($!)
+fi
+peak_since() { # line count at window start -> peak MiB since then
+    [[ -f "$mem_log" ]] || { echo "-"; return; }
+    tail -n +"$(($1 + 1))" "$mem_log" | sort -n | tail -1
+}
+
+{
+    echo "### wick GPU check: $gpu_name"
+    echo
+    echo "bundle: $(head -1 "$here/MANIFEST" | cut -c1-60); kernel checks: $kernels ($kcount comparisons)"
+    echo
+    echo "| model | load s | self-check | conc | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | peak GPU MiB |"
+    echo "|---|---|---|---|---|---|---|---|---|---|"
+} >>"$results"
+
+# --- 2-4. models, serve, load
+port=18434
+for shape in "${shapes[@]}"; do
+    for dtype in "${dtypes[@]}"; do
+        name="$shape-$dtype"
+        if (($(left) < 60)); then
+            echo "== $name: skipped (deadline)"
+            echo "| $name | skipped: out of time | | | | | | | | |" >>"$results"
+            continue
+        fi
+        echo "== $name"
+        model="$work/$name.gguf"
+        if ! timeout 180 "$bin/gpu_check" gen-model --shape "$shape" --dtype "$dtype" \
+            --tokenizer "$here/tokenizer.gguf" --out "$model"; then
+            echo "| $name | model generation failed | | | | | | | | |" >>"$results"
+            status=1
+            continue
+        fi
+        store="$work/store-$name"
+        OLLAMA_MODELS="$store" "$bin/wick" import "$name" "$model" >/dev/null
+        mem_start=$([[ -f "$mem_log" ]] && wc -l <"$mem_log" || echo 0)
+        t=$SECONDS
+        OLLAMA_MODELS="$store" OLLAMA_HOST="127.0.0.1:$port" RUST_LOG=info \
+            "$bin/wick" serve --device "$device" >"$out/serve-$name.log" 2>&1 &
+        server=$!
+        pids+=($server)
+        up=0
+        for _ in $(seq 1 600); do
+            curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && { up=1; break; }
+            kill -0 "$server" 2>/dev/null || break
+            sleep 0.2
+        done
+        if ((!up)); then
+            echo "| $name | server did not start (see serve-$name.log) | | | | | | | | |" >>"$results"
+            tail -5 "$out/serve-$name.log"
+            status=1
+            kill "$server" 2>/dev/null
+            continue
+        fi
+        # Load the model (first request) and time it.
+        t=$SECONDS
+        curl -sf "http://127.0.0.1:$port/api/generate" \
+            -d "{\"model\":\"$name\",\"prompt\":\"hi\",\"stream\":false,\"options\":{\"num_predict\":1}}" \
+            >/dev/null
+        load_s=$((SECONDS - t))
+        check="$(grep -oE 'GPU self-check (passed|skipped)[^"]*|GPU SELF-CHECK FAILED' "$out/serve-$name.log" | head -1)"
+        path="$(curl -sf "http://127.0.0.1:$port/api/ps" | grep -oE '"gpu_path":"[a-z]+"' | head -1 | cut -d'"' -f4)"
+        [[ -z "$check" ]] && check="(none: cpu)"
+        [[ "$check" == *FAILED* ]] && status=1
+        echo "   loaded in ${load_s}s; self-check: $check; path: ${path:-n/a}"
+        first=1
+        while read -r line; do
+            peak="$(peak_since "$mem_start")"
+            if ((first)); then
+                echo "| $name | $load_s | ${path:-cpu} | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
+                first=0
+            else
+                echo "| | | | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
+            fi
+        done < <(WICK_BENCH_URL="http://127.0.0.1:$port" WICK_BENCH_MODEL="$name" \
+            WICK_BENCH_TOKENS="$tokens" timeout "$(( $(left) > 30 ? $(left) - 20 : 10 ))" \
+            "$bin/serving" "${levels[@]}" 2>"$out/bench-$name.err" | tee "$out/bench-$name.log" |
+            grep -E '^\| [0-9]+ \|')
+        curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^wick_gpu_path' >"$out/metrics-$name.txt" || true
+        kill "$server" 2>/dev/null
+        wait "$server" 2>/dev/null
+        rm -rf "$store" "$model"
+    done
+done
+
+{
+    echo
+    echo "Load: streaming /v1/chat/completions, $tokens output tokens a request, short chat prompts;"
+    echo "tok/s is output tokens per second over all requests at that concurrency."
+    echo "Random weights: the speed of the real shapes, not their text."
+} >>"$results"
+echo
+cat "$results"
+echo "gpu-check exit status $status ($((SECONDS)) s)"
 exit "$status"

@@ -155,6 +155,12 @@ fn run_serve(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    if matches!(config.device, DeviceSpec::Cuda(_)) {
+        // Before the port opens: our kernels against candle's reference ops on this GPU;
+        // the verdict picks the path every model serves on.
+        let device = candlewick::model::open_device(config.device)?;
+        candlewick::model::selfcheck::at_boot(&device);
+    }
     runtime.block_on(async move {
         let addr = config.host.clone();
         let listener = tokio::net::TcpListener::bind((addr.host.as_str(), addr.port))

@@ -275,6 +275,23 @@ fn gauge(out: &mut String, name: &str, help: &str, rows: &[(String, usize)]) {
     }
 }
 
+/// `wick_gpu_path`, when a GPU self-check ran: 1 on the path GPU models serve on.
+fn gpu_path_gauge(out: &mut String, path: Option<crate::model::selfcheck::GpuPath>) {
+    use crate::model::selfcheck::GpuPath;
+    let Some(path) = path else { return };
+    let rows: Vec<(String, usize)> = [GpuPath::Kernels, GpuPath::Reference]
+        .into_iter()
+        .map(|p| (format!("{{path=\"{p}\"}}"), usize::from(p == path)))
+        .collect();
+    gauge(
+        out,
+        "wick_gpu_path",
+        "1 for the path GPU models serve on: our kernels, or candle's reference ops when the \
+         boot self-check found the kernels wrong.",
+        &rows,
+    );
+}
+
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
@@ -346,6 +363,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         &[(String::new(), loaded.len())],
     );
     state.metrics.render_vllm(&mut out, &fleet);
+    gpu_path_gauge(&mut out, crate::model::selfcheck::status().map(|c| c.path));
     let mut resp = (StatusCode::OK, out).into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -357,6 +375,18 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_path_gauge_marks_the_serving_path() {
+        use crate::model::selfcheck::GpuPath;
+        let mut out = String::new();
+        gpu_path_gauge(&mut out, None);
+        assert!(out.is_empty(), "no self-check, no gauge");
+        gpu_path_gauge(&mut out, Some(GpuPath::Reference));
+        assert!(out.contains("# TYPE wick_gpu_path gauge"), "{out}");
+        assert!(out.contains("wick_gpu_path{path=\"kernels\"} 0"), "{out}");
+        assert!(out.contains("wick_gpu_path{path=\"reference\"} 1"), "{out}");
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative() {

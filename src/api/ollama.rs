@@ -72,7 +72,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
         .iter()
         .map(|l| {
             let name = l.info.name.display_short();
-            json!({
+            let mut m = json!({
                 "name": name,
                 "model": name,
                 "size": l.info.size,
@@ -89,7 +89,13 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                     "type": l.engine.kv_budget().kv_type,
                     "reason": l.engine.kv_budget().why,
                 },
-            })
+            });
+            // On a GPU: which path serves it, our kernels or candle's reference ops (the
+            // boot self-check's verdict).
+            if let Some(p) = l.model.gpu_path {
+                m["gpu_path"] = json!(p.as_str());
+            }
+            m
         })
         .collect();
     Ok(json_response(StatusCode::OK, &json!({"models": models})))

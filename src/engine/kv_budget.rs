@@ -3,17 +3,13 @@
 
 use std::path::Path;
 
-use crate::model::{CpuKvCache, KvCache, KvType, Model};
+use crate::model::{KvCache, KvType, Model};
 
 use super::EngineError;
 
-/// Bytes of one KV block (K and V, every layer) of elements `ty` on the CPU (f16 on a GPU).
+/// Bytes of one KV block of the model's cache (K and V, every layer) with CPU elements `ty`.
 pub(super) fn block_bytes(model: &Model, block_size: usize, ty: KvType) -> usize {
-    #[cfg(feature = "cuda")]
-    if model.decoder.device().is_cuda() {
-        return crate::model::cuda::CudaKvCache::block_bytes(model.config(), block_size);
-    }
-    block_size * model.config().kv_bytes_per_token(ty.size())
+    model.kv_block_bytes(block_size, ty)
 }
 
 /// The KV cache budget without `WICK_KV_CACHE_BYTES`, and why: on a GPU, 90% of its free
@@ -55,26 +51,17 @@ fn gib(bytes: usize) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-/// The paged KV cache on the model's device.
+/// The paged KV cache on the model's device (on a GPU, of the path it serves on).
 pub(super) fn new_cache(
     model: &Model,
     num_blocks: usize,
     block_size: usize,
     ty: KvType,
 ) -> Result<(Box<dyn KvCache + Send>, &'static str), EngineError> {
-    #[cfg(feature = "cuda")]
-    if model.decoder.device().is_cuda() {
-        let c = crate::model::cuda::CudaKvCache::new(
-            model.config(),
-            num_blocks,
-            block_size,
-            model.decoder.device(),
-        )
+    let cache = model
+        .new_kv_cache(num_blocks, block_size, ty)
         .map_err(EngineError::Cache)?;
-        return Ok((Box::new(c), "f16"));
-    }
-    let cache = CpuKvCache::with_type(model.config(), num_blocks, block_size, ty);
-    Ok((Box::new(cache), ty.name()))
+    Ok((cache, model.kv_type(ty).name()))
 }
 
 /// Memory this process may still take, and where the figure comes from.

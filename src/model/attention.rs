@@ -113,6 +113,11 @@ pub trait KvCache {
     ) -> Result<Tensor>;
     fn block_size(&self) -> usize;
     fn num_blocks(&self) -> usize;
+    /// Whether this cache is the GPU fast path's (our kernels): the decoder then runs its
+    /// other steps on our fused kernels too, all in fp16.
+    fn runs_kernels(&self) -> bool {
+        false
+    }
 }
 
 /// Checks an `attend` call against a cache of `layers` layers of `heads` query heads of

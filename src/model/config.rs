@@ -158,12 +158,6 @@ impl ArchConfig {
             .filter(|_| !self.full_attention_layers.contains(&layer))
     }
 
-    /// Whether some layers slide and others see everything (attention backends that take
-    /// one window for all layers cannot run such a model).
-    pub fn has_mixed_windows(&self) -> bool {
-        self.sliding_window.is_some() && !self.full_attention_layers.is_empty()
-    }
-
     fn validate(self) -> Result<Self> {
         let bad = |msg: String| Err(Error::Config(msg));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.head_dim == 0 {

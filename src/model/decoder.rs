@@ -3,13 +3,20 @@
 //! gate, embedding scale, per-layer windows and rope bases, and logit soft-capping
 //! included). It runs a packed batch of tokens from many sequences at different positions;
 //! attention goes through `KvCache`.
+//!
+//! Two ways through a layer, chosen by the cache: with our kernel cache (the GPU fast path)
+//! the residual add and norm, rotary embedding and SwiGLU activation run on our fused fp16
+//! kernels (model::cuda::ops); otherwise only candle's ops run (the CPU path, and the GPU
+//! reference path that the boot self-check compares the fast path with).
 
 use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
 
 use super::attention::{Batch, KvCache};
 use super::config::{Activation, ArchConfig, RopeScaling};
+use super::cuda::ops::{self, RopePositions};
 use super::weights::{Embedding, Linear, WeightSource};
 use super::{Error, Result};
 
@@ -58,14 +65,6 @@ impl Decoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        if !device.is_cpu() && cfg.has_mixed_windows() {
-            // The CUDA cache applies one window to every layer (cuda/kv_cache.rs).
-            return Err(Error::Config(format!(
-                "{} mixes sliding-window and global layers, which only the CPU attention \
-                 path supports so far; run it with --device cpu",
-                cfg.arch_name
-            )));
-        }
         let embed = src.embedding(device, dtype, cfg.tie_embeddings)?;
         let norm_weight = |name: &str| -> Result<Tensor> {
             if cfg.norm_weights_offset {
@@ -77,24 +76,7 @@ impl Decoder {
             }
         };
         let freq_factors = src.rope_freq_factors(device)?;
-        let global_rope = inv_freqs(
-            &cfg,
-            cfg.rope_theta,
-            cfg.rope_scaling.as_ref(),
-            freq_factors.as_deref(),
-        )?;
-        let mut ropes = vec![Tensor::new(global_rope.as_slice(), device)?.unsqueeze(0)?];
-        let sliding_rope = match cfg.sliding_rope_theta {
-            // The sliding layers' own base, unscaled (scaling is for the global layers).
-            Some(theta) if cfg.sliding_window.is_some() => {
-                ropes.push(
-                    Tensor::new(inv_freqs(&cfg, theta, None, None)?.as_slice(), device)?
-                        .unsqueeze(0)?,
-                );
-                1
-            }
-            _ => 0,
-        };
+        let (ropes, sliding_rope) = ropes(&cfg, freq_factors.as_deref(), device)?;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
@@ -123,11 +105,27 @@ impl Decoder {
         }
         let norm = norm_weight("output_norm.weight")?;
         let lm_head = src.lm_head(&cfg, &embed, device, dtype)?;
+        Ok(Self::assemble(
+            cfg, embed, layers, norm, lm_head, ropes, device, dtype,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        cfg: ArchConfig,
+        embed: Embedding,
+        layers: Vec<Layer>,
+        norm: Tensor,
+        lm_head: Linear,
+        ropes: Vec<Tensor>,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
         let q_scale = cfg
             .query_pre_attn_scalar
             .filter(|&s| s != cfg.head_dim as f64)
             .map(|s| (cfg.head_dim as f64 / s).sqrt());
-        Ok(Self {
+        Self {
             cfg,
             embed,
             layers,
@@ -137,7 +135,69 @@ impl Decoder {
             q_scale,
             device: device.clone(),
             dtype,
-        })
+        }
+    }
+
+    /// A decoder of `cfg`'s shapes with random dense weights (seeded), scaled so activations
+    /// stay near unit size through the layers: what the GPU self-check runs. Gemma's extra
+    /// norms, windows, rope bases and scales follow `cfg`.
+    pub fn random(cfg: ArchConfig, device: &Device, dtype: DType, seed: u64) -> Result<Self> {
+        let mut w = RandomInit {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            device,
+            dtype,
+        };
+        let (hidden, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let (q_out, kv_out) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        let (ropes, sliding_rope) = ropes(&cfg, None, device)?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut post_norm = || -> Result<Option<Tensor>> {
+                cfg.post_norms
+                    .then(|| w.uniform(&[hidden], 0.2, 1.0))
+                    .transpose()
+            };
+            let (post_attn_norm, post_ffn_norm) = (post_norm()?, post_norm()?);
+            layers.push(Layer {
+                attn_norm: w.uniform(&[hidden], 0.2, 1.0)?,
+                q: w.dense(q_out, hidden, cfg.qkv_bias)?,
+                k: w.dense(kv_out, hidden, cfg.qkv_bias)?,
+                v: w.dense(kv_out, hidden, cfg.qkv_bias)?,
+                o: w.dense(hidden, q_out, false)?,
+                q_norm: None,
+                k_norm: None,
+                post_attn_norm,
+                ffn_norm: w.uniform(&[hidden], 0.2, 1.0)?,
+                gate: w.dense(inter, hidden, false)?,
+                up: w.dense(inter, hidden, false)?,
+                down: w.dense(hidden, inter, false)?,
+                post_ffn_norm,
+                rope: if cfg.layer_window(i).is_some() {
+                    sliding_rope
+                } else {
+                    0
+                },
+            });
+        }
+        let table = w.uniform(&[cfg.vocab_size, hidden], 1.0, 0.0)?;
+        let lm_head = Linear::dense(table.clone(), None)?;
+        let norm = w.uniform(&[hidden], 0.2, 1.0)?;
+        let mut cfg = cfg;
+        cfg.tie_embeddings = true;
+        cfg.qk_norm = false;
+        Ok(Self::assemble(
+            cfg,
+            Embedding::Dense(table),
+            layers,
+            norm,
+            lm_head,
+            ropes,
+            device,
+            dtype,
+        ))
     }
 
     pub fn config(&self) -> &ArchConfig {
@@ -146,6 +206,10 @@ impl Decoder {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
@@ -162,12 +226,26 @@ impl Decoder {
         cache: &mut dyn KvCache,
         sums: &[Range<usize>],
     ) -> Result<(Tensor, Vec<Vec<f32>>)> {
-        let x = self.trunk(batch, cache)?;
         let eps = self.cfg.rms_norm_eps as f32;
+        // The kernel path's trunk ends with the final norm applied (fused with the last
+        // residual add); candle's path leaves it to be applied to the rows wanted.
+        let kernels = cache.runs_kernels();
+        let x = if kernels {
+            self.trunk_kernels(batch, cache)?
+        } else {
+            self.trunk(batch, cache)?
+        };
+        let final_norm = |x: &Tensor| -> Result<Tensor> {
+            Ok(if kernels {
+                x.clone()
+            } else {
+                candle_nn::ops::rms_norm(x, &self.norm, eps)?
+            })
+        };
         let mut pooled = Vec::with_capacity(sums.len());
         for r in sums {
             let rows = x.narrow(0, r.start, r.len())?;
-            let h = candle_nn::ops::rms_norm(&rows, &self.norm, eps)?.to_dtype(DType::F32)?;
+            let h = final_norm(&rows)?.to_dtype(DType::F32)?;
             pooled.push(h.sum(0)?.to_vec1::<f32>()?);
         }
         if batch.logits_indices.is_empty() {
@@ -177,7 +255,7 @@ impl Decoder {
         }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = final_norm(&x)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         let logits = match self.cfg.final_logit_softcap {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
@@ -186,9 +264,7 @@ impl Decoder {
         Ok((logits, pooled))
     }
 
-    /// Embedding and every block: the residual stream `[tokens, hidden]` before the final
-    /// norm.
-    fn trunk(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+    fn check_batch(&self, batch: &Batch, cache: &dyn KvCache) -> Result<()> {
         batch.validate(cache.block_size(), cache.num_blocks())?;
         let max_pos = self.cfg.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
@@ -198,32 +274,119 @@ impl Decoder {
                 )));
             }
         }
-        let n = batch.tokens.len();
-        let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        // Positions times inverse frequencies, as f32 products (as llama.cpp and candle's
-        // reference models compute them: quantized activations magnify even last-bit
-        // differences in the rotation), for this step's tokens only.
+        Ok(())
+    }
+
+    /// Per rope of the layers, cos and sin of this step's tokens `[tokens, head_dim / 2]`
+    /// (f32): positions times inverse frequencies as f32 products (as llama.cpp and candle's
+    /// reference models compute them: quantized activations magnify even last-bit
+    /// differences in the rotation).
+    fn rotations(&self, batch: &Batch) -> Result<Vec<(Tensor, Tensor)>> {
         let pos = Tensor::new(batch.positions.as_slice(), &self.device)?
             .to_dtype(DType::F32)?
             .unsqueeze(1)?;
-        let rotations = self
-            .ropes
+        self.ropes
             .iter()
             .map(|inv_freq| {
                 let angles = pos.broadcast_mul(inv_freq)?;
-                Ok((
-                    angles.cos()?.to_dtype(self.dtype)?,
-                    angles.sin()?.to_dtype(self.dtype)?,
-                ))
+                Ok((angles.cos()?, angles.sin()?))
             })
+            .collect()
+    }
+
+    /// The token embeddings of the batch in the compute dtype (scaled for Gemma).
+    fn embed_tokens(&self, batch: &Batch) -> Result<Tensor> {
+        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
+        Ok(if self.cfg.scale_embeddings {
+            (x * (self.cfg.hidden_size as f64).sqrt())?
+        } else {
+            x
+        })
+    }
+
+    /// The fast path: every block on our fused fp16 kernels and `cache` (our paged
+    /// attention), returning the final-normed hidden states `[tokens, hidden]` (f16). The
+    /// residual stream is one tensor updated in place: each `add_rms_norm` adds the previous
+    /// block's output into it and normalizes for the next. Gemma's post-norms, GELU gate and
+    /// query scale are candle ops between the kernels.
+    fn trunk_kernels(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        self.check_batch(batch, cache)?;
+        if self.dtype != DType::F16 {
+            return Err(Error::Config(format!(
+                "the kernel path runs fp16 models, this one computes in {:?}",
+                self.dtype
+            )));
+        }
+        let n = batch.tokens.len();
+        let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        // The rotary kernel reads table row `positions[t]`; the tables hold this step's
+        // tokens' rows, so token t reads row t.
+        let rows: Vec<u32> = (0..n as u32).collect();
+        let positions = RopePositions::new(&rows, n, &self.device)?;
+        let rotations = self.rotations(batch)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        // A fresh tensor of our own: the kernels update it in place.
+        let residual = self.embed_tokens(batch)?.to_dtype(DType::F16)?.copy()?;
+        let mut delta: Option<Tensor> = None;
+        for (li, l) in self.layers.iter().enumerate() {
+            let (cos, sin) = &rotations[l.rope];
+            let h = ops::add_rms_norm(&residual, delta.as_ref(), &l.attn_norm, eps)?;
+            let mut q = l.q.forward(&h)?.reshape((n, heads, hd))?;
+            let mut k = l.k.forward(&h)?.reshape((n, kv_heads, hd))?;
+            let v = l.v.forward(&h)?.reshape((n, kv_heads, hd))?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                q = candle_nn::ops::rms_norm(&q, qn, eps)?;
+                k = candle_nn::ops::rms_norm(&k, kn, eps)?;
+            }
+            // Projection outputs are fresh tensors: rotating them in place is ours to do.
+            let (mut q, k) = (q.contiguous()?, k.contiguous()?);
+            ops::rope_neox_inplace(&q, &k, cos, sin, &positions)?;
+            if let Some(f) = self.q_scale {
+                q = (q * f)?;
+            }
+            let attn = cache.attend(li, &q, &k, &v, batch)?;
+            let mut o = l.o.forward(&attn)?;
+            if let Some(w) = &l.post_attn_norm {
+                o = candle_nn::ops::rms_norm(&o, w, eps)?;
+            }
+            let h = ops::add_rms_norm(&residual, Some(&o.contiguous()?), &l.ffn_norm, eps)?;
+            let (gate, up) = (
+                l.gate.forward(&h)?.contiguous()?,
+                l.up.forward(&h)?.contiguous()?,
+            );
+            let act = match self.cfg.activation {
+                Activation::Silu => ops::silu_mul(&gate, &up)?,
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+            };
+            let mut out = l.down.forward(&act)?;
+            if let Some(w) = &l.post_ffn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            delta = Some(out.contiguous()?);
+        }
+        Ok(ops::add_rms_norm(
+            &residual,
+            delta.as_ref(),
+            &self.norm,
+            eps,
+        )?)
+    }
+
+    /// Embedding and every block: the residual stream `[tokens, hidden]` before the final
+    /// norm.
+    fn trunk(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        self.check_batch(batch, cache)?;
+        let n = batch.tokens.len();
+        let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rotations = self
+            .rotations(batch)?
+            .into_iter()
+            .map(|(c, s)| Ok((c.to_dtype(self.dtype)?, s.to_dtype(self.dtype)?)))
             .collect::<Result<Vec<_>>>()?;
         let eps = self.cfg.rms_norm_eps as f32;
 
-        let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
-        if self.cfg.scale_embeddings {
-            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
-        }
+        let mut x = self.embed_tokens(batch)?;
         for (li, l) in self.layers.iter().enumerate() {
             let (cos, sin) = &rotations[l.rope];
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
@@ -265,6 +428,59 @@ impl Decoder {
         }
         Ok(x)
     }
+}
+
+/// Seeded random weights for [`Decoder::random`], made on the CPU and stored in `dtype`.
+struct RandomInit<'a> {
+    rng: rand::rngs::StdRng,
+    device: &'a Device,
+    dtype: DType,
+}
+
+impl RandomInit<'_> {
+    /// Uniform in `offset +- scale`.
+    fn uniform(&mut self, shape: &[usize], scale: f32, offset: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| offset + scale * self.rng.random_range(-1.0f32..1.0))
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(self.device)?)
+    }
+
+    /// An `[out, inp]` projection uniform in `+-sqrt(3 / inp)`: unit variance out of it.
+    fn dense(&mut self, out: usize, inp: usize, bias: bool) -> Result<Linear> {
+        let w = self.uniform(&[out, inp], (3.0 / inp as f32).sqrt(), 0.0)?;
+        let b = if bias {
+            Some(self.uniform(&[out], 0.1, 0.0)?)
+        } else {
+            None
+        };
+        Linear::dense(w, b)
+    }
+}
+
+/// The layers' ropes as `[1, head_dim / 2]` inverse frequencies (f32): the global one, and
+/// the sliding layers' own base when they have one; with the index of the sliding layers'.
+fn ropes(
+    cfg: &ArchConfig,
+    freq_factors: Option<&[f32]>,
+    device: &Device,
+) -> Result<(Vec<Tensor>, usize)> {
+    let global = inv_freqs(cfg, cfg.rope_theta, cfg.rope_scaling.as_ref(), freq_factors)?;
+    let mut ropes = vec![Tensor::new(global.as_slice(), device)?.unsqueeze(0)?];
+    let sliding = match cfg.sliding_rope_theta {
+        // The sliding layers' own base, unscaled (scaling is for the global layers).
+        Some(theta) if cfg.sliding_window.is_some() => {
+            ropes.push(
+                Tensor::new(inv_freqs(cfg, theta, None, None)?.as_slice(), device)?.unsqueeze(0)?,
+            );
+            1
+        }
+        _ => 0,
+    };
+    Ok((ropes, sliding))
 }
 
 /// Rope inverse frequencies `1 / theta^(2i / head_dim)`, stretched by `scaling` or by a

@@ -4,7 +4,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::{ArchConfig, ChatTemplate, Decoder, Error, Result, Tokenizer, WeightSource};
+use super::selfcheck::{self, GpuPath};
+use super::{
+    ArchConfig, ChatTemplate, CpuKvCache, Decoder, Error, KvCache, KvType, RefKvCache, Result,
+    Tokenizer, WeightSource,
+};
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
 pub struct Model {
@@ -13,6 +17,8 @@ pub struct Model {
     /// The model's own chat template, when its files carry one.
     pub chat_template: Option<ChatTemplate>,
     pub path: PathBuf,
+    /// On a GPU: our kernels or candle's reference ops (the boot self-check's verdict).
+    pub gpu_path: Option<GpuPath>,
 }
 
 impl Model {
@@ -65,12 +71,54 @@ impl Model {
             None => None,
         };
         let decoder = Decoder::load(&src, cfg, device, dtype)?;
+        let gpu_path = device.is_cuda().then(selfcheck::serving_path);
         Ok(Self {
             decoder,
             tokenizer,
             chat_template,
             path: path.to_path_buf(),
+            gpu_path,
         })
+    }
+
+    /// A paged KV cache of `num_blocks` blocks of `block_size` tokens for this model on its
+    /// device: the CPU cache with elements `ty`, or on a GPU the cache of the path it serves
+    /// on.
+    pub fn new_kv_cache(
+        &self,
+        num_blocks: usize,
+        block_size: usize,
+        ty: KvType,
+    ) -> Result<Box<dyn KvCache + Send>> {
+        let (cfg, device) = (self.config(), self.decoder.device());
+        Ok(match self.gpu_path {
+            None => Box::new(CpuKvCache::with_type(cfg, num_blocks, block_size, ty)),
+            Some(GpuPath::Kernels) => Box::new(super::cuda::CudaKvCache::new(
+                cfg, num_blocks, block_size, device,
+            )?),
+            Some(GpuPath::Reference) => Box::new(RefKvCache::new(
+                cfg,
+                num_blocks,
+                block_size,
+                device,
+                self.decoder.dtype(),
+            )?),
+        })
+    }
+
+    /// The element type [`Self::new_kv_cache`] uses when `ty` is asked for: GPU caches are
+    /// f16.
+    pub fn kv_type(&self, ty: KvType) -> KvType {
+        if self.gpu_path.is_some() {
+            KvType::F16
+        } else {
+            ty
+        }
+    }
+
+    /// Bytes one KV block takes over every layer (K and V) in [`Self::new_kv_cache`].
+    pub fn kv_block_bytes(&self, block_size: usize, ty: KvType) -> usize {
+        block_size * self.config().kv_bytes_per_token(self.kv_type(ty).size())
     }
 
     pub fn config(&self) -> &ArchConfig {

@@ -8,12 +8,13 @@ pub mod config;
 mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
-#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod decoder;
 mod loaded;
 mod parallel;
+pub mod ref_attention;
 pub mod reply;
+pub mod selfcheck;
 pub mod tokenizer;
 pub mod weights;
 
@@ -25,6 +26,7 @@ pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
 pub use loaded::Model;
 pub use parallel::init_threads;
+pub use ref_attention::RefKvCache;
 pub use reply::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 pub use tokenizer::Tokenizer;
 pub use weights::WeightSource;
@@ -64,7 +66,6 @@ pub enum Error {
     TemplateRaised(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[cfg(feature = "cuda")]
     #[error(transparent)]
     Cuda(#[from] cuda::KernelError),
 }

@@ -516,6 +516,11 @@ impl Linear {
         Ok(Self { parts, bias })
     }
 
+    /// A dense `[out, in]` projection (random-weight models).
+    pub(crate) fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::new(QMatMul::Tensor(weight), bias)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.parts.as_slice() {
             // candle's CUDA quantized matmul takes f32 activations only; the GPU runs f16.

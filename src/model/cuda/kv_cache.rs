@@ -1,29 +1,18 @@
-//! The paged KV cache on a CUDA device: per layer, K and V as fp16
+//! The paged KV cache on the kernels' device (a GPU; the CPU execution layer in tests): per layer, K and V as fp16
 //! `[num_blocks, block_size, kv_heads, head_dim]` tensors allocated once, written by
 //! `reshape_and_cache` and read by the paged attention kernel.
 
 use candle_core::{DType, Device, Tensor};
 
-use super::ops::{self, PagedAttention, Split};
+use super::ops::{self, HeadShape, PagedAttention, PagedMeta, Route, SeqQueries, Split};
 use crate::model::attention::{check_query, Batch, KvCache};
 use crate::model::config::ArchConfig;
 use crate::model::{Error, Result};
 
-/// A step's metadata on the device, shared by every layer of that step.
-struct StepMeta {
-    /// Cache slot of each batch token.
-    slots: Tensor,
-    /// `[seqs, max_blocks]`, each sequence's blocks padded with 0.
-    block_tables: Tensor,
-    /// Per batch token: its sequence's row in `block_tables`, and positions it sees.
-    query_seq: Tensor,
-    query_ctx: Tensor,
-    max_context: usize,
-}
-
-/// The paged KV cache on a CUDA device. Every batch token is attended as its own query row
-/// (context = its position + 1), so prefill chunks get causal attention from the same
-/// decode kernel; a dedicated prefill kernel is future work.
+/// The paged KV cache on the kernels' device (a GPU, or the CPU execution layer in tests).
+/// Every batch token is a query row that sees its own position and those before it (causal
+/// prefill chunks); long chunks take the tiled prefill kernel, decode rows and short chunks
+/// the decode kernel, in one attention call per layer.
 pub struct CudaKvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -32,10 +21,11 @@ pub struct CudaKvCache {
     kv_heads: usize,
     heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
+    /// Each layer's sliding window (Gemma 3 mixes sliding and global layers).
+    windows: Vec<Option<usize>>,
     device: Device,
     /// The batch the metadata below was built for (layers after the first reuse it).
-    step: Option<(Batch, StepMeta)>,
+    step: Option<(Batch, PagedMeta)>,
 }
 
 impl CudaKvCache {
@@ -47,15 +37,15 @@ impl CudaKvCache {
         block_size: usize,
         device: &Device,
     ) -> Result<Self> {
-        if !device.is_cuda() {
+        if !super::runs_on(device) {
             return Err(Error::Config(format!(
-                "CudaKvCache needs a CUDA device, got {:?}",
+                "the kernel KV cache cannot run on {:?} in this build",
                 device.location()
             )));
         }
         if !ops::ATTENTION_HEAD_DIMS.contains(&cfg.head_dim) {
             return Err(Error::Config(format!(
-                "the CUDA attention kernel has no head_dim {} (built for {:?})",
+                "the attention kernels have no head_dim {} (built for {:?})",
                 cfg.head_dim,
                 ops::ATTENTION_HEAD_DIMS
             )));
@@ -80,7 +70,7 @@ impl CudaKvCache {
             kv_heads: cfg.num_kv_heads,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
+            windows: (0..cfg.num_layers).map(|l| cfg.layer_window(l)).collect(),
             device: device.clone(),
             step: None,
         })
@@ -97,46 +87,31 @@ impl CudaKvCache {
     }
 
     /// Builds (or reuses) the device metadata of `batch`.
-    fn step_meta(&mut self, batch: &Batch) -> Result<&StepMeta> {
-        let fresh = !matches!(&self.step, Some((b, _)) if b == batch);
-        if fresh {
-            let n = batch.tokens.len();
-            let bs = self.block_size;
-            let max_blocks = batch
+    fn step_meta(&mut self, batch: &Batch) -> Result<&PagedMeta> {
+        if !matches!(&self.step, Some((b, _)) if b == batch) {
+            let seqs: Vec<SeqQueries> = batch
                 .seqs
                 .iter()
-                .map(|s| s.context_len.div_ceil(bs))
-                .max()
-                .unwrap_or(0)
-                .max(1);
-            let mut tables = vec![0u32; batch.seqs.len() * max_blocks];
-            let mut slots = Vec::with_capacity(n);
-            let mut query_seq = Vec::with_capacity(n);
-            let mut query_ctx = Vec::with_capacity(n);
-            let mut max_context = 0;
-            for (si, s) in batch.seqs.iter().enumerate() {
-                let used = s.context_len.div_ceil(bs);
-                tables[si * max_blocks..si * max_blocks + used]
-                    .copy_from_slice(&s.block_table[..used]);
-                let first = s.context_len - s.len;
-                for pos in first..s.context_len {
-                    let block = s.block_table[pos / bs] as usize;
-                    slots.push(u32::try_from(block * bs + pos % bs).map_err(|_| {
-                        Error::Config(format!("cache slot of block {block} beyond u32"))
-                    })?);
-                    query_seq.push(si as u32);
-                    query_ctx.push((pos + 1) as u32);
-                }
-                max_context = max_context.max(s.context_len);
-            }
-            let dev = &self.device;
-            let meta = StepMeta {
-                slots: Tensor::from_vec(slots, n, dev)?,
-                block_tables: Tensor::from_vec(tables, (batch.seqs.len(), max_blocks), dev)?,
-                query_seq: Tensor::from_vec(query_seq, n, dev)?,
-                query_ctx: Tensor::from_vec(query_ctx, n, dev)?,
-                max_context,
+                .map(|s| SeqQueries {
+                    start: s.start,
+                    len: s.len,
+                    context_len: s.context_len,
+                    block_table: s.block_table.clone(),
+                })
+                .collect();
+            let shape = HeadShape {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+                head_dim: self.head_dim,
             };
+            let meta = PagedMeta::new(
+                &seqs,
+                self.num_blocks,
+                self.block_size,
+                shape,
+                Route::Auto,
+                &self.device,
+            )?;
             self.step = Some((batch.clone(), meta));
         }
         match &self.step {
@@ -155,6 +130,10 @@ impl KvCache for CudaKvCache {
         self.num_blocks
     }
 
+    fn runs_kernels(&self) -> bool {
+        true
+    }
+
     fn attend(
         &mut self,
         layer: usize,
@@ -168,26 +147,18 @@ impl KvCache for CudaKvCache {
         if n == 0 {
             return Ok(Tensor::zeros((0, heads * hd), DType::F16, &self.device)?);
         }
-        // Every layer's batch is checked by the decoder; validate again only when new, so
-        // that block ids are known to be inside the cache before slots are written.
-        if !matches!(&self.step, Some((b, _)) if b == batch) {
-            batch.validate(self.block_size, self.num_blocks)?;
-        }
         let f16 = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F16)?.contiguous()?) };
         let (q, k, v) = (f16(q)?, f16(k)?, f16(v)?);
-        let window = self.sliding_window;
+        let window = self.windows[layer];
         let scale = 1.0 / (hd as f32).sqrt();
         let (k_cache, v_cache) = (self.k[layer].clone(), self.v[layer].clone());
         let meta = self.step_meta(batch)?;
-        ops::reshape_and_cache(&k, &v, &k_cache, &v_cache, &meta.slots)?;
+        ops::reshape_and_cache(&k, &v, &k_cache, &v_cache, meta)?;
         let out = ops::paged_attention(&PagedAttention {
             q: &q,
             k_cache: &k_cache,
             v_cache: &v_cache,
-            block_tables: &meta.block_tables,
-            query_seq: &meta.query_seq,
-            query_ctx: &meta.query_ctx,
-            max_context: meta.max_context,
+            meta,
             sliding_window: window,
             scale,
             split: Split::Auto,

@@ -1,33 +1,38 @@
-//! The CUDA backend's own kernels (kernels/*.cu): loading their PTX onto a candle
-//! `CudaDevice`, safe launch wrappers over candle tensors ([`ops`]), and the paged KV cache
-//! that runs on them ([`CudaKvCache`]). Built only with `--features cuda`.
+//! Our GPU kernels (kernels/*.cu) and what runs on them: checked launch wrappers over candle
+//! tensors ([`ops`]) and the paged KV cache built on them ([`CudaKvCache`]).
 //!
-//! build.rs compiles every kernels/*.cu to PTX for each architecture asked for (default
-//! sm_75 and sm_86: T4 and A10); at run time the newest PTX the GPU can take is loaded once
-//! per device and module, and the driver JIT-compiles it. Everything is fp16 in memory with
+//! The same wrappers run in two places. With `--features cuda`, build.rs compiles every
+//! kernels/*.cu to PTX with nvcc and the wrappers launch it on a candle `CudaDevice`.
+//! Without it, build.rs compiles the very same sources with the system C++ compiler against
+//! the CPU execution layer (kernels/sim/), and the wrappers run them on CPU tensors with CUDA's
+//! semantics (blocks, barriers, warp shuffles, fp16 rounding; [`sim`]): that is how `cargo
+//! test` executes every kernel without a GPU ([`check`]). Everything is fp16 in memory with
 //! fp32 arithmetic, since T4 has no bf16.
 
+pub mod check;
+#[cfg(feature = "cuda")]
+mod driver;
 mod kv_cache;
+mod launch;
 pub mod ops;
+#[cfg(not(feature = "cuda"))]
+pub mod sim;
 
+#[cfg(feature = "cuda")]
+pub use driver::{built_archs, compute_capability, free_memory};
 pub use kv_cache::CudaKvCache;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaStream, DevicePtr};
-use candle_core::cuda_backend::CudaDType;
-use candle_core::{CudaDevice, DType, Device, Storage, Tensor};
-
-mod ptx {
-    include!(concat!(env!("OUT_DIR"), "/wick_kernels.rs"));
-}
+use candle_core::{DType, Device, Tensor};
 
 /// A kernel launch that cannot go ahead, or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("{op}: {what} is on {device:?}, not on a CUDA device")]
-    NotCuda {
+    #[error("{op}: {what} is on {device:?}, which cannot run the kernels ({why})")]
+    Device {
         op: &'static str,
         what: &'static str,
         device: candle_core::DeviceLocation,
+        why: &'static str,
     },
     #[error("{op}: {what} has dtype {got:?}, expected {want:?}")]
     DType {
@@ -49,66 +54,23 @@ pub enum KernelError {
     },
     #[error("CUDA driver: {0}")]
     Driver(String),
+    /// The CPU execution layer refused the launch or the kernel failed in it (a memory fault,
+    /// a divergent barrier, a race between thread orders...).
+    #[error("kernel on the CPU execution layer: {0}")]
+    Sim(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
-fn driver(e: impl std::fmt::Display) -> KernelError {
-    KernelError::Driver(e.to_string())
-}
-
-/// The compute capability of `dev` as major * 10 + minor (7.5 -> 75).
-pub fn compute_capability(dev: &CudaDevice) -> Result<u32> {
-    let (major, minor) = dev
-        .cuda_stream()
-        .context()
-        .compute_capability()
-        .map_err(driver)?;
-    Ok((major * 10 + minor) as u32)
-}
-
-/// Free memory on `dev`'s GPU, in bytes.
-pub fn free_memory(dev: &CudaDevice) -> Result<usize> {
-    let (free, _total) = dev.cuda_stream().context().mem_get_info().map_err(driver)?;
-    Ok(free)
-}
-
-/// The architectures this build carries PTX for.
-pub fn built_archs() -> Vec<u32> {
-    let mut a: Vec<u32> = ptx::PTX.iter().map(|&(_, cc, _)| cc).collect();
-    a.sort_unstable();
-    a.dedup();
-    a
-}
-
-/// Loads (once per device) the newest PTX of `module` that `dev` can run and returns `name`.
-fn func(dev: &CudaDevice, module: &'static str, name: &str) -> Result<CudaFunction> {
-    let cc = compute_capability(dev)?;
-    let (_, arch, src) = ptx::PTX
-        .iter()
-        .filter(|&&(m, a, _)| m == module && a <= cc)
-        .max_by_key(|&&(_, a, _)| a)
-        .ok_or_else(|| KernelError::NoPtx {
-            module,
-            cc,
-            built: built_archs(),
-        })?;
-    Ok(dev
-        .get_or_load_custom_func(name, &format!("wick_{module}_sm{arch}"), src)?
-        .into_cuda_function())
-}
-
-/// The CUDA device `t` lives on.
-fn cuda_device<'a>(t: &'a Tensor, op: &'static str, what: &'static str) -> Result<&'a CudaDevice> {
-    match t.device() {
-        Device::Cuda(d) => Ok(d),
-        other => Err(KernelError::NotCuda {
-            op,
-            what,
-            device: other.location(),
-        }),
+/// Whether kernels can run on `device` in this build: CUDA devices with `--features cuda`,
+/// the CPU (through the execution layer) without.
+pub fn runs_on(device: &Device) -> bool {
+    match device {
+        Device::Cuda(_) => cfg!(feature = "cuda"),
+        Device::Cpu => cfg!(not(feature = "cuda")),
+        _ => false,
     }
 }
 
@@ -128,52 +90,29 @@ fn shape_err(op: &'static str, msg: String) -> KernelError {
     KernelError::Shape { op, msg }
 }
 
-/// The device address of `t`'s first element. `t` must be of dtype `T`; the caller checks
-/// its layout (contiguity, strides) and keeps `t` alive until the launch is queued.
-/// candle runs every op of a device on one stream, so stream order covers the rest.
-fn dev_ptr<T: CudaDType + candle_core::WithDType>(
-    t: &Tensor,
-    stream: &CudaStream,
-    op: &'static str,
-    what: &'static str,
-) -> Result<u64> {
-    check_dtype(t, T::DTYPE, op, what)?;
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*storage else {
-        return Err(KernelError::NotCuda {
-            op,
-            what,
-            device: t.device().location(),
-        });
-    };
-    let slice = cs.as_cuda_slice::<T>()?;
-    let (base, _sync) = slice.device_ptr(stream);
-    Ok(base + (layout.start_offset() * std::mem::size_of::<T>()) as u64)
+/// A fresh tensor on `dev` whose contents the next kernel writes in full. On a GPU it is
+/// not cleared; on the CPU layer it is filled with NaN bit patterns (all ones), so output a
+/// kernel forgets to write shows up in the tests.
+fn uninit(dev: &Device, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => driver::uninit(d, dtype, shape),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cpu => sim::poisoned(dtype, shape),
+        other => Err(KernelError::Device {
+            op: "alloc",
+            what: "output",
+            device: other.location(),
+            why: unsupported_why(),
+        }),
+    }
 }
 
-/// A fresh tensor on `dev` whose contents the next kernel writes in full (no memset).
-fn uninit(dev: &CudaDevice, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-    use candle_core::cuda_backend::CudaStorage;
-    let n: usize = shape.iter().product();
-    // SAFETY: every caller launches a kernel that writes all `n` elements before anything
-    // reads them, on the device's one stream.
-    let storage = unsafe {
-        match dtype {
-            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
-            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
-            DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
-            other => {
-                return Err(shape_err(
-                    "alloc",
-                    format!("no uninitialised allocation for {other:?}"),
-                ))
-            }
-        }
-    };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+fn unsupported_why() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "this build runs them on CUDA devices; the CPU execution layer is in builds without \
+         the cuda feature"
+    } else {
+        "this build has no CUDA support; it runs them on the CPU execution layer"
+    }
 }
