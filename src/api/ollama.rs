@@ -152,11 +152,15 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
         .join("\n");
     let mut capabilities = vec!["completion"];
     let format = ReplyFormat::from_template(&template);
-    if format.tools != ToolSyntax::None {
-        capabilities.push("tools");
-    }
-    if format.thinking {
-        capabilities.push("thinking");
+    if info.is_embedding() {
+        capabilities = vec!["embedding"];
+    } else {
+        if format.tools != ToolSyntax::None {
+            capabilities.push("tools");
+        }
+        if format.thinking {
+            capabilities.push("thinking");
+        }
     }
     let short = info.name.display_short();
     let mut modelfile = format!(

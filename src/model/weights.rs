@@ -271,10 +271,9 @@ fn unpermute_rows(bytes: &[u8], dims: &[usize], n_head: usize) -> Option<Vec<u8>
     Some(out)
 }
 
-impl SafetensorsDir {
-    pub fn open(dir: &Path) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let config_json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+/// The weight files of a Hugging Face directory: the shards its
+/// `model.safetensors.index.json` names, or `model.safetensors`; each must exist.
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
@@ -309,6 +308,14 @@ impl SafetensorsDir {
                 });
             }
         }
+    Ok(files)
+}
+
+impl SafetensorsDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let config_json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
+        let files = safetensors_files(dir)?;
         // SAFETY: read-only maps of files that are never modified in place.
         let st =
             unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
