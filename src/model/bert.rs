@@ -323,15 +323,18 @@ impl Embedder {
     }
 
     /// One pooling mode over a batch's final states `(n, len, hidden)`.
-    fn pool(&self, p: Pooling, states: &Tensor, mask: &Tensor, inputs: &[&[u32]]) -> Result<Tensor> {
+    fn pool(
+        &self,
+        p: Pooling,
+        states: &Tensor,
+        mask: &Tensor,
+        inputs: &[&[u32]],
+    ) -> Result<Tensor> {
         let m = mask.unsqueeze(D::Minus1)?; // (n, len, 1)
         let count = mask.sum_keepdim(D::Minus1)?; // (n, 1)
         Ok(match p {
             Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean => states
-                .broadcast_mul(&m)?
-                .sum(1)?
-                .broadcast_div(&count)?,
+            Pooling::Mean => states.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?,
             Pooling::MeanSqrtLen => states
                 .broadcast_mul(&m)?
                 .sum(1)?

@@ -6,9 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
-use super::{
-    ArchConfig, ChatTemplate, Decoder, Embedder, Error, Result, Tokenizer, WeightSource,
-};
+use super::{ArchConfig, ChatTemplate, Decoder, Embedder, Error, Result, Tokenizer, WeightSource};
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
 pub struct Model {
