@@ -160,7 +160,9 @@ impl Engine {
             model.clone(),
             rx,
             shared.clone(),
-            cfg.max_tokens_per_step,
+            // No decode steps wait behind an encoder's batch, so it may be larger than a
+            // decoder's step: bigger matmuls, and 8 full 512-token inputs at once.
+            cfg.max_tokens_per_step.saturating_mul(8),
             cfg.load_duration,
         );
         let thread = std::thread::Builder::new()

@@ -126,13 +126,6 @@ impl AnyModel {
             Self::Embedder(_) => None,
         }
     }
-
-    pub fn device(&self) -> &Device {
-        match self {
-            Self::Generator(m) => m.decoder.device(),
-            Self::Embedder(e) => e.device(),
-        }
-    }
 }
 
 /// The chat template of a Hugging Face directory: `chat_template.jinja`, or the
