@@ -12,7 +12,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candlewick::api::{self, AppState};
+use candlewick::api::AppState;
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 
@@ -423,26 +423,11 @@ fn stoppable(tag: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
         ],
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            let state = AppState::new(cfg).expect("state");
-            tx.send(listener.local_addr().expect("addr")).expect("addr");
-            let stop = async move {
-                let _ = stop_rx.await;
-            };
-            api::serve(listener, state, stop).await.expect("serve");
-        });
-    });
-    (format!("http://{}", rx.recv().expect("addr")), stop_tx)
+    let stop = async move {
+        let _ = stop_rx.await;
+    };
+    let (addr, _) = api_common::spawn_server_until(cfg, stop);
+    (format!("http://{addr}"), stop_tx)
 }
 
 #[tokio::test]
