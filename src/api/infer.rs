@@ -15,7 +15,7 @@ use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{EngineError, Event, FinishReason, Request, Summary};
 use crate::model::{
-    Error as ModelError, Model, Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax,
+    AnyModel, Error as ModelError, Model, Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax,
 };
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
@@ -312,6 +312,7 @@ pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
 /// long conversation never stalls the async threads that serve everyone else.
 pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
+    refuse_embedding_model(&info, &req)?;
     if req.input.is_empty() {
         if req.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
             state.models.unload(&info).await;
@@ -325,6 +326,22 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     }
     let checked = check(state, &info, &req)?;
     run(state, req, info, checked).await
+}
+
+/// Chat and generate on an embedding model: refused before it loads, as Ollama checks a
+/// model's capabilities first (empty input included).
+fn refuse_embedding_model(info: &LocalModel, req: &InferRequest) -> Result<(), ApiError> {
+    if !info.is_embedding() {
+        return Ok(());
+    }
+    let what = match req.input {
+        Input::Chat { .. } => "chat",
+        Input::Generate { .. } => "generate",
+    };
+    Err(ApiError::BadRequest(format!(
+        "{:?} does not support {what}",
+        req.model
+    )))
 }
 
 /// What [`check`] found valid before any model is loaded.
@@ -372,7 +389,12 @@ async fn run(
             .acquire(&state.store, &info, req.keep_alive)
             .await?
     };
-    let model = in_use.loaded().model.clone();
+    let model = in_use
+        .loaded()
+        .model
+        .generator()
+        .cloned()
+        .ok_or(ApiError::Engine(EngineError::EmbeddingOnly))?;
     let format = match (&req.input, &model.chat_template) {
         (Input::Generate { raw: true, .. }, _) | (_, None) => ReplyFormat::plain(),
         (_, Some(t)) => ReplyFormat::from_template(t.source()),
@@ -431,6 +453,7 @@ async fn run(
 /// loaded already starts as [`start`] does.
 pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
+    refuse_embedding_model(&info, &req)?;
     let loaded = state
         .models
         .list()
@@ -467,7 +490,9 @@ pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Star
     Ok(Started::Stream(rx))
 }
 
-/// Raw sentence embeddings (mean-pooled, not normalised) of `inputs`, one per input.
+/// Sentence embeddings of `inputs`, one per input: an embedding model's own (pooled and
+/// normalised as its metadata says), or a chat model's mean-pooled final hidden states (not
+/// normalised).
 pub struct Embedded {
     pub vectors: Vec<Vec<f32>>,
     pub prompt_tokens: usize,
@@ -475,9 +500,9 @@ pub struct Embedded {
     pub total_duration: Duration,
 }
 
-/// Embeds each input with the model's final hidden states. The inputs go through the model's
-/// engine like prompts (its queue, KV blocks and batching, on the model's device), taking one
-/// place in the queue together. An input longer than the context is cut to it, or refused
+/// Embeds each input with an embedding model, or with a chat model's final hidden states.
+/// The inputs go through the model's engine like prompts (its queue and batching, on the
+/// model's device; a chat model's KV blocks), taking one place in the queue together. An input longer than the context is cut to it, or refused
 /// when `truncate` is false.
 pub async fn embed(
     state: &AppState,
@@ -502,11 +527,20 @@ pub async fn embed(
         inputs
             .iter()
             .map(|text| {
-                let mut ids = model.tokenizer.encode(text, model.tokenizer.add_bos())?;
-                if ids.is_empty() {
-                    // An empty string still gets a vector, as in Ollama: embed a space.
-                    ids = model.tokenizer.encode(" ", true)?;
-                }
+                let ids = match &model {
+                    // With its special tokens: even "" is `[CLS] [SEP]`.
+                    AnyModel::Embedder(e) => e.encode(text)?,
+                    AnyModel::Generator(m) => {
+                        let ids = m.tokenizer.encode(text, m.tokenizer.add_bos())?;
+                        if ids.is_empty() {
+                            // An empty string still gets a vector, as in Ollama: embed a
+                            // space.
+                            m.tokenizer.encode(" ", true)?
+                        } else {
+                            ids
+                        }
+                    }
+                };
                 Ok(Request {
                     num_ctx: Some(num_ctx),
                     truncate,

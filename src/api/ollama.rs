@@ -92,7 +92,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
             });
             // On a GPU: which path serves it, our kernels or candle's reference ops (the
             // boot self-check's verdict).
-            if let Some(p) = l.model.gpu_path {
+            if let Some(p) = l.model.generator().and_then(|g| g.gpu_path) {
                 m["gpu_path"] = json!(p.as_str());
             }
             m
@@ -159,11 +159,15 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
         .join("\n");
     let mut capabilities = vec!["completion"];
     let format = ReplyFormat::from_template(&template);
-    if format.tools != ToolSyntax::None {
-        capabilities.push("tools");
-    }
-    if format.thinking {
-        capabilities.push("thinking");
+    if info.is_embedding() {
+        capabilities = vec!["embedding"];
+    } else {
+        if format.tools != ToolSyntax::None {
+            capabilities.push("tools");
+        }
+        if format.thinking {
+            capabilities.push("thinking");
+        }
     }
     let short = info.name.display_short();
     let mut modelfile = format!(

@@ -641,6 +641,12 @@ pub async fn embeddings(State(state): State<AppState>, body: Bytes) -> Result<Re
         Some(Value::Array(a)) if !a.is_empty() => embed_inputs(Some(Value::Array(a)))?,
         _ => return Err(ApiError::BadRequest("invalid input".into()).into()),
     };
+    // OpenAI refuses empty strings too: there is nothing to embed.
+    if inputs.iter().any(String::is_empty) {
+        return Err(
+            ApiError::BadRequest("invalid input: an input is an empty string".into()).into(),
+        );
+    }
     let base64 = match req.encoding_format.as_deref() {
         None | Some("") | Some("float") => false,
         Some("base64") => true,

@@ -298,7 +298,11 @@ pub fn create(args: CreateArgs) -> Result<()> {
             }
             model_dir_files(&path)?
         } else if path.is_file() {
-            vec![path.clone()]
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model.gguf".into());
+            vec![(name, path.clone())]
         } else {
             return Err(modelfile_err(format!(
                 "FROM {}: no such file",
@@ -307,13 +311,9 @@ pub fn create(args: CreateArgs) -> Result<()> {
         };
         println!("gathering model components");
         let mut files = Map::new();
-        for p in &paths {
+        for (name, p) in &paths {
             let digest = c.upload_blob(p)?;
-            let file_name = p
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model.gguf".into());
-            files.insert(file_name, digest.into());
+            files.insert(name.clone(), digest.into());
         }
         req["files"] = Value::Object(files);
     } else {

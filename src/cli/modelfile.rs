@@ -132,10 +132,37 @@ pub fn local_from(from: &str, modelfile: &Path) -> Option<PathBuf> {
     (looks_like_path || path.is_file() || model_dir).then_some(path)
 }
 
-/// The files of a safetensors model directory that Ollama's CLI uploads: the weights, every
-/// JSON file (config, tokenizer, generation config, the shard index), `tokenizer.model`
-/// when there is no tokenizer.json, and a `chat_template.jinja`. Sorted, top level only.
-pub fn model_dir_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The files of a safetensors model directory that Ollama's CLI uploads, by the names they
+/// are sent under: the weights, every JSON file (config, tokenizer, generation config, the
+/// shard index), `tokenizer.model` when there is no tokenizer.json, a `chat_template.jinja`,
+/// and the JSON files one folder down (`1_Pooling/config.json` of a sentence-transformers
+/// model, named with its folder). Sorted.
+pub fn model_dir_files(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for (name, path) in dir_entries(dir)? {
+        let wanted = name.ends_with(".safetensors")
+            || name.ends_with(".json")
+            || name == "tokenizer.model"
+            || name == "chat_template.jinja";
+        if wanted && path.is_file() {
+            out.push((name, path));
+        } else if path.is_dir() {
+            for (sub, p) in dir_entries(&path)? {
+                if sub.ends_with(".json") && p.is_file() {
+                    out.push((format!("{name}/{sub}"), p));
+                }
+            }
+        }
+    }
+    if out.iter().any(|(n, _)| n == "tokenizer.json") {
+        out.retain(|(n, _)| n != "tokenizer.model");
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The entries of `dir` with UTF-8 names that are not hidden.
+fn dir_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let io = |source| CliError::Io {
         path: dir.to_path_buf(),
         source,
@@ -146,18 +173,10 @@ pub fn model_dir_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
-        let wanted = name.ends_with(".safetensors")
-            || name.ends_with(".json")
-            || name == "tokenizer.model"
-            || name == "chat_template.jinja";
-        if wanted && !name.starts_with('.') && path.is_file() {
-            out.push(path);
+        if !name.starts_with('.') {
+            out.push((name.to_string(), path));
         }
     }
-    if out.iter().any(|p| p.ends_with("tokenizer.json")) {
-        out.retain(|p| !p.ends_with("tokenizer.model"));
-    }
-    out.sort();
     Ok(out)
 }
 

@@ -7,6 +7,9 @@ use super::sampler::SamplerError;
 pub enum EngineError {
     #[error("empty prompt")]
     EmptyPrompt,
+    /// A generation asked of an embedding model (the API checks this first, from the store).
+    #[error("the model only computes embeddings")]
+    EmbeddingOnly,
     #[error("the prompt has {prompt} tokens but the context is {ctx} (and truncation is off)")]
     PromptTooLong { prompt: usize, ctx: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]

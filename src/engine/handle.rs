@@ -1,6 +1,7 @@
 //! The handle of one model's serving engine: [`Engine::start`] sizes the KV cache and starts
-//! the engine thread ([`super::worker`]); [`Engine::submit`] checks a request, fits it to
-//! the context and queues it. Dropping the engine stops the thread.
+//! the engine thread ([`super::worker`]), or for an embedding model the encoder's thread
+//! ([`super::encoder`], no KV cache); [`Engine::submit`] checks a request, fits it to the
+//! context and queues it, the same for both. Dropping the engine stops the thread.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
@@ -8,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::model::{KvType, Model};
+use crate::model::{AnyModel, Embedder, KvType, Model};
 
 use super::block_manager::BlockManager;
+use super::encoder::EncoderWorker;
 use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use super::worker::Worker;
@@ -136,7 +138,7 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     next_id: Mutex<SeqId>,
-    model: Arc<Model>,
+    model: AnyModel,
     capacity: usize,
     default_num_ctx: usize,
     max_queue: usize,
@@ -144,6 +146,56 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Starts the engine `model` needs: a decoder's with its KV cache, or an encoder's.
+    pub fn start_any(model: AnyModel, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        match model {
+            AnyModel::Generator(m) => Self::start(m, cfg),
+            AnyModel::Embedder(e) => Self::start_embedder(e, cfg),
+        }
+    }
+
+    /// Starts an embedding model's engine: the same queue and checks as a decoder's, and a
+    /// thread that batches whole inputs through the encoder ([`super::encoder`]). Nothing
+    /// is kept between steps, so there is no KV cache (`/api/ps` shows none).
+    pub fn start_embedder(model: Arc<Embedder>, cfg: EngineConfig) -> Result<Engine, EngineError> {
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(EngineStats::default()),
+            pending: AtomicUsize::new(0),
+            fault: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel();
+        let worker = EncoderWorker::new(
+            model.clone(),
+            rx,
+            shared.clone(),
+            // No decode steps wait behind an encoder's batch, so it may be larger than a
+            // decoder's step: bigger matmuls, and 8 full 512-token inputs at once.
+            cfg.max_tokens_per_step.saturating_mul(8),
+            cfg.load_duration,
+        );
+        let thread = std::thread::Builder::new()
+            .name("wick-encoder".into())
+            .spawn(move || worker.run())
+            .map_err(EngineError::Spawn)?;
+        let capacity = model.max_positions();
+        Ok(Engine {
+            tx: Some(tx),
+            thread: Some(thread),
+            shared,
+            next_id: Mutex::new(0),
+            model: AnyModel::Embedder(model),
+            capacity,
+            default_num_ctx: cfg.default_num_ctx,
+            max_queue: cfg.max_queue,
+            budget: KvBudget {
+                bytes: 0,
+                tokens: 0,
+                kv_type: "none",
+                why: "an encoder keeps no KV cache".into(),
+            },
+        })
+    }
+
     /// Sizes the KV cache, allocates it once and starts the engine thread.
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         let block_size = cfg.block_size.max(1);
@@ -220,7 +272,7 @@ impl Engine {
             thread: Some(thread),
             shared,
             next_id: Mutex::new(0),
-            model,
+            model: AnyModel::Generator(model),
             capacity: num_blocks * block_size,
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
@@ -228,7 +280,7 @@ impl Engine {
         })
     }
 
-    pub fn model(&self) -> &Arc<Model> {
+    pub fn model(&self) -> &AnyModel {
         &self.model
     }
 
@@ -326,12 +378,51 @@ impl Engine {
 
     /// Checks a request and fits its prompt to its context: the request, the context it
     /// may fill, and how many prompt tokens were cut.
-    fn fit(&self, mut req: Request) -> Result<(Request, usize, usize), EngineError> {
+    fn fit(&self, req: Request) -> Result<(Request, usize, usize), EngineError> {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
+        match &self.model {
+            AnyModel::Generator(m) => self.fit_decoder(m, req),
+            AnyModel::Embedder(e) => self.fit_encoder(e, req),
+        }
+    }
+
+    /// An encoder only embeds; its input keeps its first tokens and closing `[SEP]`.
+    fn fit_encoder(
+        &self,
+        model: &Embedder,
+        mut req: Request,
+    ) -> Result<(Request, usize, usize), EngineError> {
+        if !req.embed {
+            return Err(EngineError::EmbeddingOnly);
+        }
+        let vocab = model.vocab_size();
+        if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::BadToken { id, vocab });
+        }
+        let ctx = req
+            .num_ctx
+            .unwrap_or(self.default_num_ctx)
+            .min(self.capacity)
+            .max(2);
+        if req.prompt.len() > ctx && !req.truncate {
+            return Err(EngineError::PromptTooLong {
+                prompt: req.prompt.len(),
+                ctx,
+            });
+        }
+        let truncated = model.fit(&mut req.prompt, ctx);
+        Ok((req, ctx, truncated))
+    }
+
+    fn fit_decoder(
+        &self,
+        model: &Model,
+        mut req: Request,
+    ) -> Result<(Request, usize, usize), EngineError> {
         req.sampling.validate()?;
-        let vocab = self.model.config().vocab_size;
+        let vocab = model.config().vocab_size;
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });
         }
@@ -340,7 +431,7 @@ impl Engine {
         let ctx = req
             .num_ctx
             .unwrap_or(self.default_num_ctx)
-            .min(self.model.config().max_position_embeddings)
+            .min(model.config().max_position_embeddings)
             .min(self.capacity)
             .max(2);
         // A generation needs room to answer; an embedding does not.
@@ -368,7 +459,7 @@ impl Engine {
             // num_predict if smaller), and keep a leading BOS.
             let room = (ctx / 4).min(req.num_predict.unwrap_or(usize::MAX)).max(1);
             let keep = ctx - room;
-            let bos = self.model.tokenizer.bos_id();
+            let bos = model.tokenizer.bos_id();
             let head = usize::from(bos.is_some() && req.prompt.first() == bos.as_ref());
             truncated = req.prompt.len() - keep;
             let tail = req.prompt.split_off(req.prompt.len() - (keep - head));

@@ -12,7 +12,7 @@ use candle_core::Device;
 use tokio::sync::Notify;
 
 use crate::config::{Config, KeepAlive};
-use crate::model::Model;
+use crate::model::AnyModel;
 use crate::store::{LocalModel, Store, StoreError};
 
 use super::{available_memory, Engine, EngineConfig, EngineError};
@@ -33,7 +33,7 @@ pub enum LoadError {
 /// One loaded model.
 pub struct Loaded {
     pub engine: Arc<Engine>,
-    pub model: Arc<Model>,
+    pub model: AnyModel,
     pub info: LocalModel,
     pub load_duration: Duration,
     /// Requests using the model now.
@@ -79,7 +79,7 @@ impl Loaded {
     }
 
     pub fn context_length(&self) -> usize {
-        self.model.config().max_position_embeddings
+        self.model.context_length()
     }
 }
 
@@ -297,14 +297,14 @@ impl ModelManager {
     }
 }
 
-type LoadResult = (Arc<Engine>, Arc<Model>, Duration);
+type LoadResult = (Arc<Engine>, AnyModel, Duration);
 
 fn load(path: &Path, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, LoadError> {
     let t0 = Instant::now();
-    let model = Arc::new(Model::load(path, device)?);
+    let model = AnyModel::load(path, device)?;
     let load_duration = t0.elapsed();
     cfg.load_duration = load_duration;
-    let engine = Arc::new(Engine::start(model.clone(), cfg)?);
+    let engine = Arc::new(Engine::start_any(model.clone(), cfg)?);
     Ok((engine, model, load_duration))
 }
 

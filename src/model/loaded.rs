@@ -1,13 +1,15 @@
-//! A model ready to serve: decoder, tokenizer and chat template loaded from one path.
+//! A model ready to serve: decoder, tokenizer and chat template loaded from one path; or,
+//! for an encoder checkpoint, the sentence embedding model ([`AnyModel`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 
 use super::selfcheck::{self, GpuPath};
 use super::{
-    ArchConfig, ChatTemplate, CpuKvCache, Decoder, Error, KvCache, KvType, RefKvCache, Result,
-    Tokenizer, WeightSource,
+    ArchConfig, ChatTemplate, CpuKvCache, Decoder, Embedder, Error, KvCache, KvType, RefKvCache,
+    Result, Tokenizer, WeightSource,
 };
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
@@ -123,6 +125,54 @@ impl Model {
 
     pub fn config(&self) -> &ArchConfig {
         self.decoder.config()
+    }
+}
+
+/// A loaded model of either kind: a generator (the decoder) or an embedding model (an
+/// encoder, which only embeds).
+#[derive(Clone)]
+pub enum AnyModel {
+    Generator(Arc<Model>),
+    Embedder(Arc<Embedder>),
+}
+
+impl AnyModel {
+    /// Loads `path` as an embedding model when it is an encoder checkpoint (config.json's
+    /// `model_type`, see [`super::bert::ENCODER_TYPES`]), else as a generator.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        if path.is_dir() && super::bert::is_encoder_dir(path) {
+            return Ok(Self::Embedder(Arc::new(Embedder::load(path, device)?)));
+        }
+        if let Ok(WeightSource::Gguf(g)) = WeightSource::open(path) {
+            let arch = g
+                .metadata()
+                .get("general.architecture")
+                .and_then(|v| v.to_string().ok())
+                .cloned()
+                .unwrap_or_default();
+            if super::bert::GGUF_ENCODER_ARCHS.contains(&arch.as_str()) {
+                return Err(Error::Config(format!(
+                    "'{arch}' embedding models load from safetensors directories (the \
+                     sentence-transformers layout); GGUF encoders are not supported yet"
+                )));
+            }
+        }
+        Ok(Self::Generator(Arc::new(Model::load(path, device)?)))
+    }
+
+    /// The longest sequence the model takes.
+    pub fn context_length(&self) -> usize {
+        match self {
+            Self::Generator(m) => m.config().max_position_embeddings,
+            Self::Embedder(e) => e.max_positions(),
+        }
+    }
+
+    pub fn generator(&self) -> Option<&Arc<Model>> {
+        match self {
+            Self::Generator(m) => Some(m),
+            Self::Embedder(_) => None,
+        }
     }
 }
 

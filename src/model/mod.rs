@@ -1,8 +1,10 @@
-//! The math: one decoder for the llama, qwen2, qwen3 and gemma3 families, weight loading from GGUF
-//! and Hugging Face safetensors, attention over a paged KV cache, tokenizers and chat
-//! templates. Knows tensors, never requests.
+//! The math: one decoder for the llama, qwen2, qwen3 and gemma3 families, a BERT encoder for
+//! sentence embeddings ([`bert`]), weight loading from GGUF and Hugging Face safetensors,
+//! attention over a paged KV cache, tokenizers and chat templates. Knows tensors, never
+//! requests.
 
 pub mod attention;
+pub mod bert;
 pub mod chat_template;
 pub mod config;
 mod cpu_activation;
@@ -21,10 +23,11 @@ pub mod weights;
 use std::path::PathBuf;
 
 pub use attention::{Batch, CpuKvCache, KvCache, KvType, SeqSlice};
+pub use bert::Embedder;
 pub use chat_template::ChatTemplate;
 pub use config::{ArchConfig, Family};
 pub use decoder::Decoder;
-pub use loaded::Model;
+pub use loaded::{AnyModel, Model};
 pub use parallel::init_threads;
 pub use ref_attention::RefKvCache;
 pub use reply::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
@@ -51,7 +54,7 @@ pub enum Error {
         msg: String,
     },
     #[error(
-        "unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3, gemma3)"
+        "unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3, gemma3; embeddings: bert)"
     )]
     UnsupportedArch(String),
     #[error("model config: {0}")]

@@ -352,44 +352,48 @@ fn unpermute_rows(bytes: &[u8], dims: &[usize], n_head: usize) -> Option<Vec<u8>
     Some(out)
 }
 
+/// The weight files of a Hugging Face directory: the shards its
+/// `model.safetensors.index.json` names, or `model.safetensors`; each must exist.
+pub(crate) fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
+            path: index.clone(),
+            msg: e.to_string(),
+        })?;
+        let mut shards: Vec<String> = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Format {
+                path: index.clone(),
+                msg: "no weight_map".into(),
+            })?
+            .values()
+            .filter_map(|s| s.as_str().map(str::to_string))
+            .collect();
+        shards.sort();
+        shards.dedup();
+        shards.iter().map(|s| dir.join(s)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    for f in &files {
+        if !f.is_file() {
+            return Err(Error::Io {
+                path: f.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "weight file missing"),
+            });
+        }
+    }
+    Ok(files)
+}
+
 impl SafetensorsDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config_json = std::fs::read_to_string(&config_path).map_err(io_err(&config_path))?;
-        let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Format {
-                path: index.clone(),
-                msg: e.to_string(),
-            })?;
-            let mut shards: Vec<String> = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Format {
-                    path: index.clone(),
-                    msg: "no weight_map".into(),
-                })?
-                .values()
-                .filter_map(|s| s.as_str().map(str::to_string))
-                .collect();
-            shards.sort();
-            shards.dedup();
-            shards.iter().map(|s| dir.join(s)).collect()
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
-        for f in &files {
-            if !f.is_file() {
-                return Err(Error::Io {
-                    path: f.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "weight file missing",
-                    ),
-                });
-            }
-        }
+        let files = safetensors_files(dir)?;
         // SAFETY: read-only maps of files that are never modified in place.
         let st =
             unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {

@@ -311,9 +311,34 @@ pub fn valid_file_name(name: &str) -> bool {
         && !name.contains(['/', '\\', '\0'])
 }
 
+/// A model file's name: a plain name, or one folder deep (`1_Pooling/config.json`, the
+/// pooling config of a sentence-transformers model, which Ollama's CLI sends under that
+/// name). Each part is a [`valid_file_name`].
+pub fn valid_model_file(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('/').collect();
+    parts.len() <= 2 && parts.iter().all(|p| valid_file_name(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_files_may_be_one_folder_deep() {
+        assert!(valid_model_file("config.json"));
+        assert!(valid_model_file("1_Pooling/config.json"));
+        for bad in [
+            "a/b/c.json",
+            "../config.json",
+            "1_Pooling/../x",
+            "/etc/passwd",
+            ".hidden/x.json",
+            "dir/",
+            "a\\b",
+        ] {
+            assert!(!valid_model_file(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn builtin_catalog_parses_and_covers_the_families() {

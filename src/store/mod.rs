@@ -229,7 +229,24 @@ pub struct LocalModel {
     pub readonly_root: Option<PathBuf>,
 }
 
+/// Model families that are encoders serving embeddings only (GGUF architecture names as
+/// llama.cpp and Ollama write them, and config.json `model_type`s).
+pub const EMBEDDING_FAMILIES: &[&str] = &[
+    "bert",
+    "nomic-bert",
+    "nomic_bert",
+    "jina-bert-v2",
+    "xlm-roberta",
+    "roberta",
+];
+
 impl LocalModel {
+    /// Whether the model only computes embeddings (an encoder family): `/api/show` says
+    /// `embedding`, and chat and generate are refused before loading, as Ollama does.
+    pub fn is_embedding(&self) -> bool {
+        EMBEDDING_FAMILIES.contains(&self.config.model_family.as_str())
+    }
+
     fn layer(&self, media_type: &str) -> Option<&Layer> {
         self.manifest
             .layers
@@ -520,7 +537,7 @@ impl Store {
             ) {
                 continue;
             }
-            if !catalog::valid_file_name(name) {
+            if !catalog::valid_model_file(name) {
                 return Err(StoreError::BadFileName(
                     m.name.display_short(),
                     name.clone(),
@@ -704,6 +721,10 @@ impl LinkedDir {
             // Absolute targets: the store root may be given as a relative path.
             let target = fs::canonicalize(blob).map_err(io_err(blob))?;
             let link = dir.path.join(name);
+            // `1_Pooling/config.json`: names were checked to be at most one folder deep.
+            if let Some(parent) = link.parent().filter(|p| *p != dir.path) {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
             std::os::unix::fs::symlink(&target, &link).map_err(io_err(&link))?;
         }
         Ok(dir)

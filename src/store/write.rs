@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use super::blobs::normalize_digest;
-use super::catalog::valid_file_name;
+use super::catalog::valid_model_file;
 use super::gguf;
 use super::safetensors::{self, media_type, INDEX, REQUIRED, SINGLE};
 use super::{
@@ -62,10 +62,10 @@ impl Store {
         let mut paths: BTreeMap<String, PathBuf> = BTreeMap::new();
         let mut digests: BTreeMap<&str, (String, u64)> = BTreeMap::new();
         for (name, digest) in files {
-            if !valid_file_name(name) {
+            if !valid_model_file(name) {
                 return Err(bad(format!(
-                    "invalid file name {name:?}: a model's files must be plain names in one \
-                     directory"
+                    "invalid file name {name:?}: a model's files must be plain names, at \
+                     most one folder deep"
                 )));
             }
             let digest = normalize_digest(digest)?;

@@ -1,0 +1,371 @@
+//! BERT-family sentence embedding models (all-MiniLM, bge, e5 ... in the sentence-transformers
+//! layout): the encoder, the pooling and the normalisation the model's own metadata asks for.
+//!
+//! The transformer itself is candle-transformers' `bert` module (Hugging Face's BertModel,
+//! kept by candle's authors and checked against transformers there), run on padded batches
+//! with an attention mask. What the checkpoint says around it is read here:
+//! `modules.json` names the sentence-transformers modules (Transformer, Pooling,
+//! Normalize), `<pooling dir>/config.json` the pooling modes. A directory without
+//! `modules.json` is a plain BERT checkpoint: mean pooling, no normalisation (what
+//! sentence-transformers itself falls back to).
+//!
+//! The tokenizer adds the model's special tokens (`[CLS] … [SEP]`); its own truncation and
+//! padding settings are switched off, since the engine fits inputs to the context
+//! ([`Embedder::fit`]) and [`Embedder::embed`] pads a batch itself.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde_json::Value;
+
+use super::{Error, Result};
+
+/// How token states become one sentence vector (sentence-transformers' pooling modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// The first token's state (`[CLS]`).
+    Cls,
+    /// The element-wise maximum over the tokens.
+    Max,
+    /// The mean over the tokens.
+    Mean,
+    /// The sum over the tokens divided by the square root of their count.
+    MeanSqrtLen,
+    /// The last token's state.
+    LastToken,
+}
+
+impl Pooling {
+    /// The name Ollama's GGUF metadata uses (`bert.pooling_type` is a number there; this is
+    /// for logs and `/api/show`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::Cls => "cls",
+            Pooling::Max => "max",
+            Pooling::Mean => "mean",
+            Pooling::MeanSqrtLen => "mean_sqrt_len",
+            Pooling::LastToken => "last",
+        }
+    }
+}
+
+/// Model types this encoder runs (config.json `model_type`).
+pub const ENCODER_TYPES: &[&str] = &["bert"];
+
+/// GGUF architectures of encoder models (as llama.cpp and Ollama name them).
+pub const GGUF_ENCODER_ARCHS: &[&str] = &["bert", "nomic-bert", "jina-bert-v2", "xlm-roberta"];
+
+/// Whether `dir` holds an encoder checkpoint this module loads (config.json's `model_type`).
+pub fn is_encoder_dir(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else {
+        return false;
+    };
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("model_type")?.as_str().map(str::to_owned))
+        .is_some_and(|t| ENCODER_TYPES.contains(&t.as_str()))
+}
+
+/// A loaded sentence embedding model.
+pub struct Embedder {
+    bert: BertModel,
+    tokenizer: tokenizers::Tokenizer,
+    /// Applied in this order and concatenated (as sentence-transformers does).
+    pooling: Vec<Pooling>,
+    normalize: bool,
+    hidden: usize,
+    max_positions: usize,
+    vocab_size: usize,
+    /// Special tokens the tokenizer puts after the text (`[SEP]`), kept when an input is cut.
+    tail: usize,
+    device: Device,
+    pub path: PathBuf,
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// The pooling modes and whether to normalise, from `modules.json` and the pooling
+/// module's config.
+fn read_modules(dir: &Path) -> Result<(Vec<Pooling>, bool)> {
+    let modules_path = dir.join("modules.json");
+    if !modules_path.is_file() {
+        return Ok((vec![Pooling::Mean], false));
+    }
+    let modules = read_json(&modules_path)?;
+    let list = modules.as_array().ok_or_else(|| Error::Format {
+        path: modules_path.clone(),
+        msg: "expected a list of modules".into(),
+    })?;
+    let mut pooling = None;
+    let mut normalize = false;
+    for m in list {
+        let ty = m.get("type").and_then(Value::as_str).unwrap_or_default();
+        let kind = ty.rsplit('.').next().unwrap_or_default();
+        match kind {
+            "Transformer" => {}
+            "Normalize" => normalize = true,
+            "Pooling" => {
+                let sub = m.get("path").and_then(Value::as_str).unwrap_or_default();
+                // The module's folder is a plain name inside the model directory.
+                if sub.contains("..") || sub.starts_with('/') {
+                    return Err(Error::Format {
+                        path: modules_path.clone(),
+                        msg: format!("pooling module path {sub:?} leaves the model directory"),
+                    });
+                }
+                pooling = Some(read_pooling(&dir.join(sub).join("config.json"))?);
+            }
+            other => {
+                return Err(Error::Config(format!(
+                    "sentence-transformers module {other:?} ({ty}) is not supported \
+                     (supported: Transformer, Pooling, Normalize)"
+                )))
+            }
+        }
+    }
+    Ok((pooling.unwrap_or_else(|| vec![Pooling::Mean]), normalize))
+}
+
+/// sentence-transformers' `1_Pooling/config.json`.
+fn read_pooling(path: &Path) -> Result<Vec<Pooling>> {
+    let cfg = read_json(path)?;
+    let on = |k: &str| cfg.get(k).and_then(Value::as_bool).unwrap_or(false);
+    if on("pooling_mode_weightedmean_tokens") {
+        return Err(Error::Config(
+            "weighted-mean pooling is not supported".into(),
+        ));
+    }
+    // sentence-transformers concatenates the enabled modes in this order.
+    let modes: Vec<Pooling> = [
+        ("pooling_mode_cls_token", Pooling::Cls),
+        ("pooling_mode_max_tokens", Pooling::Max),
+        ("pooling_mode_mean_tokens", Pooling::Mean),
+        ("pooling_mode_mean_sqrt_len_tokens", Pooling::MeanSqrtLen),
+        ("pooling_mode_lasttoken", Pooling::LastToken),
+    ]
+    .into_iter()
+    .filter(|(k, _)| on(k))
+    .map(|(_, p)| p)
+    .collect();
+    if modes.is_empty() {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            msg: "no pooling mode is enabled".into(),
+        });
+    }
+    Ok(modes)
+}
+
+impl Embedder {
+    /// Loads a sentence-transformers (or plain BERT) directory: config.json,
+    /// model.safetensors (or its shards), tokenizer.json, and modules.json with the pooling
+    /// config when present. Runs in f32 on every device: these models are small and their
+    /// vectors are compared to 1e-4.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        super::init_threads();
+        let config_path = dir.join("config.json");
+        let config_json = read_json(&config_path)?;
+        let model_type = config_json
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if !ENCODER_TYPES.contains(&model_type) {
+            return Err(Error::UnsupportedArch(model_type.to_string()));
+        }
+        let config: BertConfig =
+            serde_json::from_value(config_json).map_err(|e| Error::Format {
+                path: config_path.clone(),
+                msg: format!("not a BERT config: {e}"),
+            })?;
+        let (pooling, normalize) = read_modules(dir)?;
+        let tok_path = dir.join("tokenizer.json");
+        let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        // The file's own limits (all-MiniLM's pads and cuts to 128) would override the
+        // engine's context handling.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        tokenizer.with_padding(None);
+        if tokenizer.get_vocab_size(true) > config.vocab_size {
+            return Err(Error::Config(format!(
+                "tokenizer has {} tokens but the model only {}",
+                tokenizer.get_vocab_size(true),
+                config.vocab_size
+            )));
+        }
+        let tail = special_tail(&tokenizer)?;
+        let files = super::weights::safetensors_files(dir)?;
+        // SAFETY: read-only maps of model files, which are never modified in place (the
+        // store writes blobs once under their digest).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+            .map_err(|e| Error::Format {
+                path: dir.to_path_buf(),
+                msg: format!("unreadable safetensors: {e}"),
+            })?;
+        let bert = BertModel::load(vb, &config)?;
+        tracing::info!(
+            path = %dir.display(),
+            pooling = ?pooling.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            normalize,
+            "embedding model loaded"
+        );
+        Ok(Self {
+            bert,
+            tokenizer,
+            pooling,
+            normalize,
+            hidden: config.hidden_size,
+            max_positions: config.max_position_embeddings,
+            vocab_size: config.vocab_size,
+            tail,
+            device: device.clone(),
+            path: dir.to_path_buf(),
+        })
+    }
+
+    /// `text` as the model's token ids, with its special tokens (`[CLS] … [SEP]`).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode_fast(text, true)
+            .map_err(|e| Error::Tokenizer(format!("encode: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Cuts `ids` to `len` tokens keeping the first ones and the closing special tokens,
+    /// as Ollama truncates embedding inputs; returns how many were dropped.
+    pub fn fit(&self, ids: &mut Vec<u32>, len: usize) -> usize {
+        if ids.len() <= len {
+            return 0;
+        }
+        let dropped = ids.len() - len;
+        let tail = self.tail.min(len);
+        let end: Vec<u32> = ids[ids.len() - tail..].to_vec();
+        ids.truncate(len - tail);
+        ids.extend(end);
+        dropped
+    }
+
+    /// The longest input, in tokens.
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// The length of the vectors [`Embedder::embed`] returns.
+    pub fn dim(&self) -> usize {
+        self.hidden * self.pooling.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn pooling(&self) -> &[Pooling] {
+        &self.pooling
+    }
+
+    /// Whether the vectors come out at unit length (a `Normalize` module).
+    pub fn normalizes(&self) -> bool {
+        self.normalize
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// One vector per input, computed as one padded batch. Every input must be non-empty
+    /// and at most [`Embedder::max_positions`] long (the engine checks both).
+    pub fn embed(&self, inputs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let n = inputs.len();
+        let len = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
+        if n == 0 || len == 0 {
+            return Ok(vec![Vec::new(); n]);
+        }
+        if len > self.max_positions {
+            return Err(Error::Config(format!(
+                "an input of {len} tokens is longer than the model's {} positions",
+                self.max_positions
+            )));
+        }
+        let mut ids = vec![0u32; n * len];
+        let mut mask = vec![0f32; n * len];
+        for (row, input) in inputs.iter().enumerate() {
+            ids[row * len..row * len + input.len()].copy_from_slice(input);
+            mask[row * len..row * len + input.len()].fill(1.0);
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let types = ids.zeros_like()?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let states = self.bert.forward(&ids, &types, Some(&mask))?;
+        let mut parts = Vec::with_capacity(self.pooling.len());
+        for p in &self.pooling {
+            parts.push(self.pool(*p, &states, &mask, inputs)?);
+        }
+        let mut pooled = Tensor::cat(&parts, D::Minus1)?;
+        if self.normalize {
+            let norm = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+            // sentence-transformers' F.normalize: eps 1e-12 keeps a zero vector zero.
+            pooled = pooled.broadcast_div(&norm.clamp(1e-12f32, f32::MAX)?)?;
+        }
+        Ok(pooled.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    /// One pooling mode over a batch's final states `(n, len, hidden)`.
+    fn pool(
+        &self,
+        p: Pooling,
+        states: &Tensor,
+        mask: &Tensor,
+        inputs: &[&[u32]],
+    ) -> Result<Tensor> {
+        let m = mask.unsqueeze(D::Minus1)?; // (n, len, 1)
+        let count = mask.sum_keepdim(D::Minus1)?; // (n, 1)
+        Ok(match p {
+            Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean => states.broadcast_mul(&m)?.sum(1)?.broadcast_div(&count)?,
+            Pooling::MeanSqrtLen => states
+                .broadcast_mul(&m)?
+                .sum(1)?
+                .broadcast_div(&count.sqrt()?)?,
+            Pooling::Max => {
+                // Padding rows must never win: push them far below any real state.
+                let low = ((m.ones_like()? - &m)? * -1e9)?;
+                states.broadcast_add(&low)?.max(1)?
+            }
+            Pooling::LastToken => {
+                let rows = inputs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, input)| states.get(i)?.get(input.len() - 1))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::stack(&rows, 0)?
+            }
+        })
+    }
+}
+
+/// How many special tokens the tokenizer's post-processor appends after the text: the
+/// difference between a probe word's encodings with and without special tokens, minus what
+/// comes before it.
+fn special_tail(tok: &tokenizers::Tokenizer) -> Result<usize> {
+    let err = |e: tokenizers::Error| Error::Tokenizer(format!("encode: {e}"));
+    let plain = tok.encode_fast("a", false).map_err(err)?;
+    let full = tok.encode_fast("a", true).map_err(err)?;
+    let (plain, full) = (plain.get_ids(), full.get_ids());
+    let head = (0..=full.len().saturating_sub(plain.len()))
+        .find(|&s| full[s..].starts_with(plain))
+        .unwrap_or(0);
+    Ok(full.len().saturating_sub(head + plain.len()))
+}
