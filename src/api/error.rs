@@ -87,6 +87,7 @@ impl ApiError {
                 | EngineError::PromptTooLong { .. }
                 | EngineError::PromptExceedsCache { .. }
                 | EngineError::BadToken { .. }
+                | EngineError::Grammar(_)
                 | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },

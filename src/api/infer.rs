@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{Event, FinishReason, Request, Summary};
+use crate::engine::{Event, FinishReason, Grammar, Reasoning, Request, Summary};
 use crate::model::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
@@ -64,22 +64,9 @@ pub struct InferRequest {
     pub keep_alive: Option<KeepAlive>,
     /// `think`: `None` leaves thinking on for models that think; levels count as `true`.
     pub think: Option<bool>,
-    /// Constrain the answer to a JSON object (`format: "json"` or a schema, whose
-    /// structure is not enforced beyond being JSON).
-    pub json: bool,
-}
-
-/// Reads Ollama's `format`: `"json"`, a JSON schema object, or `""`/null for none.
-pub fn parse_format(v: Option<&Value>) -> Result<bool, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::String(s)) if s.is_empty() => Ok(false),
-        Some(Value::String(s)) if s == "json" => Ok(true),
-        Some(Value::Object(_)) => Ok(true),
-        Some(v) => Err(ApiError::BadRequest(format!(
-            "invalid format: {v} (expected \"json\" or a JSON schema object)"
-        ))),
-    }
+    /// Structured output: what the answer must match (see [`super::structured`]). A
+    /// thinking model reasons freely first; the constraint applies to the answer.
+    pub format: Option<Grammar>,
 }
 
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
@@ -175,6 +162,8 @@ impl Options {
                 "num_predict" => o.num_predict = Some(int()?),
                 "num_ctx" => o.num_ctx = Some(int()?),
                 "stop" => o.stop = Some(string_list(value, key)?),
+                // Constraints, read by `structured::ollama_options`.
+                k if super::structured::OPTION_KEYS.contains(&k) => {}
                 k if IGNORED_INT.contains(&k) => {
                     int()?;
                 }
@@ -306,7 +295,7 @@ pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
 }
 
 /// Starts a request.
-pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
+pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
     if req.input.is_empty() {
         if req.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
@@ -357,8 +346,13 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             n.host, n.namespace, n.model, n.tag
         )));
     }
-    // JSON mode constrains every token, so a thinking model answers without thinking.
-    let thinking = format.thinking && req.think != Some(false) && !req.json;
+    let grammar = req.format.take();
+    let tokenizer = &model.tokenizer;
+    // With a constraint, a thinking model reasons freely inside its `<think>` block and the
+    // constraint applies after `</think>`; without that token it answers without thinking.
+    let close = tokenizer.token_id("</think>");
+    let thinking =
+        format.thinking && req.think != Some(false) && (grammar.is_none() || close.is_some());
     let (prompt, in_thinking) = tokenize(
         &in_use,
         &req.model,
@@ -369,8 +363,26 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     )?;
     let parser = ReplyParser::new(format, thinking, in_thinking, tools);
     let mut engine_req = options.to_request(prompt.clone());
-    engine_req.json = req.json;
     let engine = &in_use.loaded().engine;
+    if let Some(grammar) = grammar {
+        let compiler = engine.clone();
+        engine_req.constraint = Some(
+            tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+                .await
+                .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
+                .map_err(ApiError::Engine)?,
+        );
+        if let (true, Some(close)) = (thinking, close) {
+            engine_req.reasoning = Some(Reasoning {
+                open: if in_thinking {
+                    None
+                } else {
+                    tokenizer.token_id("<think>")
+                },
+                close,
+            });
+        }
+    }
     if engine.queued() >= state.config.max_queue {
         state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
         return Err(ApiError::Busy);

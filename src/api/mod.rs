@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod store_api;
+pub mod structured;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -11,12 +11,13 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
-use crate::engine::Summary;
+use crate::engine::{Grammar, Summary};
 use crate::model::{ReplyFormat, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
 
 use super::error::{json_response, ApiError, OllamaError};
 use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
+use super::structured;
 use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
 
 type Result<T, E = OllamaError> = std::result::Result<T, E>;
@@ -274,6 +275,23 @@ fn keep_alive(v: Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
     }
 }
 
+/// The structured output a request asks for: `format`, or a constraint in `options`.
+fn constraint(
+    format: Option<&Value>,
+    options: Option<&Map<String, Value>>,
+) -> Result<Option<Grammar>, ApiError> {
+    structured::merge(vec![
+        ("format", structured::ollama_format(format)?),
+        (
+            "options",
+            options
+                .map(structured::ollama_options)
+                .transpose()?
+                .flatten(),
+        ),
+    ])
+}
+
 fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
     map.map(|m| Options::from_map(&m))
         .transpose()
@@ -354,10 +372,10 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
                 .collect(),
             tools: req.tools.filter(|t| !t.is_empty()),
         },
+        format: constraint(req.format.as_ref(), req.options.as_ref())?,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
-        json: infer::parse_format(req.format.as_ref())?,
     };
     respond(
         &state,
@@ -395,10 +413,10 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
             raw,
             context: req.context.unwrap_or_default(),
         },
+        format: constraint(req.format.as_ref(), req.options.as_ref())?,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
-        json: infer::parse_format(req.format.as_ref())?,
     };
     // Ollama leaves `context` out in raw mode.
     let kind = Kind::Generate { context: !raw };

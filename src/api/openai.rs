@@ -18,12 +18,14 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
+use crate::engine::Grammar;
 use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
 use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
+use super::structured;
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -136,22 +138,29 @@ struct Common {
     reasoning: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
+    #[serde(flatten)]
+    vllm: structured::VllmFields,
 }
 
 impl Common {
-    /// `response_format`: `json_object` and `json_schema` ask for JSON, `text` for nothing.
-    fn json(&self) -> Result<bool, ApiError> {
-        let f = match &self.response_format {
-            None | Some(Value::Null) => return Ok(false),
-            Some(f) => f,
-        };
-        match f.get("type").and_then(Value::as_str) {
-            Some("json_object" | "json_schema") => Ok(true),
-            Some("text") => Ok(false),
-            _ => Err(ApiError::BadRequest(format!(
-                "invalid response_format: {f} (type must be \"text\", \"json_object\" or \"json_schema\")"
-            ))),
-        }
+    /// Structured output: `response_format`, vLLM's `structured_outputs` / `guided_*`, or a
+    /// constraint in Ollama's `options`; at most one of them.
+    fn format(&self) -> Result<Option<Grammar>, ApiError> {
+        structured::merge(vec![
+            (
+                "response_format",
+                structured::openai_response_format(self.response_format.as_ref())?,
+            ),
+            ("structured_outputs", self.vllm.grammar()?),
+            (
+                "options",
+                self.options
+                    .as_ref()
+                    .map(structured::ollama_options)
+                    .transpose()?
+                    .flatten(),
+            ),
+        ])
     }
 
     /// Only what the client sent overrides the model's defaults.
@@ -334,7 +343,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         options: c.options()?,
         keep_alive: c.keep_alive()?,
         think: c.think()?,
-        json: c.json()?,
+        format: c.format()?,
     };
     run(&state, Kind::Chat, c, infer_req).await
 }
@@ -365,7 +374,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         keep_alive: c.keep_alive()?,
         // Text completions have nowhere to put reasoning: off unless asked for.
         think: Some(c.think()?.unwrap_or(false)),
-        json: c.json()?,
+        format: c.format()?,
     };
     run(&state, Kind::Completion, c, infer_req).await
 }

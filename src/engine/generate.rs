@@ -72,15 +72,13 @@ pub fn generate(
         ..EngineConfig::default()
     };
     let engine = Engine::start(model.clone(), cfg)?;
-    let stream = engine.submit(Request {
-        prompt: prompt.to_vec(),
-        sampling: opts.sampling.clone(),
-        num_predict: opts.num_predict,
-        stop: opts.stop.clone(),
-        num_ctx: Some(ctx),
-        truncate: false,
-        json: false,
-    })?;
+    let mut req = Request::new(prompt.to_vec());
+    req.sampling = opts.sampling.clone();
+    req.num_predict = opts.num_predict;
+    req.stop = opts.stop.clone();
+    req.num_ctx = Some(ctx);
+    req.truncate = false;
+    let stream = engine.submit(req)?;
     let (mut tokens, mut text) = (Vec::new(), String::new());
     for event in stream {
         let piece = match event {

@@ -4,13 +4,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::Model;
 
 use super::block_manager::BlockManager;
+use super::constraint::{Constraint, Grammar, GrammarError, Grammars};
 use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use super::worker::Worker;
@@ -105,6 +106,8 @@ pub struct Engine {
     model: Arc<Model>,
     capacity: usize,
     default_num_ctx: usize,
+    /// The grammar compiler, built on the first structured-output request.
+    grammars: OnceLock<Result<Arc<Grammars>, GrammarError>>,
 }
 
 impl Engine {
@@ -174,6 +177,7 @@ impl Engine {
             model,
             capacity: num_blocks * block_size,
             default_num_ctx: cfg.default_num_ctx,
+            grammars: OnceLock::new(),
         })
     }
 
@@ -195,6 +199,20 @@ impl Engine {
         match self.stats.lock() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Compiles a structured-output grammar for this model's vocabulary, for
+    /// [`Request::constraint`]. Blocking: the first call builds the vocabulary trie (a
+    /// fraction of a second), and a large schema takes milliseconds to compile.
+    pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, EngineError> {
+        let grammars = self.grammars.get_or_init(|| {
+            let vocab = self.model.config().vocab_size;
+            Grammars::new(&self.model.tokenizer, vocab).map(Arc::new)
+        });
+        match grammars {
+            Ok(g) => Ok(g.compile(grammar)?),
+            Err(e) => Err(e.clone().into()),
         }
     }
 

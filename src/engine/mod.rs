@@ -7,11 +7,11 @@
 //! the blocks of the [`block_manager`], sized by [`kv_budget`].
 
 pub mod block_manager;
+pub mod constraint;
 pub mod detok;
 mod error;
 pub mod generate;
 mod handle;
-pub mod json_mode;
 mod kv_budget;
 pub mod manager;
 mod request;
@@ -19,7 +19,8 @@ pub mod sampler;
 pub mod scheduler;
 mod worker;
 
+pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
 pub use handle::{Engine, EngineConfig, EngineStats};
 pub use kv_budget::available_memory;
-pub use request::{Event, FinishReason, Request, RequestStream, Summary};
+pub use request::{Event, FinishReason, Reasoning, Request, RequestStream, Summary};

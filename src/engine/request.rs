@@ -6,6 +6,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::constraint::Constraint;
 use super::sampler::SamplingParams;
 
 /// One generation request, already tokenized (the API renders chat templates).
@@ -21,8 +22,21 @@ pub struct Request {
     /// A prompt longer than the context keeps its newest tokens (`true`, Ollama's behaviour)
     /// or is refused.
     pub truncate: bool,
-    /// Constrain the output to one JSON object (`format: "json"`).
-    pub json: bool,
+    /// Structured output: the grammar the output must match, compiled for this model
+    /// ([`super::Engine::compile`]).
+    pub constraint: Option<Constraint>,
+    /// Free reasoning before the constrained answer (a thinking model's `<think>` block).
+    pub reasoning: Option<Reasoning>,
+}
+
+/// The free reasoning block of a thinking model: the constraint applies after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reasoning {
+    /// The token that opens the block when the model writes it; `None` when the prompt
+    /// already opened it. A first token other than this one skips the reasoning.
+    pub open: Option<u32>,
+    /// The token that closes it.
+    pub close: u32,
 }
 
 impl Request {
@@ -35,7 +49,8 @@ impl Request {
             stop: Vec::new(),
             num_ctx: None,
             truncate: true,
-            json: false,
+            constraint: None,
+            reasoning: None,
         }
     }
 }
