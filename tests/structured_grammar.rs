@@ -206,3 +206,56 @@ fn uncompilable_grammars_name_the_problem() {
         }
     }
 }
+
+#[test]
+fn tool_call_grammars_follow_each_syntax_and_schema() {
+    use candlewick::model::ToolSyntax;
+    let tok = Tokenizer::from_file(&common::qwen_tokenizer_dir().join("tokenizer.json"))
+        .expect("qwen3 tokenizer");
+    let g = Grammars::new(&tok, tok.vocab_size()).expect("grammars");
+    let tools = vec![
+        (
+            "get_weather".to_string(),
+            json!({"type": "object", "properties": {
+                "city": {"type": "string"},
+                "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}),
+        ),
+        ("now".to_string(), serde_json::Value::Null),
+    ];
+    let opts = Grammar::default_json_options();
+    let lark = |syntax: ToolSyntax, one: bool| {
+        let rules = syntax.calls_grammar(&tools, one, &opts).expect("rules");
+        Grammar::Lark(format!("start: calls\n{rules}"))
+    };
+    let tagged = lark(ToolSyntax::Tagged, false);
+    let call = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>";
+    assert_eq!(walk(&g, &tok, &tagged, call), Ok(()));
+    let two =
+        format!("{call}\n<tool_call>\n{{\"name\": \"now\", \"arguments\": {{}}}}\n</tool_call>");
+    assert_eq!(walk(&g, &tok, &tagged, &two), Ok(()));
+    assert!(walk(&g, &tok, &lark(ToolSyntax::Tagged, true), &two).is_err());
+    for bad in [
+        "<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"k\"}}\n</tool_call>",
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>",
+        "Sure! <tool_call>",
+        "{\"name\": \"now\", \"arguments\": {}}",
+    ] {
+        assert!(walk(&g, &tok, &tagged, bad).is_err(), "{bad}");
+    }
+    let bare = lark(ToolSyntax::BareJson, true);
+    let call = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\", \"unit\": \"f\"}}";
+    assert_eq!(walk(&g, &tok, &bare, call), Ok(()));
+    assert!(walk(&g, &tok, &bare, "{\"name\": \"now\", \"arguments\": {}}").is_err());
+    assert!(ToolSyntax::None
+        .calls_grammar(&tools, false, &opts)
+        .is_none());
+    let bad_params = vec![("f".to_string(), json!({"type": "object", "not": {}}))];
+    let rules = ToolSyntax::Tagged
+        .calls_grammar(&bad_params, true, &opts)
+        .expect("rules");
+    let err = g
+        .compile(&Grammar::Lark(format!("start: calls\n{rules}")))
+        .expect_err("an unsupported parameter schema");
+    assert!(err.to_string().contains("not"), "{err}");
+}

@@ -19,6 +19,7 @@ use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::structured::{self, ToolChoice};
 use super::AppState;
 use crate::engine::manager::InUse;
 
@@ -67,6 +68,10 @@ pub struct InferRequest {
     /// Structured output: what the answer must match (see [`super::structured`]). A
     /// thinking model reasons freely first; the constraint applies to the answer.
     pub format: Option<Grammar>,
+    /// Whether the model must, may or must not call the offered tools.
+    pub tool_choice: ToolChoice,
+    /// At most one call (`parallel_tool_calls: false`).
+    pub one_call: bool,
 }
 
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
@@ -331,6 +336,13 @@ pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, A
             req.model
         )));
     }
+    if req.tool_choice == ToolChoice::None {
+        // "none": the model is not told about the tools and its output is not parsed for
+        // calls.
+        if let Input::Chat { tools, .. } = &mut req.input {
+            *tools = None;
+        }
+    }
     let tools: Vec<String> = match &req.input {
         Input::Chat { tools: Some(t), .. } => t
             .iter()
@@ -346,7 +358,17 @@ pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, A
             n.host, n.namespace, n.model, n.tag
         )));
     }
-    let grammar = req.format.take();
+    let offered: &[Value] = match &req.input {
+        Input::Chat { tools: Some(t), .. } => t,
+        _ => &[],
+    };
+    let grammar = structured::output_grammar(
+        req.format.take(),
+        &req.tool_choice,
+        req.one_call,
+        offered,
+        format.tools,
+    )?;
     let tokenizer = &model.tokenizer;
     // With a constraint, a thinking model reasons freely inside its `<think>` block and the
     // constraint applies after `</think>`; without that token it answers without thinking.

@@ -17,7 +17,7 @@ use crate::store::{LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEM
 
 use super::error::{json_response, ApiError, OllamaError};
 use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
-use super::structured;
+use super::structured::{self, ToolChoice};
 use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
 
 type Result<T, E = OllamaError> = std::result::Result<T, E>;
@@ -236,6 +236,9 @@ struct ChatRequest {
     think: Option<Value>,
     #[serde(default)]
     format: Option<Value>,
+    /// Our extension (Ollama ignores it): OpenAI's `tool_choice`.
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -373,6 +376,8 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
             tools: req.tools.filter(|t| !t.is_empty()),
         },
         format: constraint(req.format.as_ref(), req.options.as_ref())?,
+        tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
+        one_call: false,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
@@ -414,6 +419,8 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
             context: req.context.unwrap_or_default(),
         },
         format: constraint(req.format.as_ref(), req.options.as_ref())?,
+        tool_choice: ToolChoice::Auto,
+        one_call: false,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,

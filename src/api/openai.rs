@@ -25,7 +25,7 @@ use crate::store::{LocalModel, ModelName};
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
 use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
-use super::structured;
+use super::structured::{self, ToolChoice};
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -234,6 +234,10 @@ struct ChatRequest {
     messages: Vec<Message>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -344,6 +348,8 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         keep_alive: c.keep_alive()?,
         think: c.think()?,
         format: c.format()?,
+        tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
+        one_call: req.parallel_tool_calls == Some(false),
     };
     run(&state, Kind::Chat, c, infer_req).await
 }
@@ -375,6 +381,8 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         // Text completions have nowhere to put reasoning: off unless asked for.
         think: Some(c.think()?.unwrap_or(false)),
         format: c.format()?,
+        tool_choice: ToolChoice::Auto,
+        one_call: false,
     };
     run(&state, Kind::Completion, c, infer_req).await
 }

@@ -5,11 +5,17 @@
 //! `guided_grammar`, `guided_choice`, `guided_whitespace_pattern`). A request may ask for
 //! one constraint; two different ones are a 400, as is anything malformed. Whether the
 //! grammar compiles is decided later, by the engine, with the model's vocabulary.
+//!
+//! Tool choice lives here too: `tool_choice: "required"` or a named function becomes a
+//! grammar of the model's own tool-call syntax ([`ToolSyntax::calls_grammar`]) whose
+//! arguments follow each tool's parameter schema; `"auto"` leaves calls free (beside a JSON
+//! answer constraint, calls stay possible); `"none"` takes the tools away.
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::engine::Grammar;
+use crate::model::ToolSyntax;
 
 use super::error::ApiError;
 
@@ -301,6 +307,127 @@ fn lark(text: String) -> Result<Grammar, ApiError> {
         ));
     }
     Ok(Grammar::Lark(text))
+}
+
+/// Whether and how the model must call tools.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ToolChoice {
+    /// The model decides (the default).
+    #[default]
+    Auto,
+    /// No calls: the tools are not shown to the model and its output is not parsed for them.
+    None,
+    /// At least one call, to any of the tools.
+    Required,
+    /// Exactly one call, to this tool.
+    Named(String),
+}
+
+/// OpenAI's `tool_choice` (chat completions and responses): `"auto"`, `"none"`,
+/// `"required"`, `{"type": "function", "function": {"name"}}` or, in the Responses API,
+/// `{"type": "function", "name"}`. Ollama has no such field; we read the same spelling there.
+pub fn openai_tool_choice(v: Option<&Value>) -> Result<ToolChoice, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Ok(ToolChoice::Auto),
+            "none" => Ok(ToolChoice::None),
+            "required" => Ok(ToolChoice::Required),
+            other => Err(bad(format!(
+                "invalid tool_choice {other:?}: must be \"auto\", \"none\", \"required\" or                  {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"
+            ))),
+        },
+        Some(v @ Value::Object(o)) => {
+            let name = match o.get("type").and_then(Value::as_str) {
+                Some("function") => o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .or_else(|| o.get("name"))
+                    .and_then(Value::as_str),
+                _ => None,
+            };
+            match name {
+                Some(n) if !n.is_empty() => Ok(ToolChoice::Named(n.to_string())),
+                _ => Err(bad(format!(
+                    "invalid tool_choice {}: a named choice is {{\"type\": \"function\",                      \"function\": {{\"name\": ...}}}}",
+                    short(v)
+                ))),
+            }
+        }
+        Some(v) => Err(bad(format!("invalid tool_choice {}", short(v)))),
+    }
+}
+
+/// Name and parameter schema of each OpenAI-style tool (`{"type": "function", "function":
+/// {"name", "parameters"}}`).
+pub fn tool_signatures(tools: &[Value]) -> Vec<(String, Value)> {
+    tools
+        .iter()
+        .filter_map(|t| {
+            let f = t.get("function").unwrap_or(t);
+            let name = f.get("name")?.as_str()?.to_string();
+            let params = f.get("parameters").cloned().unwrap_or(Value::Null);
+            Some((name, params))
+        })
+        .collect()
+}
+
+/// The grammar the whole output follows, from the answer's constraint and the tool
+/// choice, in the model's tool-call `syntax`. `one_call`: at most one call (OpenAI's
+/// `parallel_tool_calls: false`).
+pub fn output_grammar(
+    answer: Option<Grammar>,
+    choice: &ToolChoice,
+    one_call: bool,
+    tools: &[Value],
+    syntax: ToolSyntax,
+) -> Result<Option<Grammar>, ApiError> {
+    let signatures = tool_signatures(tools);
+    let calls = |sigs: &[(String, Value)], one: bool| {
+        syntax.calls_grammar(sigs, one, &Grammar::default_json_options())
+    };
+    match choice {
+        ToolChoice::None => Ok(answer),
+        ToolChoice::Auto => {
+            let (Some(answer), Some(rules)) = (answer.as_ref(), calls(&signatures, one_call))
+            else {
+                return Ok(answer);
+            };
+            Ok(Some(match answer.as_lark_expr() {
+                // A JSON (or regex, or choice) answer, or the calls.
+                Some(expr) => {
+                    Grammar::Lark(format!("start: answer | calls\nanswer: {expr}\n{rules}"))
+                }
+                // A whole Lark grammar of the client's: it decides the output alone.
+                None => answer.clone(),
+            }))
+        }
+        ToolChoice::Required | ToolChoice::Named(_) => {
+            if signatures.is_empty() {
+                return Err(bad(
+                    "tool_choice requires a call but the request offers no tools",
+                ));
+            }
+            let (sigs, one) = match choice {
+                ToolChoice::Named(name) => {
+                    let sig = signatures
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .cloned()
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "tool_choice names the function {name:?}, which is not among the tools"
+                            ))
+                        })?;
+                    (vec![sig], true)
+                }
+                _ => (signatures, one_call),
+            };
+            let rules =
+                calls(&sigs, one).ok_or_else(|| bad("this model does not support tools"))?;
+            Ok(Some(Grammar::Lark(format!("start: calls\n{rules}"))))
+        }
+    }
 }
 
 #[cfg(test)]
