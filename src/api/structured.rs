@@ -366,7 +366,8 @@ pub fn tool_signatures(tools: &[Value]) -> Vec<(String, Value)> {
         .filter_map(|t| {
             let f = t.get("function").unwrap_or(t);
             let name = f.get("name")?.as_str()?.to_string();
-            let params = f.get("parameters").cloned().unwrap_or(Value::Null);
+            let mut params = f.get("parameters").cloned().unwrap_or(Value::Null);
+            crate::engine::constraint::close_objects(&mut params);
             Some((name, params))
         })
         .collect()

@@ -54,9 +54,12 @@ impl Grammar {
         json!({"whitespace_pattern": JSON_WHITESPACE})
     }
 
-    /// A JSON schema with our whitespace rule, unless it brings its own settings.
+    /// A JSON schema as we enforce it: our whitespace rule unless it brings its own
+    /// settings, and no properties beyond those listed where it does not say (see
+    /// [`close_objects`]).
     pub fn schema_with_defaults(schema: &Value) -> Value {
         let mut schema = schema.clone();
+        close_objects(&mut schema);
         if let Value::Object(m) = &mut schema {
             m.entry("x-guidance")
                 .or_insert_with(Self::default_json_options);
@@ -123,6 +126,79 @@ impl Grammar {
             Grammar::Regex(_) => "regex",
             Grammar::Lark(_) => "grammar",
             Grammar::Choice(_) => "choice",
+        }
+    }
+}
+
+/// Objects that list their `properties` and say nothing about others get
+/// `additionalProperties: false`, as Ollama and llama.cpp read such schemas and as
+/// xgrammar's strict mode (vLLM's default) does: a Pydantic model's schema lists every
+/// field and means "these fields", and a small model left free invents more keys and
+/// rambles in them. Only subsets of the schema's valid documents are excluded, so every
+/// output still validates. Left alone: objects with `patternProperties` or
+/// `unevaluatedProperties`, objects whose `required` names keys outside `properties`, and
+/// the branches of an `allOf` (and objects beside one), whose properties merge.
+pub fn close_objects(schema: &mut Value) {
+    close_inner(schema, false);
+}
+
+fn close_inner(schema: &mut Value, in_merge: bool) {
+    let Value::Object(m) = schema else {
+        return;
+    };
+    // Properties beside a combinator or a reference merge with theirs.
+    let merges = ["allOf", "anyOf", "oneOf", "$ref"]
+        .iter()
+        .any(|k| m.contains_key(*k));
+    let listed: Option<Vec<String>> = m
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().cloned().collect());
+    let has_properties = listed.is_some();
+    if let Some(listed) = listed {
+        let required_listed = m.get("required").and_then(Value::as_array).is_none_or(|r| {
+            r.iter()
+                .all(|k| k.as_str().is_some_and(|k| listed.iter().any(|l| l == k)))
+        });
+        let open_ended = [
+            "additionalProperties",
+            "patternProperties",
+            "unevaluatedProperties",
+        ]
+        .iter()
+        .any(|k| m.contains_key(*k));
+        if !in_merge && !merges && !open_ended && required_listed {
+            m.insert("additionalProperties".into(), Value::Bool(false));
+        }
+    }
+    for (key, child) in m.iter_mut() {
+        match key.as_str() {
+            "properties" | "patternProperties" | "$defs" | "definitions" => {
+                if let Value::Object(children) = child {
+                    for c in children.values_mut() {
+                        close_inner(c, false);
+                    }
+                }
+            }
+            "allOf" | "anyOf" | "oneOf" => {
+                let merged = key == "allOf" || has_properties || in_merge;
+                if let Value::Array(items) = child {
+                    for c in items {
+                        close_inner(c, merged);
+                    }
+                }
+            }
+            "prefixItems" => {
+                if let Value::Array(items) = child {
+                    for c in items {
+                        close_inner(c, false);
+                    }
+                }
+            }
+            "items" | "additionalProperties" | "additionalItems" | "not" | "contains" => {
+                close_inner(child, false)
+            }
+            _ => {}
         }
     }
 }
@@ -367,5 +443,43 @@ impl Constraint {
     /// Ids the mask covers (the model's logits width).
     pub fn vocab(&self) -> usize {
         self.vocab
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_properties_close_their_objects_where_nothing_merges() {
+        let mut s = json!({
+            "type": "object",
+            "properties": {
+                "pet": {"type": "object", "properties": {"name": {"type": "string"}}},
+                "tags": {"type": "array", "items": {"properties": {"t": {}}}},
+                "map": {"type": "object", "additionalProperties": {"type": "integer"}},
+                "either": {"anyOf": [{"properties": {"a": {}}}, {"type": "null"}]},
+                "both": {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]},
+                "odd": {"properties": {"a": {}}, "required": ["a", "b"]},
+                "beside": {"properties": {"a": {}}, "anyOf": [{"properties": {"b": {}}}]}
+            },
+            "$defs": {"D": {"properties": {"x": {}}}}
+        });
+        close_objects(&mut s);
+        let closed = |p: &str| {
+            s.pointer(p)
+                .and_then(|o| o.get("additionalProperties"))
+                .cloned()
+        };
+        assert_eq!(closed(""), Some(json!(false)));
+        assert_eq!(closed("/properties/pet"), Some(json!(false)));
+        assert_eq!(closed("/properties/tags/items"), Some(json!(false)));
+        assert_eq!(closed("/properties/map"), Some(json!({"type": "integer"})));
+        assert_eq!(closed("/properties/either/anyOf/0"), Some(json!(false)));
+        assert_eq!(closed("/properties/both/allOf/0"), None);
+        assert_eq!(closed("/properties/odd"), None);
+        assert_eq!(closed("/properties/beside"), None);
+        assert_eq!(closed("/properties/beside/anyOf/0"), None);
+        assert_eq!(closed("/$defs/D"), Some(json!(false)));
     }
 }
