@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::error::{ApiError, OllamaError, OpenAiError};
+use super::error::{AnthropicError, ApiError, OllamaError, OpenAiError};
 use super::metrics::Metrics;
 
 const FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
@@ -64,8 +64,9 @@ fn new_id() -> String {
 /// The accepted keys.
 pub struct Keys(pub Vec<String>);
 
-/// Bearer-token auth when keys are configured. `/` stays open for health checks and
-/// preflights pass (browsers send them without credentials).
+/// Bearer-token auth when keys are configured (Anthropic's clients send the key as
+/// `x-api-key`, taken the same way). `/` stays open for health checks and preflights pass
+/// (browsers send them without credentials).
 pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
     if keys.0.is_empty() || req.method() == Method::OPTIONS || req.uri().path() == "/" {
         return next.run(req).await;
@@ -78,6 +79,7 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
     let ok = token.is_some_and(|t| keys.0.iter().any(|k| same(k.as_bytes(), t.as_bytes())));
     if ok {
@@ -88,7 +90,9 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
 
 /// An error in the shape of the dialect `path` belongs to.
 fn in_dialect(path: &str, err: ApiError) -> Response {
-    if path.starts_with("/v1/") {
+    if path.starts_with("/v1/messages") {
+        AnthropicError(err).into_response()
+    } else if path.starts_with("/v1/") {
         OpenAiError(err).into_response()
     } else {
         OllamaError(err).into_response()

@@ -74,6 +74,50 @@ pub struct InferRequest {
     pub one_call: bool,
 }
 
+/// Reads a `keep_alive` field (a duration string, seconds, or null).
+pub fn parse_keep_alive(v: Option<&Value>) -> Result<Option<KeepAlive>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(v) => KeepAlive::from_json(v).map_err(ApiError::BadRequest),
+    }
+}
+
+/// A tool's result as a `tool` turn of the chat template. `name` (the function called,
+/// found by the call's id) goes in both spellings templates read.
+pub fn tool_turn(content: String, call_id: &str, name: Option<&String>) -> Value {
+    let mut t = serde_json::json!({"role": "tool", "content": content, "tool_call_id": call_id});
+    if let Some(name) = name {
+        t["name"] = name.clone().into();
+        t["tool_name"] = name.clone().into();
+    }
+    t
+}
+
+/// Refuses `logprobs` / `top_logprobs`: we do not report token probabilities yet, and a
+/// client that asks for them must not get an answer silently without them. `false`, null
+/// and a `top_logprobs` of 0 ask for nothing and pass.
+pub fn refuse_logprobs(
+    logprobs: Option<&Value>,
+    top_logprobs: Option<&Value>,
+) -> Result<(), ApiError> {
+    let asks = |v: Option<&Value>| match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(_) => true,
+    };
+    // Text completions' `logprobs` is a count, where 0 still asks for the chosen token's.
+    let asks_logprobs = match logprobs {
+        Some(Value::Number(_)) => true,
+        v => asks(v),
+    };
+    if asks_logprobs || asks(top_logprobs) {
+        return Err(ApiError::BadRequest(
+            "logprobs and top_logprobs are not supported by this server".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
 pub fn parse_think(v: Option<&Value>) -> Result<Option<bool>, ApiError> {
     match v {
@@ -300,7 +344,7 @@ pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
 }
 
 /// Starts a request.
-pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, ApiError> {
+pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
     if req.input.is_empty() {
         if req.keep_alive == Some(KeepAlive::For(Duration::ZERO)) {
@@ -317,14 +361,68 @@ pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, A
         .models
         .acquire(&state.store, &info, req.keep_alive)
         .await?;
+    let p = prepare(state, &info, &in_use, req)?;
+    let mut engine_req = p.options.to_request(p.prompt.clone());
+    let engine = &in_use.loaded().engine;
+    if let Some(grammar) = p.grammar {
+        let compiler = engine.clone();
+        engine_req.constraint = Some(
+            tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+                .await
+                .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
+                .map_err(ApiError::Engine)?,
+        );
+        engine_req.reasoning = p.reasoning;
+    }
+    if engine.queued() >= state.config.max_queue {
+        state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::Busy);
+    }
+    let stream = engine.submit(engine_req).map_err(ApiError::Engine)?;
+    let (tx, rx) = mpsc::channel(256);
+    let metrics = state.metrics.clone();
+    let (prompt, parser) = (p.prompt, p.parser);
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics));
+    Ok(Started::Stream(rx))
+}
+
+/// The prompt's length in tokens as [`start`] would submit it (Anthropic's count_tokens).
+pub async fn count_prompt_tokens(state: &AppState, req: InferRequest) -> Result<usize, ApiError> {
+    let info = resolve(state, &req.model)?;
+    let in_use = state
+        .models
+        .acquire(&state.store, &info, req.keep_alive)
+        .await?;
+    Ok(prepare(state, &info, &in_use, req)?.prompt.len())
+}
+
+/// A request rendered and tokenized for its model, with what reads its output.
+struct Prepared {
+    prompt: Vec<u32>,
+    options: Options,
+    parser: ReplyParser,
+    /// The whole output's grammar (answer constraint and tool choice), not yet compiled.
+    grammar: Option<Grammar>,
+    /// A thinking model's free reasoning before the constrained answer.
+    reasoning: Option<Reasoning>,
+}
+
+/// Checks the request against the loaded model (thinking, tools), applies the model's
+/// parameters, renders the template and tokenizes.
+fn prepare(
+    state: &AppState,
+    info: &LocalModel,
+    in_use: &InUse,
+    mut req: InferRequest,
+) -> Result<Prepared, ApiError> {
     let base = state
         .store
-        .params(&info)
+        .params(info)
         .map(|p| Options::from_map(&p))
         .transpose()?
         .unwrap_or_default();
     let options = req.options.over(base);
-    let system_layer = state.store.layer_text(&info, MEDIA_SYSTEM);
+    let system_layer = state.store.layer_text(info, MEDIA_SYSTEM);
     let model = &in_use.loaded().model;
     let format = match (&req.input, &model.chat_template) {
         (Input::Generate { raw: true, .. }, _) | (_, None) => ReplyFormat::plain(),
@@ -376,44 +474,31 @@ pub async fn start(state: &AppState, mut req: InferRequest) -> Result<Started, A
     let thinking =
         format.thinking && req.think != Some(false) && (grammar.is_none() || close.is_some());
     let (prompt, in_thinking) = tokenize(
-        &in_use,
+        in_use,
         &req.model,
         req.input,
         system_layer,
         format,
         thinking,
     )?;
-    let parser = ReplyParser::new(format, thinking, in_thinking, tools);
-    let mut engine_req = options.to_request(prompt.clone());
-    let engine = &in_use.loaded().engine;
-    if let Some(grammar) = grammar {
-        let compiler = engine.clone();
-        engine_req.constraint = Some(
-            tokio::task::spawn_blocking(move || compiler.compile(&grammar))
-                .await
-                .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
-                .map_err(ApiError::Engine)?,
-        );
-        if let (true, Some(close)) = (thinking, close) {
-            engine_req.reasoning = Some(Reasoning {
-                open: if in_thinking {
-                    None
-                } else {
-                    tokenizer.token_id("<think>")
-                },
-                close,
-            });
-        }
-    }
-    if engine.queued() >= state.config.max_queue {
-        state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::Busy);
-    }
-    let stream = engine.submit(engine_req).map_err(ApiError::Engine)?;
-    let (tx, rx) = mpsc::channel(256);
-    let metrics = state.metrics.clone();
-    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics));
-    Ok(Started::Stream(rx))
+    let reasoning = match (thinking, close, &grammar) {
+        (true, Some(close), Some(_)) => Some(Reasoning {
+            open: if in_thinking {
+                None
+            } else {
+                tokenizer.token_id("<think>")
+            },
+            close,
+        }),
+        _ => None,
+    };
+    Ok(Prepared {
+        prompt,
+        options,
+        parser: ReplyParser::new(format, thinking, in_thinking, tools),
+        grammar,
+        reasoning,
+    })
 }
 
 /// Raw sentence embeddings (mean-pooled, not normalised) of `inputs`, one per input.

@@ -234,6 +234,11 @@ struct ChatRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(default)]
     format: Option<Value>,
     /// Our extension (Ollama ignores it): OpenAI's `tool_choice`.
@@ -267,15 +272,17 @@ struct GenerateRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(default)]
     format: Option<Value>,
 }
 
 fn keep_alive(v: Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(v) => KeepAlive::from_json(&v).map_err(ApiError::BadRequest),
-    }
+    infer::parse_keep_alive(v.as_ref())
 }
 
 /// The structured output a request asks for: `format`, or a constraint in `options`.
@@ -361,6 +368,7 @@ enum Kind {
 
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
+    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     let messages = req.messages.unwrap_or_default();
     for m in &messages {
         check_role(&m.role.to_lowercase())?;
@@ -394,6 +402,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
+    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     no_images(&req.model, req.images.as_ref())?;
     let suffix = req.suffix.filter(|s| !s.is_empty());
     let raw = req.raw.unwrap_or(false);

@@ -138,6 +138,11 @@ struct Common {
     reasoning: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(flatten)]
     vllm: structured::VllmFields,
 }
@@ -165,6 +170,7 @@ impl Common {
 
     /// Only what the client sent overrides the model's defaults.
     fn options(&self) -> Result<Options, ApiError> {
+        infer::refuse_logprobs(self.logprobs.as_ref(), self.top_logprobs.as_ref())?;
         let base = match &self.options {
             Some(m) => Options::from_map(m)?,
             None => Options::default(),
@@ -193,10 +199,7 @@ impl Common {
     }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
-        match &self.keep_alive {
-            None => Ok(None),
-            Some(v) => KeepAlive::from_json(v).map_err(ApiError::BadRequest),
-        }
+        infer::parse_keep_alive(self.keep_alive.as_ref())
     }
 
     /// `think`, or OpenAI's `reasoning_effort` / `reasoning.effort`.

@@ -73,6 +73,8 @@ pub enum FinishReason {
 pub struct Summary {
     pub finish: FinishReason,
     pub error: Option<String>,
+    /// The request's stop string that ended the output, if one did.
+    pub stop_string: Option<String>,
     /// Prompt tokens after truncation.
     pub prompt_eval_count: usize,
     /// Of those, tokens found in the prefix cache (not computed).

@@ -377,6 +377,7 @@ impl Worker {
         let summary = Summary {
             finish: reason,
             error,
+            stop_string: a.stops.matched().map(str::to_string),
             prompt_eval_count: prompt_len,
             prompt_cached: cached,
             truncated: a.truncated,
