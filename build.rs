@@ -1,5 +1,6 @@
-//! Compiles kernels/*.cu to PTX with nvcc when the `cuda` feature is on; the CPU build does
-//! nothing here and needs no CUDA toolkit.
+//! Links src/cpu_floor.c into the binaries (a start-up check of the CPU floor, compiled for
+//! baseline x86-64), and compiles kernels/*.cu to PTX with nvcc when the `cuda` feature is
+//! on; the CPU build needs no CUDA toolkit.
 //!
 //! One PTX file per kernel source and per architecture, embedded by src/model/cuda/ptx.rs
 //! (through `$OUT_DIR/wick_kernels.rs`); at run time the newest one the GPU can take is loaded.
@@ -14,6 +15,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    cpu_floor();
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -30,6 +32,25 @@ fn main() {
     if let Err(e) = build_kernels() {
         eprintln!("error: building the CUDA kernels: {e}");
         std::process::exit(1);
+    }
+}
+
+/// Compiles the CPU floor check for baseline x86-64 (whatever `-C target-cpu` says) and links
+/// its object into the binaries only: an object given to the linker is always kept, with its
+/// constructor, where a library member nobody references would be dropped.
+fn cpu_floor() {
+    println!("cargo:rerun-if-changed=src/cpu_floor.c");
+    if env::var("CARGO_CFG_TARGET_ARCH").as_deref() != Ok("x86_64") {
+        return;
+    }
+    let objects = cc::Build::new()
+        .file("src/cpu_floor.c")
+        .flag("-march=x86-64")
+        .flag("-mtune=generic")
+        .opt_level(2)
+        .compile_intermediates();
+    for obj in objects {
+        println!("cargo:rustc-link-arg-bins={}", obj.display());
     }
 }
 

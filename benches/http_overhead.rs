@@ -78,7 +78,7 @@ fn in_process(engine: &Engine, model: &Model, c: usize, n: usize) -> (f64, f64) 
                                 first.get_or_insert_with(|| t0.elapsed());
                                 tokens += 1;
                             }
-                            Event::Text(_) => {}
+                            Event::Text(_) | Event::Embedding(_) => {}
                             Event::Done(_) => break,
                         }
                     }

@@ -114,6 +114,7 @@ fn benches(c: &mut Criterion) {
         "qwen2.5-coder-0.5b-q4_k_m",
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     );
+    bench_model(c, "gemma-3-270m-q4_k_m", "gemma-3-270m-q4_k_m.gguf");
 }
 
 criterion_group!(model, benches);

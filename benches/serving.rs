@@ -102,6 +102,7 @@ fn drive(engine: &Engine, prompt: Vec<u32>, n: usize) -> Run {
         match ev {
             Event::Token { .. } => clock.arrived(),
             Event::Text(t) => text.push_str(&t),
+            Event::Embedding(_) => {}
             Event::Done(_) => break,
         }
     }

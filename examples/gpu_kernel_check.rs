@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, D};
-use candlewick::model::config::{ArchConfig, Family};
+use candlewick::model::config::{Activation, ArchConfig, Family};
 use candlewick::model::cuda::ops::{self, PagedAttention, Split};
 use candlewick::model::cuda::{self, CudaKvCache};
 use candlewick::model::{Batch, CpuKvCache, KvCache};
@@ -262,6 +262,14 @@ fn check_kv_cache(r: &mut Report, rng: &mut Rng, dev: &Device) -> Res<()> {
         qkv_bias: true,
         qk_norm: false,
         sliding_window: None,
+        full_attention_layers: Vec::new(),
+        sliding_rope_theta: None,
+        activation: Activation::Silu,
+        post_norms: false,
+        scale_embeddings: false,
+        norm_weights_offset: false,
+        query_pre_attn_scalar: None,
+        final_logit_softcap: None,
         max_position_embeddings: 4096,
     };
     let (nb, bs) = (64, 16);

@@ -9,7 +9,8 @@ models="${WICK_TEST_MODELS:-$HOME/.cache/candlewick/test-models}"
 scripts/fetch-test-models.sh >/dev/null
 scripts/llama-cpp-baseline.sh build >/dev/null
 echo "== llama.cpp (llama-bench, $threads threads)"
-for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf; do
+for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf \
+  gemma-3-270m-q4_k_m.gguf; do
   scripts/llama-cpp-baseline.sh bench "$models/$m" "$threads"
 done
 echo "== candlewick (criterion, $threads threads)"

@@ -2,7 +2,9 @@
 # Serving load benchmark of candlewick against llama.cpp's llama-server (continuous
 # batching, -np 8) on the same GGUF files and thread count, in one run: the same streaming
 # /v1/chat/completions workload (benches/serving.rs in HTTP mode) against each server in
-# turn, then candlewick's in-process engine for reference.
+# turn, with each server's peak resident memory, then candlewick's in-process engine for
+# reference. llama-server gets -c 4096 per slot (-c 32768 for 8 slots), what a two-turn chat
+# with a 300-token system prompt needs.
 # Usage: scripts/bench-serving.sh [THREADS [CONCURRENCY ...]]   (default 2; 1 8 32)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +36,10 @@ wait_up() { # URL
   exit 1
 }
 
+peak_rss() { # PID: the process's peak resident set (VmHWM), in MB
+  awk '/^VmHWM:/ {printf "peak RSS: %.0f MB\n", $2 / 1024}' "/proc/$1/status"
+}
+
 drive() { # URL MODEL
   WICK_BENCH_URL="$1" WICK_BENCH_MODEL="$2" cargo bench --profile dev --bench serving -- \
     "${levels[@]}" 2>"$work/bench.err" | grep -E '^\||second turn|tokens per request' ||
@@ -48,6 +54,7 @@ for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
   pid=$!
   wait_up http://127.0.0.1:18081/health
   drive http://127.0.0.1:18081 "$m"
+  peak_rss "$pid"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
 
   echo "--- candlewick wick serve"
@@ -57,6 +64,7 @@ for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
   pid=$!
   wait_up http://127.0.0.1:18082/
   drive http://127.0.0.1:18082 bench
+  peak_rss "$pid"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pid=""
   rm -rf "$work/store"
 

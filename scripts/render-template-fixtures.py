@@ -21,6 +21,7 @@ Template sources:
   smollm2  tokenizer.chat_template of SmolLM2-135M-Instruct.Q4_1.gguf
   llama3.1 the official Llama-3.1-8B-Instruct template, already checked in as
            llama3.1.jinja (it is not in any of the cached model files)
+  gemma3   our built-in Gemma turn template, src/model/templates/gemma3.jinja
   features a synthetic template (below) probing the jinja2 features templates use
 
 Usage: scripts/render-template-fixtures.py [--models DIR] [--out DIR]
@@ -602,6 +603,45 @@ def llama31_cases():
     return cases
 
 
+def gemma3_cases():
+    return common_cases("") + [
+        {
+            "name": "content_parts_with_image",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "  What is in this picture? "},
+                        {"type": "image"},
+                        {"type": "text", "text": "Be brief."},
+                    ],
+                }
+            ],
+            "add_generation_prompt": True,
+        },
+        {
+            "name": "consecutive_user_turns",
+            "messages": [
+                {"role": "user", "content": "First."},
+                {"role": "user", "content": "Second."},
+            ],
+            "add_generation_prompt": True,
+        },
+        {
+            "name": "system_only",
+            "messages": [SYSTEM],
+            "add_generation_prompt": True,
+        },
+        {
+            "name": "assistant_content_null",
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": None},
+            ],
+        },
+    ]
+
+
 # A synthetic template for the jinja2 features real templates lean on, so that a
 # difference shows up here before it shows up in some model's prompt. Indented block tags
 # without `-` exercise trim_blocks/lstrip_blocks.
@@ -748,6 +788,11 @@ def main():
     build_fixture(env, "llama3.1", src, "<|begin_of_text|>", "<|eot_id|>", llama31_cases(), args.out)
 
     build_fixture(env, "features", FEATURES_TEMPLATE, "<s>", "</s>", features_cases(), args.out)
+
+    gemma = REPO / "src" / "model" / "templates" / "gemma3.jinja"
+    with open(gemma, encoding="utf-8", newline="") as f:
+        src = f.read()
+    build_fixture(env, "gemma3", src, "<bos>", "<eos>", gemma3_cases(), args.out)
 
 
 if __name__ == "__main__":

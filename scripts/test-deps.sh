@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the tests need besides Rust: the real test models (sha256-checked), the
-# official Python clients (`ollama`, `openai`, `anthropic`, pytest), ollama-js (tests/clients/js) and
-# headless Chromium for the browser test (Debian `chromium`).
+# official Python clients (`ollama`, `openai`, `anthropic`, pytest), ollama-js (tests/clients/js),
+# headless Chromium for the browser test (Debian `chromium`) and qemu's user-mode emulator for
+# the portable-build test (Debian `qemu-user`).
 # Safe to rerun: each step is skipped or quick when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ fi
 missing=()
 command -v npm >/dev/null || missing+=(npm)
 command -v chromium >/dev/null || missing+=(chromium)
+command -v qemu-x86_64 >/dev/null || missing+=(qemu-user)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q && apt-get install -y -q "${missing[@]}"
 fi

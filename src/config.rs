@@ -239,9 +239,15 @@ pub struct Config {
     pub context_length: usize,
     /// Bearer tokens accepted (`WICK_API_KEYS`, comma-separated); empty: no auth.
     pub api_keys: Vec<String>,
+    /// Host names a loopback-bound server answers besides local ones
+    /// (`WICK_ALLOWED_HOSTS`, comma-separated; `*.domain` for a domain's names).
+    pub allowed_hosts: Vec<String>,
     /// After SIGTERM, how long streams in flight may take to finish
     /// (`WICK_SHUTDOWN_TIMEOUT`, seconds or a Go duration; default 30s).
     pub shutdown_timeout: Duration,
+    /// How long a client may take to send a request's headers, and how long an idle
+    /// keep-alive connection is kept (`WICK_HEADER_TIMEOUT`, default 30s).
+    pub header_timeout: Duration,
     /// Where models run (`WICK_DEVICE`, or `wick serve --device`).
     pub device: DeviceSpec,
     /// The Hugging Face Hub (`HF_ENDPOINT`, e.g. a mirror); `None`: huggingface.co.
@@ -250,6 +256,9 @@ pub struct Config {
     pub hf_token: Option<Secret>,
     /// `WICK_CATALOG`: a directory of extra catalog files (`*.toml`), or one file.
     pub catalog: Option<PathBuf>,
+    /// `WICK_MAX_BLOB_BYTES`: the largest blob `POST /api/blobs` takes (default 4 TiB, the
+    /// largest a pull takes).
+    pub max_blob_bytes: u64,
     /// `WICK_KV_CACHE_BYTES`: the KV cache budget per model; `None`: sized from the memory
     /// available (see `engine::kv_budget`).
     pub kv_cache_bytes: Option<usize>,
@@ -342,14 +351,30 @@ impl Config {
                 PathBuf::from(home).join(".ollama").join("models")
             }
         };
-        let origins = var("OLLAMA_ORIGINS")
-            .map(|v| {
-                v.split(',')
-                    .map(|o| o.trim().to_string())
-                    .filter(|o| !o.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Seconds or a Go duration (`30s`, `2m`).
+        let duration = |name: &'static str, default_secs: u64| match var(name) {
+            None => Ok(Duration::from_secs(default_secs)),
+            Some(v) => match KeepAlive::parse_env(&v) {
+                Ok(KeepAlive::For(d)) => Ok(d),
+                _ => Err(invalid(
+                    name,
+                    &v,
+                    "expected seconds or a duration such as 30s".into(),
+                )),
+            },
+        };
+        // Comma-separated lists, empty entries dropped.
+        let list = |name: &str| -> Vec<String> {
+            var(name)
+                .map(|v| {
+                    v.split(',')
+                        .map(|o| o.trim().to_string())
+                        .filter(|o| !o.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let origins = list("OLLAMA_ORIGINS");
         let keep_alive = match var("OLLAMA_KEEP_ALIVE") {
             Some(v) => KeepAlive::parse_env(&v).map_err(|e| invalid("OLLAMA_KEEP_ALIVE", &v, e))?,
             None => KeepAlive::For(Duration::from_secs(300)),
@@ -369,27 +394,10 @@ impl Config {
             context_length: number("OLLAMA_CONTEXT_LENGTH")?
                 .filter(|&n| n > 0)
                 .unwrap_or(4096),
-            api_keys: var("WICK_API_KEYS")
-                .map(|v| {
-                    v.split(',')
-                        .map(|k| k.trim().to_string())
-                        .filter(|k| !k.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
-            shutdown_timeout: match var("WICK_SHUTDOWN_TIMEOUT") {
-                None => Duration::from_secs(30),
-                Some(v) => match KeepAlive::parse_env(&v) {
-                    Ok(KeepAlive::For(d)) => d,
-                    _ => {
-                        return Err(invalid(
-                            "WICK_SHUTDOWN_TIMEOUT",
-                            &v,
-                            "expected seconds or a duration such as 30s".into(),
-                        ))
-                    }
-                },
-            },
+            api_keys: list("WICK_API_KEYS"),
+            allowed_hosts: list("WICK_ALLOWED_HOSTS"),
+            shutdown_timeout: duration("WICK_SHUTDOWN_TIMEOUT", 30)?,
+            header_timeout: duration("WICK_HEADER_TIMEOUT", 30)?,
             device: match var("WICK_DEVICE") {
                 Some(v) => DeviceSpec::parse(&v).map_err(|e| invalid("WICK_DEVICE", &v, e))?,
                 None => DeviceSpec::Cpu,
@@ -410,6 +418,8 @@ impl Config {
             hf_token: var("HF_TOKEN").map(Secret),
             catalog: var("WICK_CATALOG").map(PathBuf::from),
             kv_cache_bytes: number("WICK_KV_CACHE_BYTES")?,
+            max_blob_bytes: number("WICK_MAX_BLOB_BYTES")?
+                .map_or(crate::store::blobs::MAX_BLOB_BYTES, |n| n as u64),
         })
     }
 }

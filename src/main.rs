@@ -107,10 +107,6 @@ struct GenerateArgs {
 }
 
 fn main() -> ExitCode {
-    if let Err(e) = candlewick::model::check_cpu() {
-        eprintln!("Error: {e}");
-        return ExitCode::FAILURE;
-    }
     // Before any other thread exists: it sets environment variables candle reads.
     candlewick::model::init_threads();
     let cli = Cli::parse();

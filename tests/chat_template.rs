@@ -1,7 +1,8 @@
 //! Golden tests for chat-template rendering: every case in tests/fixtures/templates/*.json
 //! was rendered by Python jinja2 set up like `transformers`
 //! (scripts/render-template-fixtures.py); our output must match it byte for byte, and
-//! where Python raised, we must return `Error::Template`.
+//! where Python raised, we must return `Error::Template`, or `Error::TemplateRaised` with
+//! the message verbatim where the template raised it itself.
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +68,7 @@ fn check_fixture(name: &str) {
             (Some(_), Err(e)) => {
                 failures.push(format!("{name}/{case_name}: unexpected error: {e}"))
             }
-            (None, Err(Error::Template(msg))) => {
+            (None, Err(Error::Template(msg) | Error::TemplateRaised(msg))) => {
                 // Raised by the template itself: the message must come through verbatim.
                 let python = case["error"].as_str().expect("error");
                 if let Some(raised) = python.strip_prefix("TemplateError: ") {
@@ -156,6 +157,19 @@ fn llama3_1() {
     check_fixture("llama3.1");
 }
 
+/// The built-in template for Gemma GGUFs without one; the fixture holds a copy of it.
+#[test]
+fn gemma3_builtin() {
+    let builtin = candlewick::model::chat_template::builtin(candlewick::model::Family::Gemma3)
+        .expect("a Gemma template");
+    assert_eq!(
+        read(&fixture_dir().join("gemma3.jinja")),
+        builtin,
+        "rerun scripts/render-template-fixtures.py after changing the template"
+    );
+    check_fixture("gemma3");
+}
+
 #[test]
 fn jinja2_features() {
     check_fixture("features");
@@ -171,7 +185,9 @@ fn raise_exception_is_a_template_error() {
     .unwrap();
     let system = serde_json::json!({"role": "system", "content": "x"});
     match t.render(&[system], None, false, &Map::new()) {
-        Err(Error::Template(msg)) => assert_eq!(msg, "first message must be from the user"),
+        Err(Error::TemplateRaised(msg)) => {
+            assert_eq!(msg, "first message must be from the user")
+        }
         other => panic!("expected a template error, got {other:?}"),
     }
     let user = serde_json::json!({"role": "user", "content": "x"});

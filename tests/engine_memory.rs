@@ -232,12 +232,22 @@ fn prompts_that_do_not_fit() {
     let engine = engine(&model, 8);
     let long: Vec<u32> = chat(&model, &[("user", &"Tell me about rivers. ".repeat(40))]);
     assert!(long.len() > 8 * 16);
-    match engine.submit(request(long.clone(), 4)) {
-        Err(EngineError::PromptExceedsCache { prompt, capacity }) => {
-            assert_eq!((prompt, capacity), (long.len(), 128));
-        }
-        other => panic!("expected PromptExceedsCache, got {other:?}"),
-    }
+    // Longer than the whole cache is treated like longer than the context: the front is
+    // cut (keeping room to answer), or, without truncation, a clear refusal.
+    let out = collect(engine.submit(request(long.clone(), 4)).expect("submit"));
+    assert_eq!(
+        out.summary.prompt_eval_count + out.summary.truncated,
+        long.len()
+    );
+    assert!(out.summary.prompt_eval_count < 128, "{:?}", out.summary);
+    let strict = Request {
+        truncate: false,
+        ..request(long.clone(), 4)
+    };
+    assert!(matches!(
+        engine.submit(strict),
+        Err(EngineError::PromptTooLong { ctx: 128, .. })
+    ));
     let short = chat(&model, &[("user", &"Tell me about rivers. ".repeat(12))]);
     assert!(short.len() > 64 && short.len() < 128);
     let strict = Request {

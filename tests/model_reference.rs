@@ -39,14 +39,6 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
     t.to_vec2().expect("logits to host")
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 /// Prompt in one pass (or in chunks), then decode steps one token at a time.
 fn our_logits(model: &Model, prompt: &[u32], steps: &[u32], chunk: usize) -> Vec<Vec<f32>> {
     let mut run = Run::new(model, 1, prompt.len() + steps.len() + 1);
@@ -100,7 +92,7 @@ fn check_tiny(arch: TinyArch, seed: u64) {
         let ours = our_logits(&model, &prompt, &steps, chunk);
         assert_eq!(ours.len(), reference.len());
         for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
-            let d = max_abs_diff(a, b);
+            let d = common::max_abs_diff(a, b);
             assert!(d < 1e-4, "{arch:?} chunk {chunk}: step {i} differs by {d}");
         }
     }
@@ -160,7 +152,7 @@ fn packed_batch_equals_sequences_alone() {
             .expect("step"),
     );
     for (s, (a, b)) in packed.iter().zip(&alone).enumerate() {
-        let d = max_abs_diff(a, b);
+        let d = common::max_abs_diff(a, b);
         assert!(d < 1e-4, "sequence {s} differs by {d} when batched");
     }
 }

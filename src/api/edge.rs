@@ -1,8 +1,8 @@
 //! The middleware every request passes: a request id (the gateway's `x-fc-request-id` or
 //! `x-request-id`, else a new one) echoed back and attached to every log line of the
-//! request, an access log line and the request counter, and optional bearer-token auth
-//! (`WICK_API_KEYS`) answering 401 in the dialect's shape; oversized bodies get a 413 in
-//! that shape too.
+//! request, an access log line and the request counter, the `Host` check of a server bound
+//! to loopback (DNS rebinding), and optional bearer-token auth (`WICK_API_KEYS`) answering
+//! 401 in the dialect's shape; oversized bodies get a 413 in that shape too.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -61,6 +61,98 @@ fn new_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// Which `Host` headers the server answers. A server bound to a loopback address is meant
+/// for this machine only, and a web page can still reach it through a name it controls that
+/// resolves to 127.0.0.1 (DNS rebinding): like Ollama, such a server answers only loopback
+/// and private names and addresses (`localhost`, `*.localhost`, `*.local`, `*.internal`,
+/// the machine's host name, loopback, private and unspecified IPs) and the names in
+/// `WICK_ALLOWED_HOSTS` (`name` or `*.domain`). A server bound to any other address (a
+/// container behind a gateway) answers every host.
+pub struct Hosts {
+    open: bool,
+    allowed: Vec<String>,
+    hostname: Option<String>,
+}
+
+impl Hosts {
+    pub fn new(bound: std::net::IpAddr, allowed: &[String]) -> Hosts {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty());
+        Hosts {
+            open: !bound.is_loopback(),
+            allowed: allowed.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            hostname,
+        }
+    }
+
+    /// Whether a request with this `Host` header (without one: HTTP/1.0) is answered.
+    pub fn allows(&self, host: Option<&str>) -> bool {
+        if self.open {
+            return true;
+        }
+        let Some(host) = host else {
+            return true;
+        };
+        let host = host_name(host).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        if host.is_empty() || host == "localhost" {
+            return true;
+        }
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return match ip {
+                std::net::IpAddr::V4(v4) => {
+                    v4.is_loopback() || v4.is_private() || v4.is_unspecified()
+                }
+                // Loopback, unspecified and unique local (fc00::/7).
+                std::net::IpAddr::V6(v6) => {
+                    v6.is_loopback() || v6.is_unspecified() || (v6.segments()[0] & 0xfe00) == 0xfc00
+                }
+            };
+        }
+        if [".localhost", ".local", ".internal"]
+            .iter()
+            .any(|tld| host.ends_with(tld))
+            || self.hostname.as_deref() == Some(host)
+        {
+            return true;
+        }
+        self.allowed.iter().any(|a| match a.strip_prefix("*.") {
+            Some(domain) => host.ends_with(&format!(".{domain}")) || host == domain,
+            None => a == host,
+        })
+    }
+}
+
+/// The host of a `Host` header: without its port, IPv6 brackets removed.
+fn host_name(header: &str) -> &str {
+    if let Some(rest) = header.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match header.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => header,
+    }
+}
+
+/// Refuses requests for hosts the server does not answer (see [`Hosts`]) with a 403 in the
+/// dialect's shape.
+pub async fn hosts(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    if hosts.allows(host.as_deref()) {
+        return next.run(req).await;
+    }
+    let host = host.unwrap_or_default();
+    tracing::warn!(%host, "request for a host this server does not answer");
+    in_dialect(req.uri().path(), ApiError::HostNotAllowed(host))
+}
+
 /// The accepted keys.
 pub struct Keys(pub Vec<String>);
 
@@ -76,8 +168,9 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            // The scheme is case-insensitive (RFC 9110): `Bearer`, `bearer`, `BEARER`.
+            let (scheme, token) = v.trim_start().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
         .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
@@ -89,7 +182,7 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
 }
 
 /// An error in the shape of the dialect `path` belongs to.
-fn in_dialect(path: &str, err: ApiError) -> Response {
+pub fn in_dialect(path: &str, err: ApiError) -> Response {
     if path.starts_with("/v1/messages") {
         AnthropicError(err).into_response()
     } else if path.starts_with("/v1/") {
@@ -112,4 +205,47 @@ pub async fn body_limit(req: Request, next: Next) -> Response {
 /// Compares without stopping at the first difference.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    #[test]
+    fn loopback_servers_answer_local_hosts_only() {
+        let h = Hosts::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            &["chat.example.com".into(), "*.corp.example".into()],
+        );
+        for ok in [
+            "localhost:11434",
+            "LOCALHOST",
+            "127.0.0.1:11434",
+            "[::1]:11434",
+            "10.1.2.3",
+            "192.168.1.5:80",
+            "0.0.0.0",
+            "app.localhost",
+            "box.local",
+            "svc.internal:8080",
+            "chat.example.com",
+            "a.corp.example:1",
+        ] {
+            assert!(h.allows(Some(ok)), "{ok}");
+        }
+        assert!(h.allows(None));
+        for bad in [
+            "rebind.evil.example:11434",
+            "evil.example",
+            "8.8.8.8",
+            "[2001:db8::1]:80",
+            "localhost.evil.example",
+            "chat.example.com.evil",
+        ] {
+            assert!(!h.allows(Some(bad)), "{bad}");
+        }
+        let open = Hosts::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), &[]);
+        assert!(open.allows(Some("rebind.evil.example")));
+    }
 }

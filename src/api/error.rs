@@ -46,6 +46,9 @@ pub enum ApiError {
     TooLarge(usize),
     #[error("unauthorized: a valid API key is required (Authorization: Bearer <key>)")]
     Unauthorized,
+    /// A loopback-bound server asked for through another host name (DNS rebinding).
+    #[error("host {0:?} is not allowed: this server answers local names only (WICK_ALLOWED_HOSTS adds more)")]
+    HostNotAllowed(String),
     /// `OLLAMA_MAX_QUEUE` requests are already waiting (Ollama's words).
     #[error("server busy, please try again.  maximum pending requests exceeded")]
     Busy,
@@ -81,15 +84,16 @@ impl ApiError {
             | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::ShowNotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::HostNotAllowed(_) => StatusCode::FORBIDDEN,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Busy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(e) => match e {
                 EngineError::EmptyPrompt
                 | EngineError::PromptTooLong { .. }
-                | EngineError::PromptExceedsCache { .. }
                 | EngineError::BadToken { .. }
                 | EngineError::Grammar(_)
                 | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,
+                EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ApiError::Store(StoreError::BadDigest(_)) => StatusCode::BAD_REQUEST,
@@ -104,9 +108,10 @@ impl ApiError {
     /// The OpenAI `type` for this status.
     fn openai_type(&self) -> &'static str {
         match self.status() {
-            StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::PAYLOAD_TOO_LARGE => {
-                "invalid_request_error"
-            }
+            StatusCode::BAD_REQUEST
+            | StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::PAYLOAD_TOO_LARGE => "invalid_request_error",
             StatusCode::NOT_FOUND => "not_found_error",
             _ => "api_error",
         }
@@ -115,7 +120,7 @@ impl ApiError {
     /// The OpenAI-shaped body (also used for mid-stream SSE errors).
     pub fn openai_body(&self) -> serde_json::Value {
         json!({"error": {
-            "message": self.to_string(),
+            "message": client_message(self),
             "type": self.openai_type(),
             "param": null,
             "code": match self {
@@ -124,6 +129,48 @@ impl ApiError {
             },
         }})
     }
+}
+
+/// The message a client sees: the error's text with every absolute file path replaced by
+/// its last component (a blob keeps its digest name, `sha256-<hex>`), so answers never reveal
+/// where the store or the temp directory lives. The full text goes to the server's log.
+pub fn client_message(err: &ApiError) -> String {
+    redact_paths(&err.to_string())
+}
+
+/// See [`client_message`]. A path starts at a `/` at the start of the text or after a space,
+/// quote, parenthesis or `=` (so URLs keep theirs), and runs to the next space, quote, comma,
+/// parenthesis or `: `.
+pub fn redact_paths(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    let mut prev: Option<char> = None;
+    while let Some(c) = rest.chars().next() {
+        let starts_path = c == '/'
+            && prev.is_none_or(|p| p.is_whitespace() || "\"'(=".contains(p))
+            && rest[1..].contains('/');
+        if !starts_path {
+            out.push(c);
+            prev = Some(c);
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        let end = rest
+            .char_indices()
+            .find(|&(i, ch)| {
+                ch.is_whitespace()
+                    || "\"',()".contains(ch)
+                    || (ch == ':' && rest[i + 1..].starts_with(' '))
+                    || (ch == ':' && i + 1 == rest.len())
+            })
+            .map_or(rest.len(), |(i, _)| i);
+        let path = &rest[..end];
+        let last = path.trim_end_matches('/').rsplit('/').next().unwrap_or("");
+        out.push_str(last);
+        prev = last.chars().last().or(prev);
+        rest = &rest[end..];
+    }
+    out
 }
 
 /// `application/json; charset=utf-8`, as Ollama labels its JSON.
@@ -150,7 +197,7 @@ impl IntoResponse for OllamaError {
         if self.0.status().is_server_error() {
             tracing::error!(error = %self.0, "request failed");
         }
-        json_response(self.0.status(), &json!({"error": self.0.to_string()}))
+        json_response(self.0.status(), &json!({"error": client_message(&self.0)}))
     }
 }
 
@@ -187,12 +234,13 @@ impl AnthropicError {
         let kind = match e.status() {
             StatusCode::BAD_REQUEST => "invalid_request_error",
             StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
             StatusCode::NOT_FOUND => "not_found_error",
             StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
             StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
             _ => "api_error",
         };
-        json!({"type": "error", "error": {"type": kind, "message": e.to_string()}})
+        json!({"type": "error", "error": {"type": kind, "message": client_message(e)}})
     }
 }
 
@@ -202,5 +250,26 @@ impl IntoResponse for AnthropicError {
             tracing::error!(error = %self.0, "request failed");
         }
         json_response(self.0.status(), &Self::body(&self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_paths;
+
+    #[test]
+    fn paths_are_cut_to_their_last_component() {
+        assert_eq!(
+            redact_paths("loading the model: /root/.ollama/models/blobs/sha256-ab12: invalid model file: bad magic"),
+            "loading the model: sha256-ab12: invalid model file: bad magic"
+        );
+        assert_eq!(
+            redact_paths("/tmp/wick-123/config.json: missing field (\"/srv/x/y\")"),
+            "config.json: missing field (\"y\")"
+        );
+        // URLs and ratios keep their slashes.
+        let url = "pull from https://registry.ollama.ai/v2/library/x failed, 3/4 done";
+        assert_eq!(redact_paths(url), url);
+        assert_eq!(redact_paths("no path here"), "no path here");
     }
 }

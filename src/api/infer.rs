@@ -13,14 +13,16 @@ use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{Event, FinishReason, Grammar, Reasoning, Request, Summary};
-use crate::model::{Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax};
+use crate::engine::{EngineError, Event, FinishReason, Grammar, Reasoning, Request, Summary};
+use crate::model::{
+    Error as ModelError, Model, Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax,
+};
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
 use super::structured::{self, ToolChoice};
-use super::AppState;
+use super::{AppState, Drain};
 use crate::engine::manager::InUse;
 
 /// What to generate from.
@@ -343,7 +345,10 @@ pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
     }
 }
 
-/// Starts a request.
+/// Starts a request. Everything the request says is checked before a model is loaded (or
+/// another evicted) for it; the prompt is rendered and tokenized and the grammar compiled on
+/// blocking threads, so a long conversation or a large schema never stalls the async threads
+/// that serve everyone else.
 pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
     if req.input.is_empty() {
@@ -357,14 +362,15 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             .await?;
         return Ok(Started::Loaded);
     }
-    let in_use = state
-        .models
-        .acquire(&state.store, &info, req.keep_alive)
-        .await?;
-    let p = prepare(state, &info, &in_use, req)?;
-    let mut engine_req = p.options.to_request(p.prompt.clone());
-    let engine = &in_use.loaded().engine;
-    if let Some(grammar) = p.grammar {
+    let Prepared {
+        in_use,
+        mut engine_req,
+        parser,
+        grammar,
+        reasoning,
+    } = prepare(state, &info, req).await?;
+    let engine = in_use.loaded().engine.clone();
+    if let Some(grammar) = grammar {
         let compiler = engine.clone();
         engine_req.constraint = Some(
             tokio::task::spawn_blocking(move || compiler.compile(&grammar))
@@ -372,34 +378,35 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
                 .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
                 .map_err(ApiError::Engine)?,
         );
-        engine_req.reasoning = p.reasoning;
+        engine_req.reasoning = reasoning;
     }
-    if engine.queued() >= state.config.max_queue {
-        state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-        return Err(ApiError::Busy);
-    }
-    let stream = engine.submit(engine_req).map_err(ApiError::Engine)?;
+    let prompt = engine_req.prompt.clone();
+    let stream = match engine.submit(engine_req) {
+        Ok(s) => s,
+        Err(EngineError::Busy) => {
+            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::Busy);
+        }
+        Err(e) => return Err(ApiError::Engine(e)),
+    };
     let (tx, rx) = mpsc::channel(256);
-    let metrics = state.metrics.clone();
-    let (prompt, parser) = (p.prompt, p.parser);
-    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics));
+    let (metrics, drain) = (state.metrics.clone(), state.drain.clone());
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics, drain));
     Ok(Started::Stream(rx))
 }
 
 /// The prompt's length in tokens as [`start`] would submit it (Anthropic's count_tokens).
 pub async fn count_prompt_tokens(state: &AppState, req: InferRequest) -> Result<usize, ApiError> {
     let info = resolve(state, &req.model)?;
-    let in_use = state
-        .models
-        .acquire(&state.store, &info, req.keep_alive)
-        .await?;
-    Ok(prepare(state, &info, &in_use, req)?.prompt.len())
+    Ok(prepare(state, &info, req).await?.engine_req.prompt.len())
 }
 
-/// A request rendered and tokenized for its model, with what reads its output.
+/// A request checked, its model loaded, its prompt rendered and tokenized.
 struct Prepared {
-    prompt: Vec<u32>,
-    options: Options,
+    /// Keeps the model loaded while the request runs.
+    in_use: InUse,
+    /// The engine request with its prompt, not yet constrained.
+    engine_req: Request,
     parser: ReplyParser,
     /// The whole output's grammar (answer constraint and tool choice), not yet compiled.
     grammar: Option<Grammar>,
@@ -407,12 +414,11 @@ struct Prepared {
     reasoning: Option<Reasoning>,
 }
 
-/// Checks the request against the loaded model (thinking, tools), applies the model's
-/// parameters, renders the template and tokenizes.
-fn prepare(
+/// Checks the options, loads the model, checks the request against it (thinking, tools,
+/// tool choice and structured output), renders the template and tokenizes.
+async fn prepare(
     state: &AppState,
     info: &LocalModel,
-    in_use: &InUse,
     mut req: InferRequest,
 ) -> Result<Prepared, ApiError> {
     let base = state
@@ -421,9 +427,17 @@ fn prepare(
         .map(|p| Options::from_map(&p))
         .transpose()?
         .unwrap_or_default();
-    let options = req.options.over(base);
+    let mut engine_req = req.options.over(base).to_request(Vec::new());
+    engine_req
+        .sampling
+        .validate()
+        .map_err(|e| ApiError::Engine(EngineError::Sampling(e)))?;
     let system_layer = state.store.layer_text(info, MEDIA_SYSTEM);
-    let model = &in_use.loaded().model;
+    let in_use = state
+        .models
+        .acquire(&state.store, info, req.keep_alive)
+        .await?;
+    let model = in_use.loaded().model.clone();
     let format = match (&req.input, &model.chat_template) {
         (Input::Generate { raw: true, .. }, _) | (_, None) => ReplyFormat::plain(),
         (_, Some(t)) => ReplyFormat::from_template(t.source()),
@@ -467,34 +481,30 @@ fn prepare(
         offered,
         format.tools,
     )?;
-    let tokenizer = &model.tokenizer;
     // With a constraint, a thinking model reasons freely inside its `<think>` block and the
     // constraint applies after `</think>`; without that token it answers without thinking.
-    let close = tokenizer.token_id("</think>");
+    let close = model.tokenizer.token_id("</think>");
+    let open = model.tokenizer.token_id("<think>");
     let thinking =
         format.thinking && req.think != Some(false) && (grammar.is_none() || close.is_some());
-    let (prompt, in_thinking) = tokenize(
-        in_use,
-        &req.model,
-        req.input,
-        system_layer,
-        format,
-        thinking,
-    )?;
+    let model_name = req.model.clone();
+    let input = req.input;
+    let (prompt, in_thinking) = tokio::task::spawn_blocking(move || {
+        tokenize(&model, &model_name, input, system_layer, format, thinking)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("rendering the prompt failed: {e}")))??;
     let reasoning = match (thinking, close, &grammar) {
         (true, Some(close), Some(_)) => Some(Reasoning {
-            open: if in_thinking {
-                None
-            } else {
-                tokenizer.token_id("<think>")
-            },
+            open: if in_thinking { None } else { open },
             close,
         }),
         _ => None,
     };
+    engine_req.prompt = prompt;
     Ok(Prepared {
-        prompt,
-        options,
+        in_use,
+        engine_req,
         parser: ReplyParser::new(format, thinking, in_thinking, tools),
         grammar,
         reasoning,
@@ -509,8 +519,10 @@ pub struct Embedded {
     pub total_duration: Duration,
 }
 
-/// Embeds each input with the model's last hidden states. No inputs: only loads the model.
-/// An input longer than the context is cut to it, or refused when `truncate` is false.
+/// Embeds each input with the model's final hidden states. The inputs go through the model's
+/// engine like prompts (its queue, KV blocks and batching, on the model's device), taking one
+/// place in the queue together. An input longer than the context is cut to it, or refused
+/// when `truncate` is false.
 pub async fn embed(
     state: &AppState,
     model: &str,
@@ -527,50 +539,99 @@ pub async fn embed(
         .await?;
     let load_duration = start.elapsed();
     let model = in_use.loaded().model.clone();
-    let ctx = options
+    let num_ctx = options
         .context_length()
-        .unwrap_or(state.config.context_length)
-        .min(model.config().max_position_embeddings);
-    let work = move || {
-        let _in_use = in_use;
-        let mut out = Embedded {
-            vectors: Vec::with_capacity(inputs.len()),
-            prompt_tokens: 0,
-            load_duration,
-            total_duration: Duration::ZERO,
-        };
-        for text in inputs {
-            let mut ids = model
-                .tokenizer
-                .encode(&text, model.tokenizer.add_bos())
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            if ids.len() > ctx {
-                if !truncate {
-                    return Err(ApiError::BadRequest(
-                        "the input length exceeds the context length".into(),
-                    ));
+        .unwrap_or(state.config.context_length);
+    let requests = tokio::task::spawn_blocking(move || {
+        inputs
+            .iter()
+            .map(|text| {
+                let mut ids = model.tokenizer.encode(text, model.tokenizer.add_bos())?;
+                if ids.is_empty() {
+                    // An empty string still gets a vector, as in Ollama: embed a space.
+                    ids = model.tokenizer.encode(" ", true)?;
                 }
-                ids.truncate(ctx);
-            }
-            if ids.is_empty() {
-                // An empty string still gets a vector, as in Ollama: embed the BOS or a space.
-                ids = model
-                    .tokenizer
-                    .encode(" ", true)
-                    .map_err(|e| ApiError::Internal(e.to_string()))?;
-            }
-            out.prompt_tokens += ids.len();
-            let v = model
-                .embed(&ids)
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            out.vectors.push(v);
+                Ok(Request {
+                    num_ctx: Some(num_ctx),
+                    truncate,
+                    ..Request::embedding(ids)
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenizing failed: {e}")))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let streams = match in_use.loaded().engine.submit_all(requests) {
+        Ok(s) => s,
+        Err(EngineError::Busy) => {
+            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::Busy);
         }
-        Ok(out)
+        Err(EngineError::PromptTooLong { .. }) => {
+            return Err(ApiError::BadRequest(
+                "the input length exceeds the context length".into(),
+            ))
+        }
+        Err(e) => return Err(ApiError::Engine(e)),
     };
-    let mut out = tokio::task::spawn_blocking(work)
+    // The streams block: read them on a blocking thread, which cancels them if this request
+    // goes away (its receiver is dropped) before they finish.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let drain = state.drain.clone();
+    tokio::task::spawn_blocking(move || {
+        let _in_use = in_use;
+        let result = collect_embeddings(&streams, || tx.is_closed() || drain.is_cut());
+        let _ = tx.send(result);
+    });
+    let mut out = rx
         .await
-        .map_err(|e| ApiError::Internal(format!("embedding failed: {e}")))??;
+        .map_err(|_| ApiError::Internal("the embedding was cancelled".into()))??;
+    out.load_duration = load_duration;
     out.total_duration = start.elapsed();
+    Ok(out)
+}
+
+/// Reads each stream's embedding and summary.
+fn collect_embeddings(
+    streams: &[crate::engine::RequestStream],
+    gone: impl Fn() -> bool,
+) -> Result<Embedded, ApiError> {
+    let mut out = Embedded {
+        vectors: Vec::with_capacity(streams.len()),
+        prompt_tokens: 0,
+        load_duration: Duration::ZERO,
+        total_duration: Duration::ZERO,
+    };
+    for stream in streams {
+        let mut vector = None;
+        loop {
+            if gone() {
+                return Err(ApiError::Internal("request canceled".into()));
+            }
+            match stream.recv_timeout(Duration::from_millis(100)) {
+                Ok(Event::Embedding(v)) => vector = Some(v),
+                Ok(Event::Done(summary)) => {
+                    out.prompt_tokens += summary.prompt_eval_count;
+                    match (summary.finish, vector.take()) {
+                        (FinishReason::Stop, Some(v)) => out.vectors.push(v),
+                        _ => {
+                            return Err(ApiError::Internal(
+                                summary
+                                    .error
+                                    .unwrap_or_else(|| "the embedding did not finish".into()),
+                            ))
+                        }
+                    }
+                    break;
+                }
+                Ok(_) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ApiError::Internal("the engine stopped".into()))
+                }
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -585,14 +646,13 @@ pub fn normalize(v: &mut [f32]) {
 /// Renders and tokenizes the input; also says whether the prompt ends inside an open
 /// `<think>` block (templates that start the model's reasoning for it).
 fn tokenize(
-    in_use: &InUse,
+    model: &Model,
     model_name: &str,
     input: Input,
     system_layer: Option<String>,
     format: ReplyFormat,
     thinking: bool,
 ) -> Result<(Vec<u32>, bool), ApiError> {
-    let model = &in_use.loaded().model;
     let mut extra = Map::new();
     if format.thinking {
         extra.insert("enable_thinking".into(), thinking.into());
@@ -606,7 +666,10 @@ fn tokenize(
     let render = |messages: &[Value], tools: Option<&[Value]>| {
         template()?
             .render(messages, tools, true, &extra)
-            .map_err(|e| ApiError::Template(e.to_string()))
+            .map_err(|e| match e {
+                ModelError::TemplateRaised(msg) => ApiError::BadRequest(msg),
+                e => ApiError::Template(e.to_string()),
+            })
     };
     let opens_thinking = |prompt: &str| thinking && prompt.trim_end().ends_with("<think>");
     let encode = |text: &str, add_bos: bool| {
@@ -687,6 +750,7 @@ fn pump(
     mut context: Vec<u32>,
     mut parser: ReplyParser,
     metrics: Arc<Metrics>,
+    drain: Arc<Drain>,
 ) {
     // Held until the output ends so the model is not unloaded under the request.
     let _in_use = in_use;
@@ -708,6 +772,11 @@ fn pump(
             stream.cancel();
             return;
         }
+        if drain.is_cut() {
+            stream.cancel();
+            let _ = tx.blocking_send(Out::Error("the server is shutting down".into()));
+            return;
+        }
         match stream.recv_timeout(Duration::from_millis(100)) {
             Ok(Event::Token { id, text }) => {
                 let now = Instant::now();
@@ -720,6 +789,8 @@ fn pump(
                 parser.push(&text, &mut pieces);
             }
             Ok(Event::Text(text)) => parser.push(&text, &mut pieces),
+            // Only embedding requests produce these.
+            Ok(Event::Embedding(_)) => {}
             Ok(Event::Done(summary)) => {
                 let count = |n: usize| n as u64;
                 metrics

@@ -16,6 +16,7 @@ pub mod structured;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -44,22 +45,33 @@ pub struct AppState {
     pub models: ModelManager,
     pub config: Arc<Config>,
     pub metrics: Arc<metrics::Metrics>,
+    pub drain: Arc<Drain>,
 }
 
 impl AppState {
     /// Needs a tokio runtime (the model manager starts a task).
     pub fn new(config: Config) -> Result<AppState, ApiError> {
+        let store = Store::new(&config.models_dir);
+        let removed = store.remove_stale(crate::store::blobs::STALE_AFTER);
+        if removed > 0 {
+            tracing::info!(
+                removed,
+                "removed temp files that crashed writers left behind"
+            );
+        }
         Ok(AppState {
-            store: Store::new(&config.models_dir),
+            store,
             models: ModelManager::new(&config)?,
             config: Arc::new(config),
             metrics: Arc::default(),
+            drain: Arc::default(),
         })
     }
 }
 
-/// The whole router.
-pub fn router(state: AppState) -> Router {
+/// The whole router, for a server listening on `bound`.
+pub fn router(state: AppState, bound: std::net::IpAddr) -> Router {
+    let hosts = Arc::new(edge::Hosts::new(bound, &state.config.allowed_hosts));
     let cors = Arc::new(cors::Cors::new(&state.config.origins));
     let keys = Arc::new(edge::Keys(state.config.api_keys.clone()));
     let metrics = state.metrics.clone();
@@ -97,34 +109,93 @@ pub fn router(state: AppState) -> Router {
         // Outermost last: ids and metrics see every answer, CORS headers reach 401s.
         .layer(axum::middleware::from_fn_with_state(keys, edge::auth))
         .layer(axum::middleware::from_fn_with_state(cors, cors::layer))
+        .layer(axum::middleware::from_fn_with_state(hosts, edge::hosts))
         .layer(axum::middleware::from_fn_with_state(metrics, edge::observe))
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
-/// finish for up to the configured shutdown timeout.
+/// Serves until `shutdown` resolves, then stops accepting and lets requests in flight finish
+/// for up to the configured shutdown timeout; streams still running then end with an error
+/// object in their dialect before their connections close.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use tower::ServiceExt;
     let deadline = state.config.shutdown_timeout;
-    let signalled = Arc::new(tokio::sync::Notify::new());
-    let notify = signalled.clone();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing requests in flight");
-        notify.notify_one();
-    });
-    tokio::select! {
-        r = server => r,
-        _ = async {
-            signalled.notified().await;
-            tokio::time::sleep(deadline).await;
-        } => {
-            tracing::warn!(secs = deadline.as_secs_f64(), "shutdown deadline passed; dropping requests still in flight");
-            Ok(())
+    let header_timeout = state.config.header_timeout;
+    let drain = state.drain.clone();
+    let bound = listener.local_addr()?.ip();
+    let app = router(state, bound);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        // Also how long an idle keep-alive connection waits for its next request.
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait instead of spinning.
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(
+                    app.clone()
+                        .map_request(|req: axum::http::Request<hyper::body::Incoming>| {
+                            req.map(axum::body::Body::new)
+                        }),
+                );
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    // Errors here are the client's (a reset, a header timeout).
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
         }
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
+    tokio::select! {
+        _ = graceful.shutdown() => return Ok(()),
+        _ = tokio::time::sleep(deadline) => {}
+    }
+    tracing::warn!(
+        secs = deadline.as_secs_f64(),
+        "shutdown deadline passed; ending the streams still running"
+    );
+    drain.cut();
+    // Time for the final error objects to reach the clients.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+/// Set when the shutdown deadline passes: streams still running end with an error object
+/// instead of being cut mid-chunk.
+#[derive(Default)]
+pub struct Drain {
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl Drain {
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

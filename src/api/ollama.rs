@@ -15,7 +15,7 @@ use crate::engine::{Grammar, Summary};
 use crate::model::{ReplyFormat, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
 
-use super::error::{json_response, ApiError, OllamaError};
+use super::error::{json_response, redact_paths, ApiError, OllamaError};
 use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
 use super::structured::{self, ToolChoice};
 use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
@@ -83,6 +83,12 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                 // CPU serving: nothing lives in GPU memory yet.
                 "size_vram": 0,
                 "context_length": l.context_length(),
+                // Ours: the KV cache's size and why (Ollama clients ignore extra fields).
+                "kv_cache": {
+                    "bytes": l.engine.kv_budget().bytes,
+                    "tokens": l.engine.kv_budget().tokens,
+                    "reason": l.engine.kv_budget().why,
+                },
             })
         })
         .collect();
@@ -120,9 +126,13 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
     let summary = tokio::task::spawn_blocking(move || store.summary(&info2, verbose))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
-    // GGUF models name their weights file; a safetensors model is several files.
+    // GGUF models name their weights blob by digest (never by where the store lives); a
+    // safetensors model is several files.
     let from = match state.store.model_blob(&info) {
-        Ok(blob) => blob.display().to_string(),
+        Ok(blob) => blob
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| info.name.display_short()),
         Err(_) => info.name.display_short(),
     };
     let template = state
@@ -602,7 +612,7 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
                     final_object(kind, &model, f.reason, Some(&f), &Reply::default()),
                     false,
                 ),
-                Some(Out::Error(e)) => (json!({"error": e}), false),
+                Some(Out::Error(e)) => (json!({"error": redact_paths(&e)}), false),
                 None => (json!({"error": "generation ended unexpectedly"}), false),
                 Some(piece) => {
                     let mut r = Reply::default();

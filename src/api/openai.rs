@@ -6,12 +6,12 @@
 //! defaults (Ollama forces temperature and top_p to 1.0), and `max_completion_tokens` is
 //! honoured.
 
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -253,9 +253,14 @@ struct CompletionRequest {
     suffix: Option<String>,
 }
 
-/// Translates one OpenAI message into the template's shape. `earlier` are the messages
-/// before it, where a tool result without a `name` finds its call by `tool_call_id`.
-fn translate_message(m: Message, earlier: &[Value]) -> Result<Value, ApiError> {
+/// Translates one OpenAI message into the template's shape. `call_names` maps the ids of the
+/// tool calls in earlier messages to their function names (the latest call with an id wins),
+/// so that a tool result without a `name` finds its call by `tool_call_id` in constant time;
+/// this message's calls are added to it.
+fn translate_message(
+    m: Message,
+    call_names: &mut HashMap<String, String>,
+) -> Result<Value, ApiError> {
     let content = match m.content {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
@@ -305,21 +310,18 @@ fn translate_message(m: Message, earlier: &[Value]) -> Result<Value, ApiError> {
                     *args = parsed;
                 }
             }
+            let id = call.get("id").and_then(Value::as_str);
+            let name = call.pointer("/function/name").and_then(Value::as_str);
+            if let (Some(id), Some(name)) = (id, name) {
+                call_names.insert(id.to_string(), name.to_string());
+            }
             fixed.push(call);
         }
         out.insert("tool_calls".into(), fixed.into());
     }
-    let name = m.name.or_else(|| {
-        let id = m.tool_call_id.as_deref()?;
-        earlier
-            .iter()
-            .rev()
-            .filter_map(|msg| msg.get("tool_calls")?.as_array())
-            .flatten()
-            .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
-            .and_then(|c| c.pointer("/function/name")?.as_str())
-            .map(str::to_string)
-    });
+    let name = m
+        .name
+        .or_else(|| call_names.get(m.tool_call_id.as_deref()?).cloned());
     if let Some(name) = name {
         out.insert("name".into(), name.clone().into());
         out.insert("tool_name".into(), name.into());
@@ -335,11 +337,12 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
     if req.messages.is_empty() {
         return Err(ApiError::BadRequest("[] is too short - 'messages'".into()).into());
     }
-    let mut messages = Vec::with_capacity(req.messages.len());
-    for m in req.messages {
-        let v = translate_message(m, &messages)?;
-        messages.push(v);
-    }
+    let mut call_names = HashMap::new();
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| translate_message(m, &mut call_names))
+        .collect::<Result<Vec<_>, _>>()?;
     let c = &req.common;
     let infer_req = InferRequest {
         model: c.model.clone(),
@@ -608,25 +611,21 @@ fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
                 false
             }
             Some(Out::Error(e)) => {
+                // An error event, then the end marker clients wait for.
                 event(&mut out, &ApiError::Internal(e).openai_body());
+                out.push_str("data: [DONE]\n\n");
                 false
             }
             None => {
                 let e = ApiError::Internal("generation ended unexpectedly".into());
                 event(&mut out, &e.openai_body());
+                out.push_str("data: [DONE]\n\n");
                 false
             }
         };
-        Some((Ok::<_, Infallible>(Bytes::from(out)), more.then_some(st)))
+        Some((out, more.then_some(st)))
     });
-    let mut resp = Response::new(Body::from_stream(body));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    super::event_stream(body)
 }
 
 #[derive(Deserialize)]

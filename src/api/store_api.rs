@@ -22,7 +22,7 @@ use crate::store::sources::Puller;
 use crate::store::write::CreateSpec;
 use crate::store::{ModelName, StoreError};
 
-use super::error::{json_response, ApiError};
+use super::error::{json_response, redact_paths, ApiError};
 use super::{parse_body, AppState, OLLAMA_VERSION};
 
 /// Errors of the store routes, with Ollama's wording for each.
@@ -74,6 +74,8 @@ impl StoreApiError {
                 | StoreError::NoModelLayer(_)
                 | StoreError::BadModelFiles(_) => StatusCode::BAD_REQUEST,
                 StoreError::NotFound(_) | StoreError::BlobNotFound(_) => StatusCode::NOT_FOUND,
+                StoreError::DiskFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+                StoreError::BlobTooLarge { .. } => StatusCode::BAD_GATEWAY,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             StoreApiError::DeleteNotFound(_) | StoreApiError::SourceNotFound(_) => {
@@ -93,7 +95,7 @@ impl IntoResponse for StoreApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "store request failed");
         }
-        json_response(status, &json!({"error": self.to_string()}))
+        json_response(status, &json!({"error": redact_paths(&self.to_string())}))
     }
 }
 
@@ -198,7 +200,7 @@ pub async fn pull(State(state): State<AppState>, body: Bytes) -> Result<Response
             r = puller.pull(&store, &name, http, insecure, &emit) => {
                 if let Err(e) = r {
                     tracing::warn!(model = %name, error = %e, "pull failed");
-                    let _ = tx.send(json!({"error": e.to_string()}));
+                    let _ = tx.send(json!({"error": redact_paths(&e.to_string())}));
                 }
             }
             _ = tx.closed() => tracing::info!(model = %name, "pull cancelled by the client"),
@@ -284,27 +286,58 @@ pub async fn blob_upload(
     body: Body,
 ) -> Result<Response> {
     let digest = normalize_digest(&digest)?;
+    let limit = state.config.max_blob_bytes;
+    let too_large = || StoreApiError::Api(ApiError::TooLarge(limit as usize));
     let mut stream = body.into_data_stream();
     if state.store.has_blob(&digest)? {
-        // Read the body anyway: answering while the client still sends breaks its pipe.
-        while let Some(chunk) = stream.next().await {
-            if chunk.is_err() {
-                break;
+        // Read the body anyway (answering while the client still sends breaks its pipe),
+        // but no more than an upload may be.
+        let mut total = 0u64;
+        while let Some(Ok(chunk)) = stream.next().await {
+            total += chunk.len() as u64;
+            if total > limit {
+                return Err(too_large());
             }
         }
         return Ok(StatusCode::OK.into_response());
     }
-    let mut upload = state.store.begin_upload(&digest)?;
+    let upload = state.store.begin_upload(&digest)?;
+    // The file is written on a blocking thread; the async side only moves chunks to it.
+    let (tx, mut rx) = mpsc::channel::<Option<Bytes>>(8);
+    let writer = tokio::task::spawn_blocking(move || {
+        let mut upload = upload;
+        loop {
+            match rx.blocking_recv() {
+                Some(Some(chunk)) => upload.write(&chunk)?,
+                // The whole body arrived: check and keep it.
+                Some(None) => return upload.finish().map(Some),
+                // Given up (too large, the client left): dropping the upload removes it.
+                None => return Ok(None),
+            }
+        }
+    });
+    let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             StoreApiError::Api(ApiError::BadRequest(format!("reading the upload: {e}")))
         })?;
-        upload.write(&chunk)?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(too_large());
+        }
+        if tx.send(Some(chunk)).await.is_err() {
+            // The writer failed: its error is the answer.
+            break;
+        }
     }
-    tokio::task::spawn_blocking(move || upload.finish())
-        .await
-        .map_err(join_err)??;
-    Ok(StatusCode::CREATED.into_response())
+    let _ = tx.send(None).await;
+    drop(tx);
+    match writer.await.map_err(join_err)?? {
+        Some(_) => Ok(StatusCode::CREATED.into_response()),
+        None => Err(StoreApiError::Internal(
+            "the upload was not finished".into(),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -453,7 +486,7 @@ pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Respon
             Ok(_) => status("success".into()),
             Err(e) => {
                 let e = StoreApiError::from(e);
-                let _ = tx.send(json!({"error": e.to_string()}));
+                let _ = tx.send(json!({"error": redact_paths(&e.to_string())}));
             }
         }
     });

@@ -5,9 +5,13 @@
 //! block ids. A full block is keyed by a hash of every token id up to and including it (its
 //! parent block's hash and its own tokens), so a new sequence whose tokens start with a cached
 //! prefix can take those blocks instead of recomputing them. A block whose reference count
-//! drops to zero stays in the hash map with its contents until the space is needed: free
-//! blocks are handed out least recently freed first, blocks holding no cached prefix before
-//! any that do.
+//! drops to zero stays in the hash map with its contents until the space is needed.
+//!
+//! Free blocks are handed out so that the memory the cache touches stays close to what is in
+//! use at once (on the CPU an untouched block costs no memory): first blocks that were used
+//! before and hold no cached prefix, most recently freed first (their pages are resident and
+//! warm); then cached prefixes, least recently freed first (a sequence's tail before its
+//! head); blocks never used come last.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap};
@@ -29,18 +33,25 @@ struct CachedKey {
 struct BlockMeta {
     refs: u32,
     cached: Option<CachedKey>,
+    /// Handed out at least once (its memory is touched).
+    used: bool,
     /// Key in the free set while `refs == 0`.
-    free_key: Option<(bool, u64)>,
+    free_key: Option<FreeKey>,
 }
+
+/// Order of the free set (smallest handed out first): class, then order within the class.
+type FreeKey = (u8, u64);
+const REUSE: u8 = 0;
+const EVICT: u8 = 1;
+const UNTOUCHED: u8 = 2;
 
 /// The block pool of one loaded model.
 #[derive(Debug)]
 pub struct BlockManager {
     block_size: usize,
     blocks: Vec<BlockMeta>,
-    /// Free blocks ordered by eviction preference: `(holds a cached prefix, free tick)`, so
-    /// blocks without cached contents go first, then cached ones least recently freed first.
-    free: BTreeMap<(bool, u64), u32>,
+    /// Free blocks in the order they are handed out (see the module docs).
+    free: BTreeMap<FreeKey, u32>,
     by_hash: HashMap<BlockHash, u32>,
     tick: u64,
 }
@@ -89,7 +100,11 @@ impl BlockManager {
     fn push_free(&mut self, id: u32) {
         self.tick += 1;
         let meta = &mut self.blocks[id as usize];
-        let key = (meta.cached.is_some(), self.tick);
+        let key = match (meta.used, meta.cached.is_some()) {
+            (false, _) => (UNTOUCHED, u64::from(id)),
+            (true, false) => (REUSE, u64::MAX - self.tick),
+            (true, true) => (EVICT, self.tick),
+        };
         meta.free_key = Some(key);
         self.free.insert(key, id);
     }
@@ -153,6 +168,7 @@ impl BlockManager {
             let meta = &mut self.blocks[id as usize];
             meta.free_key = None;
             meta.refs = 1;
+            meta.used = true;
             if let Some(key) = meta.cached.take() {
                 if self.by_hash.get(&key.hash) == Some(&id) {
                     self.by_hash.remove(&key.hash);
@@ -250,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn prefix_is_found_shared_and_evicted_last() {
+    fn prefix_is_found_shared_and_evicted_tail_first() {
         let mut m = BlockManager::new(4, 2);
         let toks = [1, 2, 3, 4, 5];
         let a = m.allocate(3).expect("blocks");
@@ -264,14 +280,34 @@ mod tests {
         m.free(&ids);
         m.free(&a);
         assert_eq!(m.num_free(), 4);
-        // Two allocations take the uncached blocks first; the prefix survives.
-        let b = m.allocate(2).expect("blocks");
-        assert!(!b.contains(&a[0]) && !b.contains(&a[1]));
+        // The used block without a prefix goes first; the prefix survives it.
+        assert_eq!(m.allocate(1), Some(vec![a[2]]));
         assert_eq!(m.match_prefix(&toks, 4).0.len(), 2);
-        // Under pressure the tail block goes before the head block.
-        let c = m.allocate(1).expect("block");
-        assert_eq!(c, vec![a[1]]);
+        // Then the prefix's tail before its head, both before the never-used block.
+        assert_eq!(m.allocate(1), Some(vec![a[1]]));
         assert_eq!(m.match_prefix(&toks, 4).0, vec![a[0]]);
+        assert_eq!(m.allocate(1), Some(vec![a[0]]));
+        assert_eq!(m.allocate(1), Some(vec![3]));
+    }
+
+    #[test]
+    fn used_blocks_are_reused_before_new_ones() {
+        // What the cache touches stays what was in use at once: a sequence of two blocks
+        // coming and going 100 times only ever uses the same two.
+        let mut m = BlockManager::new(64, 4);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let b = m.allocate(2).expect("blocks");
+            seen.extend(b.iter().copied());
+            m.free(&b);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        // Most recently freed first.
+        let b = m.allocate(1).expect("block");
+        let c = m.allocate(1).expect("block");
+        m.free(&c);
+        m.free(&b);
+        assert_eq!(m.allocate(1), Some(b));
     }
 
     #[test]

@@ -9,14 +9,15 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the prompt has {prompt} tokens but the context is {ctx} (and truncation is off)")]
     PromptTooLong { prompt: usize, ctx: usize },
-    #[error("the prompt has {prompt} tokens but the whole KV cache holds {capacity}")]
-    PromptExceedsCache { prompt: usize, capacity: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
     #[error(transparent)]
     Sampling(#[from] SamplerError),
     #[error("the KV cache budget of {bytes} bytes is less than one block of {block_bytes}")]
     CacheTooSmall { bytes: usize, block_bytes: usize },
+    /// `OLLAMA_MAX_QUEUE` requests are already waiting (Ollama's words).
+    #[error("server busy, please try again.  maximum pending requests exceeded")]
+    Busy,
     #[error("the engine has stopped")]
     Stopped,
     #[error("starting the engine thread: {0}")]

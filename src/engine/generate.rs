@@ -72,13 +72,15 @@ pub fn generate(
         ..EngineConfig::default()
     };
     let engine = Engine::start(model.clone(), cfg)?;
-    let mut req = Request::new(prompt.to_vec());
-    req.sampling = opts.sampling.clone();
-    req.num_predict = opts.num_predict;
-    req.stop = opts.stop.clone();
-    req.num_ctx = Some(ctx);
-    req.truncate = false;
-    let stream = engine.submit(req)?;
+    let stream = engine.submit(Request {
+        prompt: prompt.to_vec(),
+        sampling: opts.sampling.clone(),
+        num_predict: opts.num_predict,
+        stop: opts.stop.clone(),
+        num_ctx: Some(ctx),
+        truncate: false,
+        ..Request::new(Vec::new())
+    })?;
     let (mut tokens, mut text) = (Vec::new(), String::new());
     for event in stream {
         let piece = match event {
@@ -87,6 +89,7 @@ pub fn generate(
                 text
             }
             Event::Text(tail) => tail,
+            Event::Embedding(_) => String::new(),
             Event::Done(summary) => {
                 if summary.finish == FinishReason::Error {
                     return Err(GenerateError::Failed(summary.error.unwrap_or_default()));

@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub max_running: Option<usize>,
     /// Context length for requests that do not set `num_ctx`.
     pub default_num_ctx: usize,
+    /// Requests submitted and not yet running before `submit` answers
+    /// [`EngineError::Busy`] (`OLLAMA_MAX_QUEUE`).
+    pub max_queue: usize,
     /// How long loading the model took, reported once (on the first request) as Ollama's
     /// `load_duration`.
     pub load_duration: Duration,
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             max_tokens_per_step: 512,
             max_running: None,
             default_num_ctx: 4096,
+            max_queue: usize::MAX,
             load_duration: Duration::ZERO,
         }
     }
@@ -62,9 +66,20 @@ impl EngineConfig {
             kv_cache_bytes: cfg.kv_cache_bytes,
             max_running: cfg.num_parallel,
             default_num_ctx: cfg.context_length,
+            max_queue: cfg.max_queue,
             ..Self::default()
         }
     }
+}
+
+/// The KV cache's size and why it is that size (for `/api/ps` and the start-up log). On the
+/// CPU this is an upper bound: memory is touched only as blocks are first used, and used
+/// blocks are reused before new ones.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvBudget {
+    pub bytes: usize,
+    pub tokens: usize,
+    pub why: String,
 }
 
 /// A snapshot of the engine's state, for tests and metrics.
@@ -81,6 +96,18 @@ pub struct EngineStats {
     pub tokens_computed: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Times a step panicked and the engine recovered (its sequences failed).
+    pub restarts: u64,
+}
+
+/// What the handle and the engine thread share.
+pub(super) struct Shared {
+    /// The thread's last published state.
+    pub stats: Mutex<EngineStats>,
+    /// Submitted requests not yet scheduled once ([`Engine::queued`]).
+    pub pending: AtomicUsize,
+    /// Set by [`Engine::inject_fault`]: the next step panics.
+    pub fault: AtomicBool,
 }
 
 /// A checked request on its way to the engine thread.
@@ -100,12 +127,13 @@ pub(super) struct Submitted {
 pub struct Engine {
     tx: Option<Sender<Submitted>>,
     thread: Option<JoinHandle<()>>,
-    stats: Arc<Mutex<EngineStats>>,
-    pending: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     next_id: Mutex<SeqId>,
     model: Arc<Model>,
     capacity: usize,
     default_num_ctx: usize,
+    max_queue: usize,
+    budget: KvBudget,
     /// The grammar compiler, built on the first structured-output request.
     grammars: OnceLock<Result<Arc<Grammars>, GrammarError>>,
 }
@@ -115,16 +143,21 @@ impl Engine {
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         let block_size = cfg.block_size.max(1);
         let per_block = block_bytes(&model, block_size);
-        let num_blocks = match cfg.num_blocks {
-            Some(n) => n,
+        let (num_blocks, why) = match cfg.num_blocks {
+            Some(n) => (n, "a fixed number of blocks".to_string()),
             None => {
-                let bytes = cfg
-                    .kv_cache_bytes
-                    .unwrap_or_else(|| default_cache_bytes(&model, cfg.kv_memory_fraction));
+                let (bytes, why) = match cfg.kv_cache_bytes {
+                    Some(b) => (b, "WICK_KV_CACHE_BYTES".to_string()),
+                    None => default_cache_bytes(&model, cfg.kv_memory_fraction),
+                };
                 // No point in more blocks than the longest context times a generous number
                 // of sequences; the rest of memory is better left to the system.
                 let cap = model.config().max_position_embeddings.div_ceil(block_size) * 64;
-                (bytes / per_block).min(cap)
+                if bytes / per_block > cap {
+                    (cap, format!("{why}, capped at 64 full contexts"))
+                } else {
+                    (bytes / per_block, why)
+                }
             }
         };
         if num_blocks == 0 {
@@ -134,20 +167,29 @@ impl Engine {
             });
         }
         let cache = new_cache(&model, num_blocks, block_size)?;
+        let budget = KvBudget {
+            bytes: num_blocks * per_block,
+            tokens: num_blocks * block_size,
+            why,
+        };
         tracing::info!(
             num_blocks,
             block_size,
-            bytes = num_blocks * per_block,
-            "KV cache allocated"
+            bytes = budget.bytes,
+            why = %budget.why,
+            "KV cache sized; blocks are touched as they are first used"
         );
-        let stats = Arc::new(Mutex::new(EngineStats {
-            total_blocks: num_blocks,
-            free_blocks: num_blocks,
-            block_size,
-            ..EngineStats::default()
-        }));
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(EngineStats {
+                total_blocks: num_blocks,
+                free_blocks: num_blocks,
+                block_size,
+                ..EngineStats::default()
+            }),
+            pending: AtomicUsize::new(0),
+            fault: AtomicBool::new(false),
+        });
         let (tx, rx) = mpsc::channel();
-        let pending = Arc::new(AtomicUsize::new(0));
         let sched = Scheduler::new(
             SchedulerConfig {
                 max_tokens_per_step: cfg.max_tokens_per_step,
@@ -160,8 +202,7 @@ impl Engine {
             cache,
             sched,
             rx,
-            stats.clone(),
-            pending.clone(),
+            shared.clone(),
             cfg.load_duration,
         );
         let thread = std::thread::Builder::new()
@@ -171,18 +212,24 @@ impl Engine {
         Ok(Engine {
             tx: Some(tx),
             thread: Some(thread),
-            stats,
-            pending,
+            shared,
             next_id: Mutex::new(0),
             model,
             capacity: num_blocks * block_size,
             default_num_ctx: cfg.default_num_ctx,
+            max_queue: cfg.max_queue,
+            budget,
             grammars: OnceLock::new(),
         })
     }
 
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// The KV cache's size and why.
+    pub fn kv_budget(&self) -> &KvBudget {
+        &self.budget
     }
 
     /// Tokens the whole KV cache holds.
@@ -192,11 +239,11 @@ impl Engine {
 
     /// Requests submitted and not yet started, counted at once (the stats lag a step).
     pub fn queued(&self) -> usize {
-        self.pending.load(Ordering::Acquire)
+        self.shared.pending.load(Ordering::Acquire)
     }
 
     pub fn stats(&self) -> EngineStats {
-        match self.stats.lock() {
+        match self.shared.stats.lock() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
         }
@@ -216,9 +263,79 @@ impl Engine {
         }
     }
 
+    /// Makes the engine thread's next step panic, as a bug in a kernel would: for tests of
+    /// the recovery (the step's sequences fail with an error, later requests are served).
+    #[doc(hidden)]
+    pub fn inject_fault(&self) {
+        self.shared.fault.store(true, Ordering::Release);
+    }
+
+    /// Whether the engine thread is still running (it stops only when the engine is
+    /// dropped, or on a panic outside the recovered step).
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Checks and queues a request; its events arrive on the returned stream.
-    pub fn submit(&self, mut req: Request) -> Result<RequestStream, EngineError> {
+    pub fn submit(&self, req: Request) -> Result<RequestStream, EngineError> {
+        let mut streams = self.submit_all(vec![req])?;
+        streams.pop().ok_or(EngineError::Stopped)
+    }
+
+    /// Checks and queues several requests that together take one place in the queue (the
+    /// inputs of one embedding request); nothing is queued unless all of them pass.
+    pub fn submit_all(&self, reqs: Vec<Request>) -> Result<Vec<RequestStream>, EngineError> {
         let at = Instant::now();
+        let checked = reqs
+            .into_iter()
+            .map(|r| self.fit(r))
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = checked.len();
+        // The id lock is held until the requests are queued, so ids reach the engine in
+        // increasing order, which the scheduler's first-come-first-served order relies on.
+        let mut next = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
+        // Checking the queue and taking places in it is one step, so a burst cannot
+        // overshoot `max_queue`.
+        let max = self.max_queue;
+        if self
+            .shared
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                (p < max).then_some(p + n)
+            })
+            .is_err()
+        {
+            return Err(EngineError::Busy);
+        }
+        let mut streams = Vec::with_capacity(n);
+        for (req, ctx, truncated) in checked {
+            *next += 1;
+            let (tx, rx) = mpsc::channel();
+            let cancel = Arc::new(AtomicBool::new(false));
+            let sub = Submitted {
+                id: *next,
+                req,
+                ctx,
+                truncated,
+                tx,
+                cancel: cancel.clone(),
+                at,
+            };
+            if self.tx.as_ref().is_none_or(|tx| tx.send(sub).is_err()) {
+                // The thread is gone: nothing more will be taken from the queue.
+                self.shared
+                    .pending
+                    .fetch_sub(n - streams.len(), Ordering::AcqRel);
+                return Err(EngineError::Stopped);
+            }
+            streams.push(RequestStream::new(rx, cancel));
+        }
+        Ok(streams)
+    }
+
+    /// Checks a request and fits its prompt to its context: the request, the context it
+    /// may fill, and how many prompt tokens were cut.
+    fn fit(&self, mut req: Request) -> Result<(Request, usize, usize), EngineError> {
         if req.prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -227,27 +344,35 @@ impl Engine {
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });
         }
-        if req.prompt.len() > self.capacity {
-            return Err(EngineError::PromptExceedsCache {
-                prompt: req.prompt.len(),
-                capacity: self.capacity,
-            });
-        }
-        // A sequence can never outgrow the cache, so the oldest one always fits alone.
+        // A sequence can never outgrow the cache, so the oldest one always fits alone; a
+        // prompt longer than the cache is therefore cut like one longer than `num_ctx`.
         let ctx = req
             .num_ctx
             .unwrap_or(self.default_num_ctx)
             .min(self.model.config().max_position_embeddings)
             .min(self.capacity)
             .max(2);
-        let mut truncated = 0;
-        if req.prompt.len() >= ctx {
-            if !req.truncate {
-                return Err(EngineError::PromptTooLong {
-                    prompt: req.prompt.len(),
-                    ctx,
-                });
-            }
+        // A generation needs room to answer; an embedding does not.
+        let fits = if req.embed {
+            req.prompt.len() <= ctx
+        } else {
+            req.prompt.len() < ctx
+        };
+        if fits {
+            return Ok((req, ctx, 0));
+        }
+        if !req.truncate {
+            return Err(EngineError::PromptTooLong {
+                prompt: req.prompt.len(),
+                ctx,
+            });
+        }
+        let truncated;
+        if req.embed {
+            // An embedding keeps its first tokens, as Ollama does.
+            truncated = req.prompt.len() - ctx;
+            req.prompt.truncate(ctx);
+        } else {
             // Keep the newest tokens, leaving room to answer (a quarter of the context, or
             // num_predict if smaller), and keep a leading BOS.
             let room = (ctx / 4).min(req.num_predict.unwrap_or(usize::MAX)).max(1);
@@ -259,33 +384,7 @@ impl Engine {
             req.prompt.truncate(head);
             req.prompt.extend(tail);
         }
-        // The id lock is held until the request is queued, so ids reach the engine in
-        // increasing order, which the scheduler's first-come-first-served order relies on.
-        let mut next = match self.next_id.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *next += 1;
-        let id = *next;
-        let (tx, rx) = mpsc::channel();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let sub = Submitted {
-            id,
-            req,
-            ctx,
-            truncated,
-            tx,
-            cancel: cancel.clone(),
-            at,
-        };
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(sub).is_ok());
-        if !sent {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::Stopped);
-        }
-        drop(next);
-        Ok(RequestStream::new(rx, cancel))
+        Ok((req, ctx, truncated))
     }
 }
 

@@ -117,14 +117,24 @@ impl Drop for InUse {
 }
 
 struct Inner {
-    /// Keyed by manifest path, which names a model uniquely.
-    models: tokio::sync::Mutex<HashMap<PathBuf, Arc<Loaded>>>,
+    /// The loaded models, keyed by manifest path (which names a model uniquely). Held only
+    /// for map operations, never across a load or an await.
+    models: Mutex<HashMap<PathBuf, Arc<Loaded>>>,
+    /// One gate per model name: its loader holds it, so a model loads once however many
+    /// requests ask, while requests for other models and `/api/ps` go on.
+    loading: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     wake: Notify,
     max_loaded: usize,
     engine_cfg: EngineConfig,
     default_keep_alive: KeepAlive,
     /// Where models run (`WICK_DEVICE`), opened once.
     device: Device,
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every critical
+/// section here is a single map operation).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The set of loaded models.
@@ -139,7 +149,8 @@ impl ModelManager {
         let engine_cfg = EngineConfig::from_config(cfg);
         let device = crate::model::open_device(cfg.device)?;
         let inner = Arc::new(Inner {
-            models: tokio::sync::Mutex::new(HashMap::new()),
+            models: Mutex::new(HashMap::new()),
+            loading: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             max_loaded: cfg.max_loaded_models.max(1),
             engine_cfg,
@@ -155,7 +166,7 @@ impl ModelManager {
     }
 
     /// The loaded model for `info`, loading it from `store` (off the async threads) if
-    /// needed.
+    /// needed. Only requests for this same model wait for its load.
     pub async fn acquire(
         &self,
         store: &Store,
@@ -163,61 +174,88 @@ impl ModelManager {
         keep_alive: Option<KeepAlive>,
     ) -> Result<InUse, LoadError> {
         let keep_alive = keep_alive.unwrap_or(self.inner.default_keep_alive);
-        // Held across the load so two requests for one model load it once.
-        let mut models = self.inner.models.lock().await;
-        let loaded = match models.get(&info.manifest_path) {
-            Some(l) => l.clone(),
-            None => {
-                self.make_room(&mut models, info.size).await;
-                let engine_cfg = self.inner.engine_cfg.clone();
-                let device = self.inner.device.clone();
-                let (store, model) = (store.clone(), info.clone());
-                let loaded = tokio::task::spawn_blocking(move || {
-                    // A GGUF blob, or a directory of links to a safetensors model's blobs
-                    // that goes away once the weights are mapped.
-                    let files = store.model_files(&model)?;
-                    load(files.path(), engine_cfg, &device)
-                })
-                .await
-                .map_err(|e| LoadError::Panicked(e.to_string()))??;
-                let (engine, model, load_duration) = loaded;
-                tracing::info!(model = %info.name.display_short(), secs = load_duration.as_secs_f64(), "model loaded");
-                let l = Arc::new(Loaded {
-                    engine,
-                    model,
-                    info: info.clone(),
-                    load_duration,
-                    active: AtomicUsize::new(0),
-                    timing: Mutex::new(Timing {
-                        expires: None,
-                        expires_wall: None,
-                        last_used: Instant::now(),
-                        keep_alive,
-                    }),
-                });
-                models.insert(info.manifest_path.clone(), l.clone());
-                l
-            }
-        };
+        let key = &info.manifest_path;
+        if let Some(in_use) = self.try_use(key, keep_alive) {
+            return Ok(in_use);
+        }
+        let gate = lock(&self.inner.loading)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _turn = gate.lock().await;
+        // Whoever held the gate before us may have loaded it.
+        if let Some(in_use) = self.try_use(key, keep_alive) {
+            return Ok(in_use);
+        }
+        self.make_room(info.size).await;
+        let engine_cfg = self.inner.engine_cfg.clone();
+        let device = self.inner.device.clone();
+        let (store, model) = (store.clone(), info.clone());
+        let (engine, model, load_duration) = tokio::task::spawn_blocking(move || {
+            // A GGUF blob, or a directory of links to a safetensors model's blobs that goes
+            // away once the weights are mapped.
+            let files = store.model_files(&model)?;
+            load(files.path(), engine_cfg, &device)
+        })
+        .await
+        .map_err(|e| LoadError::Panicked(e.to_string()))??;
+        tracing::info!(model = %info.name.display_short(), secs = load_duration.as_secs_f64(), "model loaded");
+        let loaded = Arc::new(Loaded {
+            engine,
+            model,
+            info: info.clone(),
+            load_duration,
+            active: AtomicUsize::new(0),
+            timing: Mutex::new(Timing {
+                expires: None,
+                expires_wall: None,
+                last_used: Instant::now(),
+                keep_alive,
+            }),
+        });
+        lock(&self.inner.models).insert(key.clone(), loaded.clone());
+        Ok(self.use_loaded(loaded, keep_alive))
+    }
+
+    /// The model at `key` marked in use, if it is loaded and its engine runs. An engine
+    /// whose thread died is dropped here, so the next request loads a fresh one.
+    fn try_use(&self, key: &PathBuf, keep_alive: KeepAlive) -> Option<InUse> {
+        let mut models = lock(&self.inner.models);
+        let loaded = models.get(key)?.clone();
+        if !loaded.engine.is_running() {
+            tracing::error!(model = %loaded.info.name.display_short(), "the model's engine stopped; loading it again");
+            models.remove(key);
+            drop(models);
+            drop_off_thread(loaded);
+            return None;
+        }
+        // Marked under the map's lock, so the reaper cannot unload it in between.
+        let in_use = self.use_loaded(loaded, keep_alive);
+        drop(models);
+        Some(in_use)
+    }
+
+    fn use_loaded(&self, loaded: Arc<Loaded>, keep_alive: KeepAlive) -> InUse {
         loaded.active.fetch_add(1, Ordering::AcqRel);
         loaded.set_timing(|t| {
             t.keep_alive = keep_alive;
             t.last_used = Instant::now();
         });
-        Ok(InUse {
+        InUse {
             loaded,
             manager: self.inner.clone(),
-        })
+        }
     }
 
     /// Unloads a model now if nothing uses it (`keep_alive: 0` with no prompt).
     pub async fn unload(&self, info: &LocalModel) {
-        let mut models = self.inner.models.lock().await;
+        let mut models = lock(&self.inner.models);
         let idle = models
             .get(&info.manifest_path)
             .is_some_and(|l| l.active.load(Ordering::Acquire) == 0);
         if idle {
             if let Some(l) = models.remove(&info.manifest_path) {
+                drop(models);
                 drop_off_thread(l);
             }
         }
@@ -225,32 +263,36 @@ impl ModelManager {
 
     /// The loaded models, for `/api/ps`.
     pub async fn list(&self) -> Vec<Arc<Loaded>> {
-        self.inner.models.lock().await.values().cloned().collect()
+        lock(&self.inner.models).values().cloned().collect()
     }
 
     /// Evicts least recently used idle models until one more fits: under
     /// `OLLAMA_MAX_LOADED_MODELS`, and on the CPU within the memory available (the new
     /// model's file plus its KV cache budget, or 256 MiB of cache when that adapts).
-    async fn make_room(&self, models: &mut HashMap<PathBuf, Arc<Loaded>>, size: u64) {
+    async fn make_room(&self, size: u64) {
         let need = size as usize + self.inner.engine_cfg.kv_cache_bytes.unwrap_or(256 << 20);
         loop {
-            let too_many = models.len() >= self.inner.max_loaded;
-            let too_big = self.inner.device.is_cpu() && need > available_memory();
-            if !too_many && !too_big {
-                return;
-            }
-            let victim = models
-                .iter()
-                .filter(|(_, l)| l.active.load(Ordering::Acquire) == 0)
-                .min_by_key(|(_, l)| l.timing().last_used)
-                .map(|(k, _)| k.clone());
-            let Some(l) = victim.and_then(|k| models.remove(&k)) else {
+            let victim = {
+                let mut models = lock(&self.inner.models);
+                let too_many = models.len() >= self.inner.max_loaded;
+                let too_big = self.inner.device.is_cpu() && need > available_memory();
+                if !too_many && !too_big {
+                    return;
+                }
+                let victim = models
+                    .iter()
+                    .filter(|(_, l)| l.active.load(Ordering::Acquire) == 0)
+                    .min_by_key(|(_, l)| l.timing().last_used)
+                    .map(|(k, _)| k.clone());
                 // Everything is busy: load anyway rather than fail; the OS pages weights.
-                return;
+                let Some(l) = victim.and_then(|k| models.remove(&k)) else {
+                    return;
+                };
+                tracing::info!(model = %l.info.name.display_short(), too_many, too_big, "unloading to make room");
+                l
             };
-            tracing::info!(model = %l.info.name.display_short(), too_many, too_big, "unloading to make room");
             // Wait for it to go, so the memory check sees what it freed.
-            let _ = tokio::task::spawn_blocking(move || drop(l)).await;
+            let _ = tokio::task::spawn_blocking(move || drop(victim)).await;
         }
     }
 }
@@ -279,7 +321,7 @@ async fn reaper(inner: std::sync::Weak<Inner>) {
             return;
         };
         let next = {
-            let mut models = strong.models.lock().await;
+            let mut models = lock(&strong.models);
             let now = Instant::now();
             let expired: Vec<PathBuf> = models
                 .iter()

@@ -21,6 +21,6 @@ mod worker;
 
 pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
-pub use handle::{Engine, EngineConfig, EngineStats};
-pub use kv_budget::available_memory;
+pub use handle::{Engine, EngineConfig, EngineStats, KvBudget};
+pub use kv_budget::{available_memory, memory, Memory};
 pub use request::{Event, FinishReason, Reasoning, Request, RequestStream, Summary};

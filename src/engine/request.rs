@@ -27,6 +27,11 @@ pub struct Request {
     pub constraint: Option<Constraint>,
     /// Free reasoning before the constrained answer (a thinking model's `<think>` block).
     pub reasoning: Option<Reasoning>,
+    /// An embedding instead of a generation: the prompt is run through the model (in
+    /// chunks, batched with everything else, in KV blocks like any prompt) and the mean of
+    /// its final hidden states comes back as [`Event::Embedding`]; nothing is generated. A
+    /// prompt longer than the context keeps its first tokens (or is refused).
+    pub embed: bool,
 }
 
 /// The free reasoning block of a thinking model: the constraint applies after it.
@@ -51,6 +56,15 @@ impl Request {
             truncate: true,
             constraint: None,
             reasoning: None,
+            embed: false,
+        }
+    }
+
+    /// An embedding request for `prompt` (see [`Request::embed`]).
+    pub fn embedding(prompt: Vec<u32>) -> Self {
+        Self {
+            embed: true,
+            ..Self::new(prompt)
         }
     }
 }
@@ -100,13 +114,16 @@ impl Summary {
 }
 
 /// What a request's stream carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A generated token and the text it makes final (often empty: held back for an
     /// incomplete character or a possible stop string).
     Token { id: u32, text: String },
     /// Text released at the end that belongs to no new token (what was held back).
     Text(String),
+    /// An embedding request's result: the mean of the prompt's final hidden states (not
+    /// normalised). `Done` follows.
+    Embedding(Vec<f32>),
     /// The last event.
     Done(Summary),
 }

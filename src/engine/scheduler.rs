@@ -39,6 +39,8 @@ pub struct Sequence {
     pub cached_tokens: usize,
     /// Times this sequence was preempted.
     pub preemptions: usize,
+    /// An embedding: it needs every token computed (no cached prefix) and no logits.
+    pub embed: bool,
 }
 
 impl Sequence {
@@ -52,6 +54,15 @@ impl Sequence {
             hashes: Vec::new(),
             cached_tokens: 0,
             preemptions: 0,
+            embed: false,
+        }
+    }
+
+    /// A sequence that computes its whole prompt and samples nothing (an embedding).
+    pub fn embedding(id: SeqId, prompt: Vec<u32>) -> Self {
+        Self {
+            embed: true,
+            ..Self::new(id, prompt)
         }
     }
 }
@@ -60,8 +71,12 @@ impl Sequence {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scheduled {
     pub id: SeqId,
+    /// Its first row in the batch.
+    pub start: usize,
     /// Tokens of it in the batch.
     pub len: usize,
+    /// This chunk computes the last of its tokens.
+    pub completes: bool,
     /// Row of the step's logits holding its next-token distribution, when this step
     /// completes everything it had to compute.
     pub logits_row: Option<usize>,
@@ -135,6 +150,14 @@ impl Scheduler {
 
     pub fn is_idle(&self) -> bool {
         self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Drops every sequence and starts the block pool over, empty (after a failed step,
+    /// whose bookkeeping may be half-updated).
+    pub fn reset(&mut self) {
+        self.waiting.clear();
+        self.running.clear();
+        self.blocks = BlockManager::new(self.blocks.num_blocks(), self.blocks.block_size());
     }
 
     /// Queues a new sequence (its id must be larger than every earlier one).
@@ -234,10 +257,14 @@ impl Scheduler {
             let Some(seq) = self.waiting.front() else {
                 break;
             };
-            // Keep at least one token to compute: its logits give the next token.
-            let (cached, hashes) = self
-                .blocks
-                .match_prefix(&seq.tokens, seq.tokens.len().saturating_sub(1));
+            // Keep at least one token to compute: its logits give the next token. An
+            // embedding pools every token's state, so it computes them all.
+            let reusable = if seq.embed {
+                0
+            } else {
+                seq.tokens.len().saturating_sub(1)
+            };
+            let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, reusable);
             let cached_tokens = cached.len() * self.blocks.block_size();
             let n = (seq.tokens.len() - cached_tokens).min(budget);
             let mut table = Vec::new();
@@ -300,16 +327,20 @@ impl Scheduler {
 fn push_chunk(step: &mut Step, seq: &Sequence, n: usize) {
     let from = seq.computed;
     let completes = from + n == seq.tokens.len();
-    let logits_row = completes.then_some(step.batch.logits_indices.len());
+    let want_logits = completes && !seq.embed;
+    let logits_row = want_logits.then_some(step.batch.logits_indices.len());
+    let start = step.batch.tokens.len();
     step.batch.push_seq(
         &seq.tokens[from..from + n],
         from,
         seq.blocks.clone(),
-        completes,
+        want_logits,
     );
     step.scheduled.push(Scheduled {
         id: seq.id,
+        start,
         len: n,
+        completes,
         logits_row,
     });
 }

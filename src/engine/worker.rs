@@ -7,18 +7,20 @@
 //! grammar work hides behind the model's and only constrained sequences pay for it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::model::{KvCache, Model, Tokenizer};
 
 use super::constraint::Constraint;
 use super::detok::{IncrementalDecoder, StopMatcher};
-use super::handle::{EngineStats, Submitted};
+use super::handle::{EngineStats, Shared, Submitted};
 use super::sampler::Sampler;
-use super::scheduler::{Scheduler, SeqId, Sequence, Step};
+use super::scheduler::{Scheduled, Scheduler, SeqId, Sequence, Step};
 use super::{Event, FinishReason, Reasoning, Summary};
 
 /// A constrained sequence's place relative to its free reasoning block.
@@ -68,6 +70,8 @@ struct Active {
     admitted: Option<Instant>,
     first_token: Option<Instant>,
     load_duration: Duration,
+    /// An embedding's running sum of final hidden states (`None` for generation).
+    pooled: Option<Vec<f32>>,
 }
 
 pub(super) struct Worker {
@@ -78,10 +82,19 @@ pub(super) struct Worker {
     sched: Scheduler,
     active: HashMap<SeqId, Active>,
     rx: Receiver<Submitted>,
-    stats: Arc<Mutex<EngineStats>>,
-    /// Submitted requests not yet scheduled once (shared with [`Engine::queued`]).
-    pending: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     load_duration: Option<Duration>,
+    /// Panics recovered from.
+    restarts: u64,
+}
+
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into())
 }
 
 impl Worker {
@@ -90,8 +103,7 @@ impl Worker {
         cache: Box<dyn KvCache + Send>,
         sched: Scheduler,
         rx: Receiver<Submitted>,
-        stats: Arc<Mutex<EngineStats>>,
-        pending: Arc<AtomicUsize>,
+        shared: Arc<Shared>,
         load_duration: Duration,
     ) -> Self {
         Self {
@@ -102,35 +114,60 @@ impl Worker {
             sched,
             active: HashMap::new(),
             rx,
-            stats,
-            pending,
+            shared,
             load_duration: Some(load_duration),
+            restarts: 0,
         }
     }
 
     pub fn run(mut self) {
-        loop {
-            if !self.intake() {
-                break;
+        while self.intake() {
+            // A panic in a step (a kernel bug, a bad index) must not leave a dead engine
+            // registered: what was in flight fails with a clear error, the scheduler starts
+            // over empty, and the engine keeps serving.
+            let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step()));
+            if let Err(payload) = stepped {
+                self.recover(panic_message(payload.as_ref()));
             }
-            self.drop_cancelled();
-            let step = self.sched.schedule();
-            if step.batch.is_empty() {
-                self.publish_stats();
-                if !self.sched.is_idle() {
-                    // Nothing runnable (cannot happen with a consistent pool): wait a bit
-                    // rather than spin.
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                continue;
-            }
-            self.run_step(step);
-            self.publish_stats();
         }
         // Shutting down: tell everyone still here.
         let ids: Vec<SeqId> = self.active.keys().copied().collect();
         for id in ids {
             self.finish(id, FinishReason::Cancelled, None);
+        }
+        self.publish_stats();
+    }
+
+    /// One scheduling step and its forward pass.
+    fn step(&mut self) {
+        self.drop_cancelled();
+        let step = self.sched.schedule();
+        if step.batch.is_empty() {
+            self.publish_stats();
+            if !self.sched.is_idle() {
+                // Nothing runnable (cannot happen with a consistent pool): wait a bit
+                // rather than spin.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return;
+        }
+        if self.shared.fault.swap(false, Ordering::AcqRel) {
+            panic!("injected engine fault");
+        }
+        self.run_step(step);
+        self.publish_stats();
+    }
+
+    /// After a panic: every sequence in flight ends with an error naming it, and the
+    /// scheduler and its blocks start over (their bookkeeping may be half-updated).
+    fn recover(&mut self, what: String) {
+        tracing::error!(panic = %what, sequences = self.active.len(), "engine step panicked; failing its sequences and restarting the scheduler");
+        self.sched.reset();
+        self.restarts += 1;
+        let msg = format!("the model's engine failed ({what}) and was restarted; please retry");
+        let ids: Vec<SeqId> = self.active.keys().copied().collect();
+        for id in ids {
+            self.finish(id, FinishReason::Error, Some(msg.clone()));
         }
         self.publish_stats();
     }
@@ -174,8 +211,13 @@ impl Worker {
             admitted: None,
             first_token: None,
             load_duration: self.load_duration.take().unwrap_or_default(),
+            pooled: sub.req.embed.then(Vec::new),
         };
         self.active.insert(sub.id, active);
+        if sub.req.embed {
+            self.sched.add(Sequence::embedding(sub.id, sub.req.prompt));
+            return;
+        }
         self.sched.add(Sequence::new(sub.id, sub.req.prompt));
         if limit == 0 {
             self.finish(sub.id, FinishReason::Length, None);
@@ -200,7 +242,7 @@ impl Worker {
             if let Some(a) = self.active.get_mut(&s.id) {
                 if a.admitted.is_none() {
                     a.admitted = Some(now);
-                    self.pending.fetch_sub(1, Ordering::AcqRel);
+                    self.shared.pending.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -218,14 +260,21 @@ impl Worker {
                 Some((s.id, a.constraint.take()?))
             })
             .collect();
+        // Embeddings pool every row of their chunks.
+        let pooling: Vec<&Scheduled> = step
+            .scheduled
+            .iter()
+            .filter(|s| self.active.get(&s.id).is_some_and(|a| a.pooled.is_some()))
+            .collect();
+        let sums: Vec<Range<usize>> = pooling.iter().map(|s| s.start..s.start + s.len).collect();
         let (model, cache, batch) = (&self.model, self.cache.as_mut(), &step.batch);
         let mut forward = || {
             model
                 .decoder
-                .forward(batch, cache)
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
+                .forward_with_sums(batch, cache, &sums)
+                .and_then(|(l, sums)| Ok((l.to_vec2::<f32>()?, sums)))
         };
-        let rows = if masks.is_empty() {
+        let out = if masks.is_empty() {
             forward()
         } else {
             std::thread::scope(|scope| {
@@ -238,7 +287,7 @@ impl Worker {
                 a.constraint = Some(c);
             }
         }
-        let mut rows = match rows {
+        let (mut rows, sums) = match out {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed");
@@ -250,12 +299,45 @@ impl Worker {
             }
         };
         self.sched.commit(&step);
+        let finished: Vec<SeqId> = pooling
+            .iter()
+            .zip(sums)
+            .filter_map(|(s, sum)| self.pool(s, sum).then_some(s.id))
+            .collect();
+        for id in finished {
+            self.finish(id, FinishReason::Stop, None);
+        }
         for s in &step.scheduled {
             let Some(row) = s.logits_row.and_then(|r| rows.get_mut(r)) else {
                 continue;
             };
             self.on_logits(s.id, row);
         }
+    }
+
+    /// Adds an embedding chunk's hidden-state sum; on its last chunk sends the mean and
+    /// returns true (the sequence is done).
+    fn pool(&mut self, s: &Scheduled, sum: Vec<f32>) -> bool {
+        let Some(a) = self.active.get_mut(&s.id) else {
+            return false;
+        };
+        let Some(acc) = a.pooled.as_mut() else {
+            return false;
+        };
+        if acc.is_empty() {
+            *acc = sum;
+        } else {
+            acc.iter_mut().zip(&sum).for_each(|(a, b)| *a += b);
+        }
+        if !s.completes {
+            return false;
+        }
+        let n = self.sched.get(s.id).map_or(1, |q| q.tokens.len()).max(1) as f32;
+        let mean: Vec<f32> = acc.iter().map(|v| v / n).collect();
+        a.first_token.get_or_insert_with(Instant::now);
+        // A client that left is noticed at the next step.
+        let _ = a.tx.send(Event::Embedding(mean));
+        true
     }
 
     /// Samples a sequence's next token and streams it.
@@ -349,7 +431,7 @@ impl Worker {
             return;
         };
         if a.admitted.is_none() {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
         }
         if matches!(reason, FinishReason::Stop | FinishReason::Length) && !a.stops.is_stopped() {
             // Whatever the detokenizer and stop matcher still hold is final now.
@@ -410,8 +492,9 @@ impl Worker {
             tokens_computed: c.tokens_computed,
             preemptions: c.preemptions,
             steps: c.steps,
+            restarts: self.restarts,
         };
-        match self.stats.lock() {
+        match self.shared.stats.lock() {
             Ok(mut s) => *s = snapshot,
             Err(p) => *p.into_inner() = snapshot,
         }

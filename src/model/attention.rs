@@ -143,7 +143,8 @@ pub struct CpuKvCache {
     kv_heads: usize,
     heads: usize,
     head_dim: usize,
-    sliding_window: Option<usize>,
+    /// Each layer's sliding window (Gemma 3 mixes sliding and global layers).
+    windows: Vec<Option<usize>>,
 }
 
 impl CpuKvCache {
@@ -157,7 +158,7 @@ impl CpuKvCache {
             kv_heads: cfg.num_kv_heads,
             heads: cfg.num_heads,
             head_dim: cfg.head_dim,
-            sliding_window: cfg.sliding_window,
+            windows: (0..cfg.num_layers).map(|l| cfg.layer_window(l)).collect(),
         }
     }
 
@@ -212,7 +213,7 @@ impl Job<'_> {
     /// The first position that batch token `t` attends to (its sliding window).
     fn window_start(&self, t: usize) -> usize {
         let pos = self.positions[t] as usize;
-        match self.cache.sliding_window {
+        match self.cache.windows[self.layer] {
             Some(w) if pos + 1 > w => pos + 1 - w,
             _ => 0,
         }

@@ -33,6 +33,15 @@ use minijinja::{Environment, ErrorKind, State, UndefinedBehavior, Value};
 
 use super::{Error, Result};
 
+/// The chat template of a family whose turn format is fixed, for model files that carry
+/// none (Gemma 3 GGUFs as converted for Ollama and by llama.cpp from base checkpoints).
+pub fn builtin(family: super::Family) -> Option<&'static str> {
+    match family {
+        super::Family::Gemma3 => Some(include_str!("templates/gemma3.jinja")),
+        _ => None,
+    }
+}
+
 /// The name the template is registered under; it shows up in error messages.
 const TEMPLATE_NAME: &str = "chat_template";
 
@@ -73,6 +82,9 @@ impl ChatTemplate {
         env.add_filter("string", |value: &Value| Value::from(py_str(value)));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        // A bound on the work one render may do: templates come from model files and
+        // Modelfiles, conversations from clients; neither may tie up a thread for long.
+        env.set_fuel(Some(RENDER_FUEL));
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(source))
             .map_err(template_error)?;
         Ok(Self {
@@ -139,6 +151,10 @@ impl ChatTemplate {
     }
 }
 
+/// Template instructions one render may execute: far more than any real conversation needs
+/// (a 16,000-message chat renders in under 2% of it), and about a second of work at most.
+const RENDER_FUEL: u64 = 50_000_000;
+
 /// Marks errors raised by the template itself through `raise_exception`, so that their
 /// message is passed on verbatim.
 #[derive(Debug)]
@@ -155,7 +171,10 @@ impl std::error::Error for Raised {}
 fn template_error(err: minijinja::Error) -> Error {
     let raised = std::error::Error::source(&err).is_some_and(|s| s.is::<Raised>());
     match (raised, err.detail()) {
-        (true, Some(detail)) => Error::Template(detail.to_owned()),
+        (true, Some(detail)) => Error::TemplateRaised(detail.to_owned()),
+        _ if err.kind() == ErrorKind::OutOfFuel => Error::TemplateRaised(
+            "the conversation is too large for the chat template to render".into(),
+        ),
         _ => Error::Template(err.to_string()),
     }
 }
@@ -834,7 +853,7 @@ mod tests {
     fn raise_exception_message_is_kept() {
         let t = ChatTemplate::new("{{ raise_exception('no ' ~ 'way') }}", None, None).unwrap();
         match t.render(&[], None, false, &serde_json::Map::new()) {
-            Err(Error::Template(msg)) => assert_eq!(msg, "no way"),
+            Err(Error::TemplateRaised(msg)) => assert_eq!(msg, "no way"),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -97,7 +97,7 @@ fn portable(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::{Rows, LANES};
     use std::arch::x86_64::*;
 
@@ -252,7 +252,7 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX2 and FMA.
     #[inline(always)]
-    unsafe fn exp(x: __m256) -> __m256 {
+    pub(crate) unsafe fn exp(x: __m256) -> __m256 {
         // SAFETY: the caller upholds the contract in `# Safety` above.
         unsafe {
             let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));

@@ -1,11 +1,15 @@
-//! The one decoder: embedding, N pre-norm attention + SwiGLU blocks, final norm and output
-//! projection, for every family `ArchConfig` describes. It runs a packed batch of tokens
-//! from many sequences at different positions; attention goes through `KvCache`.
+//! The one decoder: embedding, N pre-norm attention + gated-MLP blocks, final norm and
+//! output projection, for every family `ArchConfig` describes (Gemma's extra norms, GELU
+//! gate, embedding scale, per-layer windows and rope bases, and logit soft-capping
+//! included). It runs a packed batch of tokens from many sequences at different positions;
+//! attention goes through `KvCache`.
+
+use std::ops::Range;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::attention::{Batch, KvCache};
-use super::config::ArchConfig;
+use super::config::{Activation, ArchConfig, RopeScaling};
 use super::weights::{Embedding, Linear, WeightSource};
 use super::{Error, Result};
 
@@ -17,10 +21,16 @@ struct Layer {
     o: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
+    /// Gemma's norm of the attention output (`post_norms`).
+    post_attn_norm: Option<Tensor>,
     ffn_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// Gemma's norm of the feed-forward output (`post_norms`).
+    post_ffn_norm: Option<Tensor>,
+    /// Index into `Decoder::ropes`.
+    rope: usize,
 }
 
 pub struct Decoder {
@@ -29,9 +39,12 @@ pub struct Decoder {
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Linear,
-    /// Rope tables, [max positions, head_dim / 2].
-    cos: Tensor,
-    sin: Tensor,
+    /// Rope inverse frequencies `[1, head_dim / 2]` (f32), one per distinct rope of the
+    /// layers (Gemma 3: the global layers' and the sliding ones').
+    ropes: Vec<Tensor>,
+    /// Factor on the queries that turns the attention's 1/sqrt(head_dim) into Gemma's
+    /// 1/sqrt(query_pre_attn_scalar), when those differ.
+    q_scale: Option<f64>,
     device: Device,
     dtype: DType,
 }
@@ -45,45 +58,83 @@ impl Decoder {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        if !device.is_cpu() && cfg.has_mixed_windows() {
+            // The CUDA cache applies one window to every layer (cuda/kv_cache.rs).
+            return Err(Error::Config(format!(
+                "{} mixes sliding-window and global layers, which only the CPU attention \
+                 path supports so far; run it with --device cpu",
+                cfg.arch_name
+            )));
+        }
         let embed = src.embedding(device, dtype, cfg.tie_embeddings)?;
+        let norm_weight = |name: &str| -> Result<Tensor> {
+            if cfg.norm_weights_offset {
+                // Stored as w for a norm that scales by 1 + w; the sum in f32, as
+                // transformers computes it, before any narrowing.
+                Ok((src.tensor(name, device, DType::F32)? + 1.0)?.to_dtype(dtype)?)
+            } else {
+                src.tensor(name, device, dtype)
+            }
+        };
+        let freq_factors = src.rope_freq_factors(device)?;
+        let global_rope = inv_freqs(
+            &cfg,
+            cfg.rope_theta,
+            cfg.rope_scaling.as_ref(),
+            freq_factors.as_deref(),
+        )?;
+        let mut ropes = vec![Tensor::new(global_rope.as_slice(), device)?.unsqueeze(0)?];
+        let sliding_rope = match cfg.sliding_rope_theta {
+            // The sliding layers' own base, unscaled (scaling is for the global layers).
+            Some(theta) if cfg.sliding_window.is_some() => {
+                ropes.push(
+                    Tensor::new(inv_freqs(&cfg, theta, None, None)?.as_slice(), device)?
+                        .unsqueeze(0)?,
+                );
+                1
+            }
+            _ => 0,
+        };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |s: &str| format!("blk.{i}.{s}");
-            let norm = |s: &str| src.tensor(&format!("blk.{i}.{s}.weight"), device, dtype);
+            let norm = |s: &str| norm_weight(&format!("blk.{i}.{s}.weight"));
+            let optional = |on: bool, s: &str| on.then(|| norm(s)).transpose();
             layers.push(Layer {
                 attn_norm: norm("attn_norm")?,
                 q: src.linear(&p("attn_q"), device, dtype, &cfg, Some(cfg.num_heads))?,
                 k: src.linear(&p("attn_k"), device, dtype, &cfg, Some(cfg.num_kv_heads))?,
                 v: src.linear(&p("attn_v"), device, dtype, &cfg, None)?,
                 o: src.linear(&p("attn_output"), device, dtype, &cfg, None)?,
-                q_norm: if cfg.qk_norm {
-                    Some(norm("attn_q_norm")?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(norm("attn_k_norm")?)
-                } else {
-                    None
-                },
+                q_norm: optional(cfg.qk_norm, "attn_q_norm")?,
+                k_norm: optional(cfg.qk_norm, "attn_k_norm")?,
+                post_attn_norm: optional(cfg.post_norms, "post_attention_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 gate: src.linear(&p("ffn_gate"), device, dtype, &cfg, None)?,
                 up: src.linear(&p("ffn_up"), device, dtype, &cfg, None)?,
                 down: src.linear(&p("ffn_down"), device, dtype, &cfg, None)?,
+                post_ffn_norm: optional(cfg.post_norms, "post_ffw_norm")?,
+                rope: if cfg.layer_window(i).is_some() {
+                    sliding_rope
+                } else {
+                    0
+                },
             });
         }
-        let norm = src.tensor("output_norm.weight", device, dtype)?;
+        let norm = norm_weight("output_norm.weight")?;
         let lm_head = src.lm_head(&cfg, &embed, device, dtype)?;
-        let factors = src.rope_freq_factors(device)?;
-        let (cos, sin) = rope_tables(&cfg, factors.as_deref(), device, dtype)?;
+        let q_scale = cfg
+            .query_pre_attn_scalar
+            .filter(|&s| s != cfg.head_dim as f64)
+            .map(|s| (cfg.head_dim as f64 / s).sqrt());
         Ok(Self {
             cfg,
             embed,
             layers,
             norm,
             lm_head,
-            cos,
-            sin,
+            ropes,
+            q_scale,
             device: device.clone(),
             dtype,
         })
@@ -99,52 +150,82 @@ impl Decoder {
 
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
+        Ok(self.forward_with_sums(batch, cache, &[])?.0)
+    }
+
+    /// [`Self::forward`], and for each range of batch rows in `sums` the sum of those rows'
+    /// final hidden states (after the last norm, f32): what an embedding pools, one prefill
+    /// chunk at a time.
+    pub fn forward_with_sums(
+        &self,
+        batch: &Batch,
+        cache: &mut dyn KvCache,
+        sums: &[Range<usize>],
+    ) -> Result<(Tensor, Vec<Vec<f32>>)> {
         let x = self.trunk(batch, cache)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut pooled = Vec::with_capacity(sums.len());
+        for r in sums {
+            let rows = x.narrow(0, r.start, r.len())?;
+            let h = candle_nn::ops::rms_norm(&rows, &self.norm, eps)?.to_dtype(DType::F32)?;
+            pooled.push(h.sum(0)?.to_vec1::<f32>()?);
+        }
         if batch.logits_indices.is_empty() {
             // A prefill chunk that is not a prompt's last: only the KV cache was wanted.
-            return Ok(Tensor::zeros(
-                (0, self.cfg.vocab_size),
-                DType::F32,
-                &self.device,
-            )?);
+            let none = Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?;
+            return Ok((none, pooled));
         }
         let idx: Vec<u32> = batch.logits_indices.iter().map(|&i| i as u32).collect();
         let x = x.index_select(&Tensor::new(idx.as_slice(), &self.device)?, 0)?;
-        let eps = self.cfg.rms_norm_eps as f32;
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
-    }
-
-    /// The final hidden state of every token of the batch, after the last norm,
-    /// `[tokens, hidden]` (f32): what embeddings pool.
-    pub fn hidden_states(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
-        let x = self.trunk(batch, cache)?;
-        let eps = self.cfg.rms_norm_eps as f32;
-        Ok(candle_nn::ops::rms_norm(&x, &self.norm, eps)?.to_dtype(DType::F32)?)
+        let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
+        let logits = match self.cfg.final_logit_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
+        Ok((logits, pooled))
     }
 
     /// Embedding and every block: the residual stream `[tokens, hidden]` before the final
     /// norm.
     fn trunk(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         batch.validate(cache.block_size(), cache.num_blocks())?;
+        let max_pos = self.cfg.max_position_embeddings;
         if let Some(&p) = batch.positions.iter().max() {
-            if p as usize >= self.cos.dim(0)? {
+            if p as usize >= max_pos {
                 return Err(Error::Config(format!(
-                    "position {p} is beyond the model's context of {} tokens",
-                    self.cos.dim(0)?
+                    "position {p} is beyond the model's context of {max_pos} tokens"
                 )));
             }
         }
         let n = batch.tokens.len();
         let (heads, kv_heads, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
-        let pos = Tensor::new(batch.positions.as_slice(), &self.device)?;
-        let cos = self.cos.index_select(&pos, 0)?;
-        let sin = self.sin.index_select(&pos, 0)?;
+        // Positions times inverse frequencies, as f32 products (as llama.cpp and candle's
+        // reference models compute them: quantized activations magnify even last-bit
+        // differences in the rotation), for this step's tokens only.
+        let pos = Tensor::new(batch.positions.as_slice(), &self.device)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let rotations = self
+            .ropes
+            .iter()
+            .map(|inv_freq| {
+                let angles = pos.broadcast_mul(inv_freq)?;
+                Ok((
+                    angles.cos()?.to_dtype(self.dtype)?,
+                    angles.sin()?.to_dtype(self.dtype)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let eps = self.cfg.rms_norm_eps as f32;
 
         let mut x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
+        if self.cfg.scale_embeddings {
+            x = (x * (self.cfg.hidden_size as f64).sqrt())?;
+        }
         for (li, l) in self.layers.iter().enumerate() {
+            let (cos, sin) = &rotations[l.rope];
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
             let mut q = l.q.forward(&h)?.reshape((n, heads, hd))?;
             let mut k = l.k.forward(&h)?.reshape((n, kv_heads, hd))?;
@@ -154,71 +235,92 @@ impl Decoder {
                 k = candle_nn::ops::rms_norm(&k, kn, eps)?;
             }
             // rope_thd wants [batch, tokens, heads, dim] with one cos/sin row per token.
-            let q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+            let mut q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?
                 .squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+            let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?
                 .squeeze(0)?;
+            if let Some(f) = self.q_scale {
+                q = (q * f)?;
+            }
             let attn = cache.attend(li, &q, &k, &v, batch)?.to_dtype(self.dtype)?;
-            x = (x + l.o.forward(&attn)?)?;
+            let mut out = l.o.forward(&attn)?;
+            if let Some(w) = &l.post_attn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            x = (x + out)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let act = (candle_nn::ops::silu(&l.gate.forward(&h)?)? * l.up.forward(&h)?)?;
-            x = (x + l.down.forward(&act)?)?;
+            let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
+            let act = match self.cfg.activation {
+                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+                Activation::GeluTanh => match super::cpu_activation::gelu_tanh_mul(&gate, &up)? {
+                    Some(act) => act,
+                    None => (gate.gelu()? * up)?,
+                },
+            };
+            let mut out = l.down.forward(&act)?;
+            if let Some(w) = &l.post_ffn_norm {
+                out = candle_nn::ops::rms_norm(&out, w, eps)?;
+            }
+            x = (x + out)?;
         }
         Ok(x)
     }
 }
 
-/// cos/sin of `position * inv_freq` for every position up to the trained context.
-fn rope_tables(
+/// Rope inverse frequencies `1 / theta^(2i / head_dim)`, stretched by `scaling` or by a
+/// GGUF's per-frequency divisors (`freq_factors`, Llama 3.1).
+fn inv_freqs(
     cfg: &ArchConfig,
+    theta: f64,
+    scaling: Option<&RopeScaling>,
     freq_factors: Option<&[f32]>,
-    device: &Device,
-    dtype: DType,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Vec<f32>> {
     let half = cfg.head_dim / 2;
-    // f32 throughout, as llama.cpp and candle's reference models compute it: quantized
-    // activations magnify even last-bit differences in the rotation.
-    let theta = cfg.rope_theta as f32;
+    // f32 throughout, as llama.cpp and candle's reference models compute it.
+    let theta = theta as f32;
     let mut inv_freq: Vec<f32> = (0..half)
         .map(|i| 1.0 / theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
         .collect();
-    if let Some(s) = &cfg.rope_scaling {
-        // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth between.
-        let (factor, low, high) = (
-            s.factor as f32,
-            s.low_freq_factor as f32,
-            s.high_freq_factor as f32,
-        );
-        let old = s.original_max_position_embeddings as f32;
-        let (low_wavelen, high_wavelen) = (old / low, old / high);
-        for f in inv_freq.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= factor;
-            } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - low) / (high - low);
-                *f = (1.0 - smooth) * *f / factor + smooth * *f;
+    match scaling {
+        Some(RopeScaling::Llama3(s)) => {
+            // Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, smooth
+            // between.
+            let (factor, low, high) = (
+                s.factor as f32,
+                s.low_freq_factor as f32,
+                s.high_freq_factor as f32,
+            );
+            let old = s.original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) = (old / low, old / high);
+            for f in inv_freq.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *f;
+                if wavelen > low_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
             }
         }
-    } else if let Some(factors) = freq_factors {
-        if factors.len() != half {
-            return Err(Error::Config(format!(
-                "rope_freqs has {} entries, expected {half}",
-                factors.len()
-            )));
+        Some(RopeScaling::Linear { factor }) => {
+            let factor = *factor as f32;
+            for f in inv_freq.iter_mut() {
+                *f /= factor;
+            }
         }
-        for (f, d) in inv_freq.iter_mut().zip(factors) {
-            *f /= *d;
+        None => {
+            if let Some(factors) = freq_factors {
+                if factors.len() != half {
+                    return Err(Error::Config(format!(
+                        "rope_freqs has {} entries, expected {half}",
+                        factors.len()
+                    )));
+                }
+                for (f, d) in inv_freq.iter_mut().zip(factors) {
+                    *f /= *d;
+                }
+            }
         }
     }
-    let max_pos = cfg.max_position_embeddings;
-    let mut angles = Vec::with_capacity(max_pos * half);
-    for p in 0..max_pos {
-        angles.extend(inv_freq.iter().map(|f| p as f32 * f));
-    }
-    let angles = Tensor::from_vec(angles, (max_pos, half), device)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
+    Ok(inv_freq)
 }

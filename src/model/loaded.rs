@@ -4,9 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use super::{
-    ArchConfig, Batch, ChatTemplate, CpuKvCache, Decoder, Error, Result, Tokenizer, WeightSource,
-};
+use super::{ArchConfig, ChatTemplate, Decoder, Error, Result, Tokenizer, WeightSource};
 
 /// A loaded model: the decoder plus what turns text into its tokens and back.
 pub struct Model {
@@ -50,6 +48,10 @@ impl Model {
                 cfg.vocab_size
             )));
         }
+        // Gemma GGUFs often come without a template (Ollama keeps it beside the weights);
+        // their turn format is fixed, so the built-in one stands in.
+        let template_src =
+            template_src.or_else(|| super::chat_template::builtin(cfg.family).map(str::to_owned));
         let chat_template = match template_src {
             Some(t) => {
                 let tok_str = |id: Option<u32>| id.and_then(|i| tokenizer.token_str(i));
@@ -69,21 +71,6 @@ impl Model {
             chat_template,
             path: path.to_path_buf(),
         })
-    }
-
-    /// The mean of the last hidden states over `ids` (not normalised): a sentence
-    /// embedding. Runs on the calling thread with a scratch KV cache of its own.
-    pub fn embed(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        if ids.is_empty() {
-            return Err(Error::Config("nothing to embed".into()));
-        }
-        const BLOCK: usize = 16;
-        let blocks = ids.len().div_ceil(BLOCK);
-        let mut cache = CpuKvCache::new(self.config(), blocks, BLOCK);
-        let mut batch = Batch::default();
-        batch.push_seq(ids, 0, (0..blocks as u32).collect(), false);
-        let states = self.decoder.hidden_states(&batch, &mut cache)?;
-        Ok(states.mean(0)?.to_vec1::<f32>()?)
     }
 
     pub fn config(&self) -> &ArchConfig {

@@ -1,10 +1,11 @@
-//! The math: one decoder for the llama, qwen2 and qwen3 families, weight loading from GGUF
+//! The math: one decoder for the llama, qwen2, qwen3 and gemma3 families, weight loading from GGUF
 //! and Hugging Face safetensors, attention over a paged KV cache, tokenizers and chat
 //! templates. Knows tensors, never requests.
 
 pub mod attention;
 pub mod chat_template;
 pub mod config;
+mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
 #[cfg(feature = "cuda")]
@@ -47,7 +48,9 @@ pub enum Error {
         name: String,
         msg: String,
     },
-    #[error("unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3)")]
+    #[error(
+        "unsupported model architecture '{0}' (supported: llama, mistral, qwen2, qwen3, gemma3)"
+    )]
     UnsupportedArch(String),
     #[error("model config: {0}")]
     Config(String),
@@ -55,6 +58,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    /// The template refused what it was given (`raise_exception`, e.g. Llama 3.1's "only
+    /// single tool-calls at once"), or it was too large to render: the caller's input.
+    #[error("{0}")]
+    TemplateRaised(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[cfg(feature = "cuda")]
@@ -63,36 +70,6 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Refuses a CPU below the instruction set this binary was compiled for (the portable
-/// build's floor is x86-64-v3: AVX2, FMA, F16C, BMI2), with an error naming what is missing,
-/// instead of dying on the first such instruction with SIGILL. Faster paths (AVX-512, VNNI,
-/// AMX) are chosen at run time by the kernels themselves.
-pub fn check_cpu() -> Result<()> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        let needed = [
-            (cfg!(target_feature = "avx2"), has!("avx2"), "AVX2"),
-            (cfg!(target_feature = "fma"), has!("fma"), "FMA"),
-            (cfg!(target_feature = "f16c"), has!("f16c"), "F16C"),
-            (cfg!(target_feature = "bmi2"), has!("bmi2"), "BMI2"),
-        ];
-        let missing: Vec<&str> = needed
-            .iter()
-            .filter(|(compiled, present, _)| *compiled && !*present)
-            .map(|(_, _, name)| *name)
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::Config(format!(
-                "this CPU lacks {}, which this build of wick needs (it targets x86-64-v3: \
-                 Haswell, Zen 1 or newer)",
-                missing.join(", ")
-            )));
-        }
-    }
-    Ok(())
-}
 
 /// Opens the device `spec` names (`WICK_DEVICE`, `--device`).
 pub fn open_device(spec: crate::config::DeviceSpec) -> Result<candle_core::Device> {

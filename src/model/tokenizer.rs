@@ -5,7 +5,7 @@
 //! the pipeline the model's own `tokenizer.json` describes, so a model gives the same ids
 //! whichever way it was loaded. Byte-level BPE (`tokenizer.ggml.model = gpt2`: Llama 3,
 //! Qwen, SmolLM) gets its pre-tokenizer regex, byte-level decoder and added tokens;
-//! SentencePiece BPE (`llama`: Mistral, Llama 2, TinyLlama) gets merges derived from the
+//! SentencePiece BPE (`llama`: Mistral, Llama 2, TinyLlama, Gemma) gets merges derived from the
 //! piece scores, byte fallback, the `▁` space handling and its decoder. On top of that this
 //! module knows which ids begin a sequence (bos) and which end generation (eos, eot, eom
 //! and the chat end markers).
@@ -316,8 +316,14 @@ impl Tokenizer {
         // default for this vocabulary type too).
         let add_bos = gguf_bool(metadata, "tokenizer.ggml.add_bos_token")?.unwrap_or(true)
             && bos_id.is_some();
+        // Gemma's SentencePiece model adds no dummy prefix; GGUFs converted by Ollama do not
+        // say so (llama.cpp's write `add_space_prefix = false`).
+        let gemma = metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .is_some_and(|a| a.starts_with("gemma"));
         let add_space_prefix =
-            gguf_bool(metadata, "tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            gguf_bool(metadata, "tokenizer.ggml.add_space_prefix")?.unwrap_or(!gemma);
         let unk_id = match gguf_special_id(metadata, "tokenizer.ggml.unknown_token_id", n)? {
             Some(id) => Some(id),
             None => types

@@ -33,6 +33,42 @@ pub struct SafetensorsDir {
     pub config_json: String,
     st: candle_core::safetensors::MmapedSafetensors,
     names: std::collections::HashSet<String>,
+    layout: HfLayout,
+}
+
+/// Where a Hugging Face checkpoint keeps the text model's tensors, told from their names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HfLayout {
+    /// Before `embed_tokens`, `layers`, `norm`: `model.`, or in a multimodal wrapper
+    /// `language_model.model.` (Gemma 3 as released) or `model.language_model.` (as newer
+    /// transformers save it).
+    prefix: &'static str,
+    /// Gemma's four norms per layer: the norm before the MLP is
+    /// `pre_feedforward_layernorm`, and `post_attention_layernorm` is the norm of the
+    /// attention output (in Llama-style checkpoints it is the norm before the MLP).
+    gemma_norms: bool,
+}
+
+impl HfLayout {
+    /// A plain decoder checkpoint (`model.layers...`).
+    pub const PLAIN: HfLayout = HfLayout {
+        prefix: "model.",
+        gemma_norms: false,
+    };
+
+    fn detect(names: &std::collections::HashSet<String>) -> Self {
+        let prefix = ["model.", "language_model.model.", "model.language_model."]
+            .into_iter()
+            .find(|p| names.contains(&format!("{p}embed_tokens.weight")))
+            .unwrap_or("model.");
+        let gemma_norms = names.contains(&format!(
+            "{prefix}layers.0.pre_feedforward_layernorm.weight"
+        ));
+        Self {
+            prefix,
+            gemma_norms,
+        }
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -282,12 +318,18 @@ impl SafetensorsDir {
                 }
             })?;
         let names = st.tensors().into_iter().map(|(n, _)| n).collect();
+        let layout = HfLayout::detect(&names);
         Ok(Self {
             dir: dir.to_path_buf(),
             config_json,
             st,
             names,
+            layout,
         })
+    }
+
+    fn hf_name(&self, gguf: &str) -> String {
+        hf_name(gguf, self.layout)
     }
 
     fn load(&self, hf_name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
@@ -309,12 +351,14 @@ impl SafetensorsDir {
     }
 }
 
-/// Maps a GGUF tensor name to its Hugging Face name.
-pub fn hf_name(gguf: &str) -> String {
+/// Maps a GGUF tensor name to its Hugging Face name in a checkpoint of `layout`.
+pub fn hf_name(gguf: &str, layout: HfLayout) -> String {
     let (stem, suffix) = gguf.rsplit_once('.').unwrap_or((gguf, "weight"));
+    let p = layout.prefix;
     let mapped = match stem {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
+        "token_embd" => format!("{p}embed_tokens"),
+        "output_norm" => format!("{p}norm"),
+        "output" if p == "language_model.model." => "language_model.lm_head".to_string(),
         "output" => "lm_head".to_string(),
         _ => match stem.strip_prefix("blk.").and_then(|r| r.split_once('.')) {
             Some((layer, part)) => {
@@ -329,10 +373,13 @@ pub fn hf_name(gguf: &str) -> String {
                     "ffn_up" => "mlp.up_proj",
                     "ffn_down" => "mlp.down_proj",
                     "attn_norm" => "input_layernorm",
+                    "ffn_norm" if layout.gemma_norms => "pre_feedforward_layernorm",
                     "ffn_norm" => "post_attention_layernorm",
+                    "post_attention_norm" => "post_attention_layernorm",
+                    "post_ffw_norm" => "post_feedforward_layernorm",
                     other => other,
                 };
-                format!("model.layers.{layer}.{part}")
+                format!("{p}layers.{layer}.{part}")
             }
             None => stem.to_string(),
         },
@@ -519,7 +566,7 @@ impl WeightSource {
     pub fn has(&self, name: &str) -> bool {
         match self {
             Self::Gguf(g) => g.has(name),
-            Self::Safetensors(s) => s.names.contains(&hf_name(name)),
+            Self::Safetensors(s) => s.names.contains(&s.hf_name(name)),
         }
     }
 
@@ -530,7 +577,7 @@ impl WeightSource {
                 .qtensor(name, device, None, false)?
                 .dequantize(device)?
                 .to_dtype(dtype)?),
-            Self::Safetensors(s) => s.load(&hf_name(name), device, dtype),
+            Self::Safetensors(s) => s.load(&s.hf_name(name), device, dtype),
         }
     }
 
@@ -571,7 +618,7 @@ impl WeightSource {
                 }
             }
             Self::Safetensors(s) => {
-                QMatMul::Tensor(s.load(&hf_name(&format!("{name}.weight")), device, dtype)?)
+                QMatMul::Tensor(s.load(&s.hf_name(&format!("{name}.weight")), device, dtype)?)
             }
         };
         Linear::new(weight, bias)
@@ -592,7 +639,7 @@ impl WeightSource {
                 })
             }
             Self::Safetensors(s) => Ok(Embedding::Dense(s.load(
-                "model.embed_tokens.weight",
+                &s.hf_name("token_embd.weight"),
                 device,
                 dtype,
             )?)),
@@ -649,6 +696,7 @@ mod tests {
 
     #[test]
     fn hf_names() {
+        let hf_name = |n| hf_name(n, HfLayout::PLAIN);
         assert_eq!(hf_name("token_embd.weight"), "model.embed_tokens.weight");
         assert_eq!(
             hf_name("blk.3.attn_q.bias"),
@@ -662,7 +710,46 @@ mod tests {
             hf_name("blk.11.attn_k_norm.weight"),
             "model.layers.11.self_attn.k_norm.weight"
         );
+        assert_eq!(
+            hf_name("blk.2.ffn_norm.weight"),
+            "model.layers.2.post_attention_layernorm.weight"
+        );
         assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+
+    #[test]
+    fn gemma_layouts() {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        let wrapped = HfLayout::detect(&names(&[
+            "language_model.model.embed_tokens.weight",
+            "language_model.model.layers.0.pre_feedforward_layernorm.weight",
+        ]));
+        assert_eq!(
+            hf_name("blk.4.ffn_norm.weight", wrapped),
+            "language_model.model.layers.4.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.4.post_attention_norm.weight", wrapped),
+            "language_model.model.layers.4.post_attention_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.4.post_ffw_norm.weight", wrapped),
+            "language_model.model.layers.4.post_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("output_norm.weight", wrapped),
+            "language_model.model.norm.weight"
+        );
+        let newer = HfLayout::detect(&names(&[
+            "model.language_model.embed_tokens.weight",
+            "model.language_model.layers.0.pre_feedforward_layernorm.weight",
+        ]));
+        assert_eq!(
+            hf_name("token_embd.weight", newer),
+            "model.language_model.embed_tokens.weight"
+        );
+        let plain = HfLayout::detect(&names(&["model.embed_tokens.weight"]));
+        assert_eq!(plain, HfLayout::PLAIN);
     }
 
     #[test]

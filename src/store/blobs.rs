@@ -21,7 +21,7 @@
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -50,6 +50,13 @@ const TICK: Duration = Duration::from_millis(60);
 const SAVE_EVERY: Duration = Duration::from_millis(500);
 /// How often a process waiting for another's download looks again.
 const LOCK_POLL: Duration = Duration::from_millis(100);
+/// The largest blob a pull accepts: above any model file there is (a 1T-parameter model in
+/// fp16 is 2 TB, and registries split such models into files). A manifest claiming more is
+/// refused before anything is allocated for it.
+pub const MAX_BLOB_BYTES: u64 = 4 << 40;
+/// Temp files and abandoned downloads older than this, that no live process holds, are
+/// removed when a server starts.
+pub const STALE_AFTER: Duration = Duration::from_secs(24 * 3600);
 
 /// The files that belong to one blob.
 struct BlobPaths {
@@ -287,6 +294,12 @@ impl Store {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<Fetched, StoreError> {
         let digest = normalize_digest(digest)?;
+        if size > MAX_BLOB_BYTES {
+            return Err(StoreError::BlobTooLarge {
+                size,
+                limit: MAX_BLOB_BYTES,
+            });
+        }
         let paths = self.blob_paths(&digest)?;
         if paths.done.is_file() {
             progress(size);
@@ -310,9 +323,24 @@ impl Store {
             progress(size);
             return Ok(Fetched::Present);
         }
+        // What is already downloaded counts; the rest must fit.
+        let have = fs::metadata(&paths.partial).map_or(0, |m| m.blocks() * 512);
+        let need = size.saturating_sub(have);
+        if let Some(free) = free_space(&blobs) {
+            if need > free {
+                return Err(StoreError::DiskFull { need, free });
+            }
+        }
         let result = self
             .download_locked(src, &digest, size, &paths, progress)
             .await;
+        if let Err(StoreError::Io { source, .. }) = &result {
+            if source.kind() == std::io::ErrorKind::StorageFull {
+                // The disk filled up (another download, another tenant): give the space
+                // back rather than hold a partial file that blocks everyone.
+                release_partial(&paths);
+            }
+        }
         // Also on failure or cancellation (when this is dropped with the future).
         drop(lock);
         result.map(|()| Fetched::Downloaded)
@@ -587,6 +615,88 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Release);
     }
+}
+
+impl Store {
+    /// Removes what crashed writers left behind, when it is older than `max_age` and no live
+    /// process holds it (the store is shared: a file another process is writing is never
+    /// touched): temp manifests (`.<tag>.tmp-*`), unfinished uploads (`blobs/.upload-*`)
+    /// and abandoned downloads (`-partial` with its resume state, when its lock is free).
+    /// Returns how many files went.
+    pub fn remove_stale(&self, max_age: Duration) -> usize {
+        let old = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > max_age)
+        };
+        let mut removed = 0;
+        let mut remove = |p: &Path| {
+            if fs::remove_file(p).is_ok() {
+                tracing::info!(file = %p.display(), "removed a stale temp file");
+                removed += 1;
+            }
+        };
+        for tag in self.manifest_files() {
+            let name = tag.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|n| n.starts_with('.') && n.contains(".tmp-")) && old(&tag) {
+                remove(&tag);
+            }
+        }
+        let Ok(entries) = fs::read_dir(self.blobs_dir()) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".upload-") && old(&path) {
+                remove(&path);
+            } else if let Some(digest) = name.strip_suffix("-partial") {
+                let Ok(paths) = self.blob_paths(&digest.replacen('-', ":", 1)) else {
+                    continue;
+                };
+                if !old(&path) {
+                    continue;
+                }
+                // Held by a live download (here or on another host): leave it.
+                if let Ok(Some(_held)) = try_lock(&paths.lock) {
+                    for p in [&paths.partial, &paths.state] {
+                        remove(p);
+                    }
+                    let _ = fs::remove_file(paths.state.with_extension("json.tmp"));
+                }
+            }
+        }
+        removed
+    }
+}
+
+/// Bytes free for an unprivileged writer on the file system holding `dir`, or `None` when
+/// that cannot be read.
+pub(crate) fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a NUL-terminated string that outlives the call and `st` points to
+    // writable memory of the right type, which statvfs fills on success.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it initialised `st`.
+    let st = unsafe { st.assume_init() };
+    // The field types vary by platform (u64 on Linux x86-64).
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// Removes a download's partial file and resume state (its lock file stays: another
+/// process may be waiting on it).
+fn release_partial(paths: &BlobPaths) {
+    let _ = fs::remove_file(&paths.partial);
+    let _ = fs::remove_file(&paths.state);
+    let _ = fs::remove_file(paths.state.with_extension("json.tmp"));
 }
 
 /// Hashes the blob from the start as its parts complete in order (bytes already on disk

@@ -13,7 +13,15 @@
 //! A model is either a GGUF model (an `application/vnd.ollama.image.model` layer) or a
 //! safetensors model: one layer per file of its Hugging Face directory, each with the
 //! file's name in the layer's `name` ([`MEDIA_JSON`], [`MEDIA_SAFETENSORS`],
-//! [`MEDIA_FILE`]). [`Store::model_files`] gives the loader a path for either.
+//! [`MEDIA_FILE`]). Its config blob says `model_format: safetensors`, the family from
+//! `model_type`, the parameter count from the safetensors headers and the dtype (`BF16`,
+//! `F16`, `F32`) as the quantization level. [`Store::model_files`] gives the loader a path
+//! for either: the GGUF blob, or a directory of links to the safetensors model's blobs under
+//! the system temp directory, removed once the weights are mapped.
+//!
+//! Temp files of writes that a crash cut short (hidden `.<tag>.tmp-*` manifests,
+//! `.upload-*` blobs, `-partial` downloads) are never listed, and [`Store::remove_stale`]
+//! clears them at start-up once they are a day old and no live process holds them.
 
 pub mod blobs;
 pub mod catalog;
@@ -102,6 +110,14 @@ pub enum StoreError {
     /// `/api/create` files that do not make a loadable safetensors model.
     #[error("{0}")]
     BadModelFiles(String),
+    /// A blob larger than any model file could be (a registry's manifest said so).
+    #[error(
+        "the registry declares a blob of {size} bytes, more than the {limit} a model file may have"
+    )]
+    BlobTooLarge { size: u64, limit: u64 },
+    /// Not enough free space for a download; nothing of it was written.
+    #[error("not enough disk space for the model: a blob needs {need} more bytes, {free} are free in the model directory")]
+    DiskFull { need: u64, free: u64 },
     #[error(transparent)]
     Hf(#[from] hf::HfError),
     #[error(transparent)]
@@ -220,6 +236,21 @@ impl Store {
         self.root.join("manifests")
     }
 
+    /// Every file under `manifests/<host>/<namespace>/<model>/`, temp files included.
+    pub(crate) fn manifest_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for host in subdirs(&self.manifests_dir()).unwrap_or_default() {
+            for ns in subdirs(&host).unwrap_or_default() {
+                for model in subdirs(&ns).unwrap_or_default() {
+                    if let Ok(tags) = fs::read_dir(&model) {
+                        out.extend(tags.flatten().map(|t| t.path()).filter(|p| p.is_file()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// `blobs/`, where every layer lives under its digest.
     pub fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs")
@@ -254,7 +285,9 @@ impl Store {
                     };
                     for tag in tags.flatten() {
                         let path = tag.path();
-                        if !path.is_file() {
+                        // Hidden files are temp manifests of a write in progress or cut
+                        // short (tags never start with a dot).
+                        if !path.is_file() || file_name(&path).starts_with('.') {
                             continue;
                         }
                         let name = ModelName {

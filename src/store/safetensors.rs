@@ -174,13 +174,22 @@ pub fn config_blob(
 }
 
 /// config.json's `model_type` (`qwen2`, `llama`, `mistral`, ...), which is also what the
-/// GGUF conversions of these models call their architecture.
+/// GGUF conversions of these models call their architecture; Gemma 3's text model
+/// (`gemma3_text`) is `gemma3` there, as its multimodal wrapper is here.
 fn architecture(config: &Value) -> String {
+    match config.get("model_type").and_then(Value::as_str) {
+        Some("gemma3_text") => "gemma3".to_string(),
+        Some(t) => t.to_string(),
+        None => "unknown".to_string(),
+    }
+}
+
+/// The config of the text model: a multimodal wrapper's `text_config`, else the whole.
+fn text_config(config: &Value) -> &Value {
     config
-        .get("model_type")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_string()
+        .get("text_config")
+        .filter(|t| t.is_object())
+        .unwrap_or(config)
 }
 
 /// The summary `/api/show` gives of a safetensors model, in the GGUF key names clients
@@ -225,8 +234,9 @@ pub fn summary(
         ("rope.freq_base", &["rope_theta"]),
         ("vocab_size", &["vocab_size"]),
     ];
+    let text = text_config(&config);
     for (suffix, from) in keys {
-        if let Some(v) = from.iter().find_map(|k| config.get(*k)) {
+        if let Some(v) = from.iter().find_map(|k| text.get(*k)) {
             if !v.is_null() {
                 info.insert(format!("{arch}.{suffix}"), v.clone());
             }
@@ -367,6 +377,18 @@ mod tests {
         assert_eq!(c.model_format, "safetensors");
         assert_eq!(c.model_family, "qwen2");
         assert_eq!(c.model_type, "45");
+
+        // A multimodal wrapper is summarised by its text model.
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"model_type":"gemma3","text_config":{"model_type":"gemma3_text",
+                "hidden_size":2560,"num_hidden_layers":34}}"#,
+        )
+        .unwrap();
+        let s = summary(&files, false).unwrap();
+        assert_eq!(s.architecture, "gemma3");
+        assert_eq!(s.model_info["gemma3.embedding_length"], 2560);
+        assert_eq!(s.model_info["gemma3.block_count"], 34);
 
         // A header that claims more than the file holds is refused, not allocated.
         std::fs::write(dir.join("a.safetensors"), u64::MAX.to_le_bytes()).unwrap();

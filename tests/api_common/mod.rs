@@ -42,6 +42,14 @@ pub fn config(models: PathBuf, extra: &[(&str, &str)]) -> Config {
 /// Starts a server on its own runtime thread (tests come and go with their own runtimes)
 /// and returns its address and state.
 pub fn spawn_server(cfg: Config) -> (SocketAddr, AppState) {
+    spawn_server_until(cfg, std::future::pending())
+}
+
+/// [`spawn_server`] that drains and stops when `stop` completes.
+pub fn spawn_server_until(
+    cfg: Config,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (SocketAddr, AppState) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -56,9 +64,7 @@ pub fn spawn_server(cfg: Config) -> (SocketAddr, AppState) {
             let state = AppState::new(cfg).expect("app state");
             tx.send((listener.local_addr().expect("local addr"), state.clone()))
                 .expect("reporting the address");
-            api::serve(listener, state, std::future::pending())
-                .await
-                .expect("serving");
+            api::serve(listener, state, stop).await.expect("serving");
         });
     });
     rx.recv().expect("server address")

@@ -9,6 +9,7 @@
 // Every test binary compiles this module but uses only part of it.
 #![allow(dead_code)]
 
+pub mod gemma;
 pub mod hub;
 pub mod registry;
 
@@ -570,6 +571,15 @@ fn logits_row(logits: &Tensor) -> Res<Vec<f32>> {
         .to_vec1::<f32>()?)
 }
 
+/// The largest elementwise difference of two logit rows.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Index of the largest value (the greedy next token).
 pub fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
@@ -701,7 +711,9 @@ fn md_float(ct: &gguf_file::Content, key: &str) -> Res<Option<f64>> {
 }
 
 /// The Hugging Face name of a GGUF tensor, or None for tensors this converter doesn't know.
-fn hf_tensor_name(gguf_name: &str) -> Option<String> {
+/// `gemma`: Gemma's four norms per layer, where `ffn_norm` is the norm before the MLP
+/// (`pre_feedforward_layernorm`) and `post_attention_layernorm` the attention output's.
+fn hf_tensor_name(gguf_name: &str, gemma: bool) -> Option<String> {
     let fixed = match gguf_name {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -728,7 +740,10 @@ fn hf_tensor_name(gguf_name: &str) -> Option<String> {
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         "attn_norm" => "input_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}.{kind}"))
@@ -753,8 +768,13 @@ fn convert_gguf(gguf: &Path, out: &Path) -> Res<()> {
     let mut file = fs::File::open(gguf)?;
     let ct = gguf_file::Content::read(&mut file)?;
     let arch = md(&ct, "general.architecture")?.to_string()?.clone();
+    if arch == "gemma3" {
+        return gemma::convert_gemma3(&ct, &mut file, out);
+    }
     if !matches!(arch.as_str(), "llama" | "qwen2" | "qwen3") {
-        return Err(format!("architecture {arch} is not supported (llama, qwen2, qwen3)").into());
+        return Err(
+            format!("architecture {arch} is not supported (llama, qwen2, qwen3, gemma3)").into(),
+        );
     }
     let key = |k: &str| format!("{arch}.{k}");
     let n_head = md_usize(&ct, &key("attention.head_count"))?;
@@ -794,7 +814,7 @@ fn convert_gguf(gguf: &Path, out: &Path) -> Res<()> {
     let mut tensors = Vec::with_capacity(names.len());
     let mut has_qkv_bias = false;
     for name in names {
-        let Some(hf_name) = hf_tensor_name(name) else {
+        let Some(hf_name) = hf_tensor_name(name, false) else {
             // e.g. llama 3.1's rope_freqs.weight: silently dropping it would give a
             // checkpoint that loads but computes something else.
             return Err(format!("GGUF tensor {name} has no Hugging Face mapping").into());

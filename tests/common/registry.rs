@@ -165,6 +165,15 @@ impl TestRegistry {
         manifest
     }
 
+    /// Publishes `repo:tag` with a manifest as given, whatever it claims (sizes included).
+    pub fn add_raw_manifest(&self, repo: &str, tag: &str, manifest: Vec<u8>) {
+        self.inner
+            .manifests
+            .lock()
+            .unwrap()
+            .insert(format!("{repo}:{tag}"), manifest);
+    }
+
     pub fn set_faults(&self, f: Faults) {
         *self.inner.faults.lock().unwrap() = f;
     }

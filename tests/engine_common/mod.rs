@@ -46,12 +46,15 @@ pub struct Output {
     pub ids: Vec<u32>,
     pub text: String,
     pub summary: Summary,
+    /// An embedding request's vector.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// Drains a stream to its `Done`.
 pub fn collect(stream: RequestStream) -> Output {
     let mut ids = Vec::new();
     let mut text = String::new();
+    let mut embedding = None;
     for ev in stream {
         match ev {
             Event::Token { id, text: t } => {
@@ -59,7 +62,15 @@ pub fn collect(stream: RequestStream) -> Output {
                 text.push_str(&t);
             }
             Event::Text(t) => text.push_str(&t),
-            Event::Done(summary) => return Output { ids, text, summary },
+            Event::Embedding(v) => embedding = Some(v),
+            Event::Done(summary) => {
+                return Output {
+                    ids,
+                    text,
+                    summary,
+                    embedding,
+                }
+            }
         }
     }
     panic!("stream ended without Done");
