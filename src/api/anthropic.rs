@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use crate::model::ToolCall;
 
 use super::error::{json_response, AnthropicError, ApiError};
-use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
+use super::infer::{self, Finished, InferRequest, Input, Options, Out};
 use super::structured::{self, ToolChoice};
 use super::{events_from, named_event, parse_body, AppState, EventSource};
 
@@ -245,10 +245,6 @@ fn tool_choice(v: Option<&Value>) -> Result<(ToolChoice, bool), ApiError> {
 fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
     let messages = conversation(req.system.as_ref(), &req.messages)?;
     let tools = chat_tools(req.tools.as_ref())?;
-    let base = match &req.options {
-        Some(m) => Options::from_map(m)?,
-        None => Options::default(),
-    };
     let f = |v: Option<f64>| v.map(|v| v as f32);
     let options = Options {
         temperature: f(req.temperature),
@@ -258,7 +254,7 @@ fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
         stop: req.stop_sequences.clone(),
         ..Options::default()
     }
-    .over(base);
+    .over_map(req.options.as_ref())?;
     let think = match req
         .thinking
         .as_ref()
@@ -284,17 +280,7 @@ fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
             _ => return Err(bad("output_config.format.type must be json_schema")),
         },
     };
-    let format = structured::merge(vec![
-        ("output_config.format", format),
-        (
-            "options",
-            req.options
-                .as_ref()
-                .map(structured::ollama_options)
-                .transpose()?
-                .flatten(),
-        ),
-    ])?;
+    let format = structured::with_options("output_config.format", format, req.options.as_ref())?;
     let (choice, one_call) = tool_choice(req.tool_choice.as_ref())?;
     let keep_alive = infer::parse_keep_alive(req.keep_alive.as_ref())?;
     Ok(InferRequest {
@@ -317,12 +303,7 @@ pub async fn messages(State(state): State<AppState>, body: Bytes) -> Result<Resp
         _ => {}
     }
     let infer_req = infer_request(&req)?;
-    let rx = match infer::start(&state, infer_req).await? {
-        Started::Stream(rx) => rx,
-        Started::Loaded | Started::Unloaded => {
-            return Err(ApiError::Internal("no messages to answer".into()).into())
-        }
-    };
+    let rx = infer::start_stream(&state, infer_req).await?;
     let meta = Meta {
         id: new_id("msg_"),
         model: req.model.clone(),

@@ -233,6 +233,15 @@ impl Options {
         Ok(o)
     }
 
+    /// `self` over a request's Ollama `options` map (the /v1 dialects accept one beside
+    /// their own fields, which win).
+    pub fn over_map(self, map: Option<&Map<String, Value>>) -> Result<Options, ApiError> {
+        Ok(match map {
+            Some(m) => self.over(Options::from_map(m)?),
+            None => self,
+        })
+    }
+
     /// `self` with unset fields taken from `base`.
     pub fn over(self, base: Options) -> Options {
         Options {
@@ -393,6 +402,19 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
     let (metrics, drain) = (state.metrics.clone(), state.drain.clone());
     tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics, drain));
     Ok(Started::Stream(rx))
+}
+
+/// [`start`] for a request with input (the dialects refuse an empty one): its output.
+pub async fn start_stream(
+    state: &AppState,
+    req: InferRequest,
+) -> Result<mpsc::Receiver<Out>, ApiError> {
+    match start(state, req).await? {
+        Started::Stream(rx) => Ok(rx),
+        Started::Loaded | Started::Unloaded => {
+            Err(ApiError::Internal("no prompt to generate from".into()))
+        }
+    }
 }
 
 /// The prompt's length in tokens as [`start`] would submit it (Anthropic's count_tokens).

@@ -300,16 +300,7 @@ fn constraint(
     format: Option<&Value>,
     options: Option<&Map<String, Value>>,
 ) -> Result<Option<Grammar>, ApiError> {
-    structured::merge(vec![
-        ("format", structured::ollama_format(format)?),
-        (
-            "options",
-            options
-                .map(structured::ollama_options)
-                .transpose()?
-                .flatten(),
-        ),
-    ])
+    structured::with_options("format", structured::ollama_format(format)?, options)
 }
 
 fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {

@@ -23,7 +23,7 @@ use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
-use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
+use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out};
 use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
 use super::structured::{self, ToolChoice};
 use super::{parse_body, AppState};
@@ -171,10 +171,6 @@ impl Common {
     /// Only what the client sent overrides the model's defaults.
     fn options(&self) -> Result<Options, ApiError> {
         infer::refuse_logprobs(self.logprobs.as_ref(), self.top_logprobs.as_ref())?;
-        let base = match &self.options {
-            Some(m) => Options::from_map(m)?,
-            None => Options::default(),
-        };
         let stop = match &self.stop {
             None | Some(Value::Null) => None,
             Some(v) => Some(string_list(v, "stop").map_err(|_| {
@@ -182,7 +178,7 @@ impl Common {
             })?),
         };
         let f = |v: Option<f64>| v.map(|v| v as f32);
-        Ok(Options {
+        Options {
             temperature: f(self.temperature),
             top_p: f(self.top_p),
             top_k: self.top_k,
@@ -195,7 +191,7 @@ impl Common {
             stop,
             ..Options::default()
         }
-        .over(base))
+        .over_map(self.options.as_ref())
     }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
@@ -402,13 +398,8 @@ enum Kind {
 
 /// Starts the request and answers streamed or not.
 async fn run(state: &AppState, kind: Kind, c: &Common, req: InferRequest) -> Result<Response> {
-    let rx = match infer::start(state, req).await? {
-        Started::Stream(rx) => rx,
-        // Both callers refuse an empty input, so there is always a prompt.
-        Started::Loaded | Started::Unloaded => {
-            return Err(ApiError::Internal("no prompt to generate from".into()).into())
-        }
-    };
+    // Both callers refuse an empty input, so there is always a prompt.
+    let rx = infer::start_stream(state, req).await?;
     let n = rand::random_range(0..1_000_000u32);
     let meta = Meta {
         id: match kind {

@@ -23,7 +23,7 @@ use crate::engine::Grammar;
 use crate::model::ToolCall;
 
 use super::error::{json_response, ApiError, OpenAiError};
-use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
+use super::infer::{self, Finished, InferRequest, Input, Options, Out};
 use super::structured;
 use super::{events_from, named_event, parse_body, AppState, EventSource};
 
@@ -303,10 +303,6 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     )?;
     let messages = conversation(req.instructions.as_ref(), req.input.as_ref())?;
     let tools = chat_tools(req.tools.as_ref())?;
-    let base = match &req.options {
-        Some(m) => Options::from_map(m)?,
-        None => Options::default(),
-    };
     let f = |v: Option<f64>| v.map(|v| v as f32);
     let options = Options {
         temperature: f(req.temperature),
@@ -314,7 +310,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         num_predict: req.max_output_tokens,
         ..Options::default()
     }
-    .over(base);
+    .over_map(req.options.as_ref())?;
     let think = match req
         .reasoning
         .as_ref()
@@ -327,17 +323,11 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         Some(e) => return Err(bad(format!("invalid reasoning.effort {e:?}")).into()),
     };
     let keep_alive = infer::parse_keep_alive(req.keep_alive.as_ref())?;
-    let format = structured::merge(vec![
-        ("text.format", text_format(req.text.as_ref())?),
-        (
-            "options",
-            req.options
-                .as_ref()
-                .map(structured::ollama_options)
-                .transpose()?
-                .flatten(),
-        ),
-    ])?;
+    let format = structured::with_options(
+        "text.format",
+        text_format(req.text.as_ref())?,
+        req.options.as_ref(),
+    )?;
     let infer_req = InferRequest {
         model: req.model.clone(),
         input: Input::Chat { messages, tools },
@@ -348,12 +338,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
         one_call: req.parallel_tool_calls == Some(false),
     };
-    let rx = match infer::start(&state, infer_req).await? {
-        Started::Stream(rx) => rx,
-        Started::Loaded | Started::Unloaded => {
-            return Err(ApiError::Internal("no input to answer".into()).into())
-        }
-    };
+    let rx = infer::start_stream(&state, infer_req).await?;
     let echo = Echo {
         id: new_id("resp_"),
         created_at: unix_now(),

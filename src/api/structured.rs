@@ -226,6 +226,17 @@ pub fn only_one(found: Vec<(String, Grammar)>) -> Result<Option<Grammar>, ApiErr
     Ok(first.map(|f| f.1))
 }
 
+/// A dialect's own constraint (`name`) merged with one in Ollama's `options`; at most one
+/// of them may be set.
+pub fn with_options(
+    name: &'static str,
+    grammar: Option<Grammar>,
+    options: Option<&Map<String, Value>>,
+) -> Result<Option<Grammar>, ApiError> {
+    let in_options = options.map(ollama_options).transpose()?.flatten();
+    merge(vec![(name, grammar), ("options", in_options)])
+}
+
 /// Merges the constraints of different fields of one request (`format` and `options`,
 /// `response_format` and vLLM's fields), refusing two.
 pub fn merge(named: Vec<(&str, Option<Grammar>)>) -> Result<Option<Grammar>, ApiError> {
