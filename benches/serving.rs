@@ -12,13 +12,15 @@
 //! `http://127.0.0.1:8080`) and `WICK_BENCH_MODEL` (the served model name);
 //! `scripts/bench-serving.sh` runs both servers on the same GGUF in one run.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use candlewick::engine::{Engine, EngineConfig, Event, Request};
 use candlewick::model::Model;
+use common::{chat_prompt, models_dir};
+
+mod common;
 
 const PROMPTS: &[&str] = &[
     "Write a short poem about the sea.",
@@ -31,31 +33,12 @@ const PROMPTS: &[&str] = &[
     "Give three tips for learning a language.",
 ];
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("WICK_TEST_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/candlewick/test-models")
-        })
-}
-
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
     v.sort_by(|a, b| a.total_cmp(b));
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn chat_prompt(model: &Model, messages: &[serde_json::Value]) -> Vec<u32> {
-    let text = model
-        .chat_template
-        .as_ref()
-        .expect("chat template")
-        .render(messages, None, true, &serde_json::Map::new())
-        .expect("render");
-    model.tokenizer.encode(&text, false).expect("encode")
 }
 
 struct Run {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything the tests need besides Rust: the real test models (sha256-checked), the
-# official Python clients (`ollama`, `openai`, pytest), ollama-js (tests/clients/js),
+# official Python clients (`ollama`, `openai`, `anthropic`, pytest), ollama-js (tests/clients/js),
 # headless Chromium for the browser test (Debian `chromium`), qemu's user-mode emulator for
 # the portable-build test (Debian `qemu-user`), and for the fleet test (tests/fleet.rs)
 # iproute2's `ip` (network namespaces) and nginx (Debian's, never started as a service).
@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 
 scripts/fetch-test-models.sh
 
-if ! python3 -c 'import ollama, openai, pytest' 2>/dev/null; then
+if ! python3 -c 'import ollama, openai, anthropic, pytest' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check \
-        'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8' ||
+        'ollama>=0.6,<0.7' 'openai>=1.66' 'anthropic>=0.40' 'pytest>=8' ||
         python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
-            'ollama>=0.6,<0.7' 'openai>=1.40' 'pytest>=8'
+            'ollama>=0.6,<0.7' 'openai>=1.66' 'anthropic>=0.40' 'pytest>=8'
 fi
 
 missing=()

@@ -1,6 +1,7 @@
-//! The official Python clients (`ollama`, `openai`) against the real `wick` binary: imports
-//! SmolLM2 into a scratch store with `wick import`, starts `wick serve` on a free loopback
-//! port, and runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it and
+//! The official Python clients (`ollama`, `openai`, `anthropic`) against the real `wick`
+//! binary: imports SmolLM2 (and Qwen2.5-coder, the tools model, as WICK_TEST_TOOLS_MODEL)
+//! into a scratch store with `wick import`, starts `wick serve` on a free loopback port, and
+//! runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it and
 //! WICK_TEST_REGISTRY at a loopback registry (tests/common/registry.rs) that publishes
 //! SmolLM2 as `library/smollm2:135m`, for the pull/copy/delete tests.
 //! Missing Python packages fail the test (never skip) and name the pip command.
@@ -13,6 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PIP: &str = "scripts/test-deps.sh";
+
+/// The model with a tool-call syntax (SmolLM2's template has none).
+const TOOLS_MODEL: &str = "qwen-coder:0.5b";
 
 /// Kills the server when the test ends, however it ends.
 struct Server(Child);
@@ -38,7 +42,7 @@ fn wick() -> Command {
 #[test]
 fn official_python_clients() {
     let check = Command::new("python3")
-        .args(["-c", "import ollama, openai, pytest"])
+        .args(["-c", "import ollama, openai, anthropic, pytest"])
         .output()
         .unwrap_or_else(|e| panic!("python3 is needed for this test ({e}); then run: {PIP}"));
     assert!(
@@ -50,17 +54,22 @@ fn official_python_clients() {
     let store = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("api-clients-store");
     let _ = std::fs::remove_dir_all(&store);
     let gguf = common::test_model(common::SMOLLM2_GGUF);
-    let import = wick()
-        .args(["import", "smollm2:135m"])
-        .arg(&gguf)
-        .env("OLLAMA_MODELS", &store)
-        .output()
-        .expect("running wick import");
-    assert!(
-        import.status.success(),
-        "wick import failed: {}",
-        String::from_utf8_lossy(&import.stderr)
-    );
+    for (name, file) in [
+        ("smollm2:135m", gguf.clone()),
+        (TOOLS_MODEL, common::test_model(common::QWEN_GGUF)),
+    ] {
+        let import = wick()
+            .args(["import", name])
+            .arg(&file)
+            .env("OLLAMA_MODELS", &store)
+            .output()
+            .expect("running wick import");
+        assert!(
+            import.status.success(),
+            "wick import failed: {}",
+            String::from_utf8_lossy(&import.stderr)
+        );
+    }
 
     let host = format!("127.0.0.1:{}", free_port());
     let server = Server(
@@ -98,6 +107,7 @@ fn official_python_clients() {
         ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("OLLAMA_HOST", &host)
+        .env("WICK_TEST_TOOLS_MODEL", TOOLS_MODEL)
         .env("WICK_TEST_REGISTRY", &registry.host)
         .output()
         .expect("running pytest");

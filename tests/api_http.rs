@@ -632,10 +632,13 @@ fn decode_base64(s: &str) -> Vec<u8> {
     out
 }
 
-/// Whether `text` is valid JSON so far (a prefix of some object).
+/// Whether `text` is valid JSON so far: a whole value, or one that only ended early
+/// (serde_json tells an input that stops mid-value from one that goes wrong).
 fn json_prefix(text: &str) -> bool {
-    let mut s = candlewick::engine::json_mode::JsonState::default();
-    text.bytes().all(|b| s.feed(b))
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(_) => true,
+        Err(e) => e.classify() == serde_json::error::Category::Eof,
+    }
 }
 
 #[tokio::test]

@@ -281,3 +281,162 @@ async fn suffix_fills_in_the_middle() {
         assert!(text.contains("return a + b"), "{path}: {text:?}");
     }
 }
+
+/// Two tools whose arguments have constraints a free answer would not meet by chance.
+fn two_tools() -> Value {
+    json!([
+        {"type": "function", "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a city",
+            "parameters": {"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 30},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                "required": ["city", "unit"]}}},
+        {"type": "function", "function": {
+            "name": "book_table",
+            "description": "Book a restaurant table",
+            "parameters": {"type": "object", "properties": {
+                "restaurant": {"type": "string", "maxLength": 30},
+                "people": {"type": "integer", "minimum": 1, "maximum": 12}},
+                "required": ["restaurant", "people"]}}},
+    ])
+}
+
+/// Checks a call's arguments against its tool's schema.
+fn assert_valid_args(name: &str, args: &Value) {
+    let tools = two_tools();
+    let schema = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["function"]["name"] == name)
+        .map(|t| t["function"]["parameters"].clone())
+        .unwrap_or_else(|| panic!("no tool {name}"));
+    let validator = jsonschema::validator_for(&schema).expect("schema");
+    let errors: Vec<String> = validator.iter_errors(args).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{name}({args}): {errors:?}");
+}
+
+#[tokio::test]
+async fn tool_choice_required_forces_a_valid_call_on_ollama_streamed() {
+    // A question no tool answers: left alone, the model would write prose.
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "tools": two_tools(), "tool_choice": "required",
+               "options": {"temperature": 0, "num_predict": 80},
+               "messages": [{"role": "user", "content": "Tell me a joke about cats."}]}),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    let lines = ndjson_lines(resp).await;
+    let calls: Vec<&Value> = lines
+        .iter()
+        .filter_map(|l| l["message"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert!(!calls.is_empty(), "{lines:?}");
+    for c in &calls {
+        let name = c["function"]["name"].as_str().expect("name");
+        assert_valid_args(name, &c["function"]["arguments"]);
+    }
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["message"]["content"].as_str())
+        .collect();
+    assert!(text.trim().is_empty(), "only calls: {text:?}");
+    assert_eq!(lines.last().unwrap()["done_reason"], "stop");
+}
+
+#[tokio::test]
+async fn named_tool_choice_forces_that_function_on_openai_streamed() {
+    let body = json!({"model": MODEL, "messages": weather_question(), "tools": two_tools(),
+                      "tool_choice": {"type": "function", "function": {"name": "book_table"}},
+                      "temperature": 0, "max_tokens": 80, "stream": true});
+    let resp = post("/v1/chat/completions", body).await;
+    assert_eq!(resp.status(), 200);
+    let events = sse_events(resp).await;
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(calls.len(), 1, "{chunks:?}");
+    assert_eq!(calls[0]["function"]["name"], "book_table");
+    let args: Value =
+        serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert_valid_args("book_table", &args);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "tool_calls");
+}
+
+#[tokio::test]
+async fn tool_choice_none_forbids_calls_and_auto_stays_free() {
+    for path in ["/api/chat", "/v1/chat/completions"] {
+        let body = json!({"model": MODEL, "messages": weather_question(), "tools": two_tools(),
+                          "tool_choice": "none", "stream": false, "temperature": 0,
+                          "max_tokens": 40, "options": greedy()});
+        let resp = post(path, body).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        let message = if path == "/api/chat" {
+            v["message"].clone()
+        } else {
+            assert_ne!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+            v["choices"][0]["message"].clone()
+        };
+        assert!(message.get("tool_calls").is_none(), "{path}: {v}");
+        let text = message["content"].as_str().unwrap();
+        assert!(!text.contains("<tool_call>"), "{path}: {text}");
+    }
+    // "auto" with a question a tool answers: the model's own call, as before.
+    let resp = post(
+        "/v1/chat/completions",
+        json!({"model": MODEL, "messages": weather_question(), "tools": weather_tool(),
+               "tool_choice": "auto", "temperature": 0, "max_tokens": 60}),
+    )
+    .await;
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls", "{v}");
+}
+
+#[tokio::test]
+async fn bad_tool_choices_are_400s() {
+    let cases = [
+        (
+            json!({"type": "function", "function": {"name": "fly"}}),
+            two_tools(),
+            "fly",
+        ),
+        (json!("required"), json!([]), "no tools"),
+        (json!("sometimes"), two_tools(), "tool_choice"),
+        (json!({"type": "function"}), two_tools(), "tool_choice"),
+    ];
+    for (choice, tools, needle) in cases {
+        let resp = post(
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": weather_question(), "tools": tools,
+                   "tool_choice": choice}),
+        )
+        .await;
+        assert_eq!(resp.status(), 400, "{choice}");
+        let v: Value = resp.json().await.unwrap();
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(needle), "{choice}: {msg}");
+    }
+    // A parameter schema we cannot enforce, when a call is forced.
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "format": "isbn"}}}}}]);
+    let resp = post(
+        "/api/chat",
+        json!({"model": MODEL, "messages": weather_question(), "tools": tools,
+               "tool_choice": "required", "stream": false}),
+    )
+    .await;
+    assert_eq!(resp.status(), 400);
+    let v: Value = resp.json().await.unwrap();
+    assert!(v["error"].as_str().unwrap().contains("isbn"), "{v}");
+}

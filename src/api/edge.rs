@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
-use super::error::{ApiError, OllamaError, OpenAiError};
+use super::error::{AnthropicError, ApiError, OllamaError, OpenAiError};
 use super::metrics::Metrics;
 
 const FC_REQUEST_ID: HeaderName = HeaderName::from_static("x-fc-request-id");
@@ -156,8 +156,9 @@ pub async fn hosts(State(hosts): State<Arc<Hosts>>, req: Request, next: Next) ->
 /// The accepted keys.
 pub struct Keys(pub Vec<String>);
 
-/// Bearer-token auth when keys are configured. `/` and `/api/ready` stay open for health
-/// checks and preflights pass (browsers send them without credentials).
+/// Bearer-token auth when keys are configured (Anthropic's clients send the key as
+/// `x-api-key`, taken the same way). `/` and `/api/ready` stay open for health checks and
+/// preflights pass (browsers send them without credentials).
 pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Response {
     let open = matches!(req.uri().path(), "/" | "/api/ready");
     if keys.0.is_empty() || req.method() == Method::OPTIONS || open {
@@ -172,6 +173,7 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
             let (scheme, token) = v.trim_start().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then_some(token)
         })
+        .or_else(|| req.headers().get("x-api-key").and_then(|v| v.to_str().ok()))
         .map(str::trim);
     let ok = token.is_some_and(|t| keys.0.iter().any(|k| same(k.as_bytes(), t.as_bytes())));
     if ok {
@@ -182,7 +184,9 @@ pub async fn auth(State(keys): State<Arc<Keys>>, req: Request, next: Next) -> Re
 
 /// An error in the shape of the dialect `path` belongs to.
 pub fn in_dialect(path: &str, err: ApiError) -> Response {
-    if path.starts_with("/v1/") {
+    if path.starts_with("/v1/messages") {
+        AnthropicError(err).into_response()
+    } else if path.starts_with("/v1/") {
         OpenAiError(err).into_response()
     } else {
         OllamaError(err).into_response()

@@ -1,5 +1,6 @@
 //! The errors a request can meet, their HTTP status, and their body in each dialect:
-//! Ollama's `{"error": "..."}` and OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+//! Ollama's `{"error": "..."}`, OpenAI's `{"error": {"message", "type", "param", "code"}}`
+//! and Anthropic's `{"type": "error", "error": {"type", "message"}}`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -91,6 +92,7 @@ impl ApiError {
                 | EngineError::EmbeddingOnly
                 | EngineError::PromptTooLong { .. }
                 | EngineError::BadToken { .. }
+                | EngineError::Grammar(_)
                 | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,
                 EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -215,6 +217,40 @@ impl IntoResponse for OpenAiError {
             tracing::error!(error = %self.0, "request failed");
         }
         json_response(self.0.status(), &self.0.openai_body())
+    }
+}
+
+/// An error in Anthropic's shape (`/v1/messages`).
+pub struct AnthropicError(pub ApiError);
+
+impl<E: Into<ApiError>> From<E> for AnthropicError {
+    fn from(e: E) -> Self {
+        AnthropicError(e.into())
+    }
+}
+
+impl AnthropicError {
+    /// The body, also sent as a mid-stream `error` event.
+    pub fn body(e: &ApiError) -> serde_json::Value {
+        let kind = match e.status() {
+            StatusCode::BAD_REQUEST => "invalid_request_error",
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            _ => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": client_message(e)}})
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        if self.0.status().is_server_error() {
+            tracing::error!(error = %self.0, "request failed");
+        }
+        json_response(self.0.status(), &Self::body(&self.0))
     }
 }
 

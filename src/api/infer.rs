@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{EngineError, Event, FinishReason, Request, Summary};
+use crate::engine::{EngineError, Event, FinishReason, Grammar, Reasoning, Request, Summary};
 use crate::model::{
     AnyModel, Error as ModelError, Model, Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax,
 };
@@ -21,6 +21,7 @@ use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
 use super::metrics::Metrics;
+use super::structured::{self, ToolChoice};
 use super::{AppState, Drain};
 use crate::engine::manager::InUse;
 
@@ -66,22 +67,57 @@ pub struct InferRequest {
     pub keep_alive: Option<KeepAlive>,
     /// `think`: `None` leaves thinking on for models that think; levels count as `true`.
     pub think: Option<bool>,
-    /// Constrain the answer to a JSON object (`format: "json"` or a schema, whose
-    /// structure is not enforced beyond being JSON).
-    pub json: bool,
+    /// Structured output: what the answer must match (see [`super::structured`]). A
+    /// thinking model reasons freely first; the constraint applies to the answer.
+    pub format: Option<Grammar>,
+    /// Whether the model must, may or must not call the offered tools.
+    pub tool_choice: ToolChoice,
+    /// At most one call (`parallel_tool_calls: false`).
+    pub one_call: bool,
 }
 
-/// Reads Ollama's `format`: `"json"`, a JSON schema object, or `""`/null for none.
-pub fn parse_format(v: Option<&Value>) -> Result<bool, ApiError> {
+/// Reads a `keep_alive` field (a duration string, seconds, or null).
+pub fn parse_keep_alive(v: Option<&Value>) -> Result<Option<KeepAlive>, ApiError> {
     match v {
-        None | Some(Value::Null) => Ok(false),
-        Some(Value::String(s)) if s.is_empty() => Ok(false),
-        Some(Value::String(s)) if s == "json" => Ok(true),
-        Some(Value::Object(_)) => Ok(true),
-        Some(v) => Err(ApiError::BadRequest(format!(
-            "invalid format: {v} (expected \"json\" or a JSON schema object)"
-        ))),
+        None => Ok(None),
+        Some(v) => KeepAlive::from_json(v).map_err(ApiError::BadRequest),
     }
+}
+
+/// A tool's result as a `tool` turn of the chat template. `name` (the function called,
+/// found by the call's id) goes in both spellings templates read.
+pub fn tool_turn(content: String, call_id: &str, name: Option<&String>) -> Value {
+    let mut t = serde_json::json!({"role": "tool", "content": content, "tool_call_id": call_id});
+    if let Some(name) = name {
+        t["name"] = name.clone().into();
+        t["tool_name"] = name.clone().into();
+    }
+    t
+}
+
+/// Refuses `logprobs` / `top_logprobs`: we do not report token probabilities yet, and a
+/// client that asks for them must not get an answer silently without them. `false`, null
+/// and a `top_logprobs` of 0 ask for nothing and pass.
+pub fn refuse_logprobs(
+    logprobs: Option<&Value>,
+    top_logprobs: Option<&Value>,
+) -> Result<(), ApiError> {
+    let asks = |v: Option<&Value>| match v {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(_) => true,
+    };
+    // Text completions' `logprobs` is a count, where 0 still asks for the chosen token's.
+    let asks_logprobs = match logprobs {
+        Some(Value::Number(_)) => true,
+        v => asks(v),
+    };
+    if asks_logprobs || asks(top_logprobs) {
+        return Err(ApiError::BadRequest(
+            "logprobs and top_logprobs are not supported by this server".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
@@ -177,6 +213,8 @@ impl Options {
                 "num_predict" => o.num_predict = Some(int()?),
                 "num_ctx" => o.num_ctx = Some(int()?),
                 "stop" => o.stop = Some(string_list(value, key)?),
+                // Constraints, read by `structured::ollama_options`.
+                k if super::structured::OPTION_KEYS.contains(&k) => {}
                 k if IGNORED_INT.contains(&k) => {
                     int()?;
                 }
@@ -193,6 +231,15 @@ impl Options {
             }
         }
         Ok(o)
+    }
+
+    /// `self` over a request's Ollama `options` map (the /v1 dialects accept one beside
+    /// their own fields, which win).
+    pub fn over_map(self, map: Option<&Map<String, Value>>) -> Result<Options, ApiError> {
+        Ok(match map {
+            Some(m) => self.over(Options::from_map(m)?),
+            None => self,
+        })
     }
 
     /// `self` with unset fields taken from `base`.
@@ -308,8 +355,9 @@ pub fn resolve(state: &AppState, model: &str) -> Result<LocalModel, ApiError> {
 }
 
 /// Starts a request. Everything the request says is checked before a model is loaded (or
-/// another evicted) for it; the prompt is rendered and tokenized on a blocking thread, so a
-/// long conversation never stalls the async threads that serve everyone else.
+/// another evicted) for it; the prompt is rendered and tokenized and its grammar compiled on
+/// blocking threads, so a long conversation never stalls the async threads that serve
+/// everyone else.
 pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiError> {
     let info = resolve(state, &req.model)?;
     refuse_embedding_model(&info, &req)?;
@@ -324,8 +372,66 @@ pub async fn start(state: &AppState, req: InferRequest) -> Result<Started, ApiEr
             .await?;
         return Ok(Started::Loaded);
     }
-    let checked = check(state, &info, &req)?;
-    run(state, req, info, checked).await
+    submit(state, &info, req).await
+}
+
+/// Prepares a request with input, compiles its grammar and submits it to the engine.
+async fn submit(
+    state: &AppState,
+    info: &LocalModel,
+    req: InferRequest,
+) -> Result<Started, ApiError> {
+    let Prepared {
+        in_use,
+        mut engine_req,
+        parser,
+        grammar,
+        reasoning,
+    } = prepare(state, info, req).await?;
+    let engine = in_use.loaded().engine.clone();
+    if let Some(grammar) = grammar {
+        let compiler = engine.clone();
+        engine_req.constraint = Some(
+            tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+                .await
+                .map_err(|e| ApiError::Internal(format!("compiling the grammar: {e}")))?
+                .map_err(ApiError::Engine)?,
+        );
+        engine_req.reasoning = reasoning;
+    }
+    let prompt = engine_req.prompt.clone();
+    let stream = match engine.submit(engine_req) {
+        Ok(s) => s,
+        Err(EngineError::Busy) => {
+            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::Busy);
+        }
+        Err(e) => return Err(ApiError::Engine(e)),
+    };
+    let (tx, rx) = mpsc::channel(256);
+    let (metrics, drain) = (state.metrics.clone(), state.drain.clone());
+    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics, drain));
+    Ok(Started::Stream(rx))
+}
+
+/// [`start`] for a request with input (the dialects refuse an empty one): its output.
+pub async fn start_stream(
+    state: &AppState,
+    req: InferRequest,
+) -> Result<mpsc::Receiver<Out>, ApiError> {
+    match start(state, req).await? {
+        Started::Stream(rx) => Ok(rx),
+        Started::Loaded | Started::Unloaded => {
+            Err(ApiError::Internal("no prompt to generate from".into()))
+        }
+    }
+}
+
+/// The prompt's length in tokens as [`start`] would submit it (Anthropic's count_tokens).
+pub async fn count_prompt_tokens(state: &AppState, req: InferRequest) -> Result<usize, ApiError> {
+    let info = resolve(state, &req.model)?;
+    refuse_embedding_model(&info, &req)?;
+    Ok(prepare(state, &info, req).await?.engine_req.prompt.len())
 }
 
 /// Chat and generate on an embedding model: refused before it loads, as Ollama checks a
@@ -344,49 +450,54 @@ fn refuse_embedding_model(info: &LocalModel, req: &InferRequest) -> Result<(), A
     )))
 }
 
-/// What [`check`] found valid before any model is loaded.
-struct Checked {
-    engine_req: Request,
-    system_layer: Option<String>,
-}
-
-/// The checks that need no loaded model: the model's and the request's options together.
-fn check(state: &AppState, info: &LocalModel, req: &InferRequest) -> Result<Checked, ApiError> {
+/// The checks that need no loaded model: the model's and the request's options together,
+/// as the engine request they make (no prompt yet).
+fn check_options(
+    state: &AppState,
+    info: &LocalModel,
+    req: &InferRequest,
+) -> Result<Request, ApiError> {
     let base = state
         .store
         .params(info)
         .map(|p| Options::from_map(&p))
         .transpose()?
         .unwrap_or_default();
-    let mut engine_req = req.options.clone().over(base).to_request(Vec::new());
-    engine_req.json = req.json;
+    let engine_req = req.options.clone().over(base).to_request(Vec::new());
     engine_req
         .sampling
         .validate()
         .map_err(|e| ApiError::Engine(EngineError::Sampling(e)))?;
-    let system_layer = state.store.layer_text(info, MEDIA_SYSTEM);
-    Ok(Checked {
-        engine_req,
-        system_layer,
-    })
+    Ok(engine_req)
 }
 
-/// Loads the model (or finds it loaded), renders the prompt and submits a checked request.
-async fn run(
+/// A request checked, its model loaded, its prompt rendered and tokenized.
+struct Prepared {
+    /// Keeps the model loaded while the request runs.
+    in_use: InUse,
+    /// The engine request with its prompt, not yet constrained.
+    engine_req: Request,
+    parser: ReplyParser,
+    /// The whole output's grammar (answer constraint and tool choice), not yet compiled.
+    grammar: Option<Grammar>,
+    /// A thinking model's free reasoning before the constrained answer.
+    reasoning: Option<Reasoning>,
+}
+
+/// Checks the options, loads the model, checks the request against it (thinking, tools,
+/// tool choice and structured output), renders the template and tokenizes.
+async fn prepare(
     state: &AppState,
-    req: InferRequest,
-    info: LocalModel,
-    checked: Checked,
-) -> Result<Started, ApiError> {
-    let Checked {
-        mut engine_req,
-        system_layer,
-    } = checked;
+    info: &LocalModel,
+    mut req: InferRequest,
+) -> Result<Prepared, ApiError> {
+    let mut engine_req = check_options(state, info, &req)?;
+    let system_layer = state.store.layer_text(info, MEDIA_SYSTEM);
     let in_use = {
         let _waiting = state.metrics.waiting_for_load();
         state
             .models
-            .acquire(&state.store, &info, req.keep_alive)
+            .acquire(&state.store, info, req.keep_alive)
             .await?
     };
     let model = in_use
@@ -405,6 +516,13 @@ async fn run(
             req.model
         )));
     }
+    if req.tool_choice == ToolChoice::None {
+        // "none": the model is not told about the tools and its output is not parsed for
+        // calls.
+        if let Input::Chat { tools, .. } = &mut req.input {
+            *tools = None;
+        }
+    }
     let tools: Vec<String> = match &req.input {
         Input::Chat { tools: Some(t), .. } => t
             .iter()
@@ -420,8 +538,23 @@ async fn run(
             n.host, n.namespace, n.model, n.tag
         )));
     }
-    // JSON mode constrains every token, so a thinking model answers without thinking.
-    let thinking = format.thinking && req.think != Some(false) && !req.json;
+    let offered: &[Value] = match &req.input {
+        Input::Chat { tools: Some(t), .. } => t,
+        _ => &[],
+    };
+    let grammar = structured::output_grammar(
+        req.format.take(),
+        &req.tool_choice,
+        req.one_call,
+        offered,
+        format.tools,
+    )?;
+    // With a constraint, a thinking model reasons freely inside its `<think>` block and the
+    // constraint applies after `</think>`; without that token it answers without thinking.
+    let close = model.tokenizer.token_id("</think>");
+    let open = model.tokenizer.token_id("<think>");
+    let thinking =
+        format.thinking && req.think != Some(false) && (grammar.is_none() || close.is_some());
     let model_name = req.model.clone();
     let input = req.input;
     let (prompt, in_thinking) = tokio::task::spawn_blocking(move || {
@@ -429,20 +562,21 @@ async fn run(
     })
     .await
     .map_err(|e| ApiError::Internal(format!("rendering the prompt failed: {e}")))??;
-    let parser = ReplyParser::new(format, thinking, in_thinking, tools);
-    engine_req.prompt = prompt.clone();
-    let stream = match in_use.loaded().engine.submit(engine_req) {
-        Ok(s) => s,
-        Err(EngineError::Busy) => {
-            state.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
-            return Err(ApiError::Busy);
-        }
-        Err(e) => return Err(ApiError::Engine(e)),
+    let reasoning = match (thinking, close, &grammar) {
+        (true, Some(close), Some(_)) => Some(Reasoning {
+            open: if in_thinking { None } else { open },
+            close,
+        }),
+        _ => None,
     };
-    let (tx, rx) = mpsc::channel(256);
-    let (metrics, drain) = (state.metrics.clone(), state.drain.clone());
-    tokio::task::spawn_blocking(move || pump(stream, tx, in_use, prompt, parser, metrics, drain));
-    Ok(Started::Stream(rx))
+    engine_req.prompt = prompt;
+    Ok(Prepared {
+        in_use,
+        engine_req,
+        parser: ReplyParser::new(format, thinking, in_thinking, tools),
+        grammar,
+        reasoning,
+    })
 }
 
 /// Starts a streamed request. When its model still has to load, the stream is handed back
@@ -464,11 +598,11 @@ pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Star
         return start(state, req).await;
     }
     // Bad options are still a 400 before any header goes out.
-    let checked = check(state, &info, &req)?;
+    check_options(state, &info, &req)?;
     let (tx, rx) = mpsc::channel(256);
     let state = state.clone();
     tokio::spawn(async move {
-        match run(&state, req, info, checked).await {
+        match submit(&state, &info, req).await {
             Ok(Started::Stream(mut inner)) => {
                 // Dropping `inner` (the client left) cancels the sequence.
                 while let Some(out) = inner.recv().await {

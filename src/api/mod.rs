@@ -2,6 +2,7 @@
 //! axum router, with Ollama's CORS rules and error shapes. Knows wire formats, never
 //! tensors; generation goes through [`infer`], which talks to `candlewick::engine`.
 
+pub mod anthropic;
 pub mod cors;
 pub mod edge;
 pub mod error;
@@ -10,7 +11,9 @@ pub mod metrics;
 pub mod ollama;
 pub mod openai;
 pub mod ready;
+pub mod responses;
 pub mod store_api;
+pub mod structured;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -98,6 +101,9 @@ pub fn router(state: AppState, bound: std::net::IpAddr) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(responses::responses))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(openai::models))
         .route("/v1/models/{*id}", get(openai::model))
         .route("/metrics", get(metrics::metrics))
@@ -240,6 +246,50 @@ pub fn ndjson(
         HeaderValue::from_static("application/x-ndjson"),
     );
     resp
+}
+
+/// A server-sent events response: each chunk sent as it comes (`text/event-stream`, not
+/// cached).
+pub fn event_stream(chunks: impl futures_util::Stream<Item = String> + Send + 'static) -> Response {
+    use futures_util::StreamExt;
+    let body = chunks.map(|c| Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(c)));
+    let mut resp = Response::new(axum::body::Body::from_stream(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Appends one named event (`event: KIND`, `data: {..., "type": KIND}`), as Anthropic's
+/// Messages and OpenAI's Responses streams write them.
+pub fn named_event(out: &mut String, kind: &str, mut data: serde_json::Value) {
+    data["type"] = kind.into();
+    out.push_str("event: ");
+    out.push_str(kind);
+    out.push_str("\ndata: ");
+    out.push_str(&data.to_string());
+    out.push_str("\n\n");
+}
+
+/// A stream's state that writes its next events into `out`; `false` once it wrote the last.
+pub trait EventSource: Send + 'static {
+    fn next(&mut self, out: &mut String) -> impl std::future::Future<Output = bool> + Send;
+}
+
+/// The [`event_stream`] of a source's events, pulled one batch at a time.
+pub fn events_from(source: impl EventSource) -> Response {
+    event_stream(futures_util::stream::unfold(
+        Some(source),
+        |st| async move {
+            let mut st = st?;
+            let mut out = String::new();
+            let more = st.next(&mut out).await;
+            Some((out, more.then_some(st)))
+        },
+    ))
 }
 
 /// Parses a JSON body whatever its Content-Type (curl `-d` says form-urlencoded).

@@ -11,12 +11,13 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
-use crate::engine::Summary;
+use crate::engine::{Grammar, Summary};
 use crate::model::{ReplyFormat, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
 
 use super::error::{json_response, redact_paths, ApiError, OllamaError};
 use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
+use super::structured::{self, ToolChoice};
 use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
 
 type Result<T, E = OllamaError> = std::result::Result<T, E>;
@@ -254,8 +255,16 @@ struct ChatRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(default)]
     format: Option<Value>,
+    /// Our extension (Ollama ignores it): OpenAI's `tool_choice`.
+    #[serde(default)]
+    tool_choice: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -284,15 +293,25 @@ struct GenerateRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
     #[serde(default)]
     format: Option<Value>,
 }
 
 fn keep_alive(v: Option<Value>) -> Result<Option<KeepAlive>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(v) => KeepAlive::from_json(&v).map_err(ApiError::BadRequest),
-    }
+    infer::parse_keep_alive(v.as_ref())
+}
+
+/// The structured output a request asks for: `format`, or a constraint in `options`.
+fn constraint(
+    format: Option<&Value>,
+    options: Option<&Map<String, Value>>,
+) -> Result<Option<Grammar>, ApiError> {
+    structured::with_options("format", structured::ollama_format(format)?, options)
 }
 
 fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
@@ -361,6 +380,7 @@ enum Kind {
 
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
+    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     let messages = req.messages.unwrap_or_default();
     for m in &messages {
         check_role(&m.role.to_lowercase())?;
@@ -375,10 +395,12 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
                 .collect(),
             tools: req.tools.filter(|t| !t.is_empty()),
         },
+        format: constraint(req.format.as_ref(), req.options.as_ref())?,
+        tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
+        one_call: false,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
-        json: infer::parse_format(req.format.as_ref())?,
     };
     respond(
         &state,
@@ -392,6 +414,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
+    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     no_images(&req.model, req.images.as_ref())?;
     let suffix = req.suffix.filter(|s| !s.is_empty());
     let raw = req.raw.unwrap_or(false);
@@ -416,10 +439,12 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
             raw,
             context: req.context.unwrap_or_default(),
         },
+        format: constraint(req.format.as_ref(), req.options.as_ref())?,
+        tool_choice: ToolChoice::Auto,
+        one_call: false,
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
-        json: infer::parse_format(req.format.as_ref())?,
     };
     // Ollama leaves `context` out in raw mode.
     let kind = Kind::Generate { context: !raw };

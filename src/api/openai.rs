@@ -7,24 +7,25 @@
 //! honoured.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::Response;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
+use crate::engine::Grammar;
 use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
 use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
+use super::structured::{self, ToolChoice};
 use super::{parse_body, AppState};
 
 type Result<T, E = OpenAiError> = std::result::Result<T, E>;
@@ -137,30 +138,39 @@ struct Common {
     reasoning: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
+    /// Refused when set (see [`infer::refuse_logprobs`]).
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<Value>,
+    #[serde(flatten)]
+    vllm: structured::VllmFields,
 }
 
 impl Common {
-    /// `response_format`: `json_object` and `json_schema` ask for JSON, `text` for nothing.
-    fn json(&self) -> Result<bool, ApiError> {
-        let f = match &self.response_format {
-            None | Some(Value::Null) => return Ok(false),
-            Some(f) => f,
-        };
-        match f.get("type").and_then(Value::as_str) {
-            Some("json_object" | "json_schema") => Ok(true),
-            Some("text") => Ok(false),
-            _ => Err(ApiError::BadRequest(format!(
-                "invalid response_format: {f} (type must be \"text\", \"json_object\" or \"json_schema\")"
-            ))),
-        }
+    /// Structured output: `response_format`, vLLM's `structured_outputs` / `guided_*`, or a
+    /// constraint in Ollama's `options`; at most one of them.
+    fn format(&self) -> Result<Option<Grammar>, ApiError> {
+        structured::merge(vec![
+            (
+                "response_format",
+                structured::openai_response_format(self.response_format.as_ref())?,
+            ),
+            ("structured_outputs", self.vllm.grammar()?),
+            (
+                "options",
+                self.options
+                    .as_ref()
+                    .map(structured::ollama_options)
+                    .transpose()?
+                    .flatten(),
+            ),
+        ])
     }
 
     /// Only what the client sent overrides the model's defaults.
     fn options(&self) -> Result<Options, ApiError> {
-        let base = match &self.options {
-            Some(m) => Options::from_map(m)?,
-            None => Options::default(),
-        };
+        infer::refuse_logprobs(self.logprobs.as_ref(), self.top_logprobs.as_ref())?;
         let stop = match &self.stop {
             None | Some(Value::Null) => None,
             Some(v) => Some(string_list(v, "stop").map_err(|_| {
@@ -168,7 +178,7 @@ impl Common {
             })?),
         };
         let f = |v: Option<f64>| v.map(|v| v as f32);
-        Ok(Options {
+        Options {
             temperature: f(self.temperature),
             top_p: f(self.top_p),
             top_k: self.top_k,
@@ -181,14 +191,11 @@ impl Common {
             stop,
             ..Options::default()
         }
-        .over(base))
+        .over_map(self.options.as_ref())
     }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
-        match &self.keep_alive {
-            None => Ok(None),
-            Some(v) => KeepAlive::from_json(v).map_err(ApiError::BadRequest),
-        }
+        infer::parse_keep_alive(self.keep_alive.as_ref())
     }
 
     /// `think`, or OpenAI's `reasoning_effort` / `reasoning.effort`.
@@ -226,6 +233,10 @@ struct ChatRequest {
     messages: Vec<Message>,
     #[serde(default)]
     tools: Option<Vec<Value>>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -338,7 +349,9 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         options: c.options()?,
         keep_alive: c.keep_alive()?,
         think: c.think()?,
-        json: c.json()?,
+        format: c.format()?,
+        tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
+        one_call: req.parallel_tool_calls == Some(false),
     };
     run(&state, Kind::Chat, c, infer_req).await
 }
@@ -369,7 +382,9 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         keep_alive: c.keep_alive()?,
         // Text completions have nowhere to put reasoning: off unless asked for.
         think: Some(c.think()?.unwrap_or(false)),
-        json: c.json()?,
+        format: c.format()?,
+        tool_choice: ToolChoice::Auto,
+        one_call: false,
     };
     run(&state, Kind::Completion, c, infer_req).await
 }
@@ -609,16 +624,9 @@ fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
                 false
             }
         };
-        Some((Ok::<_, Infallible>(Bytes::from(out)), more.then_some(st)))
+        Some((out, more.then_some(st)))
     });
-    let mut resp = Response::new(Body::from_stream(body));
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    super::event_stream(body)
 }
 
 #[derive(Deserialize)]

@@ -178,6 +178,8 @@ pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
     stopped: bool,
+    /// The stop string that ended the text.
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -190,7 +192,13 @@ impl StopMatcher {
             stops,
             held: String::new(),
             stopped: false,
+            matched: None,
         }
+    }
+
+    /// The stop string that was found (Anthropic reports it as `stop_sequence`).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Whether a stop string has been found.
@@ -208,12 +216,13 @@ impl StopMatcher {
         }
         self.held.push_str(text);
         // The earliest match wins: text before it is all the client may see.
-        if let Some(at) = self
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|stop| self.held.find(stop.as_str()))
+            .filter_map(|stop| Some((self.held.find(stop.as_str())?, stop)))
             .min()
         {
+            self.matched = Some(stop.clone());
             let mut emit = std::mem::take(&mut self.held);
             emit.truncate(at);
             self.stopped = true;

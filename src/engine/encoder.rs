@@ -192,6 +192,7 @@ impl EncoderWorker {
             eval_duration: Duration::ZERO,
             total_duration: sub.at.elapsed(),
             preemptions: 0,
+            stop_string: None,
         };
         let _ = sub.tx.send(Event::Done(summary));
     }

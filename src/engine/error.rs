@@ -25,6 +25,10 @@ pub enum EngineError {
     Stopped,
     #[error("starting the engine thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A structured-output grammar that does not compile (the client's) or a model that
+    /// cannot be constrained.
+    #[error(transparent)]
+    Grammar(#[from] super::constraint::GrammarError),
     #[error("allocating the KV cache: {0}")]
     Cache(#[source] crate::model::Error),
 }

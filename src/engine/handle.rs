@@ -5,13 +5,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::model::{AnyModel, Embedder, KvType, Model};
 
 use super::block_manager::BlockManager;
+use super::constraint::{Constraint, Grammar, GrammarError, Grammars};
 use super::encoder::EncoderWorker;
 use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
@@ -143,6 +144,8 @@ pub struct Engine {
     default_num_ctx: usize,
     max_queue: usize,
     budget: KvBudget,
+    /// The grammar compiler, built on the first structured-output request.
+    grammars: OnceLock<Result<Arc<Grammars>, GrammarError>>,
 }
 
 impl Engine {
@@ -187,6 +190,7 @@ impl Engine {
             capacity,
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
+            grammars: OnceLock::new(),
             budget: KvBudget {
                 bytes: 0,
                 tokens: 0,
@@ -277,6 +281,7 @@ impl Engine {
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
             budget,
+            grammars: OnceLock::new(),
         })
     }
 
@@ -303,6 +308,22 @@ impl Engine {
         match self.shared.stats.lock() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Compiles a structured-output grammar for this model's vocabulary, for
+    /// [`Request::constraint`]. Blocking: the first call builds the vocabulary trie (a
+    /// fraction of a second), and a large schema takes milliseconds to compile.
+    pub fn compile(&self, grammar: &Grammar) -> Result<Constraint, EngineError> {
+        let AnyModel::Generator(model) = &self.model else {
+            return Err(EngineError::EmbeddingOnly);
+        };
+        let grammars = self.grammars.get_or_init(|| {
+            Grammars::new(&model.tokenizer, model.config().vocab_size).map(Arc::new)
+        });
+        match grammars {
+            Ok(g) => Ok(g.compile(grammar)?),
+            Err(e) => Err(e.clone().into()),
         }
     }
 

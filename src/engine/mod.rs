@@ -8,12 +8,12 @@
 //! has the same handle and queue and its own thread (`encoder`), without KV cache.
 
 pub mod block_manager;
+pub mod constraint;
 pub mod detok;
 mod encoder;
 mod error;
 pub mod generate;
 mod handle;
-pub mod json_mode;
 mod kv_budget;
 pub mod manager;
 mod request;
@@ -21,7 +21,8 @@ pub mod sampler;
 pub mod scheduler;
 mod worker;
 
+pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
 pub use handle::{Engine, EngineConfig, EngineStats, KvBudget};
 pub use kv_budget::{available_memory, memory, Memory};
-pub use request::{Event, FinishReason, Request, RequestStream, Summary};
+pub use request::{Event, FinishReason, Reasoning, Request, RequestStream, Summary};

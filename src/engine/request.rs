@@ -6,6 +6,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::constraint::Constraint;
 use super::sampler::SamplingParams;
 
 /// One generation request, already tokenized (the API renders chat templates).
@@ -21,13 +22,26 @@ pub struct Request {
     /// A prompt longer than the context keeps its newest tokens (`true`, Ollama's behaviour)
     /// or is refused.
     pub truncate: bool,
-    /// Constrain the output to one JSON object (`format: "json"`).
-    pub json: bool,
+    /// Structured output: the grammar the output must match, compiled for this model
+    /// ([`super::Engine::compile`]).
+    pub constraint: Option<Constraint>,
+    /// Free reasoning before the constrained answer (a thinking model's `<think>` block).
+    pub reasoning: Option<Reasoning>,
     /// An embedding instead of a generation: the prompt is run through the model (in
     /// chunks, batched with everything else, in KV blocks like any prompt) and the mean of
     /// its final hidden states comes back as [`Event::Embedding`]; nothing is generated. A
     /// prompt longer than the context keeps its first tokens (or is refused).
     pub embed: bool,
+}
+
+/// The free reasoning block of a thinking model: the constraint applies after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reasoning {
+    /// The token that opens the block when the model writes it; `None` when the prompt
+    /// already opened it. A first token other than this one skips the reasoning.
+    pub open: Option<u32>,
+    /// The token that closes it.
+    pub close: u32,
 }
 
 impl Request {
@@ -40,7 +54,8 @@ impl Request {
             stop: Vec::new(),
             num_ctx: None,
             truncate: true,
-            json: false,
+            constraint: None,
+            reasoning: None,
             embed: false,
         }
     }
@@ -72,6 +87,8 @@ pub enum FinishReason {
 pub struct Summary {
     pub finish: FinishReason,
     pub error: Option<String>,
+    /// The request's stop string that ended the output, if one did.
+    pub stop_string: Option<String>,
     /// Prompt tokens after truncation.
     pub prompt_eval_count: usize,
     /// Of those, tokens found in the prefix cache (not computed).

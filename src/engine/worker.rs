@@ -1,6 +1,10 @@
 //! The engine thread: owns the KV cache and the scheduler, takes submitted requests, runs
 //! one batched forward per step, samples, detokenizes and applies stop strings per
 //! sequence, and streams [`Event`]s back.
+//!
+//! Structured output: a constrained sequence's token mask is computed on another thread
+//! while the step's forward pass runs (masks of several sequences in parallel), so the
+//! grammar work hides behind the model's and only constrained sequences pay for it.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,16 +16,47 @@ use std::time::{Duration, Instant};
 
 use crate::model::{KvCache, Model, Tokenizer};
 
+use super::constraint::Constraint;
 use super::detok::{IncrementalDecoder, StopMatcher};
 use super::handle::{EngineStats, Shared, Submitted};
-use super::json_mode::JsonMode;
 use super::sampler::Sampler;
 use super::scheduler::{Scheduled, Scheduler, SeqId, Sequence, Step};
-use super::{Event, FinishReason, Summary};
+use super::{Event, FinishReason, Reasoning, Summary};
+
+/// A constrained sequence's place relative to its free reasoning block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The constraint applies.
+    Answer,
+    /// The first token may open reasoning (`open`) or start the answer.
+    MayReason { open: u32, close: u32 },
+    /// Inside the reasoning: free until `close`.
+    Reasoning { close: u32 },
+}
+
+impl Phase {
+    fn new(r: Option<Reasoning>) -> Phase {
+        match r {
+            None => Phase::Answer,
+            Some(Reasoning {
+                open: Some(open),
+                close,
+            }) => Phase::MayReason { open, close },
+            Some(Reasoning { open: None, close }) => Phase::Reasoning { close },
+        }
+    }
+
+    /// The next token is sampled under the constraint (with `MayReason`'s opener allowed).
+    fn constrained(self) -> bool {
+        !matches!(self, Phase::Reasoning { .. })
+    }
+}
 
 /// Per-sequence state the engine thread keeps beside the scheduler's.
 struct Active {
-    json: Option<JsonMode>,
+    constraint: Option<Constraint>,
+    /// Where the output is relative to a free reasoning block before the constraint.
+    reasoning: Phase,
     tx: Sender<Event>,
     cancel: Arc<AtomicBool>,
     sampler: Sampler,
@@ -48,8 +83,6 @@ pub(super) struct Worker {
     active: HashMap<SeqId, Active>,
     rx: Receiver<Submitted>,
     shared: Arc<Shared>,
-    /// Every token's text, built on the first JSON-mode request.
-    token_texts: Option<Arc<Vec<Box<[u8]>>>>,
     load_duration: Option<Duration>,
     /// Panics recovered from.
     restarts: u64,
@@ -82,7 +115,6 @@ impl Worker {
             active: HashMap::new(),
             rx,
             shared,
-            token_texts: None,
             load_duration: Some(load_duration),
             restarts: 0,
         }
@@ -164,12 +196,9 @@ impl Worker {
             .num_predict
             .unwrap_or(usize::MAX)
             .min(sub.ctx.saturating_sub(prompt_len));
-        let json = sub
-            .req
-            .json
-            .then(|| JsonMode::new(self.token_texts(), self.eos.clone()));
         let active = Active {
-            json,
+            constraint: sub.req.constraint,
+            reasoning: Phase::new(sub.req.reasoning),
             tx: sub.tx,
             cancel: sub.cancel,
             sampler: Sampler::new(sub.req.sampling),
@@ -195,25 +224,6 @@ impl Worker {
         }
     }
 
-    fn token_texts(&mut self) -> Arc<Vec<Box<[u8]>>> {
-        let tok = &self.tokenizer;
-        self.token_texts
-            .get_or_insert_with(|| {
-                let n = tok.vocab_size() as u32;
-                // Special tokens decode to nothing here, which JSON mode never allows.
-                let texts = (0..n)
-                    .map(|id| {
-                        tok.decode(&[id], true)
-                            .unwrap_or_default()
-                            .into_bytes()
-                            .into()
-                    })
-                    .collect();
-                Arc::new(texts)
-            })
-            .clone()
-    }
-
     fn drop_cancelled(&mut self) {
         let gone: Vec<SeqId> = self
             .active
@@ -236,6 +246,20 @@ impl Worker {
                 }
             }
         }
+        // The constrained sequences that sample this step get their masks computed while
+        // the forward pass runs.
+        let mut masks: Vec<(SeqId, Constraint)> = step
+            .scheduled
+            .iter()
+            .filter(|s| s.logits_row.is_some())
+            .filter_map(|s| {
+                let a = self.active.get_mut(&s.id)?;
+                if !a.reasoning.constrained() {
+                    return None;
+                }
+                Some((s.id, a.constraint.take()?))
+            })
+            .collect();
         // Embeddings pool every row of their chunks.
         let pooling: Vec<&Scheduled> = step
             .scheduled
@@ -243,12 +267,27 @@ impl Worker {
             .filter(|s| self.active.get(&s.id).is_some_and(|a| a.pooled.is_some()))
             .collect();
         let sums: Vec<Range<usize>> = pooling.iter().map(|s| s.start..s.start + s.len).collect();
-        let out = self
-            .model
-            .decoder
-            .forward_with_sums(&step.batch, self.cache.as_mut(), &sums)
-            .and_then(|(l, sums)| Ok((l.to_vec2::<f32>()?, sums)));
-        let (rows, sums) = match out {
+        let (model, cache, batch) = (&self.model, self.cache.as_mut(), &step.batch);
+        let mut forward = || {
+            model
+                .decoder
+                .forward_with_sums(batch, cache, &sums)
+                .and_then(|(l, sums)| Ok((l.to_vec2::<f32>()?, sums)))
+        };
+        let out = if masks.is_empty() {
+            forward()
+        } else {
+            std::thread::scope(|scope| {
+                scope.spawn(|| prepare_masks(&mut masks));
+                forward()
+            })
+        };
+        for (id, c) in masks {
+            if let Some(a) = self.active.get_mut(&id) {
+                a.constraint = Some(c);
+            }
+        }
+        let (mut rows, sums) = match out {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "forward step failed");
@@ -269,7 +308,7 @@ impl Worker {
             self.finish(id, FinishReason::Stop, None);
         }
         for s in &step.scheduled {
-            let Some(row) = s.logits_row.and_then(|r| rows.get(r)) else {
+            let Some(row) = s.logits_row.and_then(|r| rows.get_mut(r)) else {
                 continue;
             };
             self.on_logits(s.id, row);
@@ -302,17 +341,46 @@ impl Worker {
     }
 
     /// Samples a sequence's next token and streams it.
-    fn on_logits(&mut self, id: SeqId, row: &[f32]) {
+    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) {
         let (Some(seq), Some(a)) = (self.sched.get(id), self.active.get_mut(&id)) else {
             return;
         };
-        let tok = match &mut a.json {
-            Some(j) => {
-                let tok = a.sampler.sample(&j.mask(row), &seq.tokens);
-                j.advance(tok);
+        let mut grammar_error = None;
+        let mut grammar_done = false;
+        let tok = match (&mut a.constraint, a.reasoning) {
+            (Some(c), phase) if phase.constrained() => {
+                // A thinking model may open its reasoning instead of answering.
+                let opener = match phase {
+                    Phase::MayReason { open, .. } => row.get(open as usize).map(|&l| (open, l)),
+                    _ => None,
+                };
+                if let Err(e) = c.apply(row) {
+                    self.finish(id, FinishReason::Error, Some(e));
+                    return;
+                }
+                if let Some((open, logit)) = opener {
+                    row[open as usize] = logit;
+                }
+                let tok = a.sampler.sample(row, &seq.tokens);
+                a.reasoning = match phase {
+                    Phase::MayReason { open, close } if tok == open => Phase::Reasoning { close },
+                    _ => Phase::Answer,
+                };
+                if a.reasoning == Phase::Answer && !self.eos.contains(&tok) {
+                    match c.commit(tok) {
+                        Ok(()) => grammar_done = c.is_finished(),
+                        Err(e) => grammar_error = Some(e),
+                    }
+                }
                 tok
             }
-            None => a.sampler.sample(row, &seq.tokens),
+            (_, phase) => {
+                let tok = a.sampler.sample(row, &seq.tokens);
+                if phase == (Phase::Reasoning { close: tok }) {
+                    a.reasoning = Phase::Answer;
+                }
+                tok
+            }
         };
         a.first_token.get_or_insert_with(Instant::now);
         let outcome = if self.eos.contains(&tok) {
@@ -336,6 +404,14 @@ impl Worker {
             };
             if a.tx.send(Event::Token { id: tok, text }).is_err() {
                 outcome = Some((FinishReason::Cancelled, None));
+            }
+            if outcome.is_none() {
+                if let Some(e) = grammar_error {
+                    outcome = Some((FinishReason::Error, Some(e)));
+                } else if grammar_done {
+                    // The grammar allows nothing more: the answer is complete.
+                    outcome = Some((FinishReason::Stop, None));
+                }
             }
             if outcome.is_none() && a.generated >= a.limit {
                 outcome = Some((FinishReason::Length, None));
@@ -383,6 +459,7 @@ impl Worker {
         let summary = Summary {
             finish: reason,
             error,
+            stop_string: a.stops.matched().map(str::to_string),
             prompt_eval_count: prompt_len,
             prompt_cached: cached,
             truncated: a.truncated,
@@ -429,5 +506,16 @@ impl Worker {
             Ok(mut s) => *s = snapshot,
             Err(p) => *p.into_inner() = snapshot,
         }
+    }
+}
+
+/// Computes the next masks of several constrained sequences, in parallel when there are
+/// several (each is independent).
+fn prepare_masks(masks: &mut [(SeqId, Constraint)]) {
+    use rayon::prelude::*;
+    if masks.len() == 1 {
+        masks[0].1.prepare();
+    } else {
+        masks.par_iter_mut().for_each(|(_, c)| c.prepare());
     }
 }

@@ -59,6 +59,61 @@ impl ReplyFormat {
     }
 }
 
+impl ToolSyntax {
+    /// A Lark grammar (for llguidance) whose `calls` rule matches this syntax's tool calls,
+    /// each naming one of `tools` (name, JSON schema of the arguments) with arguments valid
+    /// against its schema: `<tool_call>` blocks (several, on their own lines, unless `one`)
+    /// for [`ToolSyntax::Tagged`], one bare `{"name": ..., "parameters": ...}` object for
+    /// [`ToolSyntax::BareJson`]. `json_options` goes into each call's schema as its
+    /// `x-guidance` (whitespace). `None` when the model has no tool syntax or no tools.
+    pub fn calls_grammar(
+        self,
+        tools: &[(String, Value)],
+        one: bool,
+        json_options: &Value,
+    ) -> Option<String> {
+        let args_key = match self {
+            ToolSyntax::None => return None,
+            ToolSyntax::Tagged => "arguments",
+            ToolSyntax::BareJson => "parameters",
+        };
+        if tools.is_empty() {
+            return None;
+        }
+        let variants: Vec<Value> = tools
+            .iter()
+            .map(|(name, params)| {
+                let params = match params {
+                    Value::Null => serde_json::json!({"type": "object"}),
+                    p => p.clone(),
+                };
+                serde_json::json!({
+                    "type": "object",
+                    "properties": {"name": {"const": name}, args_key: params},
+                    "required": ["name", args_key],
+                    "additionalProperties": false,
+                })
+            })
+            .collect();
+        let mut schema = match <[Value; 1]>::try_from(variants) {
+            Ok([one_tool]) => one_tool,
+            Err(many) => serde_json::json!({"anyOf": many}),
+        };
+        if let Value::Object(m) = &mut schema {
+            m.insert("x-guidance".into(), json_options.clone());
+        }
+        Some(match self {
+            ToolSyntax::Tagged => {
+                let open = Value::from(format!("{CALL_OPEN}\n"));
+                let close = Value::from(format!("\n{CALL_CLOSE}"));
+                let more = if one { "" } else { " (\"\\n\" call)*" };
+                format!("calls: call{more}\ncall: {open} call_json {close}\ncall_json: %json {schema}\n")
+            }
+            _ => format!("calls: %json {schema}\n"),
+        })
+    }
+}
+
 /// A tool call with its arguments as a JSON object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {

@@ -470,6 +470,55 @@ impl Tokenizer {
         &self.inner
     }
 
+    /// Byte-level BPE (Llama 3, Qwen, SmolLM), whose encoding of any fragment of text is the
+    /// model's own; SentencePiece puts a space in front of a fragment.
+    pub fn is_byte_level(&self) -> bool {
+        decoder_kind(self.inner.get_decoder()) == Some(PieceKind::ByteLevel)
+    }
+
+    /// Every id as the bytes it puts into the text, for work that looks at tokens byte by
+    /// byte (grammar masks, logprobs): byte-level vocabularies map their printable alphabet
+    /// back to bytes, SentencePiece ones turn `▁` into a space and `<0xXX>` pieces into their
+    /// byte. Special tokens (control tokens, skipped when decoding) are marked as such with
+    /// their text; ids no text maps to (unused GGUF entries) are `None`.
+    pub fn vocab_bytes(&self) -> Result<Vec<Option<VocabEntry>>> {
+        let kind = decoder_kind(self.inner.get_decoder()).ok_or_else(|| {
+            Error::Tokenizer(
+                "this tokenizer's pieces cannot be mapped to bytes (neither byte-level BPE \
+                 nor SentencePiece)"
+                    .into(),
+            )
+        })?;
+        let added = self.inner.get_added_tokens_decoder();
+        let byte_of = gpt2_byte_table();
+        let entry = |id: u32| -> Option<VocabEntry> {
+            if let Some(t) = added.get(&id) {
+                return Some(VocabEntry {
+                    bytes: t.content.clone().into_bytes(),
+                    special: t.special,
+                });
+            }
+            let piece = self.inner.id_to_token(id)?;
+            let bytes = match kind {
+                PieceKind::ByteLevel => piece
+                    .chars()
+                    .map(|c| byte_of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    // Not in the byte alphabet: a piece written as plain text.
+                    .unwrap_or_else(|| piece.clone().into_bytes()),
+                PieceKind::SentencePiece => match spm_byte_piece(&piece) {
+                    Some(b) => vec![b],
+                    None => piece.replace(SPM_SPACE, " ").into_bytes(),
+                },
+            };
+            Some(VocabEntry {
+                bytes,
+                special: false,
+            })
+        };
+        Ok((0..self.vocab_size as u32).map(entry).collect())
+    }
+
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let json = self
@@ -487,6 +536,74 @@ impl Decode for Tokenizer {
     fn decode_ids(&self, ids: &[u32]) -> Result<String> {
         self.decode(ids, false)
     }
+}
+
+/// One vocabulary entry as bytes (see [`Tokenizer::vocab_bytes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VocabEntry {
+    /// The text's bytes; for a special token, its name (`<|im_end|>`).
+    pub bytes: Vec<u8>,
+    /// A control token: never part of the text.
+    pub special: bool,
+}
+
+/// How a tokenizer's pieces spell bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceKind {
+    /// GPT-2's printable alphabet, one character per byte.
+    ByteLevel,
+    /// Text with `▁` for spaces and `<0xXX>` byte pieces.
+    SentencePiece,
+}
+
+/// Reads the piece spelling off the decoder: byte-level BPE decodes with `ByteLevel`,
+/// SentencePiece with byte fallback (or `Metaspace` in older tokenizer.json files).
+fn decoder_kind(decoder: Option<&DecoderWrapper>) -> Option<PieceKind> {
+    match decoder? {
+        DecoderWrapper::ByteLevel(_) => Some(PieceKind::ByteLevel),
+        DecoderWrapper::ByteFallback(_) | DecoderWrapper::Metaspace(_) => {
+            Some(PieceKind::SentencePiece)
+        }
+        DecoderWrapper::Sequence(seq) => {
+            let kinds: Vec<PieceKind> = seq
+                .get_decoders()
+                .iter()
+                .filter_map(|d| decoder_kind(Some(d)))
+                .collect();
+            // ByteLevel anywhere decides; otherwise any SentencePiece step does.
+            kinds
+                .iter()
+                .copied()
+                .find(|k| *k == PieceKind::ByteLevel)
+                .or(kinds.first().copied())
+        }
+        _ => None,
+    }
+}
+
+/// GPT-2's byte-level alphabet, reversed: printable Latin-1 characters stand for their own
+/// byte, the other 68 bytes for U+0100 onwards, in byte order.
+fn gpt2_byte_table() -> HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let mut next = 0x100u32;
+    let mut table = HashMap::with_capacity(256);
+    for b in 0..=255u8 {
+        let c = if printable(b) {
+            char::from(b)
+        } else {
+            let c = char::from_u32(next).unwrap_or(char::REPLACEMENT_CHARACTER);
+            next += 1;
+            c
+        };
+        table.insert(c, b);
+    }
+    table
+}
+
+/// The byte of a SentencePiece byte piece (`<0x0A>`).
+fn spm_byte_piece(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2).then(|| u8::from_str_radix(hex, 16).ok())?
 }
 
 /// The pre-tokenizer families GGUF's `tokenizer.ggml.pre` names (llama.cpp's names).

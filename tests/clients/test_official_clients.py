@@ -7,22 +7,11 @@ as `smollm2:135m` and sets OLLAMA_HOST to its address.
 import os
 
 import ollama
-import openai
 import pytest
 
 MODEL = "smollm2:135m"
 QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]
 HOST = os.environ["OLLAMA_HOST"]
-
-
-@pytest.fixture(scope="module")
-def client():
-    return ollama.Client(host=HOST)
-
-
-@pytest.fixture(scope="module")
-def oai():
-    return openai.OpenAI(base_url=f"http://{HOST}/v1", api_key="wick")
 
 
 def test_chat_non_stream(client):

@@ -1,0 +1,27 @@
+//! What the in-process engine benches share: where the test models are and how a chat
+//! prompt becomes token ids.
+
+use std::path::PathBuf;
+
+use candlewick::model::Model;
+
+/// `WICK_TEST_MODELS`, or where scripts/fetch-test-models.sh puts them.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("WICK_TEST_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/candlewick/test-models")
+        })
+}
+
+/// `messages` through the model's chat template, ready for the assistant's turn.
+pub fn chat_prompt(model: &Model, messages: &[serde_json::Value]) -> Vec<u32> {
+    let text = model
+        .chat_template
+        .as_ref()
+        .expect("chat template")
+        .render(messages, None, true, &serde_json::Map::new())
+        .expect("render");
+    model.tokenizer.encode(&text, false).expect("encode")
+}
