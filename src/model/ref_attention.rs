@@ -191,7 +191,7 @@ impl KvCache for RefKvCache {
 mod tests {
     use super::*;
     use crate::model::config::{Activation, Family};
-    use crate::model::CpuKvCache;
+    use crate::model::{CpuKvCache, KvType};
 
     /// The reference cache against the CPU cache (its own kernels) in f32, with chunked
     /// prefill, decode rows, GQA and a sliding window.
@@ -231,7 +231,7 @@ mod tests {
             };
             let (nb, bs) = (24, 8);
             let dev = Device::Cpu;
-            let mut cpu = CpuKvCache::new(&cfg, nb, bs);
+            let mut cpu = CpuKvCache::with_type(&cfg, nb, bs, KvType::F32);
             let mut re = RefKvCache::new(&cfg, nb, bs, &dev, DType::F32).expect("cache");
             let tables: Vec<Vec<u32>> = vec![(0..12).rev().collect(), (12..24).collect()];
             let mut cached = [0usize; 2];
