@@ -171,7 +171,7 @@ async fn json_mode_streams_one_object_in_both_dialects() {
 
     let resp = post(
         "/v1/completions",
-        json!({"model": MODEL, "prompt": "The name and color of a cat as JSON:", "stream": true,
+        json!({"model": MODEL, "prompt": "Give the name and color of a cat as JSON with the keys name and color.", "stream": true,
                "temperature": 0, "max_tokens": 200,
                "response_format": {"type": "json_object"}}),
     )

@@ -594,7 +594,11 @@ pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Star
         .await
         .iter()
         .any(|l| l.info.manifest_path == info.manifest_path);
-    if loaded || req.input.is_empty() {
+    // Tools, thinking and output grammars are checked against the model's template and
+    // vocabulary: such requests load first, so a refusal is still a 400.
+    let offers_tools = matches!(&req.input, Input::Chat { tools: Some(t), .. } if !t.is_empty());
+    let model_checks = offers_tools || req.think == Some(true) || req.format.is_some();
+    if loaded || req.input.is_empty() || model_checks {
         return start(state, req).await;
     }
     // Bad options are still a 400 before any header goes out.
