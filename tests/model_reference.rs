@@ -1,8 +1,10 @@
 //! Our one decoder against candle-transformers' reference models: tiny random-weight
 //! safetensors models of each family (logits within 1e-4), real GGUF models (greedy tokens
-//! equal), and the safetensors path on real weights converted from GGUF (top-1 agreement).
+//! equal), the safetensors path on real weights converted from GGUF (top-1 agreement), and
+//! the engine's logprobs against the log-softmax of the decoder's own logits.
 
 mod common;
+mod engine_common;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -43,7 +45,17 @@ fn rows(t: &Tensor) -> Vec<Vec<f32>> {
 
 /// Prompt in one pass (or in chunks), then decode steps one token at a time.
 fn our_logits(model: &Model, prompt: &[u32], steps: &[u32], chunk: usize) -> Vec<Vec<f32>> {
-    let mut run = Run::new(model, 1, prompt.len() + steps.len() + 1, KvType::F32);
+    logits_with(model, prompt, steps, chunk, KvType::F32)
+}
+
+fn logits_with(
+    model: &Model,
+    prompt: &[u32],
+    steps: &[u32],
+    chunk: usize,
+    ty: KvType,
+) -> Vec<Vec<f32>> {
+    let mut run = Run::new(model, 1, prompt.len() + steps.len() + 1, ty);
     let mut out = Vec::new();
     let mut done = 0;
     for c in prompt.chunks(chunk) {
@@ -368,4 +380,86 @@ fn smollm2_safetensors_agrees_with_gguf() {
         .save(&tok_dir.path().join("tokenizer.json"))
         .expect("save tokenizer");
     check_safetensors_agrees(common::SMOLLM2_GGUF, Some(tok_dir.path()));
+}
+
+/// The engine's logprobs are the log-softmax of the model's raw logits at each step: a
+/// separate forward pass over the same tokens (the engine's f16 cache) gives the same
+/// values, the same best alternatives in order, and the tokens' bytes spell the text. Sampled
+/// with penalties and a grammar-free top-k, so the reported numbers must not be the
+/// sampler's (penalised, truncated, tempered) distribution.
+#[test]
+fn engine_logprobs_are_the_models_log_softmax() {
+    use candlewick::engine::{Event, Request};
+    let model = engine_common::load(common::SMOLLM2_GGUF);
+    let engine = engine_common::engine(&model, 64);
+    let prompt = engine_common::chat(&model, &[("user", "Name three colours of the rainbow.")]);
+    for (temperature, seed) in [(0.0, 0), (1.0, 3)] {
+        let mut req = Request::new(prompt.clone());
+        req.num_predict = Some(16);
+        req.logprobs = Some(5);
+        req.sampling.temperature = temperature;
+        req.sampling.seed = Some(seed);
+        req.sampling.repeat_penalty = 1.3;
+        req.sampling.top_k = 3;
+        let (mut ids, mut entries, mut text) = (Vec::new(), Vec::new(), String::new());
+        for ev in engine.submit(req).expect("submit") {
+            match ev {
+                Event::Token {
+                    id,
+                    text: t,
+                    logprobs,
+                } => {
+                    ids.push(id);
+                    entries.push(logprobs.expect("logprobs were asked for"));
+                    text.push_str(&t);
+                }
+                Event::Text(t) => text.push_str(&t),
+                Event::Embedding(_) => panic!("not an embedding"),
+                Event::Done(_) => break,
+            }
+        }
+        assert!(ids.len() >= 4, "too short an answer: {text:?}");
+        let rows = logits_with(
+            &model,
+            &prompt,
+            &ids[..ids.len() - 1],
+            prompt.len(),
+            KvType::F16,
+        );
+        for (i, (lp, row)) in entries.iter().zip(&rows).enumerate() {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let norm = f64::from(max)
+                + row
+                    .iter()
+                    .map(|&v| f64::from(v - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let want = |id: u32| f64::from(row[id as usize]) - norm;
+            assert_eq!(lp.chosen.id, ids[i]);
+            let d = (f64::from(lp.chosen.logprob) - want(ids[i])).abs();
+            assert!(
+                d < 2e-3,
+                "t={temperature} step {i}: chosen logprob off by {d}"
+            );
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
+            order.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]));
+            assert_eq!(lp.top.len(), 5);
+            for (j, c) in lp.top.iter().enumerate() {
+                let d = (f64::from(c.logprob) - want(order[j])).abs();
+                assert!(
+                    d < 2e-3,
+                    "t={temperature} step {i} alternative {j}: off by {d}"
+                );
+            }
+            if temperature == 0.0 && i == 0 {
+                // No penalty applies to the first token: greedy picks the best.
+                assert_eq!(lp.chosen.id, lp.top[0].id);
+            }
+        }
+        let bytes: Vec<u8> = entries
+            .iter()
+            .flat_map(|e| e.chosen.bytes.clone())
+            .collect();
+        assert_eq!(String::from_utf8_lossy(&bytes), text.as_str());
+    }
 }

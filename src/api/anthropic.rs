@@ -292,6 +292,8 @@ fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
         format,
         tool_choice: choice,
         one_call,
+        // The Messages API has no token probabilities.
+        logprobs: None,
     })
 }
 
@@ -384,6 +386,8 @@ async fn collect(meta: Meta, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
             Some(Out::Text(t)) => text.push_str(&t),
             Some(Out::Thinking(t)) => thinking.push_str(&t),
             Some(Out::ToolCall(c)) => calls.push(c),
+            // Never asked for (see `logprobs: None` above).
+            Some(Out::Logprob(_)) => {}
             Some(Out::Done(f)) => {
                 let mut content = Vec::new();
                 if !thinking.is_empty() {
@@ -468,6 +472,7 @@ impl EventSource for Stream {
             return true;
         }
         match self.rx.recv().await {
+            Some(Out::Logprob(_)) => {}
             Some(Out::Thinking(t)) => {
                 self.open(out, Block::Thinking);
                 let delta = json!({"type": "thinking_delta", "thinking": t});

@@ -93,7 +93,8 @@ impl ApiError {
                 | EngineError::PromptTooLong { .. }
                 | EngineError::BadToken { .. }
                 | EngineError::Grammar(_)
-                | EngineError::Sampling(_) => StatusCode::BAD_REQUEST,
+                | EngineError::Sampling(_)
+                | EngineError::TooManyLogprobs { .. } => StatusCode::BAD_REQUEST,
                 EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },

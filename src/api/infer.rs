@@ -13,7 +13,10 @@ use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{EngineError, Event, FinishReason, Grammar, Reasoning, Request, Summary};
+use crate::engine::{
+    Candidate, EngineError, Event, FinishReason, Grammar, Reasoning, Request, Summary,
+    TokenLogprobs, MAX_TOP_LOGPROBS,
+};
 use crate::model::{
     AnyModel, Error as ModelError, Model, Piece, ReplyFormat, ReplyParser, ToolCall, ToolSyntax,
 };
@@ -74,6 +77,8 @@ pub struct InferRequest {
     pub tool_choice: ToolChoice,
     /// At most one call (`parallel_tool_calls: false`).
     pub one_call: bool,
+    /// Each token's log-probability and this many alternatives ([`Out::Logprob`]).
+    pub logprobs: Option<usize>,
 }
 
 /// Reads a `keep_alive` field (a duration string, seconds, or null).
@@ -95,29 +100,103 @@ pub fn tool_turn(content: String, call_id: &str, name: Option<&String>) -> Value
     t
 }
 
-/// Refuses `logprobs` / `top_logprobs`: we do not report token probabilities yet, and a
-/// client that asks for them must not get an answer silently without them. `false`, null
-/// and a `top_logprobs` of 0 ask for nothing and pass.
-pub fn refuse_logprobs(
+/// Reads chat's `logprobs` (a bool) and `top_logprobs` (0..=20 alternatives), as Ollama and
+/// OpenAI chat spell them: the alternatives to report, or `None` for no logprobs.
+pub fn parse_logprobs(
     logprobs: Option<&Value>,
     top_logprobs: Option<&Value>,
-) -> Result<(), ApiError> {
-    let asks = |v: Option<&Value>| match v {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
-        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
-        Some(_) => true,
+) -> Result<Option<usize>, ApiError> {
+    let on = match logprobs {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(ApiError::BadRequest("logprobs must be a boolean".into())),
     };
-    // Text completions' `logprobs` is a count, where 0 still asks for the chosen token's.
-    let asks_logprobs = match logprobs {
-        Some(Value::Number(_)) => true,
-        v => asks(v),
+    let top = match top_logprobs {
+        None | Some(Value::Null) => 0,
+        Some(v) => logprob_count(v, "top_logprobs")?,
     };
-    if asks_logprobs || asks(top_logprobs) {
+    if top > 0 && !on {
         return Err(ApiError::BadRequest(
-            "logprobs and top_logprobs are not supported by this server".into(),
+            "top_logprobs requires logprobs to be true".into(),
         ));
     }
-    Ok(())
+    Ok(on.then_some(top))
+}
+
+/// Reads text completions' `logprobs`: a count of alternatives (0 still reports the chosen
+/// token's), or null.
+pub fn parse_completion_logprobs(logprobs: Option<&Value>) -> Result<Option<usize>, ApiError> {
+    match logprobs {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => logprob_count(v, "logprobs").map(Some),
+    }
+}
+
+fn logprob_count(v: &Value, name: &str) -> Result<usize, ApiError> {
+    v.as_u64()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= MAX_TOP_LOGPROBS)
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "{name} must be an integer between 0 and {MAX_TOP_LOGPROBS}, got {v}"
+            ))
+        })
+}
+
+/// A logprob value JSON can carry: an impossible token's -inf reads as -9999 (OpenAI's
+/// floor) instead of becoming null.
+fn finite(lp: f32) -> f64 {
+    if lp.is_finite() {
+        f64::from(lp)
+    } else {
+        -9999.0
+    }
+}
+
+/// One token's entry in the shape Ollama, OpenAI chat and the Responses API share:
+/// `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`.
+pub fn logprob_json(lp: &TokenLogprobs) -> Value {
+    let one = |c: &Candidate| {
+        serde_json::json!({
+            "token": String::from_utf8_lossy(&c.bytes),
+            "logprob": finite(c.logprob),
+            "bytes": c.bytes,
+        })
+    };
+    let mut v = one(&lp.chosen);
+    v["top_logprobs"] = lp.top.iter().map(one).collect();
+    v
+}
+
+/// Text completions' `logprobs` object for `entries`, whose text starts at character
+/// `offset` of the output: `{tokens, token_logprobs, top_logprobs, text_offset}`.
+pub fn completion_logprobs_json(entries: &[TokenLogprobs], offset: &mut usize) -> Value {
+    let mut tokens = Vec::new();
+    let mut values = Vec::new();
+    let mut tops = Vec::new();
+    let mut offsets = Vec::new();
+    for lp in entries {
+        let token = String::from_utf8_lossy(&lp.chosen.bytes).into_owned();
+        offsets.push(*offset);
+        *offset += token.chars().count();
+        tokens.push(token);
+        values.push(finite(lp.chosen.logprob));
+        let top: Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|c| {
+                let t = String::from_utf8_lossy(&c.bytes).into_owned();
+                (t, finite(c.logprob).into())
+            })
+            .collect();
+        tops.push(Value::Object(top));
+    }
+    serde_json::json!({
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    })
 }
 
 /// Reads a `think` field: a bool, a level string (`"low"`..`"max"`) or null.
@@ -319,6 +398,9 @@ pub enum Out {
     Thinking(String),
     /// A complete tool call.
     ToolCall(ToolCall),
+    /// A generated token's log-probabilities (only when the request asked), sent before
+    /// the text the token completes.
+    Logprob(TokenLogprobs),
     Done(Finished),
     /// The stream failed after it started.
     Error(String),
@@ -463,7 +545,8 @@ fn check_options(
         .map(|p| Options::from_map(&p))
         .transpose()?
         .unwrap_or_default();
-    let engine_req = req.options.clone().over(base).to_request(Vec::new());
+    let mut engine_req = req.options.clone().over(base).to_request(Vec::new());
+    engine_req.logprobs = req.logprobs;
     engine_req
         .sampling
         .validate()
@@ -906,7 +989,7 @@ fn pump(
             return;
         }
         match stream.recv_timeout(Duration::from_millis(100)) {
-            Ok(Event::Token { id, text }) => {
+            Ok(Event::Token { id, text, logprobs }) => {
                 let now = Instant::now();
                 match last_token {
                     None => metrics.ttft.observe(now - submitted),
@@ -914,6 +997,12 @@ fn pump(
                 }
                 last_token = Some(now);
                 context.push(id);
+                if let Some(lp) = logprobs {
+                    if tx.blocking_send(Out::Logprob(lp)).is_err() {
+                        stream.cancel();
+                        return;
+                    }
+                }
                 parser.push(&text, &mut pieces);
             }
             Ok(Event::Text(text)) => parser.push(&text, &mut pieces),

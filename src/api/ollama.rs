@@ -255,7 +255,7 @@ struct ChatRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
-    /// Refused when set (see [`infer::refuse_logprobs`]).
+    /// See [`infer::parse_logprobs`].
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
@@ -293,7 +293,7 @@ struct GenerateRequest {
     keep_alive: Option<Value>,
     #[serde(default)]
     think: Option<Value>,
-    /// Refused when set (see [`infer::refuse_logprobs`]).
+    /// See [`infer::parse_logprobs`].
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
@@ -380,7 +380,7 @@ enum Kind {
 
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
-    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
+    let logprobs = infer::parse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     let messages = req.messages.unwrap_or_default();
     for m in &messages {
         check_role(&m.role.to_lowercase())?;
@@ -401,6 +401,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
+        logprobs,
     };
     respond(
         &state,
@@ -414,7 +415,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
-    infer::refuse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
+    let logprobs = infer::parse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
     no_images(&req.model, req.images.as_ref())?;
     let suffix = req.suffix.filter(|s| !s.is_empty());
     let raw = req.raw.unwrap_or(false);
@@ -445,6 +446,7 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
         options: options(req.options)?,
         keep_alive: keep_alive(req.keep_alive)?,
         think: infer::parse_think(req.think.as_ref())?,
+        logprobs,
     };
     // Ollama leaves `context` out in raw mode.
     let kind = Kind::Generate { context: !raw };
@@ -509,6 +511,8 @@ struct Reply {
     text: String,
     thinking: String,
     tool_calls: Vec<Value>,
+    /// The tokens' log-probabilities, when asked for.
+    logprobs: Vec<Value>,
 }
 
 impl Reply {
@@ -519,6 +523,7 @@ impl Reply {
             Out::ToolCall(c) => self
                 .tool_calls
                 .push(tool_call_json(c, self.tool_calls.len())),
+            Out::Logprob(lp) => self.logprobs.push(infer::logprob_json(&lp)),
             Out::Done(_) | Out::Error(_) => {}
         }
     }
@@ -562,6 +567,9 @@ fn chunk(kind: Kind, model: &str, r: &Reply) -> Value {
             v
         }
     };
+    if !r.logprobs.is_empty() {
+        v["logprobs"] = r.logprobs.clone().into();
+    }
     v["done"] = false.into();
     v
 }
@@ -613,17 +621,20 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
         let model = model.clone();
         async move {
             let mut rx = rx?;
-            let (v, more) = match rx.recv().await {
-                Some(Out::Done(f)) => (
-                    final_object(kind, &model, f.reason, Some(&f), &Reply::default()),
-                    false,
-                ),
-                Some(Out::Error(e)) => (json!({"error": redact_paths(&e)}), false),
-                None => (json!({"error": "generation ended unexpectedly"}), false),
-                Some(piece) => {
-                    let mut r = Reply::default();
-                    r.add(piece);
-                    (chunk(kind, &model, &r), true)
+            // Log-probabilities wait for the text they belong to and go out with it.
+            let mut r = Reply::default();
+            let (v, more) = loop {
+                match rx.recv().await {
+                    Some(Out::Logprob(lp)) => r.add(Out::Logprob(lp)),
+                    Some(Out::Done(f)) => {
+                        break (final_object(kind, &model, f.reason, Some(&f), &r), false)
+                    }
+                    Some(Out::Error(e)) => break (json!({"error": redact_paths(&e)}), false),
+                    None => break (json!({"error": "generation ended unexpectedly"}), false),
+                    Some(piece) => {
+                        r.add(piece);
+                        break (chunk(kind, &model, &r), true);
+                    }
                 }
             };
             Some((v, more.then_some(rx)))

@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
 use crate::config::KeepAlive;
-use crate::engine::Grammar;
+use crate::engine::{Grammar, TokenLogprobs};
 use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
@@ -138,7 +138,7 @@ struct Common {
     reasoning: Option<Value>,
     #[serde(default)]
     response_format: Option<Value>,
-    /// Refused when set (see [`infer::refuse_logprobs`]).
+    /// Chat: a bool, with `top_logprobs`; text completions: a count (see [`Common::logprobs`]).
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
@@ -170,7 +170,6 @@ impl Common {
 
     /// Only what the client sent overrides the model's defaults.
     fn options(&self) -> Result<Options, ApiError> {
-        infer::refuse_logprobs(self.logprobs.as_ref(), self.top_logprobs.as_ref())?;
         let stop = match &self.stop {
             None | Some(Value::Null) => None,
             Some(v) => Some(string_list(v, "stop").map_err(|_| {
@@ -192,6 +191,14 @@ impl Common {
             ..Options::default()
         }
         .over_map(self.options.as_ref())
+    }
+
+    /// The alternatives each token's logprobs list, or `None` for no logprobs.
+    fn logprobs(&self, kind: Kind) -> Result<Option<usize>, ApiError> {
+        match kind {
+            Kind::Chat => infer::parse_logprobs(self.logprobs.as_ref(), self.top_logprobs.as_ref()),
+            Kind::Completion => infer::parse_completion_logprobs(self.logprobs.as_ref()),
+        }
     }
 
     fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
@@ -352,6 +359,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         format: c.format()?,
         tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
         one_call: req.parallel_tool_calls == Some(false),
+        logprobs: c.logprobs(Kind::Chat)?,
     };
     run(&state, Kind::Chat, c, infer_req).await
 }
@@ -385,6 +393,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
         format: c.format()?,
         tool_choice: ToolChoice::Auto,
         one_call: false,
+        logprobs: c.logprobs(Kind::Completion)?,
     };
     run(&state, Kind::Completion, c, infer_req).await
 }
@@ -398,6 +407,7 @@ enum Kind {
 
 /// Starts the request and answers streamed or not.
 async fn run(state: &AppState, kind: Kind, c: &Common, req: InferRequest) -> Result<Response> {
+    let logprobs = req.logprobs.is_some();
     let started = if c.stream.unwrap_or(false) {
         infer::start_streaming(state, req).await?
     } else {
@@ -420,6 +430,7 @@ async fn run(state: &AppState, kind: Kind, c: &Common, req: InferRequest) -> Res
         model: c.model.clone(),
         kind,
         stream: c.stream.unwrap_or(false),
+        logprobs,
     };
     if meta.stream {
         Ok(sse(meta, c.include_usage(), rx))
@@ -435,9 +446,26 @@ struct Meta {
     model: String,
     kind: Kind,
     stream: bool,
+    /// The request asked for logprobs.
+    logprobs: bool,
 }
 
 impl Meta {
+    /// A choice's `logprobs` for `entries` in the endpoint's shape (null when not asked);
+    /// `offset` is where their text starts in the output (text completions count it).
+    fn logprobs(&self, entries: &[TokenLogprobs], offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        match self.kind {
+            Kind::Chat => json!({
+                "content": entries.iter().map(infer::logprob_json).collect::<Vec<_>>(),
+                "refusal": null,
+            }),
+            Kind::Completion => infer::completion_logprobs_json(entries, offset),
+        }
+    }
+
     fn object(&self, choices: Value) -> Value {
         let object = match (self.kind, self.stream) {
             (Kind::Chat, true) => "chat.completion.chunk",
@@ -487,13 +515,16 @@ async fn collect(meta: Meta, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
     let mut text = String::new();
     let mut thinking = String::new();
     let mut calls = Vec::new();
+    let mut entries = Vec::new();
     loop {
         match rx.recv().await {
             Some(Out::Text(t)) => text.push_str(&t),
             Some(Out::Thinking(t)) => thinking.push_str(&t),
             Some(Out::ToolCall(c)) => calls.push(tool_call_json(c, calls.len())),
+            Some(Out::Logprob(lp)) => entries.push(lp),
             Some(Out::Done(f)) => {
                 let reason = finish_reason(&f, !calls.is_empty());
+                let logprobs = meta.logprobs(&entries, &mut 0);
                 let choice = match meta.kind {
                     Kind::Chat => {
                         let mut message = json!({"role": "assistant", "content": text});
@@ -504,10 +535,11 @@ async fn collect(meta: Meta, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
                         if !calls.is_empty() {
                             message["tool_calls"] = calls.into();
                         }
-                        json!({"index": 0, "message": message, "finish_reason": reason})
+                        json!({"index": 0, "message": message, "logprobs": logprobs,
+                               "finish_reason": reason})
                     }
                     Kind::Completion => {
-                        json!({"text": text, "index": 0, "logprobs": null, "finish_reason": reason})
+                        json!({"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason})
                     }
                 };
                 let mut v = meta.object(json!([choice]));
@@ -532,12 +564,18 @@ struct SseState {
     include_usage: bool,
     sent_role: bool,
     calls: usize,
+    /// Logprobs of tokens not yet sent: they go out with the next chunk.
+    pending: Vec<TokenLogprobs>,
+    /// Characters of text sent so far (text completions' `text_offset`).
+    offset: usize,
 }
 
 impl SseState {
     /// One chunk; chat chunks carry a `delta`, the first one with the role.
     fn chunk(&mut self, delta: Value, finish: Option<&str>) -> Value {
-        let choice = match self.meta.kind {
+        let entries = std::mem::take(&mut self.pending);
+        let logprobs = self.meta.logprobs(&entries, &mut self.offset);
+        let mut choice = match self.meta.kind {
             Kind::Chat => {
                 let mut delta = delta;
                 if !self.sent_role {
@@ -555,6 +593,7 @@ impl SseState {
                 "finish_reason": finish,
             }),
         };
+        choice["logprobs"] = logprobs;
         self.meta.object(json!([choice]))
     }
 }
@@ -568,11 +607,21 @@ fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
         include_usage,
         sent_role: false,
         calls: 0,
+        pending: Vec::new(),
+        offset: 0,
     };
     let body = futures_util::stream::unfold(Some(st), |st| async move {
         let mut st = st?;
         let mut out = String::new();
-        let more = match st.rx.recv().await {
+        let next = loop {
+            match st.rx.recv().await {
+                Some(Out::Logprob(lp)) => st.pending.push(lp),
+                other => break other,
+            }
+        };
+        let more = match next {
+            // Taken by the loop above.
+            Some(Out::Logprob(_)) => true,
             Some(Out::Text(t)) => {
                 let c = st.chunk(json!({"content": t}), None);
                 event(&mut out, &c);

@@ -63,7 +63,7 @@ struct ResponsesRequest {
     previous_response_id: Option<Value>,
     #[serde(default)]
     metadata: Option<Value>,
-    /// Refused when they ask for token probabilities (see [`infer::refuse_logprobs`]).
+    /// With `include: ["message.output_text.logprobs"]` (see [`infer::parse_logprobs`]).
     #[serde(default)]
     top_logprobs: Option<Value>,
     #[serde(default)]
@@ -292,13 +292,20 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         )
         .into());
     }
-    let wants_logprobs = req
+    let include_logprobs = req
         .include
         .iter()
         .flatten()
         .any(|i| i == "message.output_text.logprobs");
-    infer::refuse_logprobs(
-        Some(&Value::Bool(wants_logprobs)),
+    // Alternatives asked for imply the logprobs they come with.
+    let asks_top = req
+        .top_logprobs
+        .as_ref()
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        > 0;
+    let logprobs = infer::parse_logprobs(
+        Some(&Value::Bool(include_logprobs || asks_top)),
         req.top_logprobs.as_ref(),
     )?;
     let messages = conversation(req.instructions.as_ref(), req.input.as_ref())?;
@@ -337,6 +344,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         format,
         tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
         one_call: req.parallel_tool_calls == Some(false),
+        logprobs,
     };
     let rx = infer::start_stream(&state, infer_req).await?;
     let echo = Echo {
@@ -438,16 +446,17 @@ fn reasoning_item(id: &str, text: &str, done: bool) -> Value {
            "status": if done { "completed" } else { "in_progress" }})
 }
 
-fn message_item(id: &str, text: Option<&str>) -> Value {
-    let (content, status) = match text {
-        Some(t) => (json!([text_part(t)]), "completed"),
+/// A message item: `Some((text, logprobs))` when complete, `None` when just opened.
+fn message_item(id: &str, done: Option<(&str, &[Value])>) -> Value {
+    let (content, status) = match done {
+        Some((t, lp)) => (json!([text_part(t, lp)]), "completed"),
         None => (json!([]), "in_progress"),
     };
     json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+fn text_part(text: &str, logprobs: &[Value]) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs})
 }
 
 fn call_item(id: &str, call_id: &str, c: &ToolCall, arguments: &str, done: bool) -> Value {
@@ -458,18 +467,30 @@ fn call_item(id: &str, call_id: &str, c: &ToolCall, arguments: &str, done: bool)
 /// `stream: false`: the whole response.
 async fn collect(echo: Echo, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
     let (mut text, mut thinking, mut calls) = (String::new(), String::new(), Vec::new());
+    // Logprobs arrive before the piece their token completes; only the answer's are kept.
+    let (mut logprobs, mut pending) = (Vec::new(), Vec::new());
     loop {
         match rx.recv().await {
-            Some(Out::Text(t)) => text.push_str(&t),
-            Some(Out::Thinking(t)) => thinking.push_str(&t),
-            Some(Out::ToolCall(c)) => calls.push(c),
+            Some(Out::Logprob(lp)) => pending.push(infer::logprob_json(&lp)),
+            Some(Out::Text(t)) => {
+                text.push_str(&t);
+                logprobs.append(&mut pending);
+            }
+            Some(Out::Thinking(t)) => {
+                thinking.push_str(&t);
+                pending.clear();
+            }
+            Some(Out::ToolCall(c)) => {
+                calls.push(c);
+                pending.clear();
+            }
             Some(Out::Done(f)) => {
                 let mut output = Vec::new();
                 if !thinking.is_empty() {
                     output.push(reasoning_item(&new_id("rs_"), &thinking, true));
                 }
                 if !text.is_empty() || calls.is_empty() {
-                    output.push(message_item(&new_id("msg_"), Some(&text)));
+                    output.push(message_item(&new_id("msg_"), Some((&text, &logprobs))));
                 }
                 for c in &calls {
                     let args = Value::Object(c.arguments.clone()).to_string();
@@ -489,8 +510,15 @@ async fn collect(echo: Echo, mut rx: mpsc::Receiver<Out>) -> Result<Response> {
 /// The item being streamed.
 enum Open {
     None,
-    Reasoning { id: String, text: String },
-    Message { id: String, text: String },
+    Reasoning {
+        id: String,
+        text: String,
+    },
+    Message {
+        id: String,
+        text: String,
+        logprobs: Vec<Value>,
+    },
 }
 
 struct Stream {
@@ -501,6 +529,8 @@ struct Stream {
     output: Vec<Value>,
     open: Open,
     started: bool,
+    /// Logprobs of tokens whose text has not been sent yet.
+    pending: Vec<Value>,
 }
 
 impl Stream {
@@ -533,16 +563,16 @@ impl Stream {
                 );
                 self.output.push(item);
             }
-            Open::Message { id, text } => {
+            Open::Message { id, text, logprobs } => {
                 let ids = json!({"item_id": id, "output_index": i, "content_index": 0});
                 let mut done = ids.clone();
                 done["text"] = text.clone().into();
-                done["logprobs"] = json!([]);
+                done["logprobs"] = logprobs.clone().into();
                 self.event(out, "response.output_text.done", done);
                 let mut part = ids;
-                part["part"] = text_part(&text);
+                part["part"] = text_part(&text, &logprobs);
                 self.event(out, "response.content_part.done", part);
-                let item = message_item(&id, Some(&text));
+                let item = message_item(&id, Some((&text, &logprobs)));
                 self.event(
                     out,
                     "response.output_item.done",
@@ -554,6 +584,7 @@ impl Stream {
     }
 
     fn thinking(&mut self, out: &mut String, t: String) {
+        self.pending.clear();
         if !matches!(self.open, Open::Reasoning { .. }) {
             self.close(out);
             let id = new_id("rs_");
@@ -589,23 +620,27 @@ impl Stream {
             self.event(
                 out,
                 "response.content_part.added",
-                json!({"item_id": id, "output_index": i, "content_index": 0, "part": text_part("")}),
+                json!({"item_id": id, "output_index": i, "content_index": 0, "part": text_part("", &[])}),
             );
             self.open = Open::Message {
                 id,
                 text: String::new(),
+                logprobs: Vec::new(),
             };
         }
         let i = self.index();
-        if let Open::Message { id, text } = &mut self.open {
+        let delta_logprobs = std::mem::take(&mut self.pending);
+        if let Open::Message { id, text, logprobs } = &mut self.open {
             text.push_str(&t);
+            logprobs.extend(delta_logprobs.iter().cloned());
             let data = json!({"item_id": id, "output_index": i, "content_index": 0,
-                              "delta": t, "logprobs": []});
+                              "delta": t, "logprobs": delta_logprobs});
             self.event(out, "response.output_text.delta", data);
         }
     }
 
     fn call(&mut self, out: &mut String, c: ToolCall) {
+        self.pending.clear();
         self.close(out);
         let (id, call_id) = (new_id("fc_"), new_id("call_"));
         let i = self.index();
@@ -653,6 +688,7 @@ impl EventSource for Stream {
             return true;
         }
         match self.rx.recv().await {
+            Some(Out::Logprob(lp)) => self.pending.push(infer::logprob_json(&lp)),
             Some(Out::Thinking(t)) => self.thinking(out, t),
             Some(Out::Text(t)) => self.text(out, t),
             Some(Out::ToolCall(c)) => self.call(out, c),
@@ -692,6 +728,7 @@ fn sse(echo: Echo, rx: mpsc::Receiver<Out>) -> Response {
         output: Vec::new(),
         open: Open::None,
         started: false,
+        pending: Vec::new(),
     })
 }
 

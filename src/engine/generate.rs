@@ -84,7 +84,7 @@ pub fn generate(
     let (mut tokens, mut text) = (Vec::new(), String::new());
     for event in stream {
         let piece = match event {
-            Event::Token { id, text } => {
+            Event::Token { id, text, .. } => {
                 tokens.push(id);
                 text
             }

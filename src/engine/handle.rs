@@ -19,6 +19,9 @@ use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use super::worker::Worker;
 use super::{EngineError, Event, Request, RequestStream};
 
+/// The most alternatives a token's logprobs may list (OpenAI's and Ollama's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// Engine settings; [`EngineConfig::from_config`] takes the server's.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -443,6 +446,12 @@ impl Engine {
         mut req: Request,
     ) -> Result<(Request, usize, usize), EngineError> {
         req.sampling.validate()?;
+        if let Some(asked) = req.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::TooManyLogprobs {
+                asked,
+                max: MAX_TOP_LOGPROBS,
+            });
+        }
         let vocab = model.config().vocab_size;
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });

@@ -23,6 +23,8 @@ mod worker;
 
 pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
-pub use handle::{Engine, EngineConfig, EngineStats, KvBudget};
+pub use handle::{Engine, EngineConfig, EngineStats, KvBudget, MAX_TOP_LOGPROBS};
 pub use kv_budget::{available_memory, memory, Memory};
-pub use request::{Event, FinishReason, Reasoning, Request, RequestStream, Summary};
+pub use request::{
+    Candidate, Event, FinishReason, Reasoning, Request, RequestStream, Summary, TokenLogprobs,
+};

@@ -32,6 +32,9 @@ pub struct Request {
     /// its final hidden states comes back as [`Event::Embedding`]; nothing is generated. A
     /// prompt longer than the context keeps its first tokens (or is refused).
     pub embed: bool,
+    /// Report each generated token's log-probability and this many of the most likely
+    /// alternatives ([`Event::Token::logprobs`]); `None` reports nothing.
+    pub logprobs: Option<usize>,
 }
 
 /// The free reasoning block of a thinking model: the constraint applies after it.
@@ -57,6 +60,7 @@ impl Request {
             constraint: None,
             reasoning: None,
             embed: false,
+            logprobs: None,
         }
     }
 
@@ -113,12 +117,36 @@ impl Summary {
     }
 }
 
+/// A token and its log-probability under the model: the log-softmax of the model's raw
+/// logits (before penalties, grammar masks and temperature), as vLLM and Ollama report it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub id: u32,
+    /// The bytes the token puts into the text (a special token's name; empty for ids no
+    /// text maps to); a token may end inside a multi-byte character.
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+}
+
+/// A generated token's log-probability and the most likely tokens at its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    pub chosen: Candidate,
+    /// Most likely first; as many as the request asked for.
+    pub top: Vec<Candidate>,
+}
+
 /// What a request's stream carries.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
     /// A generated token and the text it makes final (often empty: held back for an
-    /// incomplete character or a possible stop string).
-    Token { id: u32, text: String },
+    /// incomplete character or a possible stop string); its log-probabilities when the
+    /// request asked for them.
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// Text released at the end that belongs to no new token (what was held back).
     Text(String),
     /// An embedding request's result: the mean of the prompt's final hidden states (not

@@ -479,6 +479,45 @@ fn argmax(logits: &[f32], overrides: &[(u32, f32)]) -> u32 {
     best as u32
 }
 
+/// A row's log-softmax, summarised for logprobs: a token's log-probability is its logit
+/// minus `log_norm`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RowLogprobs {
+    pub log_norm: f32,
+    /// The `k` most likely tokens with their log-probabilities, best first (lower ids first
+    /// among equals).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of a raw logits row (no penalties, no temperature) and its `k` best
+/// tokens, in two passes over the row and no copy of it. NaN logits count as impossible.
+pub fn row_logprobs(row: &[f32], k: usize) -> RowLogprobs {
+    let max = row
+        .iter()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = row
+        .iter()
+        .filter(|v| !v.is_nan())
+        .map(|&v| f64::from((v - max).exp()))
+        .sum();
+    let log_norm = max + sum.ln() as f32;
+    let mut top = Vec::new();
+    if k > 0 && !row.is_empty() {
+        let mut heap = BinaryHeap::new();
+        top_k_heap(row, &[], k.min(row.len()), &mut heap, &mut top);
+        top.sort_unstable_by(best_first);
+    }
+    RowLogprobs {
+        log_norm,
+        top: top
+            .into_iter()
+            .map(|c| (c.id, c.logit - log_norm))
+            .collect(),
+    }
+}
+
 fn collect_all(logits: &[f32], overrides: &[(u32, f32)], out: &mut Vec<Cand>) {
     out.reserve(logits.len());
     for_each_run(logits, overrides, |start, run| {
@@ -635,6 +674,38 @@ mod tests {
     fn random_logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
         (0..n).map(|_| rng.random::<f32>() * 20.0 - 10.0).collect()
+    }
+
+    #[test]
+    fn row_logprobs_is_the_log_softmax_and_its_best() {
+        let mut row = random_logits(5000, 7);
+        row[17] = f32::NAN;
+        let got = row_logprobs(&row, 20);
+        let finite: Vec<f64> = row
+            .iter()
+            .map(|&v| {
+                if v.is_nan() {
+                    f64::NEG_INFINITY
+                } else {
+                    f64::from(v)
+                }
+            })
+            .collect();
+        let max = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let norm = max + finite.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        assert!((f64::from(got.log_norm) - norm).abs() < 1e-4);
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| finite[b].total_cmp(&finite[a]).then(a.cmp(&b)));
+        let want: Vec<u32> = order[..20].iter().map(|&i| i as u32).collect();
+        let ids: Vec<u32> = got.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, want);
+        for (id, lp) in &got.top {
+            assert!((f64::from(*lp) - (finite[*id as usize] - norm)).abs() < 1e-4);
+        }
+        let mass: f64 = finite.iter().map(|v| (v - norm).exp()).sum();
+        assert!((mass - 1.0).abs() < 1e-6);
+        assert!(row_logprobs(&row, 0).top.is_empty());
+        assert_eq!(row_logprobs(&row[..3], 10).top.len(), 3);
     }
 
     #[test]

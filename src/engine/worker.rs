@@ -19,9 +19,9 @@ use crate::model::{KvCache, Model, Tokenizer};
 use super::constraint::Constraint;
 use super::detok::{IncrementalDecoder, StopMatcher};
 use super::handle::{EngineStats, Shared, Submitted};
-use super::sampler::Sampler;
+use super::sampler::{row_logprobs, Sampler};
 use super::scheduler::{Scheduled, Scheduler, SeqId, Sequence, Step};
-use super::{Event, FinishReason, Reasoning, Summary};
+use super::{Candidate, Event, FinishReason, Reasoning, Summary, TokenLogprobs};
 
 /// A constrained sequence's place relative to its free reasoning block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,6 +72,8 @@ struct Active {
     load_duration: Duration,
     /// An embedding's running sum of final hidden states (`None` for generation).
     pooled: Option<Vec<f32>>,
+    /// Alternatives to report beside each token's log-probability (`None`: no logprobs).
+    logprobs: Option<usize>,
 }
 
 pub(super) struct Worker {
@@ -212,6 +214,7 @@ impl Worker {
             first_token: None,
             load_duration: self.load_duration.take().unwrap_or_default(),
             pooled: sub.req.embed.then(Vec::new),
+            logprobs: sub.req.logprobs,
         };
         self.active.insert(sub.id, active);
         if sub.req.embed {
@@ -345,6 +348,8 @@ impl Worker {
         let (Some(seq), Some(a)) = (self.sched.get(id), self.active.get_mut(&id)) else {
             return;
         };
+        // Before masks change the row: logprobs are the model's own distribution.
+        let raw = a.logprobs.map(|k| row_logprobs(row, k));
         let mut grammar_error = None;
         let mut grammar_done = false;
         let tok = match (&mut a.constraint, a.reasoning) {
@@ -402,7 +407,26 @@ impl Worker {
                     String::new()
                 }
             };
-            if a.tx.send(Event::Token { id: tok, text }).is_err() {
+            // The chosen token survived any mask, so its logit is still the model's.
+            let logprobs = raw.map(|r| TokenLogprobs {
+                chosen: candidate(
+                    &self.tokenizer,
+                    tok,
+                    row.get(tok as usize)
+                        .map_or(f32::NEG_INFINITY, |l| l - r.log_norm),
+                ),
+                top: r
+                    .top
+                    .iter()
+                    .map(|&(id, lp)| candidate(&self.tokenizer, id, lp))
+                    .collect(),
+            });
+            let event = Event::Token {
+                id: tok,
+                text,
+                logprobs,
+            };
+            if a.tx.send(event).is_err() {
                 outcome = Some((FinishReason::Cancelled, None));
             }
             if outcome.is_none() {
@@ -507,6 +531,19 @@ impl Worker {
             Err(p) => *p.into_inner() = snapshot,
         }
     }
+}
+
+/// A token with its text's bytes, for logprobs.
+fn candidate(tokenizer: &Tokenizer, id: u32, logprob: f32) -> Candidate {
+    let bytes = match tokenizer.token_bytes(id) {
+        Ok(entry) => entry.map(|e| e.bytes).unwrap_or_default(),
+        // Pieces that do not map to bytes: the token decoded on its own.
+        Err(_) => tokenizer
+            .decode(&[id], false)
+            .map(String::into_bytes)
+            .unwrap_or_default(),
+    };
+    Candidate { id, bytes, logprob }
 }
 
 /// Computes the next masks of several constrained sequences, in parallel when there are

@@ -477,46 +477,58 @@ impl Tokenizer {
     }
 
     /// Every id as the bytes it puts into the text, for work that looks at tokens byte by
-    /// byte (grammar masks, logprobs): byte-level vocabularies map their printable alphabet
-    /// back to bytes, SentencePiece ones turn `▁` into a space and `<0xXX>` pieces into their
-    /// byte. Special tokens (control tokens, skipped when decoding) are marked as such with
-    /// their text; ids no text maps to (unused GGUF entries) are `None`.
+    /// byte (grammar masks): see [`Tokenizer::token_bytes`].
     pub fn vocab_bytes(&self) -> Result<Vec<Option<VocabEntry>>> {
-        let kind = decoder_kind(self.inner.get_decoder()).ok_or_else(|| {
+        let kind = self.piece_kind()?;
+        Ok((0..self.vocab_size as u32)
+            .map(|id| self.entry(kind, id))
+            .collect())
+    }
+
+    /// One id as the bytes it puts into the text (a logprob's `bytes`): byte-level
+    /// vocabularies map their printable alphabet back to bytes, SentencePiece ones turn `▁`
+    /// into a space and `<0xXX>` pieces into their byte. Special tokens (control tokens,
+    /// skipped when decoding) are marked as such with their text; ids no text maps to
+    /// (unused GGUF entries, padding) are `None`.
+    pub fn token_bytes(&self, id: u32) -> Result<Option<VocabEntry>> {
+        Ok(self.entry(self.piece_kind()?, id))
+    }
+
+    fn piece_kind(&self) -> Result<PieceKind> {
+        decoder_kind(self.inner.get_decoder()).ok_or_else(|| {
             Error::Tokenizer(
                 "this tokenizer's pieces cannot be mapped to bytes (neither byte-level BPE \
                  nor SentencePiece)"
                     .into(),
             )
-        })?;
-        let added = self.inner.get_added_tokens_decoder();
-        let byte_of = gpt2_byte_table();
-        let entry = |id: u32| -> Option<VocabEntry> {
-            if let Some(t) = added.get(&id) {
-                return Some(VocabEntry {
-                    bytes: t.content.clone().into_bytes(),
-                    special: t.special,
-                });
-            }
-            let piece = self.inner.id_to_token(id)?;
-            let bytes = match kind {
-                PieceKind::ByteLevel => piece
-                    .chars()
-                    .map(|c| byte_of.get(&c).copied())
-                    .collect::<Option<Vec<u8>>>()
-                    // Not in the byte alphabet: a piece written as plain text.
-                    .unwrap_or_else(|| piece.clone().into_bytes()),
-                PieceKind::SentencePiece => match spm_byte_piece(&piece) {
-                    Some(b) => vec![b],
-                    None => piece.replace(SPM_SPACE, " ").into_bytes(),
-                },
-            };
-            Some(VocabEntry {
-                bytes,
-                special: false,
-            })
+        })
+    }
+
+    fn entry(&self, kind: PieceKind, id: u32) -> Option<VocabEntry> {
+        let added = self.inner.get_added_vocabulary().get_added_tokens_decoder();
+        if let Some(t) = added.get(&id) {
+            return Some(VocabEntry {
+                bytes: t.content.clone().into_bytes(),
+                special: t.special,
+            });
+        }
+        let piece = self.inner.id_to_token(id)?;
+        let bytes = match kind {
+            PieceKind::ByteLevel => piece
+                .chars()
+                .map(|c| GPT2_BYTES.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                // Not in the byte alphabet: a piece written as plain text.
+                .unwrap_or_else(|| piece.clone().into_bytes()),
+            PieceKind::SentencePiece => match spm_byte_piece(&piece) {
+                Some(b) => vec![b],
+                None => piece.replace(SPM_SPACE, " ").into_bytes(),
+            },
         };
-        Ok((0..self.vocab_size as u32).map(entry).collect())
+        Some(VocabEntry {
+            bytes,
+            special: false,
+        })
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
@@ -580,6 +592,10 @@ fn decoder_kind(decoder: Option<&DecoderWrapper>) -> Option<PieceKind> {
         _ => None,
     }
 }
+
+/// GPT-2's byte-level alphabet, reversed (built once).
+static GPT2_BYTES: std::sync::LazyLock<HashMap<char, u8>> =
+    std::sync::LazyLock::new(gpt2_byte_table);
 
 /// GPT-2's byte-level alphabet, reversed: printable Latin-1 characters stand for their own
 /// byte, the other 68 bytes for U+0100 onwards, in byte order.

@@ -68,7 +68,9 @@ def test_responses_stream_in_the_official_order(oai):
 
 
 def test_responses_length_is_incomplete(oai):
-    r = oai.responses.create(model=MODEL, input="Count to one hundred.", max_output_tokens=5)
+    # Greedy: a sampled answer can end within five tokens.
+    r = oai.responses.create(model=MODEL, input="Count to one hundred.", max_output_tokens=5,
+                             temperature=0)
     assert r.status == "incomplete"
     assert r.incomplete_details.reason == "max_output_tokens"
 
@@ -244,26 +246,11 @@ def test_messages_forced_tool_streamed(claude):
     assert final.stop_reason == "tool_use"
 
 
-# --- logprobs: not reported yet, so asking for them is a 400, never a silent omission ----
+# --- logprobs (tests/clients/test_logprobs.py has the reported values) -------------------
 
 
-def test_logprobs_are_refused_clearly(oai):
-    for ask in ({"logprobs": True}, {"logprobs": True, "top_logprobs": 3}):
-        with pytest.raises(openai.BadRequestError) as e:
-            oai.chat.completions.create(model=MODEL, max_tokens=2,
-                                        messages=[{"role": "user", "content": "hi"}], **ask)
-        assert "logprobs" in str(e.value)
-    with pytest.raises(openai.BadRequestError):
-        oai.completions.create(model=MODEL, prompt="hi", max_tokens=2, logprobs=0)
-    with pytest.raises(openai.BadRequestError):
-        oai.responses.create(model=MODEL, input="hi", max_output_tokens=2,
-                             include=["message.output_text.logprobs"])
-    for path, body in (("/api/chat", {"messages": [{"role": "user", "content": "hi"}]}),
-                       ("/api/generate", {"prompt": "hi"})):
-        r = httpx.post(f"http://{HOST}{path}", timeout=60,
-                       json={"model": MODEL, "stream": False, "logprobs": True, **body})
-        assert r.status_code == 400 and "logprobs" in r.json()["error"], r.text
-    # Saying no is fine.
+def test_saying_no_to_logprobs_is_fine(oai):
     r = oai.chat.completions.create(model=MODEL, max_tokens=2, logprobs=False,
                                     messages=[{"role": "user", "content": "hi"}])
     assert r.choices[0].message.content is not None
+    assert r.choices[0].logprobs is None

@@ -57,7 +57,7 @@ pub fn collect(stream: RequestStream) -> Output {
     let mut embedding = None;
     for ev in stream {
         match ev {
-            Event::Token { id, text: t } => {
+            Event::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
             }

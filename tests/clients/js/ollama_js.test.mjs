@@ -117,3 +117,53 @@ test("generate, show and ps", async () => {
   const ps = await ollama.ps();
   assert.ok(ps.models.some((m) => m.name === MODEL));
 });
+
+test("format with a JSON schema gives an object that matches it", async () => {
+  const schema = {
+    type: "object",
+    properties: {
+      city: { type: "string", maxLength: 20 },
+      country: { type: "string", enum: ["Germany", "France", "Italy"] },
+    },
+    required: ["city", "country"],
+  };
+  for (const temperature of [0, 1]) {
+    const reply = await ollama.chat({
+      model: MODEL,
+      messages: question,
+      format: schema,
+      options: { temperature, seed: 5 },
+      stream: false,
+    });
+    const obj = JSON.parse(reply.message.content);
+    assert.deepEqual(Object.keys(obj).sort(), ["city", "country"], reply.message.content);
+    assert.ok(typeof obj.city === "string" && obj.city.length <= 20, reply.message.content);
+    assert.ok(schema.properties.country.enum.includes(obj.country), reply.message.content);
+  }
+});
+
+test("logprobs stream with each token's alternatives", async () => {
+  const stream = await ollama.chat({
+    model: MODEL,
+    messages: question,
+    options: { temperature: 0, num_predict: 16 },
+    logprobs: true,
+    top_logprobs: 2,
+    stream: true,
+  });
+  let text = "";
+  const entries = [];
+  for await (const part of stream) {
+    text += part.message.content;
+    entries.push(...(part.logprobs ?? []));
+  }
+  assert.ok(entries.length > 0);
+  const spelled = Buffer.concat(entries.map((e) => Buffer.from(e.bytes))).toString("utf8");
+  assert.equal(spelled, text);
+  for (const e of entries) {
+    assert.equal(e.top_logprobs.length, 2);
+    assert.ok(e.logprob <= 0);
+    // Greedy: the chosen token is the best alternative.
+    assert.ok(Math.abs(e.logprob - e.top_logprobs[0].logprob) < 1e-6);
+  }
+});
