@@ -387,3 +387,248 @@ print(json.dumps({"ollama": a.embeddings, "openai": [d.embedding for d in b.data
         }
     }
 }
+
+/// A sentence-transformers repository pulled from a Hub (the loopback one of
+/// tests/common/hub.rs, serving the package's files as the real Hub lays them out, pooling
+/// config one folder deep): it becomes an embedding model with the repository's pooling and
+/// normalisation, and its vectors are the reference's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulled_from_a_hugging_face_repository() {
+    let src = minilm_dir();
+    let files: Vec<(String, axum::body::Bytes)> = [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "1_Pooling/config.json",
+        "vocab.txt",
+    ]
+    .iter()
+    .map(|f| (f.to_string(), std::fs::read(src.join(f)).unwrap().into()))
+    .collect();
+    let hub = common::hub::TestHub::start();
+    hub.add_repo("sentence-transformers/all-MiniLM-L6-v2", files);
+    let models = api_common::store_dir("bert-hf-pull");
+    let server = api_common::WickProcess::start(&models, &[("HF_ENDPOINT", &hub.endpoint)]);
+    let name = "hf.co/sentence-transformers/all-MiniLM-L6-v2";
+    let lines = api_common::pull(&server.base, json!({"model": name})).await;
+    assert_eq!(
+        lines.last().map(|l| l["status"].clone()),
+        Some(json!("success")),
+        "{lines:?}"
+    );
+    let pooling = std::fs::metadata(src.join("1_Pooling/config.json"))
+        .unwrap()
+        .len();
+    assert_eq!(
+        hub.served_file("1_Pooling/config.json"),
+        pooling,
+        "bytes served"
+    );
+
+    let show = api_common::post(&server.base, "/api/show", json!({"model": name}))
+        .await
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    let r = Reference::load(&src);
+    let texts = &SENTENCES[..3];
+    let v: Value = api_common::post(
+        &server.base,
+        "/api/embed",
+        json!({"model": name, "input": texts}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let vecs = v["embeddings"].as_array().expect("embeddings");
+    assert_eq!(vecs.len(), texts.len(), "{v}");
+    for (got, s) in vecs.iter().zip(texts) {
+        assert_close(&floats(got), &r.embed(s), s);
+    }
+}
+
+/// Texts for the WordPiece comparison: accents, casing, CJK, punctuation, unknown characters,
+/// long words, the special tokens written out.
+const TOKENIZER_TEXTS: [&str; 8] = [
+    "Héllo, Wörld! Ça va? naïve café",
+    "THE QUICK BROWN FOX jumps over 13 lazy dogs...",
+    "北京欢迎你，東京も。 Seoul 서울",
+    "antidisestablishmentarianism supercalifragilisticexpialidocious",
+    "emoji 🙂 and tabs\tand\nnewlines",
+    "e-mail: someone@example.com (see https://example.com/a?b=c)",
+    "[CLS] written out [SEP] and [MASK]",
+    "",
+];
+
+/// all-MiniLM written as llama.cpp's converter writes it for Ollama's `all-minilm` GGUF: the
+/// `bert.*` hyperparameters, llama.cpp's tensor names (the pooler dropped), 2-D weights in
+/// `dtype` and the rest in f32, and the vocabulary in "phantom space" form (word starts
+/// prefixed with `▁`, continuations without `##`, bracketed names as they are).
+fn write_minilm_gguf(dir: &Path, out: &Path, dtype: candle_core::quantized::GgmlDType) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object().unwrap();
+    let mut tokens = vec![String::new(); vocab.len()];
+    for (t, id) in vocab {
+        let phantom = if t.starts_with('[') && t.ends_with(']') {
+            t.clone()
+        } else if let Some(cont) = t.strip_prefix("##") {
+            cont.to_string()
+        } else {
+            format!("\u{2581}{t}")
+        };
+        tokens[id.as_u64().unwrap() as usize] = phantom;
+    }
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut tensors = Vec::new();
+    for (name, t) in &weights {
+        let name = name.strip_prefix("bert.").unwrap_or(name);
+        if name.starts_with("pooler.") || name.ends_with("position_ids") {
+            continue;
+        }
+        let (stem, kind) = name.rsplit_once('.').unwrap();
+        let gguf = match stem {
+            "embeddings.word_embeddings" => "token_embd".to_string(),
+            "embeddings.position_embeddings" => "position_embd".to_string(),
+            "embeddings.token_type_embeddings" => "token_types".to_string(),
+            "embeddings.LayerNorm" => "token_embd_norm".to_string(),
+            s => {
+                let rest = s.strip_prefix("encoder.layer.").unwrap();
+                let (layer, part) = rest.split_once('.').unwrap();
+                let part = match part {
+                    "attention.self.query" => "attn_q",
+                    "attention.self.key" => "attn_k",
+                    "attention.self.value" => "attn_v",
+                    "attention.output.dense" => "attn_output",
+                    "attention.output.LayerNorm" => "attn_output_norm",
+                    "intermediate.dense" => "ffn_up",
+                    "output.dense" => "ffn_down",
+                    "output.LayerNorm" => "layer_output_norm",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("blk.{layer}.{part}")
+            }
+        };
+        let ty = if t.rank() == 2 {
+            dtype
+        } else {
+            candle_core::quantized::GgmlDType::F32
+        };
+        let t = t.to_dtype(DType::F32).unwrap();
+        tensors.push((format!("{gguf}.{kind}"), QTensor::quantize(&t, ty).unwrap()));
+    }
+    use gguf_file::Value as V;
+    let u = |k: &str| V::U32(config[k].as_u64().unwrap() as u32);
+    let metadata = vec![
+        ("general.architecture", V::String("bert".into())),
+        ("general.name", V::String("all-MiniLM-L6-v2".into())),
+        ("bert.context_length", u("max_position_embeddings")),
+        ("bert.embedding_length", u("hidden_size")),
+        ("bert.feed_forward_length", u("intermediate_size")),
+        ("bert.attention.head_count", u("num_attention_heads")),
+        ("bert.block_count", u("num_hidden_layers")),
+        (
+            "bert.attention.layer_norm_epsilon",
+            V::F32(config["layer_norm_eps"].as_f64().unwrap() as f32),
+        ),
+        ("bert.attention.causal", V::Bool(false)),
+        ("bert.pooling_type", V::U32(1)),
+        ("tokenizer.ggml.model", V::String("bert".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(tokens.into_iter().map(V::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type_count", u("type_vocab_size")),
+        ("tokenizer.ggml.unknown_token_id", V::U32(100)),
+        ("tokenizer.ggml.cls_token_id", V::U32(101)),
+        ("tokenizer.ggml.seperator_token_id", V::U32(102)),
+        ("tokenizer.ggml.padding_token_id", V::U32(0)),
+    ];
+    let metadata: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(out).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+/// The GGUF form Ollama's registry serves (`all-minilm`): the restored WordPiece tokenizer
+/// gives tokenizer.json's ids, an f32 GGUF gives the reference's vectors to 1e-4, the f16
+/// one (Ollama's) within f16's rounding, and served through `wick import` it is an
+/// embedding model over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gguf_bert_as_ollama_stores_it() {
+    use candle_core::quantized::GgmlDType;
+    let dir = minilm_dir();
+    let r = Reference::load(&dir);
+    let scratch = common::ScratchDir::new("bert-gguf");
+    let f32_path = scratch.path().join("all-minilm-f32.gguf");
+    let f16_path = scratch.path().join("all-minilm-f16.gguf");
+    write_minilm_gguf(&dir, &f32_path, GgmlDType::F32);
+    write_minilm_gguf(&dir, &f16_path, GgmlDType::F16);
+
+    let e = Embedder::load_gguf(&f32_path, &Device::Cpu).unwrap();
+    assert_eq!(e.pooling(), &[Pooling::Mean]);
+    assert!(e.normalizes());
+    assert_eq!((e.dim(), e.max_positions()), (384, 512));
+    for s in TOKENIZER_TEXTS.iter().chain(&SENTENCES) {
+        assert_eq!(e.encode(s).unwrap(), r.ids(s), "token ids of {s:?}");
+    }
+    let ids: Vec<Vec<u32>> = SENTENCES[..4]
+        .iter()
+        .map(|s| e.encode(s).unwrap())
+        .collect();
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    for (got, s) in e.embed(&refs).unwrap().iter().zip(&SENTENCES) {
+        assert_close(got, &r.embed(s), s);
+    }
+    let half = Embedder::load_gguf(&f16_path, &Device::Cpu).unwrap();
+    for (got, s) in half.embed(&refs).unwrap().iter().zip(&SENTENCES) {
+        let c = cosine(got, &r.embed(s));
+        assert!(c > 0.9999, "f16 {s:?}: cosine {c}");
+    }
+
+    let models = api_common::store_dir("bert-gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["import", "all-minilm:gguf"])
+        .arg(&f16_path)
+        .env("OLLAMA_MODELS", &models)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = api_common::WickProcess::start(&models, &[]);
+    let show = api_common::post(
+        &server.base,
+        "/api/show",
+        json!({"model": "all-minilm:gguf"}),
+    )
+    .await
+    .json::<Value>()
+    .await
+    .unwrap();
+    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    let v: Value = api_common::post(
+        &server.base,
+        "/v1/embeddings",
+        json!({"model": "all-minilm:gguf", "input": SENTENCES[0]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    let c = cosine(&floats(&v["data"][0]["embedding"]), &r.embed(SENTENCES[0]));
+    assert!(c > 0.9999, "served f16 GGUF: cosine {c}");
+}

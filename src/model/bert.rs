@@ -1,5 +1,6 @@
 //! BERT-family sentence embedding models (all-MiniLM, bge, e5 ... in the sentence-transformers
-//! layout): the encoder, the pooling and the normalisation the model's own metadata asks for.
+//! layout, and GGUF `bert` as Ollama's registry serves `all-minilm`): the encoder, the pooling
+//! and the normalisation the model's own metadata asks for.
 //!
 //! The transformer itself is candle-transformers' `bert` module (Hugging Face's BertModel,
 //! kept by candle's authors and checked against transformers there), run on padded batches
@@ -15,6 +16,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
@@ -198,14 +200,6 @@ impl Embedder {
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         tokenizer.with_padding(None);
-        if tokenizer.get_vocab_size(true) > config.vocab_size {
-            return Err(Error::Config(format!(
-                "tokenizer has {} tokens but the model only {}",
-                tokenizer.get_vocab_size(true),
-                config.vocab_size
-            )));
-        }
-        let tail = special_tail(&tokenizer)?;
         let files = super::weights::safetensors_files(dir)?;
         // SAFETY: read-only maps of model files, which are never modified in place (the
         // store writes blobs once under their digest).
@@ -214,9 +208,111 @@ impl Embedder {
                 path: dir.to_path_buf(),
                 msg: format!("unreadable safetensors: {e}"),
             })?;
-        let bert = BertModel::load(vb, &config)?;
+        Self::assemble(vb, &config, tokenizer, pooling, normalize, dir)
+    }
+
+    /// Loads a GGUF BERT as Ollama's registry serves `all-minilm` and `mxbai-embed-large`
+    /// (llama.cpp's conversion): the hyperparameters from `bert.*` metadata, the tensors
+    /// renamed to Hugging Face's and dequantized to f32, the WordPiece vocabulary restored
+    /// ([`super::tokenizer::wordpiece_from_gguf`]), pooling from `bert.pooling_type`, and
+    /// unit-length vectors (what Ollama returns).
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
+        super::init_threads();
+        let format_err = |msg: String| Error::Format {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let mut file = std::fs::File::open(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| format_err(e.to_string()))?;
+        let md = &content.metadata;
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "bert" {
+            return Err(Error::UnsupportedArch(format!(
+                "{arch} (GGUF embedding models load as 'bert'; others from safetensors)"
+            )));
+        }
+        let num = |key: &str| -> Result<usize> {
+            md.get(&format!("bert.{key}"))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Config(format!("GGUF metadata bert.{key} is missing")))
+        };
+        let eps = md
+            .get("bert.attention.layer_norm_epsilon")
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(1e-12);
+        // llama.cpp's pooling types: 1 mean, 2 cls, 3 last.
+        let pooling = match md.get("bert.pooling_type").and_then(|v| v.to_u32().ok()) {
+            Some(2) => Pooling::Cls,
+            Some(3) => Pooling::LastToken,
+            _ => Pooling::Mean,
+        };
+        let mut tensors = std::collections::HashMap::new();
+        for name in content.tensor_infos.keys() {
+            let hf = hf_tensor_name(name)
+                .ok_or_else(|| format_err(format!("unexpected tensor {name} in a BERT GGUF")))?;
+            let t = content
+                .tensor(&mut file, name, device)
+                .and_then(|q| q.dequantize(device))
+                .map_err(|e| format_err(format!("{name}: {e}")))?;
+            tensors.insert(hf, t);
+        }
+        let rows = |name: &str| -> Result<usize> {
+            tensors
+                .get(name)
+                .map(|t| t.dims()[0])
+                .ok_or_else(|| format_err(format!("no {name} tensor")))
+        };
+        let config: BertConfig = serde_json::from_value(serde_json::json!({
+            "vocab_size": rows("embeddings.word_embeddings.weight")?,
+            "hidden_size": num("embedding_length")?,
+            "num_hidden_layers": num("block_count")?,
+            "num_attention_heads": num("attention.head_count")?,
+            "intermediate_size": num("feed_forward_length")?,
+            "hidden_act": "gelu",
+            "hidden_dropout_prob": 0.0,
+            "max_position_embeddings": num("context_length")?,
+            "type_vocab_size": rows("embeddings.token_type_embeddings.weight")?,
+            "initializer_range": 0.02,
+            "layer_norm_eps": eps,
+            "pad_token_id": 0,
+            "classifier_dropout": null,
+            "model_type": "bert",
+        }))
+        .map_err(|e| format_err(format!("BERT config: {e}")))?;
+        let tokenizer = super::tokenizer::wordpiece_from_gguf(md)?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        Self::assemble(vb, &config, tokenizer, vec![pooling], true, path)
+    }
+
+    /// The encoder from its weights and config, with the tokenizer and pooling around it.
+    fn assemble(
+        vb: VarBuilder,
+        config: &BertConfig,
+        tokenizer: tokenizers::Tokenizer,
+        pooling: Vec<Pooling>,
+        normalize: bool,
+        path: &Path,
+    ) -> Result<Self> {
+        if tokenizer.get_vocab_size(true) > config.vocab_size {
+            return Err(Error::Config(format!(
+                "tokenizer has {} tokens but the model only {}",
+                tokenizer.get_vocab_size(true),
+                config.vocab_size
+            )));
+        }
+        let tail = special_tail(&tokenizer)?;
+        let device = vb.device().clone();
+        let bert = BertModel::load(vb, config)?;
         tracing::info!(
-            path = %dir.display(),
+            path = %path.display(),
             pooling = ?pooling.iter().map(|p| p.name()).collect::<Vec<_>>(),
             normalize,
             "embedding model loaded"
@@ -230,8 +326,8 @@ impl Embedder {
             max_positions: config.max_position_embeddings,
             vocab_size: config.vocab_size,
             tail,
-            device: device.clone(),
-            path: dir.to_path_buf(),
+            device,
+            path: path.to_path_buf(),
         })
     }
 
@@ -354,6 +450,40 @@ impl Embedder {
             }
         })
     }
+}
+
+/// A llama.cpp BERT tensor's Hugging Face name (`blk.3.attn_q.weight` ->
+/// `encoder.layer.3.attention.self.query.weight`).
+fn hf_tensor_name(gguf: &str) -> Option<String> {
+    let (stem, kind) = gguf.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let top = match stem {
+        "token_embd" => Some("embeddings.word_embeddings"),
+        "position_embd" => Some("embeddings.position_embeddings"),
+        "token_types" => Some("embeddings.token_type_embeddings"),
+        "token_embd_norm" => Some("embeddings.LayerNorm"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{kind}"));
+    }
+    let rest = stem.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_q" => "attention.self.query",
+        "attn_k" => "attention.self.key",
+        "attn_v" => "attention.self.value",
+        "attn_output" => "attention.output.dense",
+        "attn_output_norm" => "attention.output.LayerNorm",
+        "ffn_up" => "intermediate.dense",
+        "ffn_down" => "output.dense",
+        "layer_output_norm" => "output.LayerNorm",
+        _ => return None,
+    };
+    Some(format!("encoder.layer.{layer}.{hf}.{kind}"))
 }
 
 /// How many special tokens the tokenizer's post-processor appends after the text: the

@@ -138,7 +138,8 @@ pub enum AnyModel {
 
 impl AnyModel {
     /// Loads `path` as an embedding model when it is an encoder checkpoint (config.json's
-    /// `model_type`, see [`super::bert::ENCODER_TYPES`]), else as a generator.
+    /// `model_type`, see [`super::bert::ENCODER_TYPES`], or a GGUF `bert`), else as a
+    /// generator.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         if path.is_dir() && super::bert::is_encoder_dir(path) {
             return Ok(Self::Embedder(Arc::new(Embedder::load(path, device)?)));
@@ -150,10 +151,13 @@ impl AnyModel {
                 .and_then(|v| v.to_string().ok())
                 .cloned()
                 .unwrap_or_default();
+            if arch == "bert" {
+                return Ok(Self::Embedder(Arc::new(Embedder::load_gguf(path, device)?)));
+            }
             if super::bert::GGUF_ENCODER_ARCHS.contains(&arch.as_str()) {
                 return Err(Error::Config(format!(
-                    "'{arch}' embedding models load from safetensors directories (the \
-                     sentence-transformers layout); GGUF encoders are not supported yet"
+                    "'{arch}' GGUF embedding models are not supported yet (GGUF 'bert' is, \
+                     and any BERT in the sentence-transformers layout)"
                 )));
             }
         }

@@ -785,6 +785,92 @@ fn bos_template(bos_text: &str, bos: u32) -> Result<TemplateProcessing> {
         .map_err(|e| Error::Tokenizer(format!("bos template: {e}")))
 }
 
+/// A BERT WordPiece tokenizer from GGUF metadata (`tokenizer.ggml.model = bert`), as
+/// llama.cpp's converter writes it for Ollama's `all-minilm` and `mxbai-embed-large`: word
+/// starts carry a leading `▁` ("phantom space") where the original vocabulary had none, and
+/// continuations lose their `##`; `[CLS]`-style names stay as they are. The original
+/// vocabulary is restored and wrapped as BERT's tokenizer.json does (clean-up, Chinese
+/// characters split, lowercase and accents stripped, as llama.cpp's WPM tokenizer always
+/// does; `[CLS] text [SEP]`).
+pub fn wordpiece_from_gguf(metadata: &HashMap<String, Value>) -> Result<tokenizers::Tokenizer> {
+    use tokenizers::models::wordpiece::WordPiece;
+    use tokenizers::normalizers::bert::BertNormalizer;
+    use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+
+    let model = metadata
+        .get("tokenizer.ggml.model")
+        .map(|v| gguf_str(v, "tokenizer.ggml.model"))
+        .transpose()?;
+    if model != Some("bert") {
+        return Err(Error::Tokenizer(format!(
+            "GGUF embedding models need a WordPiece tokenizer (tokenizer.ggml.model = bert), \
+             this one has {}",
+            model.unwrap_or("none")
+        )));
+    }
+    let tokens = gguf_strings(metadata, "tokenizer.ggml.tokens")?;
+    let bracketed = |t: &str| t.len() > 2 && t.starts_with('[') && t.ends_with(']');
+    let mut vocab = Vocab::default();
+    for (id, t) in tokens.iter().enumerate() {
+        let word = if bracketed(t) {
+            t.to_string()
+        } else if let Some(start) = t.strip_prefix(SPM_SPACE) {
+            start.to_string()
+        } else {
+            format!("##{t}")
+        };
+        // The first of two spellings that map to one word keeps it (none in real vocabularies).
+        vocab.entry(word).or_insert(id as u32);
+    }
+    let named = |key: &str, name: &str| -> Result<u32> {
+        gguf_special_id(metadata, key, tokens.len())?
+            .or_else(|| vocab.get(name).copied())
+            .ok_or_else(|| Error::Tokenizer(format!("the vocabulary has no {name} ({key})")))
+    };
+    let cls = named("tokenizer.ggml.cls_token_id", "[CLS]")?;
+    // llama.cpp's key is spelled this way.
+    let sep = named("tokenizer.ggml.seperator_token_id", "[SEP]")?;
+    let unk = gguf_special_id(metadata, "tokenizer.ggml.unknown_token_id", tokens.len())?
+        .map(|id| tokens[id as usize].to_string())
+        .unwrap_or_else(|| "[UNK]".into());
+    let text = |id: u32| tokens[id as usize].to_string();
+    let wordpiece = WordPiece::builder()
+        .vocab(vocab)
+        .unk_token(unk)
+        .continuing_subword_prefix("##".into())
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("WordPiece vocabulary: {e}")))?;
+    let mut tok = tokenizers::Tokenizer::new(wordpiece);
+    let err = |e: tokenizers::Error| Error::Tokenizer(format!("BERT tokenizer: {e}"));
+    tok.with_normalizer(Some(BertNormalizer::new(true, true, None, true)))
+        .map_err(err)?;
+    tok.with_pre_tokenizer(Some(BertPreTokenizer));
+    let template = TemplateProcessing::builder()
+        .try_single(format!("{} $A {}", text(cls), text(sep)))
+        .and_then(|b| {
+            b.try_pair(format!(
+                "{} $A {} $B:1 {}:1",
+                text(cls),
+                text(sep),
+                text(sep)
+            ))
+        })
+        .map_err(|e| Error::Tokenizer(format!("BERT template: {e}")))?
+        .special_tokens(vec![(text(cls), cls), (text(sep), sep)])
+        .build()
+        .map_err(|e| Error::Tokenizer(format!("BERT template: {e}")))?;
+    tok.with_post_processor(Some(template));
+    // BERT's own special tokens are never split (as in its tokenizer.json; `[unusedN]` are
+    // plain vocabulary there).
+    let added: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .into_iter()
+        .filter(|s| tok.token_to_id(s).is_some())
+        .map(|s| AddedToken::from(s, true))
+        .collect();
+    tok.add_special_tokens(added).map_err(err)?;
+    Ok(tok)
+}
+
 /// `tokenizer.ggml.token_type`, one per token; all normal when absent.
 fn gguf_token_types(metadata: &HashMap<String, Value>, n_tokens: usize) -> Result<Vec<i64>> {
     let Some(v) = metadata.get("tokenizer.ggml.token_type") else {
