@@ -47,12 +47,16 @@ use super::{
 };
 
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
-/// Files taken when the repository has them.
-const OPTIONAL: [&str; 4] = [
+/// Files taken when the repository has them; the last three make a sentence-transformers
+/// repository an embedding model with its pooling and normalisation.
+const OPTIONAL: [&str; 7] = [
     "generation_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
 ];
 /// Files the Hub keeps in git are under 10 MB; a file this large without a sha256 is not
 /// taken on trust.
@@ -388,7 +392,8 @@ struct Fetch<'a> {
 }
 
 impl Fetch<'_> {
-    /// The file's URL at the listing's commit, its name percent-encoded as one segment.
+    /// The file's URL at the listing's commit, each part of its name (`1_Pooling/config.json`
+    /// has two) percent-encoded as one segment.
     fn url(&self, file: &str) -> Result<String, HfError> {
         let repo = self.hub.api.repo(Repo::with_revision(
             self.repo.to_string(),
@@ -402,7 +407,7 @@ impl Fetch<'_> {
         url.path_segments_mut()
             .map_err(|()| HfError::Client(format!("{} cannot hold paths", self.hub.endpoint)))?
             .pop_if_empty()
-            .push(file);
+            .extend(file.split('/'));
         Ok(url.to_string())
     }
 

@@ -114,7 +114,7 @@ impl TestHub {
                 tokio::spawn(async move { axum::serve(cdn, cdn_app).await.expect("CDN") });
                 let app = Router::new()
                     .route("/api/models/{user}/{repo}/revision/{rev}", get(listing))
-                    .route("/{user}/{repo}/resolve/{rev}/{file}", get(resolve))
+                    .route("/{user}/{repo}/resolve/{rev}/{*file}", get(resolve))
                     .route("/v2/{user}/{repo}/manifests/{tag}", get(shim_manifest))
                     .with_state((shared, format!("http://{cdn_addr}")));
                 tx.send(main_addr).expect("reporting the address");
