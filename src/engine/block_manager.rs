@@ -111,7 +111,7 @@ impl BlockManager {
 
     /// The cached blocks holding the longest block-aligned prefix of `tokens`, with their
     /// hashes. At most `max_tokens` tokens are matched (the caller keeps at least one token
-    /// to compute, whose logits it needs). Nothing is reserved: see [`Self::take`].
+    /// to compute, whose logits it needs). Nothing is reserved: see `take`.
     pub fn match_prefix(&self, tokens: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<BlockHash>) {
         let bs = self.block_size;
         let mut ids = Vec::new();

@@ -12,7 +12,7 @@
 //!
 //! Compiling happens on the request path (a bad schema is the client's error, answered
 //! before anything streams); masks are computed on the engine side, per sequence, while the
-//! step's forward pass runs ([`super::worker`]).
+//! step's forward pass runs (`worker`).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;

@@ -161,7 +161,7 @@ impl Engine {
     }
 
     /// Starts an embedding model's engine: the same queue and checks as a decoder's, and a
-    /// thread that batches whole inputs through the encoder ([`super::encoder`]). Nothing
+    /// thread that batches whole inputs through the encoder (`encoder`). Nothing
     /// is kept between steps, so there is no KV cache (`/api/ps` shows none).
     pub fn start_embedder(model: Arc<Embedder>, cfg: EngineConfig) -> Result<Engine, EngineError> {
         let shared = Arc::new(Shared {

@@ -3,8 +3,8 @@
 //! HTTP.
 //!
 //! [`manager`] loads models on demand and unloads them (keep-alive, LRU); each loaded model has
-//! an [`Engine`] ([`handle`]) whose thread ([`worker`]) runs the [`scheduler`]'s steps over
-//! the blocks of the [`block_manager`], sized by [`kv_budget`]. An embedding model's engine
+//! an [`Engine`] (`handle`) whose thread (`worker`) runs the [`scheduler`]'s steps over
+//! the blocks of the [`block_manager`], sized by `kv_budget`. An embedding model's engine
 //! has the same handle and queue and its own thread (`encoder`), without KV cache.
 
 pub mod block_manager;

@@ -6,7 +6,7 @@
 //! write side is split by concern: [`blobs`] (crash- and NAS-safe blob writing, resumable
 //! downloads, cross-process locks), [`pull`] (the Ollama registry protocol), [`hf`]
 //! (Hugging Face safetensors repositories), [`catalog`] (names mapped to repositories),
-//! [`sources`] (which of those a pull goes to) and [`write`] (manifests: create, copy,
+//! [`sources`] (which of those a pull goes to) and [`write`](mod@write) (manifests: create, copy,
 //! delete with blob pruning). [`gguf`] and [`safetensors`] read what `/api/show` and the
 //! config blob say about the two weight formats, from headers only.
 //!

@@ -6,8 +6,8 @@
 //! registry shim) and any private registry; plain `http://` only when the caller allows
 //! it (`insecure`).
 //!
-//! Progress is reported as the objects Ollama streams from `/api/pull`; [`fetch_reporting`]
-//! and [`finish_pull`] (one blob with its progress lines; verifying, writing the manifest
+//! Progress is reported as the objects Ollama streams from `/api/pull`; `fetch_reporting`
+//! and `finish_pull` (one blob with its progress lines; verifying, writing the manifest
 //! last, pruning what the old manifest alone used) serve the Hugging Face pulls as well.
 //! [`Registry::fetch_manifest`] tells a registry without the name (404) and one that cannot
 //! be reached apart, which is what the catalog's fallback (`sources`) decides on.

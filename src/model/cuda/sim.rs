@@ -1,4 +1,4 @@
-//! The Rust side of the CPU execution layer (kernels/sim/): runs a [`Launch`] of a
+//! The Rust side of the CPU execution layer (kernels/sim/): runs a `Launch` of a
 //! kernels/*.cu kernel on CPU tensors, with the GPU's semantics and stricter checks than a
 //! GPU gives. Built only without the `cuda` feature; `cargo test` runs every kernel here.
 //!
