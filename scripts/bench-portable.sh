@@ -14,7 +14,8 @@ bench() { # LABEL [env...]
     local label="$1"
     shift
     env "$@" WICK_NUM_THREADS="$threads" cargo bench --profile dev --bench model -- --noplot 2>&1 |
-        awk -v l="$label" '/^[a-z0-9.-]+\/[a-z0-9_]+/ {name=$1} /thrpt/ {print l, name, $0}'
+        awk -v l="$label" 'match($0, /[a-z0-9._-]+\/[a-z0-9_]+/) {name=substr($0, RSTART, RLENGTH)}
+            /thrpt/ {print l, name, $0}'
 }
 # Build both first, so the timed runs only run.
 cargo bench --profile dev --bench model --no-run >/dev/null 2>&1
