@@ -153,12 +153,17 @@ fn finite(lp: f32) -> f64 {
     }
 }
 
+/// A token's text as logprobs spell it: U+FFFD where it ends inside a character.
+fn token_text(c: &Candidate) -> String {
+    String::from_utf8_lossy(&c.bytes).into_owned()
+}
+
 /// One token's entry in the shape Ollama, OpenAI chat and the Responses API share:
 /// `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`.
 pub fn logprob_json(lp: &TokenLogprobs) -> Value {
     let one = |c: &Candidate| {
         serde_json::json!({
-            "token": String::from_utf8_lossy(&c.bytes),
+            "token": token_text(c),
             "logprob": finite(c.logprob),
             "bytes": c.bytes,
         })
@@ -176,7 +181,7 @@ pub fn completion_logprobs_json(entries: &[TokenLogprobs], offset: &mut usize) -
     let mut tops = Vec::new();
     let mut offsets = Vec::new();
     for lp in entries {
-        let token = String::from_utf8_lossy(&lp.chosen.bytes).into_owned();
+        let token = token_text(&lp.chosen);
         offsets.push(*offset);
         *offset += token.chars().count();
         tokens.push(token);
@@ -184,10 +189,7 @@ pub fn completion_logprobs_json(entries: &[TokenLogprobs], offset: &mut usize) -
         let top: Map<String, Value> = lp
             .top
             .iter()
-            .map(|c| {
-                let t = String::from_utf8_lossy(&c.bytes).into_owned();
-                (t, finite(c.logprob).into())
-            })
+            .map(|c| (token_text(c), finite(c.logprob).into()))
             .collect();
         tops.push(Value::Object(top));
     }

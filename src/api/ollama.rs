@@ -625,7 +625,7 @@ fn ndjson(kind: Kind, model: String, rx: mpsc::Receiver<Out>) -> Response {
             let mut r = Reply::default();
             let (v, more) = loop {
                 match rx.recv().await {
-                    Some(Out::Logprob(lp)) => r.add(Out::Logprob(lp)),
+                    Some(lp @ Out::Logprob(_)) => r.add(lp),
                     Some(Out::Done(f)) => {
                         break (final_object(kind, &model, f.reason, Some(&f), &r), false)
                     }

@@ -613,65 +613,64 @@ fn sse(meta: Meta, include_usage: bool, rx: mpsc::Receiver<Out>) -> Response {
     let body = futures_util::stream::unfold(Some(st), |st| async move {
         let mut st = st?;
         let mut out = String::new();
-        let next = loop {
-            match st.rx.recv().await {
-                Some(Out::Logprob(lp)) => st.pending.push(lp),
-                other => break other,
-            }
-        };
-        let more = match next {
-            // Taken by the loop above.
-            Some(Out::Logprob(_)) => true,
-            Some(Out::Text(t)) => {
-                let c = st.chunk(json!({"content": t}), None);
-                event(&mut out, &c);
-                true
-            }
-            Some(Out::Thinking(t)) => {
-                if st.meta.kind == Kind::Chat {
-                    let delta = json!({"reasoning": t, "reasoning_content": t});
-                    let c = st.chunk(delta, None);
+        // Log-probabilities wait for the next chunk and go out with it.
+        let more = loop {
+            break match st.rx.recv().await {
+                Some(Out::Logprob(lp)) => {
+                    st.pending.push(lp);
+                    continue;
+                }
+                Some(Out::Text(t)) => {
+                    let c = st.chunk(json!({"content": t}), None);
                     event(&mut out, &c);
+                    true
                 }
-                true
-            }
-            Some(Out::ToolCall(call)) => {
-                if st.meta.kind == Kind::Chat {
-                    let call = tool_call_json(call, st.calls);
-                    st.calls += 1;
-                    let c = st.chunk(json!({"tool_calls": [call]}), None);
+                Some(Out::Thinking(t)) => {
+                    if st.meta.kind == Kind::Chat {
+                        let delta = json!({"reasoning": t, "reasoning_content": t});
+                        let c = st.chunk(delta, None);
+                        event(&mut out, &c);
+                    }
+                    true
+                }
+                Some(Out::ToolCall(call)) => {
+                    if st.meta.kind == Kind::Chat {
+                        let call = tool_call_json(call, st.calls);
+                        st.calls += 1;
+                        let c = st.chunk(json!({"tool_calls": [call]}), None);
+                        event(&mut out, &c);
+                    }
+                    true
+                }
+                Some(Out::Done(f)) => {
+                    if !st.sent_role && st.meta.kind == Kind::Chat {
+                        let c = st.chunk(json!({"content": ""}), None);
+                        event(&mut out, &c);
+                    }
+                    let reason = finish_reason(&f, st.calls > 0);
+                    let c = st.chunk(json!({}), Some(reason));
                     event(&mut out, &c);
+                    if st.include_usage {
+                        let mut u = st.meta.object(json!([]));
+                        u["usage"] = usage(&f);
+                        event(&mut out, &u);
+                    }
+                    out.push_str("data: [DONE]\n\n");
+                    false
                 }
-                true
-            }
-            Some(Out::Done(f)) => {
-                if !st.sent_role && st.meta.kind == Kind::Chat {
-                    let c = st.chunk(json!({"content": ""}), None);
-                    event(&mut out, &c);
+                Some(Out::Error(e)) => {
+                    // An error event, then the end marker clients wait for.
+                    event(&mut out, &ApiError::Internal(e).openai_body());
+                    out.push_str("data: [DONE]\n\n");
+                    false
                 }
-                let reason = finish_reason(&f, st.calls > 0);
-                let c = st.chunk(json!({}), Some(reason));
-                event(&mut out, &c);
-                if st.include_usage {
-                    let mut u = st.meta.object(json!([]));
-                    u["usage"] = usage(&f);
-                    event(&mut out, &u);
+                None => {
+                    let e = ApiError::Internal("generation ended unexpectedly".into());
+                    event(&mut out, &e.openai_body());
+                    out.push_str("data: [DONE]\n\n");
+                    false
                 }
-                out.push_str("data: [DONE]\n\n");
-                false
-            }
-            Some(Out::Error(e)) => {
-                // An error event, then the end marker clients wait for.
-                event(&mut out, &ApiError::Internal(e).openai_body());
-                out.push_str("data: [DONE]\n\n");
-                false
-            }
-            None => {
-                let e = ApiError::Internal("generation ended unexpectedly".into());
-                event(&mut out, &e.openai_body());
-                out.push_str("data: [DONE]\n\n");
-                false
-            }
+            };
         };
         Some((out, more.then_some(st)))
     });
