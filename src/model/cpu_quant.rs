@@ -190,7 +190,7 @@ impl FastQuant {
             || for_matmul
                 && row_blocks > 0
                 && rows.is_multiple_of(GROUP)
-                && tile_kernel().is_some();
+                && tile_kernel().is_some_and(|t| t.packs(kind));
         let data = if packed {
             Data::Owned(pack(kind, &data, row_blocks))
         } else {
@@ -358,11 +358,24 @@ const GROUP: usize = 8;
 const AMX_MIN_ROWS: usize = 16;
 
 /// The tile kernels' instruction sets: `vpdpbusd` on 256-bit registers, as AVX-VNNI or as
-/// AVX-512 VNNI with VL. Without either, weights stay in GGUF layout for the row kernel.
+/// AVX-512 VNNI with VL, or its AVX2 equivalent (`vpmaddubsw` + `vpmaddwd`, exact for the
+/// weight types whose stored values stay below 130, which excludes Q8_0). Without a tile
+/// kernel for a type, its weights stay in GGUF layout for the row kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tile {
     AvxVnni,
     Avx512Vnni,
+    Avx2,
+}
+
+impl Tile {
+    /// Whether this kernel takes `kind`'s packed weights. Every kernel computes the same
+    /// integer sums and float operations per output, so results do not depend on which
+    /// one runs, nor on how many rows run together.
+    fn packs(self, kind: Kind) -> bool {
+        // Q8_0 is packed as q + 128: two such products can overflow vpmaddubsw's i16.
+        self != Tile::Avx2 || kind != Kind::Q8_0
+    }
 }
 
 fn tile_kernel() -> Option<Tile> {
@@ -378,7 +391,7 @@ fn tile_kernel() -> Option<Tile> {
             } else if has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
                 Some(Tile::Avx512Vnni)
             } else {
-                None
+                Some(Tile::Avx2)
             }
         })
     }
@@ -1069,6 +1082,19 @@ mod x86 {
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
         _mm256_dpbusd_epi32
     );
+    tile_fn!(tile_avx2, "avx2,fma,f16c", dpbusd_avx2);
+
+    /// `vpdpbusd` without VNNI: `acc` plus, per 32-bit lane, the four products of unsigned
+    /// `u` and signed `s` bytes. Exact (the same sums as VNNI) while each pair of products
+    /// fits an i16, i.e. for weights below 130 against activations of at most 127.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[inline(always)]
+    unsafe fn dpbusd_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe { _mm256_add_epi32(acc, mul_sum_avx2(u, s)) }
+    }
 }
 
 /// The row kernel for this CPU, chosen once.
@@ -1111,7 +1137,7 @@ unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut
     unsafe {
         #[cfg(target_arch = "x86_64")]
         {
-            use x86::{tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
+            use x86::{tile_avx2, tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
             debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
             macro_rules! run {
                 ($f:ident, $m:literal, $a:expr, $o:expr) => {
@@ -1140,6 +1166,7 @@ unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut
             match t {
                 Tile::AvxVnni => rows!(tile_avxvnni),
                 Tile::Avx512Vnni => rows!(tile_avx512vnni),
+                Tile::Avx2 => rows!(tile_avx2),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -1368,7 +1395,10 @@ mod tests {
             };
             // Where the tile kernel runs, the weights are packed: the row kernel on the
             // unpacked bytes must agree with it too (k-quants are only ever packed).
-            assert_eq!(ours.packed, tile_kernel().is_some());
+            assert_eq!(
+                ours.packed,
+                tile_kernel().is_some_and(|t| t.packs(ours.kind))
+            );
             let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
             let mut y_ours = vec![0f32; m * n];
             ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
