@@ -273,6 +273,9 @@ pub struct Config {
     /// Ollama's quantized `q8_0`/`q4_0` fall back to f16 with a warning, as Ollama does where
     /// it cannot quantize the cache).
     pub kv_type: KvType,
+    /// `WICK_NUM_DRAFT`: speculative decoding's draft tokens per step for requests that do
+    /// not set `num_draft` (default 0: off).
+    pub num_draft: usize,
 }
 
 /// Ollama trims whitespace and surrounding quotes from every value; empty means unset.
@@ -468,6 +471,16 @@ impl Config {
                 }
             },
             preload: list("WICK_PRELOAD"),
+            num_draft: match number("WICK_NUM_DRAFT")? {
+                Some(n) if n > crate::engine::MAX_DRAFT => {
+                    return Err(invalid(
+                        "WICK_NUM_DRAFT",
+                        &n.to_string(),
+                        format!("expected 0 to {}", crate::engine::MAX_DRAFT),
+                    ))
+                }
+                n => n.unwrap_or(0),
+            },
             max_blob_bytes: number("WICK_MAX_BLOB_BYTES")?
                 .map_or(crate::store::blobs::MAX_BLOB_BYTES, |n| n as u64),
         })

@@ -1,3 +1,6 @@
+// Each bench uses part of this module.
+#![allow(dead_code)]
+
 //! What the in-process engine benches share: where the test models are and how a chat
 //! prompt becomes token ids.
 

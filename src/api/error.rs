@@ -94,7 +94,8 @@ impl ApiError {
                 | EngineError::BadToken { .. }
                 | EngineError::Grammar(_)
                 | EngineError::Sampling(_)
-                | EngineError::TooManyLogprobs { .. } => StatusCode::BAD_REQUEST,
+                | EngineError::TooManyLogprobs { .. }
+                | EngineError::TooManyDrafts { .. } => StatusCode::BAD_REQUEST,
                 EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },

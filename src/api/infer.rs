@@ -231,6 +231,8 @@ pub struct Options {
     pub num_predict: Option<i64>,
     pub num_ctx: Option<i64>,
     pub stop: Option<Vec<String>>,
+    /// Ours: speculative decoding's draft tokens per step (0 off).
+    pub num_draft: Option<i64>,
 }
 
 /// Option keys Ollama knows but we do not act on; accepted with their types checked.
@@ -293,6 +295,7 @@ impl Options {
                 "seed" => o.seed = Some(int()?),
                 "num_predict" => o.num_predict = Some(int()?),
                 "num_ctx" => o.num_ctx = Some(int()?),
+                "num_draft" => o.num_draft = Some(int()?),
                 "stop" => o.stop = Some(string_list(value, key)?),
                 // Constraints, read by `structured::ollama_options`.
                 k if super::structured::OPTION_KEYS.contains(&k) => {}
@@ -338,6 +341,7 @@ impl Options {
             num_predict: self.num_predict.or(base.num_predict),
             num_ctx: self.num_ctx.or(base.num_ctx),
             stop: self.stop.or(base.stop),
+            num_draft: self.num_draft.or(base.num_draft),
         }
     }
 
@@ -371,6 +375,8 @@ impl Options {
         req.num_predict = self.num_predict.and_then(|n| usize::try_from(n).ok());
         req.num_ctx = self.context_length();
         req.stop = self.stop.clone().unwrap_or_default();
+        // Negative turns it off, as 0 does; the engine refuses too large values.
+        req.num_draft = self.num_draft.map(|n| usize::try_from(n).unwrap_or(0));
         req
     }
 }

@@ -73,6 +73,7 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
         .iter()
         .map(|l| {
             let name = l.info.name.display_short();
+            let stats = l.engine.stats();
             let mut m = json!({
                 "name": name,
                 "model": name,
@@ -89,6 +90,13 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                     "tokens": l.engine.kv_budget().tokens,
                     "type": l.engine.kv_budget().kv_type,
                     "reason": l.engine.kv_budget().why,
+                },
+                // Ours: speculative decoding (prompt lookup), its default and how it went.
+                "speculative": {
+                    "method": "ngram",
+                    "num_draft": l.engine.num_draft(),
+                    "drafted": stats.drafted,
+                    "accepted": stats.accepted,
                 },
             });
             // On a GPU: which path serves it, our kernels or candle's reference ops (the

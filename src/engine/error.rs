@@ -18,6 +18,8 @@ pub enum EngineError {
     Sampling(#[from] SamplerError),
     #[error("top_logprobs must be between 0 and {max}, got {asked}")]
     TooManyLogprobs { asked: usize, max: usize },
+    #[error("num_draft must be between 0 and {max}, got {asked}")]
+    TooManyDrafts { asked: usize, max: usize },
     #[error("the KV cache budget of {bytes} bytes is less than one block of {block_bytes}")]
     CacheTooSmall { bytes: usize, block_bytes: usize },
     /// `OLLAMA_MAX_QUEUE` requests are already waiting (Ollama's words).

@@ -22,6 +22,14 @@ use super::{EngineError, Event, Request, RequestStream};
 /// The most alternatives a token's logprobs may list (OpenAI's and Ollama's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
+/// The most draft tokens a step may guess per sequence (`num_draft`).
+pub const MAX_DRAFT: usize = 32;
+
+/// Steps get draft tokens while they have fewer rows than this. On the CPU a decode step of
+/// a few rows costs about what reading the weights costs; measured with
+/// `benches/speculative.rs`.
+const SPEC_MAX_ROWS: usize = 32;
+
 /// Engine settings; [`EngineConfig::from_config`] takes the server's.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -47,6 +55,11 @@ pub struct EngineConfig {
     /// How long loading the model took, reported once (on the first request) as Ollama's
     /// `load_duration`.
     pub load_duration: Duration,
+    /// Draft tokens per step for requests that do not set `num_draft` (`WICK_NUM_DRAFT`;
+    /// 0: no speculative decoding).
+    pub num_draft: usize,
+    /// Steps get draft tokens while they have fewer rows than this (see the scheduler).
+    pub spec_max_rows: usize,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +75,8 @@ impl Default for EngineConfig {
             default_num_ctx: 4096,
             max_queue: usize::MAX,
             load_duration: Duration::ZERO,
+            num_draft: 0,
+            spec_max_rows: SPEC_MAX_ROWS,
         }
     }
 }
@@ -76,6 +91,7 @@ impl EngineConfig {
             max_running: cfg.num_parallel,
             default_num_ctx: cfg.context_length,
             max_queue: cfg.max_queue,
+            num_draft: cfg.num_draft,
             ..Self::default()
         }
     }
@@ -109,6 +125,9 @@ pub struct EngineStats {
     pub tokens_computed: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Speculative decoding: draft tokens put into steps, and those the sampler accepted.
+    pub drafted: u64,
+    pub accepted: u64,
     /// Times a step panicked and the engine recovered (its sequences failed).
     pub restarts: u64,
 }
@@ -146,6 +165,8 @@ pub struct Engine {
     capacity: usize,
     default_num_ctx: usize,
     max_queue: usize,
+    /// Draft tokens per step for requests that do not set `num_draft`.
+    num_draft: usize,
     budget: KvBudget,
     /// The grammar compiler, built on the first structured-output request.
     grammars: OnceLock<Result<Arc<Grammars>, GrammarError>>,
@@ -193,6 +214,7 @@ impl Engine {
             capacity,
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
+            num_draft: cfg.num_draft,
             grammars: OnceLock::new(),
             budget: KvBudget {
                 bytes: 0,
@@ -259,6 +281,7 @@ impl Engine {
             SchedulerConfig {
                 max_tokens_per_step: cfg.max_tokens_per_step,
                 max_running: cfg.max_running,
+                spec_max_rows: cfg.spec_max_rows,
             },
             BlockManager::new(num_blocks, block_size),
         );
@@ -283,6 +306,7 @@ impl Engine {
             capacity: num_blocks * block_size,
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
+            num_draft: cfg.num_draft,
             budget,
             grammars: OnceLock::new(),
         })
@@ -290,6 +314,11 @@ impl Engine {
 
     pub fn model(&self) -> &AnyModel {
         &self.model
+    }
+
+    /// Draft tokens per step for requests that do not set `num_draft` (0: off).
+    pub fn num_draft(&self) -> usize {
+        self.num_draft
     }
 
     /// The KV cache's size and why.
@@ -451,6 +480,16 @@ impl Engine {
                 asked,
                 max: MAX_TOP_LOGPROBS,
             });
+        }
+        match req.num_draft {
+            Some(asked) if asked > MAX_DRAFT => {
+                return Err(EngineError::TooManyDrafts {
+                    asked,
+                    max: MAX_DRAFT,
+                })
+            }
+            Some(_) => {}
+            None => req.num_draft = Some(self.num_draft),
         }
         let vocab = model.config().vocab_size;
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {

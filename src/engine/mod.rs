@@ -6,6 +6,7 @@
 //! an [`Engine`] (`handle`) whose thread (`worker`) runs the [`scheduler`]'s steps over
 //! the blocks of the [`block_manager`], sized by `kv_budget`. An embedding model's engine
 //! has the same handle and queue and its own thread (`encoder`), without KV cache.
+//! [`speculative`] guesses draft tokens by prompt lookup for speculative decoding.
 
 pub mod block_manager;
 pub mod constraint;
@@ -19,11 +20,12 @@ pub mod manager;
 mod request;
 pub mod sampler;
 pub mod scheduler;
+pub mod speculative;
 mod worker;
 
 pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
-pub use handle::{Engine, EngineConfig, EngineStats, KvBudget, MAX_TOP_LOGPROBS};
+pub use handle::{Engine, EngineConfig, EngineStats, KvBudget, MAX_DRAFT, MAX_TOP_LOGPROBS};
 pub use kv_budget::{available_memory, memory, Memory};
 pub use request::{
     Candidate, Event, FinishReason, Reasoning, Request, RequestStream, Summary, TokenLogprobs,

@@ -35,6 +35,9 @@ pub struct Request {
     /// Report each generated token's log-probability and this many of the most likely
     /// alternatives ([`Event::Token::logprobs`]); `None` reports nothing.
     pub logprobs: Option<usize>,
+    /// Speculative decoding: up to this many tokens guessed by prompt lookup are checked
+    /// per step (0: off; `None`: the engine's default). The output does not change.
+    pub num_draft: Option<usize>,
 }
 
 /// The free reasoning block of a thinking model: the constraint applies after it.
@@ -61,6 +64,7 @@ impl Request {
             reasoning: None,
             embed: false,
             logprobs: None,
+            num_draft: None,
         }
     }
 

@@ -10,6 +10,12 @@
 //! for reuse) and it goes back to the front of the waiting queue, to be recomputed later. The
 //! oldest sequence can always preempt everyone newer, so the engine always makes progress.
 //!
+//! Speculative decoding (`super::speculative`): a decoding sequence that allows drafts gets
+//! up to `num_draft` guessed tokens after its next one, each with its own logits row, while
+//! the step stays small enough to be bound by reading the weights (`spec_max_rows`); past
+//! that, extra rows cost compute and drafting stops. Drafts never preempt anyone: a draft
+//! that does not fit the free blocks is dropped.
+//!
 //! The scheduler knows token ids and block ids only; the engine runs the forward pass, samples,
 //! and tells the scheduler what happened.
 
@@ -18,6 +24,7 @@ use std::collections::VecDeque;
 use crate::model::Batch;
 
 use super::block_manager::{BlockHash, BlockManager};
+use super::speculative::ngram_draft;
 
 /// Sequence ids, unique per engine, increasing in arrival order.
 pub type SeqId = u64;
@@ -41,6 +48,15 @@ pub struct Sequence {
     pub preemptions: usize,
     /// An embedding: it needs every token computed (no cached prefix) and no logits.
     pub embed: bool,
+    /// Draft tokens a step may guess after the next one (0: no speculation).
+    pub num_draft: usize,
+    /// The most tokens (prompt and output) the sequence may reach; drafts stay within it.
+    pub max_len: usize,
+    /// Speculation's state: the next draft's length, and steps left without drafts.
+    draft_len: usize,
+    draft_pause: usize,
+    /// Drafts in a row that the sampler rejected at their first token.
+    misses: u32,
 }
 
 impl Sequence {
@@ -55,6 +71,11 @@ impl Sequence {
             cached_tokens: 0,
             preemptions: 0,
             embed: false,
+            num_draft: 0,
+            max_len: usize::MAX,
+            draft_len: usize::MAX,
+            draft_pause: 0,
+            misses: 0,
         }
     }
 
@@ -78,8 +99,11 @@ pub struct Scheduled {
     /// This chunk computes the last of its tokens.
     pub completes: bool,
     /// Row of the step's logits holding its next-token distribution, when this step
-    /// completes everything it had to compute.
+    /// completes everything it had to compute. Each draft token's row follows it.
     pub logits_row: Option<usize>,
+    /// Guessed tokens after its last one (the last `draft.len()` of its `len` tokens), to
+    /// be checked against the logits rows before them.
+    pub draft: Vec<u32>,
 }
 
 /// What one step runs.
@@ -98,6 +122,9 @@ pub struct SchedulerConfig {
     pub max_tokens_per_step: usize,
     /// Running sequences at most; `None`: as many as the KV blocks allow.
     pub max_running: Option<usize>,
+    /// Draft tokens are added while a step has fewer rows than this: below it a step costs
+    /// about what reading the weights costs, above it extra rows cost compute.
+    pub spec_max_rows: usize,
 }
 
 /// Counters for tests and metrics.
@@ -110,6 +137,9 @@ pub struct SchedulerCounters {
     pub tokens_computed: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Draft tokens put into steps, and of those, tokens the sampler agreed with.
+    pub drafted: u64,
+    pub accepted: u64,
 }
 
 pub struct Scheduler {
@@ -179,6 +209,42 @@ impl Scheduler {
         }
     }
 
+    /// Records that the next draft token of a running sequence was accepted (the sampler
+    /// chose it, and it was appended): its K/V, written by the step, count as computed.
+    pub fn accept_draft(&mut self, id: SeqId) {
+        let bs = self.blocks.block_size();
+        if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
+            if seq.computed < seq.tokens.len() {
+                seq.computed += 1;
+                self.counters.accepted += 1;
+                register_full_blocks(&mut self.blocks, seq, bs);
+            }
+        }
+    }
+
+    /// Adapts a sequence's drafts to how they fare, so that text that does not repeat its
+    /// context costs few wasted rows: after a draft kept whole, the next may be twice as
+    /// long; otherwise one longer than what was kept. Drafts rejected at their first token
+    /// twice in a row pause drafting, 2, 4, ... up to 64 steps.
+    pub fn drafts_checked(&mut self, id: SeqId, drafted: usize, accepted: usize) {
+        let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
+            return;
+        };
+        seq.draft_len = if accepted == drafted {
+            drafted.saturating_mul(2)
+        } else {
+            accepted + 1
+        };
+        if accepted == 0 {
+            seq.misses += 1;
+            if seq.misses >= 2 {
+                seq.draft_pause = 1usize << (seq.misses - 1).min(6);
+            }
+        } else {
+            seq.misses = 0;
+        }
+    }
+
     /// Removes a sequence wherever it is and releases its blocks (finished or cancelled).
     pub fn remove(&mut self, id: SeqId) -> Option<Sequence> {
         let seq = if let Some(i) = self.running.iter().position(|s| s.id == id) {
@@ -210,6 +276,7 @@ impl Scheduler {
     pub fn schedule(&mut self) -> Step {
         let mut step = Step::default();
         let mut budget = self.cfg.max_tokens_per_step.max(1);
+        let draft_room = self.draft_room();
 
         // Running sequences first, oldest first.
         let mut i = 0;
@@ -221,6 +288,18 @@ impl Scheduler {
                 continue;
             }
             let upto = seq.computed + n;
+            let draft = self.draft_for(i, n, budget, draft_room);
+            if !draft.is_empty()
+                && self
+                    .blocks
+                    .allocate_slots(&mut self.running[i].blocks, &[], upto + draft.len())
+            {
+                self.counters.drafted += draft.len() as u64;
+                budget -= n + draft.len();
+                push_chunk(&mut step, &self.running[i], n, draft);
+                i += 1;
+                continue;
+            }
             // Grow its block table, preempting the newest sequences (itself last) until
             // the blocks fit.
             let fits = loop {
@@ -241,7 +320,7 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            push_chunk(&mut step, &self.running[i], n);
+            push_chunk(&mut step, &self.running[i], n, Vec::new());
             budget -= n;
             i += 1;
         }
@@ -281,7 +360,7 @@ impl Scheduler {
             seq.hashes = hashes;
             seq.computed = cached_tokens;
             seq.cached_tokens = cached_tokens.min(seq.prompt_len);
-            push_chunk(&mut step, &seq, n);
+            push_chunk(&mut step, &seq, n, Vec::new());
             budget -= n;
             let at = self.running.partition_point(|s| s.id < seq.id);
             self.running.insert(at, seq);
@@ -301,47 +380,99 @@ impl Scheduler {
         step
     }
 
-    /// Records that `step` ran: its tokens are in the cache now, and newly full blocks become
-    /// reusable prefixes.
+    /// Draft tokens each decoding sequence may add to this step: the rows left below
+    /// `spec_max_rows` after every running sequence's own tokens, shared evenly among the
+    /// sequences that speculate. None while a waiting prompt can be admitted: its chunk
+    /// fills the step with rows that pay.
+    fn draft_room(&self) -> usize {
+        let admitting = !self.waiting.is_empty()
+            && self
+                .cfg
+                .max_running
+                .is_none_or(|max| self.running.len() < max);
+        if admitting {
+            return 0;
+        }
+        let rows: usize = self
+            .running
+            .iter()
+            .map(|s| s.tokens.len() - s.computed)
+            .sum();
+        let drafting = self
+            .running
+            .iter()
+            .filter(|s| s.num_draft > 0 && s.tokens.len() - s.computed == 1)
+            .count();
+        if drafting == 0 {
+            return 0;
+        }
+        self.cfg.spec_max_rows.saturating_sub(rows) / drafting
+    }
+
+    /// The draft for running sequence `i` whose next `n` tokens are scheduled: only for a
+    /// decode step (one token), within the step's budget and the sequence's length, and
+    /// while drafting is not paused (see [`Self::drafts_checked`]).
+    fn draft_for(&mut self, i: usize, n: usize, budget: usize, room: usize) -> Vec<u32> {
+        let seq = &mut self.running[i];
+        if n != 1 || seq.tokens.len() - seq.computed != 1 || seq.num_draft == 0 {
+            return Vec::new();
+        }
+        if seq.draft_pause > 0 {
+            seq.draft_pause -= 1;
+            return Vec::new();
+        }
+        let k = seq
+            .num_draft
+            .min(seq.draft_len)
+            .min(room)
+            .min(budget - 1)
+            .min(seq.max_len.saturating_sub(seq.tokens.len()));
+        ngram_draft(&seq.tokens, k)
+    }
+
+    /// Records that `step` ran: its tokens are in the cache now (drafts only once accepted,
+    /// see [`Self::accept_draft`]), and newly full blocks become reusable prefixes.
     pub fn commit(&mut self, step: &Step) {
         let bs = self.blocks.block_size();
         for s in &step.scheduled {
             let Some(seq) = self.running.iter_mut().find(|q| q.id == s.id) else {
                 continue;
             };
-            seq.computed += s.len;
-            while seq.hashes.len() < seq.computed / bs {
-                let b = seq.hashes.len();
-                let parent = seq.hashes.last().copied();
-                let hash = self.blocks.register_full(
-                    seq.blocks[b],
-                    parent,
-                    &seq.tokens[b * bs..(b + 1) * bs],
-                );
-                seq.hashes.push(hash);
-            }
+            seq.computed += s.len - s.draft.len();
+            register_full_blocks(&mut self.blocks, seq, bs);
         }
     }
 }
 
-fn push_chunk(step: &mut Step, seq: &Sequence, n: usize) {
+/// Registers a sequence's newly full computed blocks as reusable prefixes.
+fn register_full_blocks(blocks: &mut BlockManager, seq: &mut Sequence, bs: usize) {
+    while seq.hashes.len() < seq.computed / bs {
+        let b = seq.hashes.len();
+        let parent = seq.hashes.last().copied();
+        let hash = blocks.register_full(seq.blocks[b], parent, &seq.tokens[b * bs..(b + 1) * bs]);
+        seq.hashes.push(hash);
+    }
+}
+
+/// Adds a sequence's next `n` tokens and its draft to the step.
+fn push_chunk(step: &mut Step, seq: &Sequence, n: usize, draft: Vec<u32>) {
     let from = seq.computed;
     let completes = from + n == seq.tokens.len();
     let want_logits = completes && !seq.embed;
     let logits_row = want_logits.then_some(step.batch.logits_indices.len());
     let start = step.batch.tokens.len();
-    step.batch.push_seq(
-        &seq.tokens[from..from + n],
-        from,
-        seq.blocks.clone(),
-        want_logits,
-    );
+    let mut tokens = seq.tokens[from..from + n].to_vec();
+    tokens.extend_from_slice(&draft);
+    let rows = if want_logits { 1 + draft.len() } else { 0 };
+    step.batch
+        .push_seq_rows(&tokens, from, seq.blocks.clone(), rows);
     step.scheduled.push(Scheduled {
         id: seq.id,
         start,
-        len: n,
+        len: tokens.len(),
         completes,
         logits_row,
+        draft,
     });
 }
 
@@ -354,6 +485,7 @@ mod tests {
             SchedulerConfig {
                 max_tokens_per_step: budget,
                 max_running: None,
+                spec_max_rows: 32,
             },
             BlockManager::new(blocks, 4),
         )
@@ -405,6 +537,97 @@ mod tests {
         }
         assert_eq!(s.block_manager().num_free(), 4);
         assert!(s.is_idle());
+    }
+
+    #[test]
+    fn drafts_ride_along_and_count_once_accepted() {
+        let mut s = sched(16, 64);
+        // "1 2 3 4 5 1 2 3": prompt lookup guesses "4 5 1" after the last token.
+        let mut seq = Sequence::new(0, vec![1, 2, 3, 4, 5, 1, 2]);
+        seq.num_draft = 3;
+        s.add(seq);
+        run(&mut s, 3);
+        let st = s.schedule();
+        assert_eq!(st.scheduled[0].draft, vec![4, 5, 1]);
+        assert_eq!(st.batch.tokens, vec![3, 4, 5, 1]);
+        assert_eq!(st.batch.logits_indices, vec![0, 1, 2, 3]);
+        assert_eq!(st.scheduled[0].logits_row, Some(0));
+        s.commit(&st);
+        assert_eq!(
+            s.get(0).map(|q| q.computed),
+            Some(8),
+            "drafts wait for acceptance"
+        );
+        // The sampler agreed with "4", then chose 9 instead of "5".
+        s.append_token(0, 4);
+        s.accept_draft(0);
+        s.append_token(0, 9);
+        let q = s.get(0).expect("running");
+        assert_eq!((q.tokens.len(), q.computed), (10, 9));
+        assert_eq!(s.counters().drafted, 3);
+        assert_eq!(s.counters().accepted, 1);
+        // The next step computes only the new token, at its position.
+        let st = s.schedule();
+        assert_eq!(st.batch.positions[0], 9);
+        assert!(
+            st.scheduled[0].draft.is_empty(),
+            "nothing follows 4 9 earlier"
+        );
+        s.remove(0);
+        assert_eq!(s.block_manager().num_free(), 16);
+    }
+
+    #[test]
+    fn no_drafts_past_the_row_limit_or_the_length() {
+        let mut s = sched(64, 64);
+        s.cfg.spec_max_rows = 4;
+        for id in 0..3 {
+            let mut seq = Sequence::new(id, vec![1, 2, 1, 2, 1, 2]);
+            seq.num_draft = 8;
+            s.add(seq);
+        }
+        run(&mut s, 1);
+        let st = s.schedule();
+        // Three decode rows leave one draft row under 4: split among three, none each.
+        assert!(st.scheduled.iter().all(|x| x.draft.is_empty()));
+        s.commit(&st);
+        let mut s = sched(64, 64);
+        let mut seq = Sequence::new(0, vec![1, 2, 1, 2, 1, 2]);
+        seq.num_draft = 8;
+        seq.max_len = 9;
+        s.add(seq);
+        run(&mut s, 1);
+        let st = s.schedule();
+        // Seven tokens now, nine at most: two drafts.
+        assert_eq!(st.scheduled[0].draft, vec![2, 1]);
+    }
+
+    #[test]
+    fn drafts_shrink_and_pause_when_rejected() {
+        let mut s = sched(64, 64);
+        let mut seq = Sequence::new(0, [1, 2, 3, 4, 5, 6, 7, 8, 9].repeat(3));
+        seq.num_draft = 6;
+        s.add(seq);
+        run(&mut s, 1); // Appends 1: "9 1" occurred before, followed by 2 3 4 ...
+        let draft = |s: &mut Scheduler| {
+            let st = s.schedule();
+            let d = st.scheduled[0].draft.clone();
+            s.commit(&st);
+            // The cycle goes on, so prompt lookup keeps finding it.
+            let last = s.get(0).and_then(|q| q.tokens.last().copied()).unwrap_or(0);
+            s.append_token(0, last % 9 + 1);
+            d.len()
+        };
+        assert_eq!(draft(&mut s), 6);
+        s.drafts_checked(0, 6, 2);
+        assert_eq!(draft(&mut s), 3, "one more than was kept");
+        s.drafts_checked(0, 3, 0);
+        assert_eq!(draft(&mut s), 1);
+        s.drafts_checked(0, 1, 0);
+        // Two first-token misses in a row: two steps without drafts, then one token.
+        assert_eq!((draft(&mut s), draft(&mut s), draft(&mut s)), (0, 0, 1));
+        s.drafts_checked(0, 1, 1);
+        assert_eq!(draft(&mut s), 2, "a draft kept whole doubles");
     }
 
     #[test]

@@ -198,6 +198,12 @@ impl Worker {
             .num_predict
             .unwrap_or(usize::MAX)
             .min(sub.ctx.saturating_sub(prompt_len));
+        // A grammar's mask is prepared for one row per step, so constrained output is not
+        // speculated.
+        let num_draft = match sub.req.constraint {
+            Some(_) => 0,
+            None => sub.req.num_draft.unwrap_or(0),
+        };
         let active = Active {
             constraint: sub.req.constraint,
             reasoning: Phase::new(sub.req.reasoning),
@@ -221,7 +227,10 @@ impl Worker {
             self.sched.add(Sequence::embedding(sub.id, sub.req.prompt));
             return;
         }
-        self.sched.add(Sequence::new(sub.id, sub.req.prompt));
+        let mut seq = Sequence::new(sub.id, sub.req.prompt);
+        seq.num_draft = num_draft;
+        seq.max_len = prompt_len.saturating_add(limit);
+        self.sched.add(seq);
         if limit == 0 {
             self.finish(sub.id, FinishReason::Length, None);
         }
@@ -311,10 +320,28 @@ impl Worker {
             self.finish(id, FinishReason::Stop, None);
         }
         for s in &step.scheduled {
-            let Some(row) = s.logits_row.and_then(|r| rows.get_mut(r)) else {
+            let Some(first) = s.logits_row else {
                 continue;
             };
-            self.on_logits(s.id, row);
+            // The sequence's own row, then one per draft token: each is sampled as its own
+            // decode step would be, while the sampler keeps choosing the draft.
+            let mut accepted = 0;
+            for i in 0..=s.draft.len() {
+                let Some(row) = rows.get_mut(first + i) else {
+                    break;
+                };
+                let Some(tok) = self.on_logits(s.id, row) else {
+                    break;
+                };
+                if s.draft.get(i) != Some(&tok) {
+                    break;
+                }
+                self.sched.accept_draft(s.id);
+                accepted += 1;
+            }
+            if !s.draft.is_empty() {
+                self.sched.drafts_checked(s.id, s.draft.len(), accepted);
+            }
         }
     }
 
@@ -343,10 +370,10 @@ impl Worker {
         true
     }
 
-    /// Samples a sequence's next token and streams it.
-    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) {
+    /// Samples a sequence's next token and streams it; the token when the sequence goes on.
+    fn on_logits(&mut self, id: SeqId, row: &mut [f32]) -> Option<u32> {
         let (Some(seq), Some(a)) = (self.sched.get(id), self.active.get_mut(&id)) else {
-            return;
+            return None;
         };
         // Before masks change the row: logprobs are the model's own distribution.
         let raw = a.logprobs.map(|k| row_logprobs(row, k));
@@ -361,7 +388,7 @@ impl Worker {
                 };
                 if let Err(e) = c.apply(row) {
                     self.finish(id, FinishReason::Error, Some(e));
-                    return;
+                    return None;
                 }
                 if let Some((open, logit)) = opener {
                     row[open as usize] = logit;
@@ -443,8 +470,14 @@ impl Worker {
             outcome
         };
         match outcome {
-            Some((reason, error)) => self.finish(id, reason, error),
-            None => self.sched.append_token(id, tok),
+            Some((reason, error)) => {
+                self.finish(id, reason, error);
+                None
+            }
+            None => {
+                self.sched.append_token(id, tok);
+                Some(tok)
+            }
         }
     }
 
@@ -524,6 +557,8 @@ impl Worker {
             tokens_computed: c.tokens_computed,
             preemptions: c.preemptions,
             steps: c.steps,
+            drafted: c.drafted,
+            accepted: c.accepted,
             restarts: self.restarts,
         };
         match self.shared.stats.lock() {

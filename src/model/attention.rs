@@ -46,13 +46,25 @@ impl Batch {
         block_table: Vec<u32>,
         want_logits: bool,
     ) {
+        self.push_seq_rows(tokens, cached, block_table, usize::from(want_logits));
+    }
+
+    /// As [`Self::push_seq`], asking for the logits of the last `logit_rows` tokens (a
+    /// speculative step checks each draft token against the row before it).
+    pub fn push_seq_rows(
+        &mut self,
+        tokens: &[u32],
+        cached: usize,
+        block_table: Vec<u32>,
+        logit_rows: usize,
+    ) {
         let start = self.tokens.len();
         self.tokens.extend_from_slice(tokens);
         self.positions
             .extend((cached..cached + tokens.len()).map(|p| p as u32));
-        if want_logits && !tokens.is_empty() {
-            self.logits_indices.push(start + tokens.len() - 1);
-        }
+        let rows = logit_rows.min(tokens.len());
+        self.logits_indices
+            .extend(start + tokens.len() - rows..start + tokens.len());
         self.seqs.push(SeqSlice {
             start,
             len: tokens.len(),

@@ -212,6 +212,31 @@ impl Decoder {
         self.dtype
     }
 
+    /// Bytes of weights one decode step reads: every layer's projections and norms, the
+    /// final norm and the output head (the embedding table is read one row per token, left
+    /// out). With the KV cache read, what bounds single-stream decode speed.
+    pub fn step_weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let o = |n: &Option<Tensor>| n.as_ref().map_or(0, t);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
+                    .iter()
+                    .map(|w| w.weight_bytes())
+                    .sum::<usize>()
+                    + t(&l.attn_norm)
+                    + t(&l.ffn_norm)
+                    + o(&l.q_norm)
+                    + o(&l.k_norm)
+                    + o(&l.post_attn_norm)
+                    + o(&l.post_ffn_norm)
+            })
+            .sum();
+        layers + t(&self.norm) + self.lm_head.weight_bytes()
+    }
+
     /// Runs one packed step and returns logits `[batch.logits_indices.len(), vocab]` (f32).
     pub fn forward(&self, batch: &Batch, cache: &mut dyn KvCache) -> Result<Tensor> {
         Ok(self.forward_with_sums(batch, cache, &[])?.0)

@@ -520,6 +520,23 @@ impl Linear {
         Ok(Self { parts, bias })
     }
 
+    /// Bytes a forward pass reads from this projection's weights and bias: all of them,
+    /// whatever the number of rows (the bandwidth a decode step needs).
+    pub fn weight_bytes(&self) -> usize {
+        use candle_core::quantized::QuantizedType;
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let parts: usize = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                Part::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+                Part::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense(t),
+                Part::Ours(w) => w.storage_size_in_bytes(),
+            })
+            .sum();
+        parts + self.bias.as_ref().map_or(0, dense)
+    }
+
     /// A dense `[out, in]` projection (random-weight models).
     pub(crate) fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         Self::new(QMatMul::Tensor(weight), bias)

@@ -1,0 +1,402 @@
+//! Speculative decoding by prompt lookup on the real models: the output is token for token
+//! the output without it (greedy, and sampled with a seed), alone and in a batch, while the
+//! engine accepts drafts (so fewer forward steps run).
+
+mod api_common;
+mod common;
+mod engine_common;
+
+use candlewick::engine::{EngineError, FinishReason, Request};
+use candlewick::model::Model;
+use engine_common::{chat, collect, engine, load, Output};
+use serde_json::{json, Value};
+
+const FILE: &str = include_str!("fixtures/speculative/inventory.py");
+
+/// The edit task of the speed target: the model returns a file with one change, so most of
+/// its answer repeats the prompt.
+fn edit_prompt(model: &Model) -> Vec<u32> {
+    let ask = format!(
+        "Rename the method `sell` to `sell_items` in this file. Reply with the whole file \
+         and nothing else.\n\n```python\n{FILE}```"
+    );
+    chat(model, &[("user", &ask)])
+}
+
+fn run(model: &std::sync::Arc<Model>, req: Request) -> (Output, candlewick::engine::EngineStats) {
+    let e = engine(model, 256);
+    let out = collect(e.submit(req).expect("submit"));
+    (out, e.stats())
+}
+
+fn with_draft(req: &Request, n: usize) -> Request {
+    Request {
+        num_draft: Some(n),
+        ..req.clone()
+    }
+}
+
+/// Greedy and seeded sampling both give the same tokens with and without drafts, and at
+/// least `min_share` of the output comes from accepted drafts.
+fn same_output(name: &str, new_tokens: usize, min_share: f64) {
+    let model = load(name);
+    let prompt = edit_prompt(&model);
+    let greedy = Request {
+        num_predict: Some(new_tokens),
+        ..Request::new(prompt.clone())
+    };
+    let mut sampled = greedy.clone();
+    sampled.sampling = candlewick::engine::sampler::SamplingParams {
+        temperature: 0.7,
+        top_k: 40,
+        top_p: 0.95,
+        repeat_penalty: 1.1,
+        seed: Some(7),
+        ..Default::default()
+    };
+    for (what, req) in [("greedy", greedy), ("sampled", sampled)] {
+        let (plain, plain_stats) = run(&model, with_draft(&req, 0));
+        let (spec, spec_stats) = run(&model, with_draft(&req, 8));
+        assert_eq!(
+            plain_stats.drafted, 0,
+            "{name} {what}: num_draft 0 drafts nothing"
+        );
+        assert_eq!(
+            plain.ids, spec.ids,
+            "{name} {what}: speculation changed the output:\n{}\n---\n{}",
+            plain.text, spec.text
+        );
+        assert_eq!(plain.text, spec.text);
+        assert_eq!(plain.summary.finish, spec.summary.finish);
+        assert_eq!(spec.summary.eval_count, spec.ids.len());
+        assert!(
+            matches!(
+                spec.summary.finish,
+                FinishReason::Stop | FinishReason::Length
+            ),
+            "{:?}",
+            spec.summary
+        );
+        // The answer copies (some of) the file, so drafts are found and kept.
+        assert!(
+            spec_stats.accepted > 0
+                && spec_stats.accepted as f64 >= min_share * spec.ids.len() as f64,
+            "{name} {what}: {} of {} drafted tokens accepted for {} tokens",
+            spec_stats.accepted,
+            spec_stats.drafted,
+            spec.ids.len()
+        );
+        assert!(spec_stats.accepted <= spec_stats.drafted);
+        assert!(
+            spec_stats.steps < plain_stats.steps,
+            "{name} {what}: {} steps with drafts, {} without",
+            spec_stats.steps,
+            plain_stats.steps
+        );
+        assert_eq!(spec_stats.free_blocks, spec_stats.total_blocks);
+        eprintln!(
+            "{name} {what}: {} tokens, steps {} -> {}, drafted {}, accepted {}",
+            spec.ids.len(),
+            plain_stats.steps,
+            spec_stats.steps,
+            spec_stats.drafted,
+            spec_stats.accepted
+        );
+    }
+}
+
+#[test]
+fn qwen_coder_edit_is_unchanged_by_speculation() {
+    // The coder model returns the file: most of its answer comes from drafts.
+    same_output(common::QWEN_GGUF, 160, 0.5);
+}
+
+#[test]
+fn smollm2_edit_is_unchanged_by_speculation() {
+    // The 135M model paraphrases more than it copies.
+    same_output(common::SMOLLM2_GGUF, 160, 0.0);
+}
+
+/// Several speculating sequences in one batch (drafts shared among them, some prompts
+/// without anything to look up), each equal to its plain run alone.
+#[test]
+fn batched_speculation_equals_plain_alone() {
+    let model = load(common::QWEN_GGUF);
+    let prompts = [
+        edit_prompt(&model),
+        chat(
+            &model,
+            &[("user", "Count from 1 to 30, separated by commas.")],
+        ),
+        chat(&model, &[("user", "What is the capital of France?")]),
+        chat(
+            &model,
+            &[(
+                "user",
+                "Repeat this line three times: the quick brown fox jumps",
+            )],
+        ),
+    ];
+    let req = |p: &Vec<u32>, n| Request {
+        num_predict: Some(48),
+        num_draft: Some(n),
+        ..Request::new(p.clone())
+    };
+    let alone: Vec<Output> = prompts.iter().map(|p| run(&model, req(p, 0)).0).collect();
+    let e = engine(&model, 512);
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| e.submit(req(p, 6)).expect("submit"))
+        .collect();
+    let batched: Vec<Output> = streams.into_iter().map(collect).collect();
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.ids, b.ids, "prompt {i}:\n{}\n---\n{}", a.text, b.text);
+    }
+    let stats = e.stats();
+    assert!(stats.accepted > 0, "{stats:?}");
+    assert_eq!(stats.free_blocks, stats.total_blocks);
+}
+
+/// A draft never takes the output past `num_predict`, and a stop string inside accepted
+/// drafts ends the output where it would without them.
+#[test]
+fn limits_hold_inside_a_step() {
+    let model = load(common::SMOLLM2_GGUF);
+    let prompt = edit_prompt(&model);
+    for n in [1, 5, 17, 40] {
+        let req = Request {
+            num_predict: Some(n),
+            ..Request::new(prompt.clone())
+        };
+        let (plain, _) = run(&model, with_draft(&req, 0));
+        let (spec, _) = run(&model, with_draft(&req, 12));
+        assert_eq!(spec.ids.len(), plain.ids.len(), "num_predict {n}");
+        assert_eq!(spec.ids, plain.ids);
+    }
+    let req = Request {
+        num_predict: Some(200),
+        stop: vec!["def restock".into()],
+        ..Request::new(prompt)
+    };
+    let (plain, _) = run(&model, with_draft(&req, 0));
+    let (spec, _) = run(&model, with_draft(&req, 12));
+    assert_eq!(spec.text, plain.text);
+    assert_eq!(spec.summary.stop_string, plain.summary.stop_string);
+    assert_eq!(spec.summary.eval_count, plain.summary.eval_count);
+}
+
+#[test]
+fn too_many_drafts_are_refused() {
+    let model = load(common::SMOLLM2_GGUF);
+    let e = engine(&model, 16);
+    let err = e
+        .submit(Request {
+            num_draft: Some(candlewick::engine::MAX_DRAFT + 1),
+            ..Request::new(vec![1, 2, 3])
+        })
+        .expect_err("refused");
+    assert!(matches!(err, EngineError::TooManyDrafts { .. }), "{err}");
+}
+
+/// Over HTTP: `num_draft` in `options`, in a model's parameters (as a Modelfile's
+/// `PARAMETER` sets them) and as the server default `WICK_NUM_DRAFT`; the answer is the
+/// plain one and `/api/ps` reports the drafts.
+#[tokio::test]
+async fn options_modelfile_and_server_default() {
+    let models = api_common::store_dir("speculative");
+    api_common::import(
+        &models,
+        "smollm2:135m",
+        &common::test_model(common::SMOLLM2_GGUF),
+    );
+    let (addr, _state) =
+        api_common::spawn_server(api_common::config(models, &[("WICK_NUM_DRAFT", "0")]));
+    let base = format!("http://{addr}");
+    let ask = format!("Repeat this file exactly.\n\n```python\n{FILE}```");
+    let chat = |model: &str, options: Value| {
+        json!({"model": model, "stream": false, "options": options,
+               "messages": [{"role": "user", "content": ask}]})
+    };
+    let answer = |v: Value| {
+        v["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ps = || async {
+        let v: Value = reqwest::get(format!("{base}/api/ps"))
+            .await
+            .expect("ps")
+            .json()
+            .await
+            .expect("JSON");
+        v["models"][0]["speculative"].clone()
+    };
+    let opts = |n: i64| json!({"temperature": 0, "num_predict": 64, "num_draft": n});
+
+    let plain = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(0))).await;
+    assert_eq!(plain.status(), 200);
+    let plain = answer(plain.json().await.expect("JSON"));
+    let spec = ps().await;
+    assert_eq!(spec["method"], "ngram");
+    assert_eq!(spec["num_draft"], 0);
+    assert_eq!(spec["drafted"], 0);
+
+    let fast = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(8))).await;
+    assert_eq!(fast.status(), 200);
+    assert_eq!(answer(fast.json().await.expect("JSON")), plain);
+    let spec = ps().await;
+    assert!(spec["accepted"].as_u64().unwrap_or(0) > 0, "{spec}");
+
+    // Out of range: a 400 naming the option, in each dialect.
+    let bad = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(33))).await;
+    assert_eq!(bad.status(), 400);
+    let v: Value = bad.json().await.expect("JSON");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("num_draft"),
+        "{v}"
+    );
+    let openai = json!({"model": "smollm2:135m", "max_tokens": 4,
+                        "messages": [{"role": "user", "content": "hi"}],
+                        "options": {"num_draft": 1000}});
+    let bad = api_common::post(&base, "/v1/chat/completions", openai).await;
+    assert_eq!(bad.status(), 400);
+
+    // A model whose parameters turn it on.
+    let created = api_common::post(
+        &base,
+        "/api/create",
+        json!({"model": "smol-spec", "from": "smollm2:135m", "stream": false,
+               "parameters": {"num_draft": 8, "temperature": 0}}),
+    )
+    .await;
+    assert_eq!(created.status(), 200, "{:?}", created.text().await);
+    let before = ps().await["accepted"].as_u64().unwrap_or(0);
+    let made = api_common::post(
+        &base,
+        "/api/chat",
+        chat("smol-spec", json!({"num_predict": 64})),
+    )
+    .await;
+    assert_eq!(made.status(), 200);
+    assert_eq!(answer(made.json().await.expect("JSON")), plain);
+    let v: Value = reqwest::get(format!("{base}/api/ps"))
+        .await
+        .expect("ps")
+        .json()
+        .await
+        .expect("JSON");
+    let accepted: u64 = v["models"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["speculative"]["accepted"].as_u64())
+        .sum();
+    assert!(accepted > before, "{v}");
+
+    // The server default.
+    let models = api_common::store_dir("speculative-default");
+    api_common::import(
+        &models,
+        "smollm2:135m",
+        &common::test_model(common::SMOLLM2_GGUF),
+    );
+    let (addr, _state) =
+        api_common::spawn_server(api_common::config(models, &[("WICK_NUM_DRAFT", "6")]));
+    let base2 = format!("http://{addr}");
+    let resp = api_common::post(
+        &base2,
+        "/api/chat",
+        chat("smollm2:135m", json!({"temperature": 0, "num_predict": 64})),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(answer(resp.json().await.expect("JSON")), plain);
+    let v: Value = reqwest::get(format!("{base2}/api/ps"))
+        .await
+        .expect("ps")
+        .json()
+        .await
+        .expect("JSON");
+    let spec = &v["models"][0]["speculative"];
+    assert_eq!(spec["num_draft"], 6);
+    assert!(spec["accepted"].as_u64().unwrap_or(0) > 0, "{spec}");
+}
+
+/// What exact speculation rests on: a token's logits computed as one row of a multi-row
+/// step equal, bit for bit, its logits computed by a decode step of its own.
+fn chunk_rows_equal_decode_steps(name: &str) {
+    use candlewick::model::{Batch, CpuKvCache, KvCache};
+    let model = load(name);
+    let prompt = chat(
+        &model,
+        &[("user", "Write a short story about a lighthouse.")],
+    );
+    let next: Vec<u32> = model
+        .tokenizer
+        .encode(
+            "Once upon a time, there was a lighthouse keeper named",
+            false,
+        )
+        .expect("encode");
+    let blocks = (prompt.len() + next.len()).div_ceil(16);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let prefill = |cache: &mut CpuKvCache| {
+        let mut b = Batch::default();
+        b.push_seq(&prompt, 0, table.clone(), true);
+        model
+            .decoder
+            .forward(&b, cache as &mut dyn KvCache)
+            .expect("prefill");
+    };
+    let mut cache = CpuKvCache::new(model.config(), blocks, 16);
+    prefill(&mut cache);
+    let mut one_by_one = Vec::new();
+    for (i, &t) in next.iter().enumerate() {
+        let mut b = Batch::default();
+        b.push_seq(&[t], prompt.len() + i, table.clone(), true);
+        let l = model
+            .decoder
+            .forward(&b, &mut cache as &mut dyn KvCache)
+            .expect("decode");
+        one_by_one.extend(l.to_vec2::<f32>().expect("logits"));
+    }
+    for rows in [2, 9, 16, next.len()] {
+        let mut cache = CpuKvCache::new(model.config(), blocks, 16);
+        prefill(&mut cache);
+        let mut chunked = Vec::new();
+        for (c, part) in next.chunks(rows).enumerate() {
+            let mut b = Batch::default();
+            b.push_seq_rows(part, prompt.len() + c * rows, table.clone(), part.len());
+            let l = model
+                .decoder
+                .forward(&b, &mut cache as &mut dyn KvCache)
+                .expect("chunk");
+            chunked.extend(l.to_vec2::<f32>().expect("logits"));
+        }
+        for (i, (a, b)) in one_by_one.iter().zip(&chunked).enumerate() {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst == 0.0,
+                "{name}: row {i} of chunks of {rows} differs by up to {worst}"
+            );
+        }
+    }
+}
+
+#[test]
+fn qwen_chunk_rows_equal_decode_steps() {
+    chunk_rows_equal_decode_steps(common::QWEN_GGUF);
+}
+
+#[test]
+fn smollm2_chunk_rows_equal_decode_steps() {
+    chunk_rows_equal_decode_steps(common::SMOLLM2_GGUF);
+}
