@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::Device;
 use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
 
-use common::models_dir;
+use common::{median, model_files, models_dir};
 
 mod common;
 
@@ -84,24 +84,15 @@ fn decode_secs(model: &Model) -> f64 {
         let _row: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    times[times.len() / 2]
+    median(times)
 }
 
 fn main() {
-    let files: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let files = if files.is_empty() {
-        vec![
-            "SmolLM2-135M-Instruct.Q4_1.gguf".to_string(),
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".to_string(),
-            "gemma-3-270m-q4_k_m.gguf".to_string(),
-        ]
-    } else {
-        files
-    };
+    let files = model_files(&[
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "gemma-3-270m-q4_k_m.gguf",
+    ]);
     let threads = threads();
     let bw = read_bandwidth(threads);
     println!(

@@ -16,23 +16,11 @@ use candlewick::engine::{Engine, EngineConfig, Event, Request};
 use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
 use serde_json::json;
 
-use common::{chat_prompt, models_dir};
+use common::{chat_prompt, env_usize, median, model_files, models_dir};
 
 mod common;
 
 const FILE: &str = include_str!("../tests/fixtures/speculative/inventory.py");
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// One greedy request: its tokens and its decode rate (tokens after the first, per second
 /// after the first).
@@ -153,18 +141,10 @@ fn bench_model(file: &str) {
 }
 
 fn main() {
-    let files: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let files = if files.is_empty() {
-        vec![
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".to_string(),
-            "SmolLM2-135M-Instruct.Q4_1.gguf".to_string(),
-        ]
-    } else {
-        files
-    };
+    let files = model_files(&[
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ]);
     for f in files {
         bench_model(&f);
     }

@@ -16,16 +16,9 @@ use candlewick::engine::{Engine, EngineConfig, Event, Grammar, Request};
 use candlewick::model::Model;
 use serde_json::json;
 
-use common::{chat_prompt, models_dir};
+use common::{chat_prompt, env_usize, median, model_files, models_dir};
 
 mod common;
-
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A schema no answer of a few dozen tokens completes, so every request generates exactly
 /// the same number of tokens with and without it: a list of at least 200 short notes.
@@ -103,11 +96,6 @@ fn run(engine: &Engine, model: &Model, c: usize, constrained: usize, n: usize) -
     (total as f64 / wall, free_rate)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 /// Time of one mask on its own: a fresh constraint walked along a valid answer.
 fn mask_micros(engine: &Engine, model: &Model) -> (f64, f64) {
     let answer = r#"{"title": "Shopping", "notes": [{"text": "buy milk", "priority": 2}, {"text": "call the bank", "priority": 5}, {"text": "fix the bike", "priority": 1}"#;
@@ -181,18 +169,10 @@ fn bench_model(file: &str) {
 }
 
 fn main() {
-    let files: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let files = if files.is_empty() {
-        vec![
-            "SmolLM2-135M-Instruct.Q4_1.gguf".to_string(),
-            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf".to_string(),
-        ]
-    } else {
-        files
-    };
+    let files = model_files(&[
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    ]);
     for f in files {
         bench_model(&f);
     }

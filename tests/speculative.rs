@@ -223,21 +223,28 @@ async fn options_modelfile_and_server_default() {
             .unwrap_or_default()
             .to_string()
     };
-    let ps = || async {
+    // Accepted drafts over every loaded model, and the first one's report.
+    let ps = |base: String| async move {
         let v: Value = reqwest::get(format!("{base}/api/ps"))
             .await
             .expect("ps")
             .json()
             .await
             .expect("JSON");
-        v["models"][0]["speculative"].clone()
+        let models = v["models"].as_array().cloned().unwrap_or_default();
+        let accepted: u64 = models
+            .iter()
+            .filter_map(|m| m["speculative"]["accepted"].as_u64())
+            .sum();
+        (accepted, models.first().map(|m| m["speculative"].clone()))
     };
     let opts = |n: i64| json!({"temperature": 0, "num_predict": 64, "num_draft": n});
 
     let plain = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(0))).await;
     assert_eq!(plain.status(), 200);
     let plain = answer(plain.json().await.expect("JSON"));
-    let spec = ps().await;
+    let (_, spec) = ps(base.clone()).await;
+    let spec = spec.expect("a loaded model");
     assert_eq!(spec["method"], "ngram");
     assert_eq!(spec["num_draft"], 0);
     assert_eq!(spec["drafted"], 0);
@@ -245,8 +252,8 @@ async fn options_modelfile_and_server_default() {
     let fast = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(8))).await;
     assert_eq!(fast.status(), 200);
     assert_eq!(answer(fast.json().await.expect("JSON")), plain);
-    let spec = ps().await;
-    assert!(spec["accepted"].as_u64().unwrap_or(0) > 0, "{spec}");
+    let (accepted, spec) = ps(base.clone()).await;
+    assert!(accepted > 0, "{spec:?}");
 
     // Out of range: a 400 naming the option, in each dialect.
     let bad = api_common::post(&base, "/api/chat", chat("smollm2:135m", opts(33))).await;
@@ -274,7 +281,7 @@ async fn options_modelfile_and_server_default() {
     )
     .await;
     assert_eq!(created.status(), 200, "{:?}", created.text().await);
-    let before = ps().await["accepted"].as_u64().unwrap_or(0);
+    let (before, _) = ps(base.clone()).await;
     let made = api_common::post(
         &base,
         "/api/chat",
@@ -283,19 +290,8 @@ async fn options_modelfile_and_server_default() {
     .await;
     assert_eq!(made.status(), 200);
     assert_eq!(answer(made.json().await.expect("JSON")), plain);
-    let v: Value = reqwest::get(format!("{base}/api/ps"))
-        .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("JSON");
-    let accepted: u64 = v["models"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|m| m["speculative"]["accepted"].as_u64())
-        .sum();
-    assert!(accepted > before, "{v}");
+    let (after, _) = ps(base.clone()).await;
+    assert!(after > before, "{before} -> {after}");
 
     // The server default.
     let models = api_common::store_dir("speculative-default");
@@ -315,15 +311,9 @@ async fn options_modelfile_and_server_default() {
     .await;
     assert_eq!(resp.status(), 200);
     assert_eq!(answer(resp.json().await.expect("JSON")), plain);
-    let v: Value = reqwest::get(format!("{base2}/api/ps"))
-        .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("JSON");
-    let spec = &v["models"][0]["speculative"];
-    assert_eq!(spec["num_draft"], 6);
-    assert!(spec["accepted"].as_u64().unwrap_or(0) > 0, "{spec}");
+    let (accepted, spec) = ps(base2).await;
+    assert_eq!(spec.expect("a loaded model")["num_draft"], 6);
+    assert!(accepted > 0);
 }
 
 /// What exact speculation rests on: a token's logits computed as one row of a multi-row

@@ -28,3 +28,31 @@ pub fn chat_prompt(model: &Model, messages: &[serde_json::Value]) -> Vec<u32> {
         .expect("render");
     model.tokenizer.encode(&text, false).expect("encode")
 }
+
+/// The model files named on the command line (arguments not starting with `--`), or
+/// `defaults`.
+pub fn model_files(defaults: &[&str]) -> Vec<String> {
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    if named.is_empty() {
+        defaults.iter().map(|f| f.to_string()).collect()
+    } else {
+        named
+    }
+}
+
+/// A `usize` setting from the environment, or `default`.
+pub fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median (upper middle for an even count).
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
