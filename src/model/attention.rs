@@ -212,7 +212,7 @@ impl CpuKvCache {
     pub fn with_type(cfg: &ArchConfig, num_blocks: usize, block_size: usize, ty: KvType) -> Self {
         let per_layer = num_blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
         fn zeros<E: KvElem>(layers: usize, n: usize) -> Vec<Vec<E>> {
-            (0..layers).map(|_| vec![E::from_f32(0.0); n]).collect()
+            (0..layers).map(|_| E::zeroed(n)).collect()
         }
         let layers = cfg.num_layers;
         let planes = match ty {

@@ -40,6 +40,9 @@ impl Rows {
 pub trait KvElem: Copy + Send + Sync + 'static {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
+    /// `n` zeros from zeroed memory: the pages stay untouched (and cost nothing) until a
+    /// block is first written, which `vec![zero; n]` guarantees only for primitive types.
+    fn zeroed(n: usize) -> Vec<Self>;
     /// Eight elements from `p`, widened.
     ///
     /// # Safety
@@ -57,6 +60,9 @@ pub trait KvElem: Copy + Send + Sync + 'static {
 impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        vec![0.0; n]
     }
     fn to_f32(self) -> f32 {
         self
@@ -78,6 +84,11 @@ impl KvElem for f32 {
 impl KvElem for f16 {
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        // Zero bits are +0.0; reinterpreting keeps the zeroed allocation (no copy).
+        vec![0u16; n].reinterpret_into()
     }
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -432,6 +443,35 @@ pub(super) mod x86 {
 mod tests {
     use super::*;
     use crate::model::pseudo_random;
+
+    /// The resident set of this process, in bytes (Linux).
+    fn rss() -> usize {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// A KV cache of either element type costs no memory until its blocks are written (the
+    /// f16 cache was once filled element by element at allocation: the whole budget resident
+    /// at start).
+    #[test]
+    fn zeroed_caches_are_not_resident() {
+        const N: usize = 256 << 20;
+        let before = rss();
+        let h = f16::zeroed(N);
+        let f = f32::zeroed(N);
+        let grown = rss().saturating_sub(before);
+        assert!(
+            grown < 64 << 20,
+            "{} MiB resident for 1.5 GiB of zeros",
+            grown >> 20
+        );
+        assert_eq!((h[0], h[N - 1]), (f16::ZERO, f16::ZERO));
+        assert_eq!((f[0], f[N - 1]), (0.0, 0.0));
+    }
 
     /// Rows `(query, window)` against `span` keys and values, through [`attend`].
     fn run(rows: &[(&[f32], (u32, u32))], hd: usize, kv: &[f32], span: usize) -> Vec<Vec<f32>> {
