@@ -384,12 +384,15 @@ fn tile_kernel() -> Option<Tile> {
         static TILE: std::sync::OnceLock<Option<Tile>> = std::sync::OnceLock::new();
         *TILE.get_or_init(|| {
             use std::arch::is_x86_feature_detected as has;
+            // AVX-512 VNNI first where a CPU has both: its EVEX encoding reaches 32 vector
+            // registers, where the VEX AVX-VNNI kernel spills its accumulators (16) in a
+            // build for the portable floor. Same results either way.
             if !(has!("avx2") && has!("fma") && has!("f16c")) {
                 None
-            } else if has!("avxvnni") {
-                Some(Tile::AvxVnni)
             } else if has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
                 Some(Tile::Avx512Vnni)
+            } else if has!("avxvnni") {
+                Some(Tile::AvxVnni)
             } else {
                 Some(Tile::Avx2)
             }
