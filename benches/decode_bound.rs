@@ -8,13 +8,12 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
+use candlewick::model::{Batch, KvCache, Model};
 
-use common::{median, model_files, models_dir};
+use common::{median, model_files, models_dir, prefilled};
 
 mod common;
 
-const BLOCK: usize = 16;
 /// Decode runs at contexts CONTEXT..CONTEXT+STEPS.
 const CONTEXT: usize = 128;
 const STEPS: usize = 128;
@@ -63,15 +62,7 @@ fn read_bandwidth(threads: usize) -> f64 {
 
 /// Median seconds per decode step over contexts CONTEXT..CONTEXT+STEPS.
 fn decode_secs(model: &Model) -> f64 {
-    let blocks = (CONTEXT + STEPS + 1).div_ceil(BLOCK);
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut cache = CpuKvCache::new(model.config(), blocks, BLOCK);
-    let mut b = Batch::default();
-    b.push_seq(&vec![100; CONTEXT], 0, table.clone(), true);
-    model
-        .decoder
-        .forward(&b, &mut cache as &mut dyn KvCache)
-        .expect("prefill");
+    let (mut cache, table) = prefilled(model, CONTEXT, STEPS);
     let mut times = Vec::with_capacity(STEPS);
     for pos in CONTEXT..CONTEXT + STEPS {
         let mut b = Batch::default();

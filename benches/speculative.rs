@@ -13,10 +13,10 @@ use std::time::Instant;
 
 use candle_core::Device;
 use candlewick::engine::{Engine, EngineConfig, Event, Request};
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
+use candlewick::model::{Batch, KvCache, Model};
 use serde_json::json;
 
-use common::{chat_prompt, env_usize, median, model_files, models_dir};
+use common::{chat_prompt, env_usize, median, model_files, models_dir, prefilled};
 
 mod common;
 
@@ -52,17 +52,8 @@ fn run(engine: &Engine, prompt: &[u32], n: usize, draft: usize) -> (Vec<u32>, f6
 
 /// Milliseconds of one decode step of `rows` rows of one sequence at a 512-token context.
 fn step_ms(model: &Model, rows: usize) -> f64 {
-    const BLOCK: usize = 16;
     let ctx = 512;
-    let blocks = (ctx + rows).div_ceil(BLOCK);
-    let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut cache = CpuKvCache::new(model.config(), blocks, BLOCK);
-    let mut b = Batch::default();
-    b.push_seq(&vec![100; ctx], 0, table.clone(), true);
-    model
-        .decoder
-        .forward(&b, &mut cache as &mut dyn KvCache)
-        .expect("prefill");
+    let (mut cache, table) = prefilled(model, ctx, rows);
     let mut times = Vec::new();
     for _ in 0..7 {
         let mut b = Batch::default();

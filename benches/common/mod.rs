@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use candlewick::model::Model;
+use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
 
 /// `WICK_TEST_MODELS`, or where scripts/fetch-test-models.sh puts them.
 pub fn models_dir() -> PathBuf {
@@ -55,4 +55,20 @@ pub fn env_usize(key: &str, default: usize) -> usize {
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+/// A KV cache of 16-token blocks holding a `ctx`-token context, with room for `more`
+/// tokens after it, and its block table: where a decode-step timing starts.
+pub fn prefilled(model: &Model, ctx: usize, more: usize) -> (CpuKvCache, Vec<u32>) {
+    const BLOCK: usize = 16;
+    let blocks = (ctx + more).div_ceil(BLOCK);
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let mut cache = CpuKvCache::new(model.config(), blocks, BLOCK);
+    let mut b = Batch::default();
+    b.push_seq(&vec![100; ctx], 0, table.clone(), true);
+    model
+        .decoder
+        .forward(&b, &mut cache as &mut dyn KvCache)
+        .expect("prefill");
+    (cache, table)
 }

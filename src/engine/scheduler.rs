@@ -209,27 +209,21 @@ impl Scheduler {
         }
     }
 
-    /// Records that the next draft token of a running sequence was accepted (the sampler
-    /// chose it, and it was appended): its K/V, written by the step, count as computed.
-    pub fn accept_draft(&mut self, id: SeqId) {
-        let bs = self.blocks.block_size();
-        if let Some(seq) = self.running.iter_mut().find(|s| s.id == id) {
-            if seq.computed < seq.tokens.len() {
-                seq.computed += 1;
-                self.counters.accepted += 1;
-                register_full_blocks(&mut self.blocks, seq, bs);
-            }
-        }
-    }
-
-    /// Adapts a sequence's drafts to how they fare, so that text that does not repeat its
-    /// context costs few wasted rows: after a draft kept whole, the next may be twice as
-    /// long; otherwise one longer than what was kept. Drafts rejected at their first token
-    /// twice in a row pause drafting, 2, 4, ... up to 64 steps.
+    /// Records how a running sequence's draft fared: its first `accepted` tokens were
+    /// chosen by the sampler (and appended), so their K/V, written by the step, count as
+    /// computed. Then adapts the next drafts, so that text that does not repeat its context
+    /// costs few wasted rows: after a draft kept whole, the next may be twice as long;
+    /// otherwise one longer than what was kept. Drafts rejected at their first token twice
+    /// in a row pause drafting, 2, 4, ... up to 64 steps.
     pub fn drafts_checked(&mut self, id: SeqId, drafted: usize, accepted: usize) {
+        let bs = self.blocks.block_size();
         let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
             return;
         };
+        let accepted = accepted.min(seq.tokens.len() - seq.computed);
+        seq.computed += accepted;
+        self.counters.accepted += accepted as u64;
+        register_full_blocks(&mut self.blocks, seq, bs);
         seq.draft_len = if accepted == drafted {
             drafted.saturating_mul(2)
         } else {
@@ -288,20 +282,17 @@ impl Scheduler {
                 continue;
             }
             let upto = seq.computed + n;
-            let draft = self.draft_for(i, n, budget, draft_room);
+            let mut draft = self.draft_for(i, n, budget, draft_room);
+            // Drafts only take free blocks: without room for them, a plain step.
             if !draft.is_empty()
-                && self
+                && !self
                     .blocks
                     .allocate_slots(&mut self.running[i].blocks, &[], upto + draft.len())
             {
-                self.counters.drafted += draft.len() as u64;
-                budget -= n + draft.len();
-                push_chunk(&mut step, &self.running[i], n, draft);
-                i += 1;
-                continue;
+                draft.clear();
             }
             // Grow its block table, preempting the newest sequences (itself last) until
-            // the blocks fit.
+            // the blocks fit (at once when the draft's allocation already covered them).
             let fits = loop {
                 if self
                     .blocks
@@ -320,8 +311,9 @@ impl Scheduler {
             if !fits {
                 break;
             }
-            push_chunk(&mut step, &self.running[i], n, Vec::new());
-            budget -= n;
+            self.counters.drafted += draft.len() as u64;
+            budget -= n + draft.len();
+            push_chunk(&mut step, &self.running[i], n, draft);
             i += 1;
         }
 
@@ -431,7 +423,7 @@ impl Scheduler {
     }
 
     /// Records that `step` ran: its tokens are in the cache now (drafts only once accepted,
-    /// see [`Self::accept_draft`]), and newly full blocks become reusable prefixes.
+    /// see [`Self::drafts_checked`]), and newly full blocks become reusable prefixes.
     pub fn commit(&mut self, step: &Step) {
         let bs = self.blocks.block_size();
         for s in &step.scheduled {
@@ -560,8 +552,8 @@ mod tests {
         );
         // The sampler agreed with "4", then chose 9 instead of "5".
         s.append_token(0, 4);
-        s.accept_draft(0);
         s.append_token(0, 9);
+        s.drafts_checked(0, 3, 1);
         let q = s.get(0).expect("running");
         assert_eq!((q.tokens.len(), q.computed), (10, 9));
         assert_eq!(s.counters().drafted, 3);
@@ -609,24 +601,44 @@ mod tests {
         seq.num_draft = 6;
         s.add(seq);
         run(&mut s, 1); // Appends 1: "9 1" occurred before, followed by 2 3 4 ...
-        let draft = |s: &mut Scheduler| {
-            let st = s.schedule();
-            let d = st.scheduled[0].draft.clone();
-            s.commit(&st);
-            // The cycle goes on, so prompt lookup keeps finding it.
+                        // The cycle goes on, so prompt lookup keeps finding it.
+        let next = |s: &mut Scheduler| {
             let last = s.get(0).and_then(|q| q.tokens.last().copied()).unwrap_or(0);
             s.append_token(0, last % 9 + 1);
-            d.len()
+        };
+        // A step; without a draft, its one sampled token is appended.
+        let draft = |s: &mut Scheduler| {
+            let st = s.schedule();
+            let d = st.scheduled[0].draft.len();
+            s.commit(&st);
+            if d == 0 {
+                next(s);
+            }
+            d
+        };
+        // The accepted tokens and the sampler's own, then the verdict.
+        let checked = |s: &mut Scheduler, drafted: usize, accepted: usize| {
+            for _ in 0..=accepted {
+                next(s);
+            }
+            s.drafts_checked(0, drafted, accepted);
         };
         assert_eq!(draft(&mut s), 6);
-        s.drafts_checked(0, 6, 2);
+        checked(&mut s, 6, 2);
         assert_eq!(draft(&mut s), 3, "one more than was kept");
-        s.drafts_checked(0, 3, 0);
+        checked(&mut s, 3, 0);
         assert_eq!(draft(&mut s), 1);
-        s.drafts_checked(0, 1, 0);
+        checked(&mut s, 1, 0);
         // Two first-token misses in a row: two steps without drafts, then one token.
         assert_eq!((draft(&mut s), draft(&mut s), draft(&mut s)), (0, 0, 1));
-        s.drafts_checked(0, 1, 1);
+        checked(&mut s, 1, 1);
+        assert_eq!(s.counters().accepted, 3);
+        let q = s.get(0).expect("running");
+        assert_eq!(
+            q.tokens.len() - q.computed,
+            1,
+            "accepted drafts count as computed: only the sampler's own token is left"
+        );
         assert_eq!(draft(&mut s), 2, "a draft kept whole doubles");
     }
 

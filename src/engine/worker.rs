@@ -336,7 +336,6 @@ impl Worker {
                 if s.draft.get(i) != Some(&tok) {
                     break;
                 }
-                self.sched.accept_draft(s.id);
                 accepted += 1;
             }
             if !s.draft.is_empty() {

@@ -216,7 +216,7 @@ impl Decoder {
     /// final norm and the output head (the embedding table is read one row per token, left
     /// out). With the KV cache read, what bounds single-stream decode speed.
     pub fn step_weight_bytes(&self) -> usize {
-        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let t = super::weights::tensor_bytes;
         let o = |n: &Option<Tensor>| n.as_ref().map_or(0, t);
         let layers: usize = self
             .layers

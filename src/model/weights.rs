@@ -482,6 +482,11 @@ pub struct Linear {
     bias: Option<Tensor>,
 }
 
+/// Bytes a dense tensor holds.
+pub(crate) fn tensor_bytes(t: &Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 /// A projection (or a row part of one): candle's matmul, or our CPU kernels.
 #[derive(Clone, Debug)]
 enum Part {
@@ -524,17 +529,16 @@ impl Linear {
     /// whatever the number of rows (the bandwidth a decode step needs).
     pub fn weight_bytes(&self) -> usize {
         use candle_core::quantized::QuantizedType;
-        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
         let parts: usize = self
             .parts
             .iter()
             .map(|p| match p {
                 Part::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-                Part::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => dense(t),
+                Part::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => tensor_bytes(t),
                 Part::Ours(w) => w.storage_size_in_bytes(),
             })
             .sum();
-        parts + self.bias.as_ref().map_or(0, dense)
+        parts + self.bias.as_ref().map_or(0, tensor_bytes)
     }
 
     /// A dense `[out, in]` projection (random-weight models).
