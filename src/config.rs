@@ -269,9 +269,8 @@ pub struct Config {
     /// `WICK_KV_CACHE_BYTES`: the KV cache budget per model; `None`: sized from the memory
     /// available (see `engine::kv_budget`).
     pub kv_cache_bytes: Option<usize>,
-    /// `OLLAMA_KV_CACHE_TYPE`: the CPU KV cache's element type (`f16` default, `f32`;
-    /// Ollama's quantized `q8_0`/`q4_0` fall back to f16 with a warning, as Ollama does where
-    /// it cannot quantize the cache).
+    /// `OLLAMA_KV_CACHE_TYPE`: the CPU KV cache's element type (`f16` default, `f32`, `q8_0`;
+    /// `q4_0` is stored as q8_0 with a warning).
     pub kv_type: KvType,
     /// `WICK_NUM_DRAFT`: speculative decoding's draft tokens per step for requests that do
     /// not set `num_draft` (default 0: off).
@@ -456,11 +455,11 @@ impl Config {
                 None => KvType::F16,
                 Some(v) if v == "f16" => KvType::F16,
                 Some(v) if v == "f32" => KvType::F32,
-                Some(v) if v == "q8_0" || v == "q4_0" => {
-                    tracing::warn!(
-                        "OLLAMA_KV_CACHE_TYPE={v} is not supported by this build; using f16"
-                    );
-                    KvType::F16
+                Some(v) if v == "q8_0" => KvType::Q8_0,
+                Some(v) if v == "q4_0" => {
+                    // Ollama accepts it: the nearest type we have keeps the server starting.
+                    tracing::warn!("OLLAMA_KV_CACHE_TYPE=q4_0 is not supported; using q8_0");
+                    KvType::Q8_0
                 }
                 Some(v) => {
                     return Err(invalid(

@@ -105,3 +105,51 @@ async fn the_budget_follows_the_cgroup_limit() {
     assert!(bytes > 0 && bytes <= (512 << 20) * 3 / 10, "{kv}");
     drop(server);
 }
+
+/// `OLLAMA_KV_CACHE_TYPE=q8_0`: the same budget holds 1.88 times the tokens of the default
+/// f16 cache (34 bytes per 32 elements against 64), `/api/ps` says so, and the model still
+/// answers.
+#[tokio::test]
+async fn q8_0_holds_more_tokens_in_the_same_budget() {
+    let mut served = Vec::new();
+    for ty in ["f16", "q8_0"] {
+        let models = api_common::store_dir(&format!("kv-type-{ty}"));
+        api_common::import(
+            &models,
+            "smollm2:135m",
+            &common::test_model(common::SMOLLM2_GGUF),
+        );
+        let cfg = api_common::config(
+            models,
+            &[
+                ("OLLAMA_KV_CACHE_TYPE", ty),
+                ("WICK_KV_CACHE_BYTES", &(64usize << 20).to_string()),
+            ],
+        );
+        let (addr, _state) = api_common::spawn_server(cfg);
+        let base = format!("http://{addr}");
+        let resp = api_common::post(
+            &base,
+            "/api/chat",
+            json!({"model": "smollm2:135m", "stream": false,
+                   "options": {"temperature": 0, "num_predict": 24},
+                   "messages": [{"role": "user", "content": "What is the capital of Germany?"}]}),
+        )
+        .await;
+        assert_eq!(resp.status(), 200);
+        let v: Value = resp.json().await.expect("JSON");
+        let answer = v["message"]["content"].as_str().unwrap_or_default();
+        assert!(answer.contains("Berlin"), "{ty}: {answer:?}");
+        let ps: Value = reqwest::get(format!("{base}/api/ps"))
+            .await
+            .expect("ps")
+            .json()
+            .await
+            .expect("JSON");
+        let kv = ps["models"][0]["kv_cache"].clone();
+        assert_eq!(kv["type"], ty, "{kv}");
+        served.push(kv["tokens"].as_u64().unwrap_or(0) as f64);
+    }
+    let ratio = served[1] / served[0];
+    assert!((1.85..1.9).contains(&ratio), "{served:?}");
+}

@@ -247,8 +247,8 @@ fn reference_greedy(path: &std::path::Path, prompt: &[u32], n: usize) -> Vec<Ref
 
 /// Our greedy choice at each step, fed the reference's tokens (teacher forcing), so one
 /// near-tie cannot make the rest of the comparison meaningless.
-fn our_choices(model: &Model, prompt: &[u32], forced: &[u32]) -> Vec<u32> {
-    let mut run = Run::new(model, 1, prompt.len() + forced.len() + 1, KvType::F16);
+fn our_choices(model: &Model, prompt: &[u32], forced: &[u32], ty: KvType) -> Vec<u32> {
+    let mut run = Run::new(model, 1, prompt.len() + forced.len() + 1, ty);
     let mut b = Batch::default();
     b.push_seq(prompt, 0, run.table(0, prompt.len()), true);
     let mut l = model
@@ -285,24 +285,31 @@ fn check_gguf_greedy(name: &str, prompts: &[&str]) {
         let ids = model.tokenizer.encode(&text, false).expect("encode");
         let reference = reference_greedy(&path, &ids, 32);
         let forced: Vec<u32> = reference.iter().map(|s| s.top).collect();
-        let ours = our_choices(&model, &ids, &forced);
-        let mut exact = 0;
-        for (i, (o, r)) in ours.iter().zip(&reference).enumerate() {
-            if *o == r.top {
-                exact += 1;
-            } else {
-                let behind = r.logits[r.top as usize] - r.logits[*o as usize];
-                assert!(
-                    behind < NEAR_TIE,
-                    "{name} {p:?} step {i}: we chose {o}, {behind} logits below the reference's {}",
-                    r.top
-                );
+        // The default f16 cache, and llama.cpp's q8_0 blocks (OLLAMA_KV_CACHE_TYPE=q8_0).
+        for ty in [KvType::F16, KvType::Q8_0] {
+            let ours = our_choices(&model, &ids, &forced, ty);
+            let mut exact = 0;
+            for (i, (o, r)) in ours.iter().zip(&reference).enumerate() {
+                if *o == r.top {
+                    exact += 1;
+                } else {
+                    let behind = r.logits[r.top as usize] - r.logits[*o as usize];
+                    assert!(
+                        behind < NEAR_TIE,
+                        "{name} {ty:?} {p:?} step {i}: we chose {o}, {behind} logits below \
+                         the reference's {}",
+                        r.top
+                    );
+                }
             }
+            // q8_0 rounds keys and values to 8 bits: more near-ties fall the other way
+            // (29-32 of 32 here), each still within NEAR_TIE of the reference's choice.
+            let least = if ty == KvType::Q8_0 { 27 } else { 28 };
+            assert!(
+                exact >= least,
+                "{name} {ty:?} {p:?}: only {exact}/32 greedy choices equal"
+            );
         }
-        assert!(
-            exact >= 28,
-            "{name} {p:?}: only {exact}/32 greedy choices equal"
-        );
     }
 }
 

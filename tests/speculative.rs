@@ -7,7 +7,7 @@ mod common;
 mod engine_common;
 
 use candlewick::engine::{EngineError, FinishReason, Request};
-use candlewick::model::Model;
+use candlewick::model::{KvType, Model};
 use engine_common::{chat, collect, engine, load, Output};
 use serde_json::{json, Value};
 
@@ -317,8 +317,9 @@ async fn options_modelfile_and_server_default() {
 }
 
 /// What exact speculation rests on: a token's logits computed as one row of a multi-row
-/// step equal, bit for bit, its logits computed by a decode step of its own.
-fn chunk_rows_equal_decode_steps(name: &str) {
+/// step equal, bit for bit, its logits computed by a decode step of its own, with a cache of
+/// elements `ty`.
+fn chunk_rows_equal_decode_steps(name: &str, ty: KvType) {
     use candlewick::model::{Batch, CpuKvCache, KvCache};
     let model = load(name);
     let prompt = chat(
@@ -342,7 +343,7 @@ fn chunk_rows_equal_decode_steps(name: &str) {
             .forward(&b, cache as &mut dyn KvCache)
             .expect("prefill");
     };
-    let mut cache = CpuKvCache::new(model.config(), blocks, 16);
+    let mut cache = CpuKvCache::with_type(model.config(), blocks, 16, ty);
     prefill(&mut cache);
     let mut one_by_one = Vec::new();
     for (i, &t) in next.iter().enumerate() {
@@ -355,7 +356,7 @@ fn chunk_rows_equal_decode_steps(name: &str) {
         one_by_one.extend(l.to_vec2::<f32>().expect("logits"));
     }
     for rows in [2, 9, 16, next.len()] {
-        let mut cache = CpuKvCache::new(model.config(), blocks, 16);
+        let mut cache = CpuKvCache::with_type(model.config(), blocks, 16, ty);
         prefill(&mut cache);
         let mut chunked = Vec::new();
         for (c, part) in next.chunks(rows).enumerate() {
@@ -375,7 +376,7 @@ fn chunk_rows_equal_decode_steps(name: &str) {
                 .fold(0f32, f32::max);
             assert!(
                 worst == 0.0,
-                "{name}: row {i} of chunks of {rows} differs by up to {worst}"
+                "{name} {ty:?}: row {i} of chunks of {rows} differs by up to {worst}"
             );
         }
     }
@@ -383,10 +384,12 @@ fn chunk_rows_equal_decode_steps(name: &str) {
 
 #[test]
 fn qwen_chunk_rows_equal_decode_steps() {
-    chunk_rows_equal_decode_steps(common::QWEN_GGUF);
+    chunk_rows_equal_decode_steps(common::QWEN_GGUF, KvType::F16);
 }
 
 #[test]
 fn smollm2_chunk_rows_equal_decode_steps() {
-    chunk_rows_equal_decode_steps(common::SMOLLM2_GGUF);
+    chunk_rows_equal_decode_steps(common::SMOLLM2_GGUF, KvType::F16);
+    // The q8_0 cache keeps it too: a row is quantized the same whatever step writes it.
+    chunk_rows_equal_decode_steps(common::SMOLLM2_GGUF, KvType::Q8_0);
 }

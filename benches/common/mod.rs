@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
+use candlewick::model::{Batch, CpuKvCache, KvCache, KvType, Model};
 
 /// `WICK_TEST_MODELS`, or where scripts/fetch-test-models.sh puts them.
 pub fn models_dir() -> PathBuf {
@@ -60,10 +60,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 /// A KV cache of 16-token blocks holding a `ctx`-token context, with room for `more`
 /// tokens after it, and its block table: where a decode-step timing starts.
 pub fn prefilled(model: &Model, ctx: usize, more: usize) -> (CpuKvCache, Vec<u32>) {
+    prefilled_as(model, ctx, more, KvType::F16)
+}
+
+/// [`prefilled`] with elements of type `ty`.
+pub fn prefilled_as(model: &Model, ctx: usize, more: usize, ty: KvType) -> (CpuKvCache, Vec<u32>) {
     const BLOCK: usize = 16;
     let blocks = (ctx + more).div_ceil(BLOCK);
     let table: Vec<u32> = (0..blocks as u32).collect();
-    let mut cache = CpuKvCache::new(model.config(), blocks, BLOCK);
+    let mut cache = CpuKvCache::with_type(model.config(), blocks, BLOCK, ty);
     let mut b = Batch::default();
     b.push_seq(&vec![100; ctx], 0, table.clone(), true);
     model

@@ -9,7 +9,7 @@ use std::ops::Range;
 use super::config::ArchConfig;
 use half::f16;
 
-use super::cpu_attention::{self, KvElem, Rows};
+use super::cpu_attention::{self, KvElem, Q8Block, Rows};
 use super::{Error, Result};
 
 /// One sequence's part of a packed step.
@@ -153,21 +153,30 @@ pub(crate) fn check_query(
 }
 
 /// The element type of the CPU KV cache (`OLLAMA_KV_CACHE_TYPE`): f16 by default, as
-/// Ollama and llama.cpp keep it; f32 on request (twice the memory, the reference tests use it).
+/// Ollama and llama.cpp keep it; f32 on request (twice the memory, the reference tests use it);
+/// q8_0 (llama.cpp's 8-bit blocks of 32, about half of f16) on request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     #[default]
     F16,
     F32,
+    Q8_0,
 }
 
 impl KvType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes of `elements` elements (a whole number of q8_0 blocks for q8_0).
+    pub fn bytes(self, elements: usize) -> usize {
         match self {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
+            KvType::F16 => 2 * elements,
+            KvType::F32 => 4 * elements,
+            KvType::Q8_0 => elements / Q8Block::ELEMENTS * std::mem::size_of::<Q8Block>(),
         }
+    }
+
+    /// Whether a head of `head_dim` elements can be stored as this type (q8_0 rows are whole
+    /// blocks).
+    pub fn fits(self, head_dim: usize) -> bool {
+        self != KvType::Q8_0 || head_dim.is_multiple_of(Q8Block::ELEMENTS)
     }
 
     /// As `OLLAMA_KV_CACHE_TYPE` spells it.
@@ -175,14 +184,35 @@ impl KvType {
         match self {
             KvType::F16 => "f16",
             KvType::F32 => "f32",
+            KvType::Q8_0 => "q8_0",
         }
     }
 }
 
-/// Per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]` of one element type.
+/// Per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]` of one element type
+/// (q8_0: `head_dim / 32` blocks per head).
 enum Planes {
     F16(Vec<Vec<f16>>, Vec<Vec<f16>>),
     F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
+    Q8_0(Vec<Vec<Q8Block>>, Vec<Vec<Q8Block>>),
+}
+
+impl Planes {
+    fn layers(&self) -> usize {
+        match self {
+            Planes::F16(k, _) => k.len(),
+            Planes::F32(k, _) => k.len(),
+            Planes::Q8_0(k, _) => k.len(),
+        }
+    }
+
+    fn ty(&self) -> KvType {
+        match self {
+            Planes::F16(..) => KvType::F16,
+            Planes::F32(..) => KvType::F32,
+            Planes::Q8_0(..) => KvType::Q8_0,
+        }
+    }
 }
 
 /// The CPU cache's shape.
@@ -209,15 +239,20 @@ impl CpuKvCache {
         Self::with_type(cfg, num_blocks, block_size, KvType::F16)
     }
 
+    /// A cache of element type `ty`; q8_0 for a head size that is not whole blocks is f16
+    /// (see [`KvType::fits`]).
     pub fn with_type(cfg: &ArchConfig, num_blocks: usize, block_size: usize, ty: KvType) -> Self {
         let per_layer = num_blocks * block_size * cfg.num_kv_heads * cfg.head_dim;
         fn zeros<E: KvElem>(layers: usize, n: usize) -> Vec<Vec<E>> {
-            (0..layers).map(|_| E::zeroed(n)).collect()
+            (0..layers).map(|_| E::zeroed(n / E::BLOCK)).collect()
         }
         let layers = cfg.num_layers;
         let planes = match ty {
-            KvType::F16 => Planes::F16(zeros(layers, per_layer), zeros(layers, per_layer)),
             KvType::F32 => Planes::F32(zeros(layers, per_layer), zeros(layers, per_layer)),
+            KvType::Q8_0 if ty.fits(cfg.head_dim) => {
+                Planes::Q8_0(zeros(layers, per_layer), zeros(layers, per_layer))
+            }
+            _ => Planes::F16(zeros(layers, per_layer), zeros(layers, per_layer)),
         };
         Self {
             planes,
@@ -235,22 +270,30 @@ impl CpuKvCache {
     /// Bytes held by the cache.
     pub fn size_bytes(&self) -> usize {
         let g = &self.geo;
-        let (layers, ty) = match &self.planes {
-            Planes::F16(k, _) => (k.len(), KvType::F16),
-            Planes::F32(k, _) => (k.len(), KvType::F32),
-        };
-        2 * layers * g.num_blocks * g.block_size * g.kv_heads * g.head_dim * ty.size()
+        let elements = g.num_blocks * g.block_size * g.kv_heads * g.head_dim;
+        2 * self.planes.layers() * self.planes.ty().bytes(elements)
+    }
+
+    /// The element type the cache stores.
+    pub fn kv_type(&self) -> KvType {
+        self.planes.ty()
     }
 }
 
 impl Geometry {
-    /// The cache rows of positions `range`, in order: one division per block, not per row.
-    fn rows<'a>(
+    /// Units of `E` in one position's row (every kv head).
+    fn row_len<E: KvElem>(&self) -> usize {
+        self.kv_heads * self.head_dim / E::BLOCK
+    }
+
+    /// The cache rows (offsets in units of `E`) of positions `range`, in order: one division
+    /// per block, not per row.
+    fn rows<'a, E: KvElem>(
         &self,
         block_table: &'a [u32],
         range: Range<usize>,
     ) -> impl Iterator<Item = usize> + 'a {
-        let (bs, row_len) = (self.block_size, self.kv_heads * self.head_dim);
+        let (bs, row_len) = (self.block_size, self.row_len::<E>());
         let first = range.start / bs;
         let last = range.end.div_ceil(bs);
         block_table[first..last]
@@ -264,9 +307,9 @@ impl Geometry {
             })
     }
 
-    fn row(&self, block_table: &[u32], pos: usize) -> usize {
+    fn row<E: KvElem>(&self, block_table: &[u32], pos: usize) -> usize {
         let block = block_table[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.kv_heads * self.head_dim
+        (block * self.block_size + pos % self.block_size) * self.row_len::<E>()
     }
 }
 
@@ -326,12 +369,13 @@ impl<E: KvElem> Job<'_, E> {
                 }
             }
         }
-        let col = self.kvh * hd;
+        let units = hd / E::BLOCK;
+        let col = self.kvh * units;
         let (k, v) = (self.k, self.v);
         let (keys, values): (Vec<&[E]>, Vec<&[E]>) = self
             .geo
-            .rows(&self.seq.block_table, lo..end)
-            .map(|r| (&k[r + col..r + col + hd], &v[r + col..r + col + hd]))
+            .rows::<E>(&self.seq.block_table, lo..end)
+            .map(|r| (&k[r + col..r + col + units], &v[r + col..r + col + units]))
             .unzip();
         let out = cpu_attention::attend(&rows, hd, &keys, &values);
         for (i, t) in ts.enumerate() {
@@ -367,10 +411,7 @@ impl KvCache for CpuKvCache {
         batch: &Batch,
     ) -> Result<Tensor> {
         let g = &self.geo;
-        let layers = match &self.planes {
-            Planes::F16(k, _) => k.len(),
-            Planes::F32(k, _) => k.len(),
-        };
+        let layers = self.planes.layers();
         let (n, heads, hd) = check_query(q, batch, layer, (layers, g.heads, g.head_dim))?;
         let (k_new, v_new, q) = (to_f32_vec(k)?, to_f32_vec(v)?, to_f32_vec(q)?);
         let step = Step {
@@ -384,6 +425,7 @@ impl KvCache for CpuKvCache {
         let out = match &mut self.planes {
             Planes::F16(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
             Planes::F32(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+            Planes::Q8_0(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
         };
         Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
     }
@@ -403,20 +445,16 @@ impl Step<'_> {
     /// Stores the step's K/V in the layer's planes `k`/`v`, then attends: `[n][heads * hd]`.
     fn run<E: KvElem>(&self, g: &Geometry, k: &mut [E], v: &mut [E]) -> Vec<f32> {
         let (heads, hd, batch) = (g.heads, g.head_dim, self.batch);
-        let kv_row = g.kv_heads * hd;
+        let (kv_row, units) = (g.kv_heads * hd, g.row_len::<E>());
         // Write this step's keys and values into their slots first, so each query sees its
         // own token and everything before it in one uniform loop.
         for s in &batch.seqs {
             let first_pos = s.context_len - s.len;
             for i in 0..s.len {
-                let row = g.row(&s.block_table, first_pos + i);
-                let src = (s.start + i) * kv_row;
-                for (dst, &x) in k[row..row + kv_row].iter_mut().zip(&self.k_new[src..]) {
-                    *dst = E::from_f32(x);
-                }
-                for (dst, &x) in v[row..row + kv_row].iter_mut().zip(&self.v_new[src..]) {
-                    *dst = E::from_f32(x);
-                }
+                let row = g.row::<E>(&s.block_table, first_pos + i);
+                let src = (s.start + i) * kv_row..(s.start + i + 1) * kv_row;
+                E::store(&mut k[row..row + units], &self.k_new[src.clone()]);
+                E::store(&mut v[row..row + units], &self.v_new[src]);
             }
         }
         let (k, v) = (&*k, &*v);

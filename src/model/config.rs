@@ -147,9 +147,9 @@ fn every_nth_global(layers: usize, pattern: usize) -> Vec<usize> {
 }
 
 impl ArchConfig {
-    /// KV cache bytes per token at the given element size.
-    pub fn kv_bytes_per_token(&self, elem_size: usize) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_size
+    /// KV cache bytes per token with elements of type `ty`.
+    pub fn kv_bytes_per_token(&self, ty: super::KvType) -> usize {
+        2 * self.num_layers * ty.bytes(self.num_kv_heads * self.head_dim)
     }
 
     /// The sliding window of `layer`, or None when it sees the whole context.

@@ -9,7 +9,8 @@
 //! in a batch with other sequences: generation does not depend on what else the server does.
 //!
 //! Keys and values are read in the cache's own element type ([`KvElem`]: f16 by default, f32
-//! on request) and widened to f32 in registers as they are loaded: no dequantized copy.
+//! or llama.cpp's q8_0 blocks on request) and widened (and scaled) to f32 in registers as they
+//! are loaded: no dequantized copy.
 
 use half::f16;
 
@@ -36,76 +37,195 @@ impl Rows {
     }
 }
 
-/// An element of the KV cache: how it is stored from f32 and widened back as it is read.
+/// A unit of the KV cache's storage: how a row of f32 is stored and widened back as it is
+/// read. A unit holds [`KvElem::BLOCK`] elements (1 for f16 and f32, 32 for a q8_0 block);
+/// rows are whole units, so every pointer below points at a unit.
 pub trait KvElem: Copy + Send + Sync + 'static {
-    fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-    /// `n` zeros from zeroed memory: the pages stay untouched (and cost nothing) until a
-    /// block is first written, which `vec![zero; n]` guarantees only for primitive types.
+    /// Elements per unit.
+    const BLOCK: usize;
+    /// Stores `src` (a whole number of units' elements) into `dst`.
+    fn store(dst: &mut [Self], src: &[f32]);
+    /// Element `d` of `row`.
+    fn get(row: &[Self], d: usize) -> f32 {
+        let u = &row[d / Self::BLOCK];
+        // SAFETY: `u` is a whole unit and `d % BLOCK` lies inside it.
+        unsafe { Self::scale(u) * Self::raw(u, d % Self::BLOCK) }
+    }
+    /// `n` zeroed units from zeroed memory: the pages stay untouched (and cost nothing) until
+    /// a block is first written, which `vec![zero; n]` guarantees only for primitive types.
     fn zeroed(n: usize) -> Vec<Self>;
-    /// Eight elements from `p`, widened.
+    /// The scale of the unit at `p` (1 for plain floats, which the compiler folds away).
     ///
     /// # Safety
-    /// `p` must point to eight readable elements; the CPU must have AVX2 and F16C.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
-    /// Sixteen elements from `p`, widened.
+    /// `p` must point to a readable unit.
+    unsafe fn scale(p: *const Self) -> f32;
+    /// Element `i` of the unit at `p`, before its scale.
     ///
     /// # Safety
-    /// `p` must point to sixteen readable elements; the CPU must have AVX-512F.
+    /// `p` must point to a readable unit and `i < BLOCK`.
+    unsafe fn raw(p: *const Self, i: usize) -> f32;
+    /// Elements `d..d + 8` of the row at `p`, widened and scaled (`d` a multiple of 8).
+    ///
+    /// # Safety
+    /// The row must hold those elements; the CPU must have AVX2 and F16C.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    unsafe fn load8(p: *const Self, d: usize) -> std::arch::x86_64::__m256;
+    /// Elements `d..d + 16` of the row at `p`, widened and scaled (`d` a multiple of 16).
+    ///
+    /// # Safety
+    /// The row must hold those elements; the CPU must have AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self, d: usize) -> std::arch::x86_64::__m512;
 }
 
 impl KvElem for f32 {
-    fn from_f32(x: f32) -> Self {
-        x
+    const BLOCK: usize = 1;
+    fn store(dst: &mut [Self], src: &[f32]) {
+        dst.copy_from_slice(src);
     }
     fn zeroed(n: usize) -> Vec<Self> {
         vec![0.0; n]
     }
-    fn to_f32(self) -> f32 {
-        self
+    #[inline(always)]
+    unsafe fn scale(_: *const Self) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    unsafe fn raw(p: *const Self, _: usize) -> f32 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { *p }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(p: *const Self, d: usize) -> std::arch::x86_64::__m256 {
         // SAFETY: the caller upholds the contract in the trait's `# Safety`.
-        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p.add(d)) }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+    unsafe fn load16(p: *const Self, d: usize) -> std::arch::x86_64::__m512 {
         // SAFETY: the caller upholds the contract in the trait's `# Safety`.
-        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p.add(d)) }
     }
 }
 
 impl KvElem for f16 {
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
+    const BLOCK: usize = 1;
+    fn store(dst: &mut [Self], src: &[f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = f16::from_f32(x);
+        }
     }
     fn zeroed(n: usize) -> Vec<Self> {
         use half::vec::HalfBitsVecExt;
         // Zero bits are +0.0; reinterpreting keeps the zeroed allocation (no copy).
         vec![0u16; n].reinterpret_into()
     }
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
+    #[inline(always)]
+    unsafe fn scale(_: *const Self) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    unsafe fn raw(p: *const Self, _: usize) -> f32 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { (*p).to_f32() }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+    unsafe fn load8(p: *const Self, d: usize) -> std::arch::x86_64::__m256 {
         use std::arch::x86_64::*;
         // SAFETY: the caller upholds the contract in the trait's `# Safety`; f16 is 16 bits.
-        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.add(d).cast())) }
     }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+    unsafe fn load16(p: *const Self, d: usize) -> std::arch::x86_64::__m512 {
         use std::arch::x86_64::*;
         // SAFETY: the caller upholds the contract in the trait's `# Safety`; f16 is 16 bits.
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.add(d).cast())) }
+    }
+}
+
+/// 32 elements as llama.cpp's `q8_0` stores them: one f16 scale and 32 signed bytes (34 bytes,
+/// 1.06 per element against f16's 2). An element is `scale * q`, rounded to f32 once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+pub struct Q8Block {
+    pub scale: f16,
+    pub qs: [i8; 32],
+}
+
+impl Q8Block {
+    /// Elements per block.
+    pub const ELEMENTS: usize = 32;
+
+    /// The nearest block to `x` (32 values): the largest magnitude maps to +-127.
+    pub fn quantize(x: &[f32]) -> Self {
+        let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d == 0.0 { 0.0 } else { 1.0 / d };
+        Self {
+            scale: f16::from_f32(d),
+            qs: std::array::from_fn(|i| (x[i] * inv).round() as i8),
+        }
+    }
+}
+
+impl KvElem for Q8Block {
+    const BLOCK: usize = Self::ELEMENTS;
+    fn store(dst: &mut [Self], src: &[f32]) {
+        for (d, x) in dst.iter_mut().zip(src.chunks_exact(32)) {
+            *d = Q8Block::quantize(x);
+        }
+    }
+    fn zeroed(n: usize) -> Vec<Self> {
+        if n == 0 {
+            return Vec::new();
+        }
+        let layout = std::alloc::Layout::array::<Self>(n).expect("KV cache size overflows");
+        // SAFETY: the layout is non-zero and that of `n` blocks; all-zero bytes are a valid
+        // block (scale +0.0, zero quants), so the vector owns `n` initialised elements of its
+        // own allocation, which `Vec` frees with the same layout.
+        unsafe {
+            let p = std::alloc::alloc_zeroed(layout).cast::<Self>();
+            if p.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            Vec::from_raw_parts(p, n, n)
+        }
+    }
+    #[inline(always)]
+    unsafe fn scale(p: *const Self) -> f32 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { (*p).scale.to_f32() }
+    }
+    #[inline(always)]
+    unsafe fn raw(p: *const Self, i: usize) -> f32 {
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`.
+        unsafe { f32::from(*(*p).qs.as_ptr().add(i)) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self, d: usize) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller upholds the contract in the trait's `# Safety`: `d` is a multiple
+        // of 8, so the eight bytes lie inside block `d / 32`.
+        unsafe {
+            let b = p.add(d / 32);
+            let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64((*b).qs.as_ptr().add(d % 32).cast()));
+            _mm256_mul_ps(_mm256_set1_ps(Self::scale(b)), _mm256_cvtepi32_ps(q))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self, d: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: as in `load8`: sixteen bytes inside block `d / 32`.
+        unsafe {
+            let b = p.add(d / 32);
+            let q = _mm512_cvtepi8_epi32(_mm_loadu_si128((*b).qs.as_ptr().add(d % 32).cast()));
+            _mm512_mul_ps(_mm512_set1_ps(Self::scale(b)), _mm512_cvtepi32_ps(q))
+        }
     }
 }
 
@@ -114,7 +234,11 @@ impl KvElem for f16 {
 pub fn attend<E: KvElem>(rows: &Rows, head_dim: usize, keys: &[&[E]], values: &[&[E]]) -> Vec<f32> {
     let span = keys.len();
     assert!(
-        values.len() == span && keys.iter().chain(values).all(|r| r.len() >= head_dim),
+        values.len() == span
+            && keys
+                .iter()
+                .chain(values)
+                .all(|r| r.len() * E::BLOCK >= head_dim),
         "attention rows shorter than the head"
     );
     let mut probs = vec![0f32; span * rows.rows];
@@ -147,7 +271,7 @@ fn portable<E: KvElem>(
         for r in 0..n {
             let (from, to) = rows.window[r];
             probs[j * n + r] = if (from..to).contains(&(j as u32)) {
-                (0..hd).fold(0.0, |s, d| rows.qt[d * n + r].mul_add(k[d].to_f32(), s))
+                (0..hd).fold(0.0, |s, d| rows.qt[d * n + r].mul_add(E::get(k, d), s))
             } else {
                 f32::NEG_INFINITY
             };
@@ -168,7 +292,7 @@ fn portable<E: KvElem>(
     for (j, v) in values.iter().enumerate() {
         for r in 0..n {
             for d in 0..hd {
-                out[r * hd + d] = probs[j * n + r].mul_add(v[d].to_f32(), out[r * hd + d]);
+                out[r * hd + d] = probs[j * n + r].mul_add(E::get(v, d), out[r * hd + d]);
             }
         }
     }
@@ -183,7 +307,7 @@ pub(super) mod x86 {
     /// with `K` keys, as one fused multiply-add chain per lane over the head dimensions.
     ///
     /// # Safety
-    /// `qt` must hold `B * 8` floats per head dimension `n` apart for `hd` dimensions, each key `hd` floats, and the CPU must have AVX2 and FMA.
+    /// `qt` must hold `B * 8` floats per head dimension `n` apart for `hd` dimensions, each key a row of `hd` elements, and the CPU must have AVX2 and FMA.
     #[inline(always)]
     unsafe fn dots<E: KvElem, const B: usize, const K: usize>(
         qt: *const f32,
@@ -195,15 +319,20 @@ pub(super) mod x86 {
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); B]; K];
             let mut q = qt;
-            for d in 0..hd {
-                let k = keys.map(|k| _mm256_set1_ps((*k.add(d)).to_f32()));
-                for i in 0..B {
-                    let qv = _mm256_loadu_ps(q.add(LANES * i));
-                    for (acc, k) in acc.iter_mut().zip(k) {
-                        acc[i] = _mm256_fmadd_ps(qv, k, acc[i]);
+            for u in 0..hd / E::BLOCK {
+                let scale = keys.map(|k| E::scale(k.add(u)));
+                for e in 0..E::BLOCK {
+                    let k: [__m256; K] = std::array::from_fn(|j| {
+                        _mm256_set1_ps(scale[j] * E::raw(keys[j].add(u), e))
+                    });
+                    for i in 0..B {
+                        let qv = _mm256_loadu_ps(q.add(LANES * i));
+                        for (acc, k) in acc.iter_mut().zip(k) {
+                            acc[i] = _mm256_fmadd_ps(qv, k, acc[i]);
+                        }
                     }
+                    q = q.add(n);
                 }
-                q = q.add(n);
             }
             acc
         }
@@ -306,7 +435,7 @@ pub(super) mod x86 {
             let mut acc = [[_mm512_setzero_ps(); 4]; 4];
             let mut p = probs.as_ptr().add(r);
             for v in values {
-                let v = [0, 16, 32, 48].map(|i| E::load16(v.as_ptr().add(d0 + i)));
+                let v = [0, 16, 32, 48].map(|i| E::load16(v.as_ptr(), d0 + i));
                 for (row, acc) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(*p.add(row));
                     for (a, v) in acc.iter_mut().zip(v) {
@@ -418,7 +547,7 @@ pub(super) mod x86 {
                     for (j, v) in values.iter().enumerate() {
                         let w = _mm256_set1_ps(*p.add(j * n + r));
                         for (i, acc) in acc.iter_mut().enumerate() {
-                            *acc = _mm256_fmadd_ps(w, E::load8(v.as_ptr().add(d0 + 8 * i)), *acc);
+                            *acc = _mm256_fmadd_ps(w, E::load8(v.as_ptr(), d0 + 8 * i), *acc);
                         }
                     }
                     for (i, acc) in acc.iter().enumerate() {
@@ -430,7 +559,7 @@ pub(super) mod x86 {
                 for d in d0..hd {
                     let mut acc = 0f32;
                     for (j, v) in values.iter().enumerate() {
-                        acc = (*p.add(j * n + r)).mul_add(v[d].to_f32(), acc);
+                        acc = (*p.add(j * n + r)).mul_add(E::get(v, d), acc);
                     }
                     out[r * hd + d] = acc;
                 }
@@ -485,7 +614,8 @@ mod tests {
         kv: &[f32],
         span: usize,
     ) -> Vec<Vec<f32>> {
-        let kv: Vec<E> = kv.iter().map(|&x| E::from_f32(x)).collect();
+        let mut units = E::zeroed(kv.len() / E::BLOCK);
+        E::store(&mut units, kv);
         let mut r = Rows::new(rows.len(), hd, span);
         for (i, (q, w)) in rows.iter().enumerate() {
             r.window[i] = *w;
@@ -493,8 +623,9 @@ mod tests {
                 r.qt[d * r.rows + i] = q[d];
             }
         }
-        let keys: Vec<&[E]> = kv[..span * hd].chunks_exact(hd).collect();
-        let values: Vec<&[E]> = kv[span * hd..].chunks_exact(hd).collect();
+        let (row, rows_len) = (hd / E::BLOCK, span * hd / E::BLOCK);
+        let keys: Vec<&[E]> = units[..rows_len].chunks_exact(row).collect();
+        let values: Vec<&[E]> = units[rows_len..].chunks_exact(row).collect();
         let out = attend(&r, hd, &keys, &values);
         out.chunks_exact(hd)
             .take(rows.len())
@@ -569,5 +700,49 @@ mod tests {
         assert_eq!(run_as::<f16>(&crowd, hd, &kv, span)[19], alone);
         let rounded: Vec<f32> = kv.iter().map(|&x| f16::from_f32(x).to_f32()).collect();
         assert_eq!(run(&[target], hd, &rounded, span)[0], alone);
+    }
+
+    /// q8_0 blocks: every element within half a quantization step of its value, and
+    /// attention over them that of f32 attention over their dequantized values (read directly,
+    /// scaled in registers), whatever rows run beside; a head of three blocks takes the
+    /// scalar tail after the 64-wide pass.
+    #[test]
+    fn q8_0_rows_are_exact_dequantizations() {
+        for hd in [96, 128] {
+            let span = 37;
+            let kv = pseudo_random(2 * span * hd, 5);
+            let mut blocks = Q8Block::zeroed(kv.len() / 32);
+            Q8Block::store(&mut blocks, &kv);
+            let deq: Vec<f32> = (0..kv.len()).map(|d| Q8Block::get(&blocks, d)).collect();
+            for (b, (x, y)) in kv.chunks_exact(32).zip(deq.chunks_exact(32)).enumerate() {
+                let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(amax > 0.0);
+                let step = blocks[b].scale.to_f32();
+                for (x, y) in x.iter().zip(y) {
+                    assert!(
+                        (x - y).abs() <= 0.5 * step + amax * 1e-3,
+                        "{x} stored as {y}"
+                    );
+                }
+            }
+            let qs = pseudo_random(20 * hd, 6);
+            let q = |i: usize| &qs[i * hd..(i + 1) * hd];
+            let target = (q(0), (2, 37));
+            let alone = run_as::<Q8Block>(&[target], hd, &kv, span)[0].clone();
+            let crowd: Vec<(&[f32], (u32, u32))> = (1..20)
+                .map(|i| (q(i), (0, i as u32 + 1)))
+                .chain([target])
+                .collect();
+            assert_eq!(run_as::<Q8Block>(&crowd, hd, &kv, span)[19], alone);
+            assert_eq!(run(&[target], hd, &deq, span)[0], alone, "head of {hd}");
+        }
+    }
+
+    /// An all-zero block (unwritten cache) reads as zeros; a zero row stores as one.
+    #[test]
+    fn q8_0_zero_blocks() {
+        let z = Q8Block::zeroed(4);
+        assert!((0..128).all(|d| Q8Block::get(&z, d) == 0.0));
+        assert_eq!(Q8Block::quantize(&[0.0; 32]), z[0]);
     }
 }

@@ -109,9 +109,9 @@ impl Model {
     }
 
     /// The element type [`Self::new_kv_cache`] uses when `ty` is asked for: GPU caches are
-    /// f16.
+    /// f16, and so is q8_0 for a head size that is not whole q8_0 blocks.
     pub fn kv_type(&self, ty: KvType) -> KvType {
-        if self.gpu_path.is_some() {
+        if self.gpu_path.is_some() || !ty.fits(self.config().head_dim) {
             KvType::F16
         } else {
             ty
@@ -120,7 +120,7 @@ impl Model {
 
     /// Bytes one KV block takes over every layer (K and V) in [`Self::new_kv_cache`].
     pub fn kv_block_bytes(&self, block_size: usize, ty: KvType) -> usize {
-        block_size * self.config().kv_bytes_per_token(self.kv_type(ty).size())
+        block_size * self.config().kv_bytes_per_token(self.kv_type(ty))
     }
 
     pub fn config(&self) -> &ArchConfig {
