@@ -466,17 +466,10 @@ const TOKENIZER_TEXTS: [&str; 8] = [
     "",
 ];
 
-/// all-MiniLM written as llama.cpp's converter writes it for Ollama's `all-minilm` GGUF: the
-/// `bert.*` hyperparameters, llama.cpp's tensor names (the pooler dropped), 2-D weights in
-/// `dtype` and the rest in f32, and the vocabulary in "phantom space" form (word starts
-/// prefixed with `▁`, continuations without `##`, bracketed names as they are).
-fn write_minilm_gguf(dir: &Path, out: &Path, dtype: candle_core::quantized::GgmlDType) {
-    use candle_core::quantized::{gguf_file, QTensor};
-    let config: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let tok: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
-            .unwrap();
+/// A tokenizer.json's WordPiece vocabulary as llama.cpp's GGUFs keep it ("phantom space"
+/// form: word starts prefixed with `▁`, continuations without `##`, bracketed names as they
+/// are).
+fn phantom_vocab(tok: &Value) -> Vec<String> {
     let vocab = tok["model"]["vocab"].as_object().unwrap();
     let mut tokens = vec![String::new(); vocab.len()];
     for (t, id) in vocab {
@@ -489,6 +482,21 @@ fn write_minilm_gguf(dir: &Path, out: &Path, dtype: candle_core::quantized::Ggml
         };
         tokens[id.as_u64().unwrap() as usize] = phantom;
     }
+    tokens
+}
+
+/// all-MiniLM written as llama.cpp's converter writes it for Ollama's `all-minilm` GGUF: the
+/// `bert.*` hyperparameters, llama.cpp's tensor names (the pooler dropped), 2-D weights in
+/// `dtype` and the rest in f32, and the vocabulary in "phantom space" form (word starts
+/// prefixed with `▁`, continuations without `##`, bracketed names as they are).
+fn write_minilm_gguf(dir: &Path, out: &Path, dtype: candle_core::quantized::GgmlDType) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let tokens = phantom_vocab(&tok);
     let weights =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut tensors = Vec::new();
@@ -631,4 +639,255 @@ async fn gguf_bert_as_ollama_stores_it() {
     .unwrap();
     let c = cosine(&floats(&v["data"][0]["embedding"]), &r.embed(SENTENCES[0]));
     assert!(c > 0.9999, "served f16 GGUF: cosine {c}");
+}
+
+/// NomicBERT (`nomic-embed-text`) with random weights of its real widths (768 wide, 12 heads,
+/// 3072-wide SwiGLU, a 30528-token vocabulary; two layers instead of twelve), all-MiniLM's
+/// WordPiece vocabulary, seeded.
+fn nomic_weights() -> std::collections::HashMap<String, Tensor> {
+    let (hidden, inner, vocab, layers) = (768, 3072, 30528, 2);
+    let mut rng = common::SplitMix64::new(11);
+    let mut w = std::collections::HashMap::new();
+    let mut put = |name: String, dims: &[usize], mean: f32, std: f32| {
+        let n = dims.iter().product();
+        let t = Tensor::from_vec(rng.normals(n, mean, std), dims, &Device::Cpu).unwrap();
+        w.insert(name, t);
+    };
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        &[vocab, hidden],
+        0.0,
+        0.05,
+    );
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        &[2, hidden],
+        0.0,
+        0.05,
+    );
+    put("emb_ln.weight".into(), &[hidden], 1.0, 0.05);
+    put("emb_ln.bias".into(), &[hidden], 0.0, 0.02);
+    for l in 0..layers {
+        let p = format!("encoder.layers.{l}");
+        put(
+            format!("{p}.attn.Wqkv.weight"),
+            &[3 * hidden, hidden],
+            0.0,
+            0.04,
+        );
+        put(
+            format!("{p}.attn.out_proj.weight"),
+            &[hidden, hidden],
+            0.0,
+            0.04,
+        );
+        put(format!("{p}.mlp.fc11.weight"), &[inner, hidden], 0.0, 0.04);
+        put(format!("{p}.mlp.fc12.weight"), &[inner, hidden], 0.0, 0.04);
+        put(format!("{p}.mlp.fc2.weight"), &[hidden, inner], 0.0, 0.02);
+        for norm in ["norm1", "norm2"] {
+            put(format!("{p}.{norm}.weight"), &[hidden], 1.0, 0.05);
+            put(format!("{p}.{norm}.bias"), &[hidden], 0.0, 0.02);
+        }
+    }
+    w
+}
+
+/// nomic-embed-text-v1.5's config.json fields for [`nomic_weights`].
+fn nomic_config() -> Value {
+    json!({"model_type": "nomic_bert", "vocab_size": 30528, "n_embd": 768, "n_head": 12,
+           "n_layer": 2, "n_inner": 3072, "n_positions": 2048, "type_vocab_size": 2,
+           "layer_norm_epsilon": 1e-12, "rotary_emb_fraction": 1.0, "rotary_emb_base": 1000,
+           "rotary_emb_interleaved": false, "qkv_proj_bias": false, "mlp_fc1_bias": false,
+           "mlp_fc2_bias": false, "activation_function": "swiglu", "prenorm": false})
+}
+
+/// `weights` as llama.cpp's converter writes `nomic-embed-text` for Ollama: `nomic-bert.*`
+/// metadata, llama.cpp's tensor names (`fc11` is `ffn_up`, `fc12` `ffn_gate`), f32.
+fn write_nomic_gguf(weights: &std::collections::HashMap<String, Tensor>, out: &Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let tok: Value = serde_json::from_str(
+        &std::fs::read_to_string(minilm_dir().join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let mut tensors = Vec::new();
+    for (name, t) in weights {
+        let (stem, kind) = name.rsplit_once('.').unwrap();
+        let gguf = match stem {
+            "embeddings.word_embeddings" => "token_embd".to_string(),
+            "embeddings.token_type_embeddings" => "token_types".to_string(),
+            "emb_ln" => "token_embd_norm".to_string(),
+            s => {
+                let (layer, part) = s
+                    .strip_prefix("encoder.layers.")
+                    .unwrap()
+                    .split_once('.')
+                    .unwrap();
+                let part = match part {
+                    "attn.Wqkv" => "attn_qkv",
+                    "attn.out_proj" => "attn_output",
+                    "norm1" => "attn_output_norm",
+                    "mlp.fc11" => "ffn_up",
+                    "mlp.fc12" => "ffn_gate",
+                    "mlp.fc2" => "ffn_down",
+                    "norm2" => "layer_output_norm",
+                    other => panic!("unexpected tensor {other}"),
+                };
+                format!("blk.{layer}.{part}")
+            }
+        };
+        tensors.push((
+            format!("{gguf}.{kind}"),
+            QTensor::quantize(t, GgmlDType::F32).unwrap(),
+        ));
+    }
+    use gguf_file::Value as V;
+    let metadata = vec![
+        ("general.architecture", V::String("nomic-bert".into())),
+        (
+            "general.name",
+            V::String("nomic-embed-text-v1.5 (random weights)".into()),
+        ),
+        ("nomic-bert.context_length", V::U32(2048)),
+        ("nomic-bert.embedding_length", V::U32(768)),
+        ("nomic-bert.feed_forward_length", V::U32(3072)),
+        ("nomic-bert.attention.head_count", V::U32(12)),
+        ("nomic-bert.block_count", V::U32(2)),
+        ("nomic-bert.attention.layer_norm_epsilon", V::F32(1e-12)),
+        ("nomic-bert.attention.causal", V::Bool(false)),
+        ("nomic-bert.pooling_type", V::U32(1)),
+        ("nomic-bert.rope.freq_base", V::F32(1000.0)),
+        ("tokenizer.ggml.model", V::String("bert".into())),
+        (
+            "tokenizer.ggml.tokens",
+            V::Array(phantom_vocab(&tok).into_iter().map(V::String).collect()),
+        ),
+        ("tokenizer.ggml.token_type_count", V::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", V::U32(100)),
+        ("tokenizer.ggml.cls_token_id", V::U32(101)),
+        ("tokenizer.ggml.seperator_token_id", V::U32(102)),
+        ("tokenizer.ggml.padding_token_id", V::U32(0)),
+    ];
+    let metadata: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut file = std::fs::File::create(out).unwrap();
+    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+}
+
+/// NomicBERT (`nomic-embed-text`) as Ollama's registry serves it (GGUF `nomic-bert`) and in
+/// the sentence-transformers layout: both give candle-transformers' NomicBertModel's vectors
+/// (one sentence at a time, unpadded, mean-pooled, unit length) to 1e-4 on the same random
+/// weights, and the GGUF served through `wick import` is an embedding model over HTTP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nomic_bert_gguf_and_safetensors() {
+    use candle_transformers::models::nomic_bert::{self, NomicBertModel};
+    let weights = nomic_weights();
+    let config: nomic_bert::Config = serde_json::from_value(nomic_config()).unwrap();
+    let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &Device::Cpu);
+    let reference = NomicBertModel::load(vb, &config).unwrap();
+    let minilm = Reference::load(&minilm_dir());
+    let want = |text: &str| -> Vec<f32> {
+        let ids = minilm.ids(text);
+        let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let states = reference.forward(&ids, None, None).unwrap();
+        let mask = ids.ones_like().unwrap().to_dtype(DType::F32).unwrap();
+        let pooled = nomic_bert::mean_pooling(&states, &mask).unwrap();
+        nomic_bert::l2_normalize(&pooled)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+
+    // The sentence-transformers layout: config.json, the weights, the tokenizer, mean
+    // pooling and Normalize.
+    let scratch = common::ScratchDir::new("nomic");
+    let dir = scratch.path().join("nomic-st");
+    std::fs::create_dir_all(dir.join("1_Pooling")).unwrap();
+    std::fs::write(dir.join("config.json"), nomic_config().to_string()).unwrap();
+    candle_core::safetensors::save(&weights, dir.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        minilm_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("modules.json"),
+        json!([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("1_Pooling/config.json"),
+        json!({"word_embedding_dimension": 768, "pooling_mode_mean_tokens": true}).to_string(),
+    )
+    .unwrap();
+    let gguf = scratch.path().join("nomic-embed-text.gguf");
+    write_nomic_gguf(&weights, &gguf);
+
+    let ids: Vec<Vec<u32>> = SENTENCES[..4].iter().map(|s| minilm.ids(s)).collect();
+    let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
+    for (what, e) in [
+        ("safetensors", Embedder::load(&dir, &Device::Cpu).unwrap()),
+        ("gguf", Embedder::load_gguf(&gguf, &Device::Cpu).unwrap()),
+    ] {
+        assert_eq!((e.dim(), e.max_positions()), (768, 2048), "{what}");
+        assert!(e.normalizes(), "{what}");
+        for s in TOKENIZER_TEXTS.iter().chain(&SENTENCES) {
+            assert_eq!(
+                e.encode(s).unwrap(),
+                minilm.ids(s),
+                "{what}: token ids of {s:?}"
+            );
+        }
+        // One padded batch against each sentence alone.
+        for (got, s) in e.embed(&refs).unwrap().iter().zip(&SENTENCES) {
+            assert_close(got, &want(s), &format!("{what} {s:?}"));
+        }
+    }
+
+    let models = api_common::store_dir("nomic-gguf");
+    let out = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["import", "nomic-embed-text:test"])
+        .arg(&gguf)
+        .env("OLLAMA_MODELS", &models)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = api_common::WickProcess::start(&models, &[]);
+    let show: Value = api_common::post(
+        &server.base,
+        "/api/show",
+        json!({"model": "nomic-embed-text:test"}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    let v: Value = api_common::post(
+        &server.base,
+        "/api/embed",
+        json!({"model": "nomic-embed-text:test", "input": [SENTENCES[0], SENTENCES[2]]}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    for (i, s) in [SENTENCES[0], SENTENCES[2]].iter().enumerate() {
+        assert_close(
+            &floats(&v["embeddings"][i]),
+            &want(s),
+            &format!("served {s:?}"),
+        );
+    }
 }

@@ -1,10 +1,11 @@
 //! BERT-family sentence embedding models (all-MiniLM, bge, e5 ... in the sentence-transformers
-//! layout, and GGUF `bert` as Ollama's registry serves `all-minilm`): the encoder, the pooling
-//! and the normalisation the model's own metadata asks for.
+//! layout, and GGUF `bert` as Ollama's registry serves `all-minilm`; NomicBERT as it serves
+//! `nomic-embed-text`): the encoder, the pooling and the normalisation the model's own
+//! metadata asks for.
 //!
 //! The transformer itself is candle-transformers' `bert` module (Hugging Face's BertModel,
-//! kept by candle's authors and checked against transformers there), run on padded batches
-//! with an attention mask. What the checkpoint says around it is read here:
+//! kept by candle's authors and checked against transformers there) or its `nomic_bert`
+//! (rotary positions, fused QKV, SwiGLU), run on padded batches with an attention mask. What the checkpoint says around it is read here:
 //! `modules.json` names the sentence-transformers modules (Transformer, Pooling,
 //! Normalize), `<pooling dir>/config.json` the pooling modes. A directory without
 //! `modules.json` is a plain BERT checkpoint: mean pooling, no normalisation (what
@@ -20,6 +21,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::nomic_bert::{Config as NomicConfig, NomicBertModel};
 use serde_json::Value;
 
 use super::{Error, Result};
@@ -54,7 +56,7 @@ impl Pooling {
 }
 
 /// Model types this encoder runs (config.json `model_type`).
-pub const ENCODER_TYPES: &[&str] = &["bert"];
+pub const ENCODER_TYPES: &[&str] = &["bert", "nomic_bert"];
 
 /// GGUF architectures of encoder models (as llama.cpp and Ollama name them).
 pub const GGUF_ENCODER_ARCHS: &[&str] = &["bert", "nomic-bert", "jina-bert-v2", "xlm-roberta"];
@@ -70,9 +72,34 @@ pub fn is_encoder_dir(dir: &Path) -> bool {
         .is_some_and(|t| ENCODER_TYPES.contains(&t.as_str()))
 }
 
+/// The transformer of an embedding model.
+enum Encoder {
+    Bert(BertModel),
+    Nomic(NomicBertModel),
+}
+
+impl Encoder {
+    /// Final token states `(n, len, hidden)` of a padded batch; `mask` is 1 on real tokens.
+    fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let types = ids.zeros_like()?;
+        Ok(match self {
+            Encoder::Bert(m) => m.forward(ids, &types, Some(mask))?,
+            // Its mask selects with `where_cond`, which takes an integer condition.
+            Encoder::Nomic(m) => m.forward(ids, Some(&types), Some(&mask.to_dtype(DType::U8)?))?,
+        })
+    }
+}
+
+/// The sizes [`Embedder`] needs of either encoder's config.
+struct Dims {
+    hidden: usize,
+    max_positions: usize,
+    vocab_size: usize,
+}
+
 /// A loaded sentence embedding model.
 pub struct Embedder {
-    bert: BertModel,
+    encoder: Encoder,
     tokenizer: tokenizers::Tokenizer,
     /// Applied in this order and concatenated (as sentence-transformers does).
     pooling: Vec<Pooling>,
@@ -181,15 +208,15 @@ impl Embedder {
         let model_type = config_json
             .get("model_type")
             .and_then(Value::as_str)
-            .unwrap_or_default();
-        if !ENCODER_TYPES.contains(&model_type) {
-            return Err(Error::UnsupportedArch(model_type.to_string()));
+            .unwrap_or_default()
+            .to_string();
+        if !ENCODER_TYPES.contains(&model_type.as_str()) {
+            return Err(Error::UnsupportedArch(model_type));
         }
-        let config: BertConfig =
-            serde_json::from_value(config_json).map_err(|e| Error::Format {
-                path: config_path.clone(),
-                msg: format!("not a BERT config: {e}"),
-            })?;
+        let config_err = |e: serde_json::Error| Error::Format {
+            path: config_path.clone(),
+            msg: format!("not a {model_type} config: {e}"),
+        };
         let (pooling, normalize) = read_modules(dir)?;
         let tok_path = dir.join("tokenizer.json");
         let mut tokenizer = tokenizers::Tokenizer::from_file(&tok_path)
@@ -208,13 +235,25 @@ impl Embedder {
                 path: dir.to_path_buf(),
                 msg: format!("unreadable safetensors: {e}"),
             })?;
-        Self::assemble(vb, &config, tokenizer, pooling, normalize, dir)
+        let (encoder, dims) = if model_type == "nomic_bert" {
+            nomic(
+                vb,
+                &serde_json::from_value(config_json).map_err(config_err)?,
+            )?
+        } else {
+            bert(
+                vb,
+                &serde_json::from_value(config_json).map_err(config_err)?,
+            )?
+        };
+        Self::assemble(encoder, dims, tokenizer, pooling, normalize, dir, device)
     }
 
-    /// Loads a GGUF BERT as Ollama's registry serves `all-minilm` and `mxbai-embed-large`
-    /// (llama.cpp's conversion): the hyperparameters from `bert.*` metadata, the tensors
-    /// renamed to Hugging Face's and dequantized to f32, the WordPiece vocabulary restored
-    /// ([`super::tokenizer::wordpiece_from_gguf`]), pooling from `bert.pooling_type`, and
+    /// Loads a GGUF BERT as Ollama's registry serves `all-minilm` and `mxbai-embed-large`,
+    /// or a NomicBERT as it serves `nomic-embed-text` (llama.cpp's conversions): the
+    /// hyperparameters from `bert.*` (`nomic-bert.*`) metadata, the tensors renamed to Hugging
+    /// Face's and dequantized to f32, the WordPiece vocabulary restored
+    /// ([`super::tokenizer::wordpiece_from_gguf`]), pooling from `*.pooling_type`, and
     /// unit-length vectors (what Ollama returns).
     pub fn load_gguf(path: &Path, device: &Device) -> Result<Self> {
         super::init_threads();
@@ -233,31 +272,40 @@ impl Embedder {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        if arch != "bert" {
-            return Err(Error::UnsupportedArch(format!(
-                "{arch} (GGUF embedding models load as 'bert'; others from safetensors)"
-            )));
-        }
+        let rename: fn(&str) -> Option<String> = match arch.as_str() {
+            "bert" => hf_tensor_name,
+            "nomic-bert" => nomic_tensor_name,
+            _ => {
+                return Err(Error::UnsupportedArch(format!(
+                    "{arch} (GGUF embedding models load as 'bert' or 'nomic-bert'; others \
+                     from safetensors)"
+                )))
+            }
+        };
         let num = |key: &str| -> Result<usize> {
-            md.get(&format!("bert.{key}"))
+            md.get(&format!("{arch}.{key}"))
                 .and_then(|v| v.to_u32().ok())
                 .map(|v| v as usize)
-                .ok_or_else(|| Error::Config(format!("GGUF metadata bert.{key} is missing")))
+                .ok_or_else(|| Error::Config(format!("GGUF metadata {arch}.{key} is missing")))
         };
-        let eps = md
-            .get("bert.attention.layer_norm_epsilon")
-            .and_then(|v| v.to_f32().ok())
-            .unwrap_or(1e-12);
+        let float = |key: &str| {
+            md.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.to_f32().ok())
+        };
+        let eps = float("attention.layer_norm_epsilon").unwrap_or(1e-12);
         // llama.cpp's pooling types: 1 mean, 2 cls, 3 last.
-        let pooling = match md.get("bert.pooling_type").and_then(|v| v.to_u32().ok()) {
+        let pooling = match md
+            .get(&format!("{arch}.pooling_type"))
+            .and_then(|v| v.to_u32().ok())
+        {
             Some(2) => Pooling::Cls,
             Some(3) => Pooling::LastToken,
             _ => Pooling::Mean,
         };
         let mut tensors = std::collections::HashMap::new();
         for name in content.tensor_infos.keys() {
-            let hf = hf_tensor_name(name)
-                .ok_or_else(|| format_err(format!("unexpected tensor {name} in a BERT GGUF")))?;
+            let hf = rename(name)
+                .ok_or_else(|| format_err(format!("unexpected tensor {name} in a {arch} GGUF")))?;
             let t = content
                 .tensor(&mut file, name, device)
                 .and_then(|q| q.dequantize(device))
@@ -270,6 +318,24 @@ impl Embedder {
                 .map(|t| t.dims()[0])
                 .ok_or_else(|| format_err(format!("no {name} tensor")))
         };
+        let tokenizer = super::tokenizer::wordpiece_from_gguf(md)?;
+        if arch == "nomic-bert" {
+            let config: NomicConfig = serde_json::from_value(serde_json::json!({
+                "vocab_size": rows("embeddings.word_embeddings.weight")?,
+                "n_embd": num("embedding_length")?,
+                "n_head": num("attention.head_count")?,
+                "n_layer": num("block_count")?,
+                "n_inner": num("feed_forward_length")?,
+                "n_positions": num("context_length")?,
+                "type_vocab_size": rows("embeddings.token_type_embeddings.weight").unwrap_or(0),
+                "layer_norm_epsilon": eps,
+                "rotary_emb_base": float("rope.freq_base").unwrap_or(1000.0),
+            }))
+            .map_err(|e| format_err(format!("NomicBERT config: {e}")))?;
+            let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+            let (encoder, dims) = nomic(vb, &config)?;
+            return Self::assemble(encoder, dims, tokenizer, vec![pooling], true, path, device);
+        }
         let config: BertConfig = serde_json::from_value(serde_json::json!({
             "vocab_size": rows("embeddings.word_embeddings.weight")?,
             "hidden_size": num("embedding_length")?,
@@ -287,30 +353,29 @@ impl Embedder {
             "model_type": "bert",
         }))
         .map_err(|e| format_err(format!("BERT config: {e}")))?;
-        let tokenizer = super::tokenizer::wordpiece_from_gguf(md)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        Self::assemble(vb, &config, tokenizer, vec![pooling], true, path)
+        let (encoder, dims) = bert(vb, &config)?;
+        Self::assemble(encoder, dims, tokenizer, vec![pooling], true, path, device)
     }
 
-    /// The encoder from its weights and config, with the tokenizer and pooling around it.
+    /// The encoder with the tokenizer and pooling around it.
     fn assemble(
-        vb: VarBuilder,
-        config: &BertConfig,
+        encoder: Encoder,
+        dims: Dims,
         tokenizer: tokenizers::Tokenizer,
         pooling: Vec<Pooling>,
         normalize: bool,
         path: &Path,
+        device: &Device,
     ) -> Result<Self> {
-        if tokenizer.get_vocab_size(true) > config.vocab_size {
+        if tokenizer.get_vocab_size(true) > dims.vocab_size {
             return Err(Error::Config(format!(
                 "tokenizer has {} tokens but the model only {}",
                 tokenizer.get_vocab_size(true),
-                config.vocab_size
+                dims.vocab_size
             )));
         }
         let tail = special_tail(&tokenizer)?;
-        let device = vb.device().clone();
-        let bert = BertModel::load(vb, config)?;
         tracing::info!(
             path = %path.display(),
             pooling = ?pooling.iter().map(|p| p.name()).collect::<Vec<_>>(),
@@ -318,15 +383,15 @@ impl Embedder {
             "embedding model loaded"
         );
         Ok(Self {
-            bert,
+            encoder,
             tokenizer,
             pooling,
             normalize,
-            hidden: config.hidden_size,
-            max_positions: config.max_position_embeddings,
-            vocab_size: config.vocab_size,
+            hidden: dims.hidden,
+            max_positions: dims.max_positions,
+            vocab_size: dims.vocab_size,
             tail,
-            device,
+            device: device.clone(),
             path: path.to_path_buf(),
         })
     }
@@ -402,9 +467,8 @@ impl Embedder {
             mask[row * len..row * len + input.len()].fill(1.0);
         }
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let types = ids.zeros_like()?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let states = self.bert.forward(&ids, &types, Some(&mask))?;
+        let states = self.encoder.forward(&ids, &mask)?;
         let mut parts = Vec::with_capacity(self.pooling.len());
         for p in &self.pooling {
             parts.push(self.pool(*p, &states, &mask, inputs)?);
@@ -484,6 +548,58 @@ fn hf_tensor_name(gguf: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("encoder.layer.{layer}.{hf}.{kind}"))
+}
+
+/// candle-transformers' BERT from `vb`.
+fn bert(vb: VarBuilder, config: &BertConfig) -> Result<(Encoder, Dims)> {
+    let dims = Dims {
+        hidden: config.hidden_size,
+        max_positions: config.max_position_embeddings,
+        vocab_size: config.vocab_size,
+    };
+    Ok((Encoder::Bert(BertModel::load(vb, config)?), dims))
+}
+
+/// candle-transformers' NomicBERT from `vb`.
+fn nomic(vb: VarBuilder, config: &NomicConfig) -> Result<(Encoder, Dims)> {
+    let dims = Dims {
+        hidden: config.n_embd,
+        max_positions: config.n_positions,
+        vocab_size: config.vocab_size,
+    };
+    Ok((Encoder::Nomic(NomicBertModel::load(vb, config)?), dims))
+}
+
+/// A llama.cpp NomicBERT tensor's Hugging Face name (`blk.3.attn_qkv.weight` ->
+/// `encoder.layers.3.attn.Wqkv.weight`); llama.cpp's `ffn_up` is the SwiGLU's value
+/// projection `fc11`, `ffn_gate` its gate `fc12`.
+fn nomic_tensor_name(gguf: &str) -> Option<String> {
+    let (stem, kind) = gguf.rsplit_once('.')?;
+    if kind != "weight" && kind != "bias" {
+        return None;
+    }
+    let top = match stem {
+        "token_embd" => Some("embeddings.word_embeddings"),
+        "token_types" => Some("embeddings.token_type_embeddings"),
+        "token_embd_norm" => Some("emb_ln"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{kind}"));
+    }
+    let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let hf = match part {
+        "attn_qkv" => "attn.Wqkv",
+        "attn_output" => "attn.out_proj",
+        "attn_output_norm" => "norm1",
+        "ffn_up" => "mlp.fc11",
+        "ffn_gate" => "mlp.fc12",
+        "ffn_down" => "mlp.fc2",
+        "layer_output_norm" => "norm2",
+        _ => return None,
+    };
+    Some(format!("encoder.layers.{layer}.{hf}.{kind}"))
 }
 
 /// How many special tokens the tokenizer's post-processor appends after the text: the

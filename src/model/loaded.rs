@@ -138,8 +138,8 @@ pub enum AnyModel {
 
 impl AnyModel {
     /// Loads `path` as an embedding model when it is an encoder checkpoint (config.json's
-    /// `model_type`, see [`super::bert::ENCODER_TYPES`], or a GGUF `bert`), else as a
-    /// generator.
+    /// `model_type`, see [`super::bert::ENCODER_TYPES`], or a GGUF `bert` or `nomic-bert`),
+    /// else as a generator.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         if path.is_dir() && super::bert::is_encoder_dir(path) {
             return Ok(Self::Embedder(Arc::new(Embedder::load(path, device)?)));
@@ -151,13 +151,14 @@ impl AnyModel {
                 .and_then(|v| v.to_string().ok())
                 .cloned()
                 .unwrap_or_default();
-            if arch == "bert" {
+            if arch == "bert" || arch == "nomic-bert" {
                 return Ok(Self::Embedder(Arc::new(Embedder::load_gguf(path, device)?)));
             }
             if super::bert::GGUF_ENCODER_ARCHS.contains(&arch.as_str()) {
                 return Err(Error::Config(format!(
-                    "'{arch}' GGUF embedding models are not supported yet (GGUF 'bert' is, \
-                     and any BERT in the sentence-transformers layout)"
+                    "'{arch}' GGUF embedding models are not supported yet (GGUF 'bert' and \
+                     'nomic-bert' are, and any BERT or NomicBERT in the sentence-transformers \
+                     layout)"
                 )));
             }
         }

@@ -251,13 +251,13 @@ const QWEN_BOS: u32 = 151_643;
 const QWEN_EOS: u32 = 151_645;
 
 /// splitmix64 with Box–Muller normals: a few lines, deterministic for a seed, no dependency.
-struct SplitMix64 {
+pub struct SplitMix64 {
     state: u64,
     spare: Option<f64>,
 }
 
 impl SplitMix64 {
-    fn new(seed: u64) -> SplitMix64 {
+    pub fn new(seed: u64) -> SplitMix64 {
         SplitMix64 {
             state: seed,
             spare: None,
@@ -288,7 +288,7 @@ impl SplitMix64 {
     }
 
     /// `count` values `mean + std * N(0, 1)`.
-    fn normals(&mut self, count: usize, mean: f32, std: f32) -> Vec<f32> {
+    pub fn normals(&mut self, count: usize, mean: f32, std: f32) -> Vec<f32> {
         (0..count)
             .map(|_| mean + std * self.normal() as f32)
             .collect()
