@@ -8,9 +8,9 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use candlewick::model::{Batch, KvCache, Model};
+use candlewick::model::Model;
 
-use common::{median, model_files, models_dir, prefilled};
+use common::{decode_times, median, model_files, models_dir, prefilled};
 
 mod common;
 
@@ -63,19 +63,7 @@ fn read_bandwidth(threads: usize) -> f64 {
 /// Median seconds per decode step over contexts CONTEXT..CONTEXT+STEPS.
 fn decode_secs(model: &Model) -> f64 {
     let (mut cache, table) = prefilled(model, CONTEXT, STEPS);
-    let mut times = Vec::with_capacity(STEPS);
-    for pos in CONTEXT..CONTEXT + STEPS {
-        let mut b = Batch::default();
-        b.push_seq(&[101], pos, table.clone(), true);
-        let t = Instant::now();
-        let logits = model
-            .decoder
-            .forward(&b, &mut cache as &mut dyn KvCache)
-            .expect("decode");
-        let _row: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
-        times.push(t.elapsed().as_secs_f64());
-    }
-    median(times)
+    median(decode_times(model, &mut cache, &table, CONTEXT, STEPS))
 }
 
 fn main() {

@@ -8,9 +8,9 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use candlewick::model::{Batch, KvCache, KvType, Model};
+use candlewick::model::{KvType, Model};
 
-use common::{env_usize, median, model_files, models_dir, prefilled_as};
+use common::{decode_times, env_usize, median, model_files, models_dir, prefilled_as};
 
 mod common;
 
@@ -34,18 +34,7 @@ fn main() {
             let t = Instant::now();
             let (mut cache, table) = prefilled_as(&model, ctx, STEPS, ty);
             let prefill = ctx as f64 / t.elapsed().as_secs_f64();
-            let mut times = Vec::with_capacity(STEPS);
-            for pos in ctx..ctx + STEPS {
-                let mut b = Batch::default();
-                b.push_seq(&[101], pos, table.clone(), true);
-                let t = Instant::now();
-                let logits = model
-                    .decoder
-                    .forward(&b, &mut cache as &mut dyn KvCache)
-                    .expect("decode");
-                let _row: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
-                times.push(t.elapsed().as_secs_f64());
-            }
+            let times = decode_times(&model, &mut cache, &table, ctx, STEPS);
             println!(
                 "| {f} | {} | {:.0} | {prefill:.0} | {:.1} |",
                 ty.name(),

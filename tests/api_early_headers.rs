@@ -17,15 +17,8 @@ use serde_json::{json, Value};
 const MODEL: &str = "qwen:0.5b";
 
 async fn loaded(base: &str) -> Vec<String> {
-    let v: Value = reqwest::get(format!("{base}/api/ps"))
+    api_common::ps(base)
         .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("ps JSON");
-    v["models"]
-        .as_array()
-        .expect("models")
         .iter()
         .filter_map(|m| m["name"].as_str().map(str::to_string))
         .collect()

@@ -552,17 +552,32 @@ fn write_minilm_gguf(dir: &Path, out: &Path, dtype: candle_core::quantized::Ggml
         ),
         ("bert.attention.causal", V::Bool(false)),
         ("bert.pooling_type", V::U32(1)),
+    ];
+    write_wordpiece_gguf(out, metadata, tokens, &tensors);
+}
+
+/// A GGUF of `metadata`, a WordPiece vocabulary `tokens` (BERT's special token ids, two token
+/// types) and `tensors`.
+fn write_wordpiece_gguf(
+    out: &Path,
+    mut metadata: Vec<(&str, candle_core::quantized::gguf_file::Value)>,
+    tokens: Vec<String>,
+    tensors: &[(String, candle_core::quantized::QTensor)],
+) {
+    use candle_core::quantized::{gguf_file, QTensor};
+    use gguf_file::Value as V;
+    metadata.extend([
         ("tokenizer.ggml.model", V::String("bert".into())),
         (
             "tokenizer.ggml.tokens",
             V::Array(tokens.into_iter().map(V::String).collect()),
         ),
-        ("tokenizer.ggml.token_type_count", u("type_vocab_size")),
+        ("tokenizer.ggml.token_type_count", V::U32(2)),
         ("tokenizer.ggml.unknown_token_id", V::U32(100)),
         ("tokenizer.ggml.cls_token_id", V::U32(101)),
         ("tokenizer.ggml.seperator_token_id", V::U32(102)),
         ("tokenizer.ggml.padding_token_id", V::U32(0)),
-    ];
+    ]);
     let metadata: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut file = std::fs::File::create(out).unwrap();
@@ -756,21 +771,8 @@ fn write_nomic_gguf(weights: &std::collections::HashMap<String, Tensor>, out: &P
         ("nomic-bert.attention.causal", V::Bool(false)),
         ("nomic-bert.pooling_type", V::U32(1)),
         ("nomic-bert.rope.freq_base", V::F32(1000.0)),
-        ("tokenizer.ggml.model", V::String("bert".into())),
-        (
-            "tokenizer.ggml.tokens",
-            V::Array(phantom_vocab(&tok).into_iter().map(V::String).collect()),
-        ),
-        ("tokenizer.ggml.token_type_count", V::U32(2)),
-        ("tokenizer.ggml.unknown_token_id", V::U32(100)),
-        ("tokenizer.ggml.cls_token_id", V::U32(101)),
-        ("tokenizer.ggml.seperator_token_id", V::U32(102)),
-        ("tokenizer.ggml.padding_token_id", V::U32(0)),
     ];
-    let metadata: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut file = std::fs::File::create(out).unwrap();
-    gguf_file::write(&mut file, &metadata, &tensors).unwrap();
+    write_wordpiece_gguf(out, metadata, phantom_vocab(&tok), &tensors);
 }
 
 /// NomicBERT (`nomic-embed-text`) as Ollama's registry serves it (GGUF `nomic-bert`) and in

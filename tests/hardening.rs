@@ -43,16 +43,6 @@ fn ask(prompt: &str, num_predict: i64) -> Value {
            "options": {"temperature": 0, "num_predict": num_predict}})
 }
 
-async fn loaded_models(base: &str) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("{base}/api/ps"))
-        .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("ps JSON");
-    v["models"].as_array().cloned().unwrap_or_default()
-}
-
 #[tokio::test]
 async fn rebinding_hosts_get_403_on_loopback() {
     let (base, _) = server("hosts", &[("WICK_ALLOWED_HOSTS", "chat.example.com")]);
@@ -134,7 +124,7 @@ async fn bad_requests_load_nothing() {
         let resp = post(&base, "/api/generate", body).await;
         assert_eq!(resp.status(), 400, "{options}");
     }
-    assert!(loaded_models(&base).await.is_empty(), "nothing was loaded");
+    assert!(api_common::ps(&base).await.is_empty(), "nothing was loaded");
 }
 
 #[tokio::test]
@@ -254,7 +244,7 @@ async fn a_loading_model_does_not_block_the_others() {
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let ps = loaded_models(&base).await;
+    let ps = api_common::ps(&base).await;
     let ps_at = t0.elapsed();
     let smol = post(&base, "/api/generate", ask("Hi", 2)).await;
     assert_eq!(smol.status(), 200);
@@ -266,7 +256,7 @@ async fn a_loading_model_does_not_block_the_others() {
         "ps {ps_at:?} and a SmolLM2 answer {smol_at:?} waited for Qwen's load ({qwen_at:?})"
     );
     assert_eq!(ps.len(), 1, "Qwen is not listed while it loads");
-    assert_eq!(loaded_models(&base).await.len(), 2);
+    assert_eq!(api_common::ps(&base).await.len(), 2);
 }
 
 #[tokio::test]

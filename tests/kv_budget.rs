@@ -88,13 +88,8 @@ async fn the_budget_follows_the_cgroup_limit() {
     let base = format!("http://{host}");
     let load = api_common::post(&base, "/api/generate", json!({"model": "smollm2:135m"})).await;
     assert_eq!(load.status(), 200);
-    let ps: Value = reqwest::get(format!("{base}/api/ps"))
-        .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("JSON");
-    let kv = &ps["models"][0]["kv_cache"];
+    let ps = api_common::ps(&base).await;
+    let kv = &ps[0]["kv_cache"];
     let reason = kv["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains(&format!("cgroup v{} memory limit 0.50 GiB", cgroup.version)),
@@ -140,13 +135,7 @@ async fn q8_0_holds_more_tokens_in_the_same_budget() {
         let v: Value = resp.json().await.expect("JSON");
         let answer = v["message"]["content"].as_str().unwrap_or_default();
         assert!(answer.contains("Berlin"), "{ty}: {answer:?}");
-        let ps: Value = reqwest::get(format!("{base}/api/ps"))
-            .await
-            .expect("ps")
-            .json()
-            .await
-            .expect("JSON");
-        let kv = ps["models"][0]["kv_cache"].clone();
+        let kv = api_common::ps(&base).await[0]["kv_cache"].clone();
         assert_eq!(kv["type"], ty, "{kv}");
         served.push(kv["tokens"].as_u64().unwrap_or(0) as f64);
     }

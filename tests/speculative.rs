@@ -225,13 +225,7 @@ async fn options_modelfile_and_server_default() {
     };
     // Accepted drafts over every loaded model, and the first one's report.
     let ps = |base: String| async move {
-        let v: Value = reqwest::get(format!("{base}/api/ps"))
-            .await
-            .expect("ps")
-            .json()
-            .await
-            .expect("JSON");
-        let models = v["models"].as_array().cloned().unwrap_or_default();
+        let models = api_common::ps(&base).await;
         let accepted: u64 = models
             .iter()
             .filter_map(|m| m["speculative"]["accepted"].as_u64())

@@ -77,3 +77,27 @@ pub fn prefilled_as(model: &Model, ctx: usize, more: usize, ty: KvType) -> (CpuK
         .expect("prefill");
     (cache, table)
 }
+
+/// Seconds of each decode step at contexts `from..from + steps` in `cache` (block table
+/// `table`), the logits read back as the engine reads them.
+pub fn decode_times(
+    model: &Model,
+    cache: &mut CpuKvCache,
+    table: &[u32],
+    from: usize,
+    steps: usize,
+) -> Vec<f64> {
+    (from..from + steps)
+        .map(|pos| {
+            let mut b = Batch::default();
+            b.push_seq(&[101], pos, table.to_vec(), true);
+            let t = std::time::Instant::now();
+            let logits = model
+                .decoder
+                .forward(&b, cache as &mut dyn KvCache)
+                .expect("decode");
+            let _row: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
+            t.elapsed().as_secs_f64()
+        })
+        .collect()
+}

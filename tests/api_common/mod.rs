@@ -205,6 +205,17 @@ pub async fn tags(base: &str) -> Vec<Value> {
     v["models"].as_array().expect("models").clone()
 }
 
+/// `/api/ps`'s loaded models.
+pub async fn ps(base: &str) -> Vec<Value> {
+    let v: Value = reqwest::get(format!("{base}/api/ps"))
+        .await
+        .expect("ps")
+        .json()
+        .await
+        .expect("ps JSON");
+    v["models"].as_array().expect("models").clone()
+}
+
 /// Files in `blobs/`, by name.
 pub fn blob_files(models: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(models.join("blobs"))
