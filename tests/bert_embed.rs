@@ -584,6 +584,31 @@ fn write_wordpiece_gguf(
     gguf_file::write(&mut file, &metadata, &tensors).unwrap();
 }
 
+/// `wick serve` on a new store holding `gguf` as `name` (`wick import`), checked to be an
+/// embedding model in `/api/show`.
+async fn serve_gguf(tag: &str, name: &str, gguf: &Path) -> api_common::WickProcess {
+    let models = api_common::store_dir(tag);
+    let out = Command::new(env!("CARGO_BIN_EXE_wick"))
+        .args(["import", name])
+        .arg(gguf)
+        .env("OLLAMA_MODELS", &models)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = api_common::WickProcess::start(&models, &[]);
+    let show: Value = api_common::post(&server.base, "/api/show", json!({"model": name}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    server
+}
+
 /// The GGUF form Ollama's registry serves (`all-minilm`): the restored WordPiece tokenizer
 /// gives tokenizer.json's ids, an f32 GGUF gives the reference's vectors to 1e-4, the f16
 /// one (Ollama's) within f16's rounding, and served through `wick import` it is an
@@ -620,29 +645,7 @@ async fn gguf_bert_as_ollama_stores_it() {
         assert!(c > 0.9999, "f16 {s:?}: cosine {c}");
     }
 
-    let models = api_common::store_dir("bert-gguf");
-    let out = Command::new(env!("CARGO_BIN_EXE_wick"))
-        .args(["import", "all-minilm:gguf"])
-        .arg(&f16_path)
-        .env("OLLAMA_MODELS", &models)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let server = api_common::WickProcess::start(&models, &[]);
-    let show = api_common::post(
-        &server.base,
-        "/api/show",
-        json!({"model": "all-minilm:gguf"}),
-    )
-    .await
-    .json::<Value>()
-    .await
-    .unwrap();
-    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    let server = serve_gguf("bert-gguf", "all-minilm:gguf", &f16_path).await;
     let v: Value = api_common::post(
         &server.base,
         "/v1/embeddings",
@@ -853,29 +856,7 @@ async fn nomic_bert_gguf_and_safetensors() {
         }
     }
 
-    let models = api_common::store_dir("nomic-gguf");
-    let out = Command::new(env!("CARGO_BIN_EXE_wick"))
-        .args(["import", "nomic-embed-text:test"])
-        .arg(&gguf)
-        .env("OLLAMA_MODELS", &models)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let server = api_common::WickProcess::start(&models, &[]);
-    let show: Value = api_common::post(
-        &server.base,
-        "/api/show",
-        json!({"model": "nomic-embed-text:test"}),
-    )
-    .await
-    .json()
-    .await
-    .unwrap();
-    assert_eq!(show["capabilities"], json!(["embedding"]), "{show}");
+    let server = serve_gguf("nomic-gguf", "nomic-embed-text:test", &gguf).await;
     let v: Value = api_common::post(
         &server.base,
         "/api/embed",
