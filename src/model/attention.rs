@@ -273,11 +273,6 @@ impl CpuKvCache {
         let elements = g.num_blocks * g.block_size * g.kv_heads * g.head_dim;
         2 * self.planes.layers() * self.planes.ty().bytes(elements)
     }
-
-    /// The element type the cache stores.
-    pub fn kv_type(&self) -> KvType {
-        self.planes.ty()
-    }
 }
 
 impl Geometry {

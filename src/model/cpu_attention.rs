@@ -182,7 +182,10 @@ impl KvElem for Q8Block {
         if n == 0 {
             return Vec::new();
         }
-        let layout = std::alloc::Layout::array::<Self>(n).expect("KV cache size overflows");
+        let Ok(layout) = std::alloc::Layout::array::<Self>(n) else {
+            // More bytes than an address space holds: no allocation can succeed.
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<Self>());
+        };
         // SAFETY: the layout is non-zero and that of `n` blocks; all-zero bytes are a valid
         // block (scale +0.0, zero quants), so the vector owns `n` initialised elements of its
         // own allocation, which `Vec` frees with the same layout.
