@@ -5,11 +5,11 @@
 //!
 //! The transformer itself is candle-transformers' `bert` module (Hugging Face's BertModel,
 //! kept by candle's authors and checked against transformers there) or its `nomic_bert`
-//! (rotary positions, fused QKV, SwiGLU), run on padded batches with an attention mask. What the checkpoint says around it is read here:
-//! `modules.json` names the sentence-transformers modules (Transformer, Pooling,
-//! Normalize), `<pooling dir>/config.json` the pooling modes. A directory without
-//! `modules.json` is a plain BERT checkpoint: mean pooling, no normalisation (what
-//! sentence-transformers itself falls back to).
+//! (rotary positions, fused QKV, SwiGLU), run on padded batches with an attention mask. What
+//! the checkpoint says around it is read here: `modules.json` names the sentence-transformers
+//! modules (Transformer, Pooling, Normalize), `<pooling dir>/config.json` the pooling modes. A
+//! directory without `modules.json` is a plain BERT checkpoint: mean pooling, no
+//! normalisation (what sentence-transformers itself falls back to).
 //!
 //! The tokenizer adds the model's special tokens (`[CLS] … [SEP]`); its own truncation and
 //! padding settings are switched off, since the engine fits inputs to the context
@@ -272,9 +272,9 @@ impl Embedder {
             .and_then(|v| v.to_string().ok())
             .cloned()
             .unwrap_or_default();
-        let rename: fn(&str) -> Option<String> = match arch.as_str() {
-            "bert" => hf_tensor_name,
-            "nomic-bert" => nomic_tensor_name,
+        let names = match arch.as_str() {
+            "bert" => &BERT_NAMES,
+            "nomic-bert" => &NOMIC_NAMES,
             _ => {
                 return Err(Error::UnsupportedArch(format!(
                     "{arch} (GGUF embedding models load as 'bert' or 'nomic-bert'; others \
@@ -304,7 +304,8 @@ impl Embedder {
         };
         let mut tensors = std::collections::HashMap::new();
         for name in content.tensor_infos.keys() {
-            let hf = rename(name)
+            let hf = names
+                .hf(name)
                 .ok_or_else(|| format_err(format!("unexpected tensor {name} in a {arch} GGUF")))?;
             let t = content
                 .tensor(&mut file, name, device)
@@ -516,40 +517,6 @@ impl Embedder {
     }
 }
 
-/// A llama.cpp BERT tensor's Hugging Face name (`blk.3.attn_q.weight` ->
-/// `encoder.layer.3.attention.self.query.weight`).
-fn hf_tensor_name(gguf: &str) -> Option<String> {
-    let (stem, kind) = gguf.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let top = match stem {
-        "token_embd" => Some("embeddings.word_embeddings"),
-        "position_embd" => Some("embeddings.position_embeddings"),
-        "token_types" => Some("embeddings.token_type_embeddings"),
-        "token_embd_norm" => Some("embeddings.LayerNorm"),
-        _ => None,
-    };
-    if let Some(top) = top {
-        return Some(format!("{top}.{kind}"));
-    }
-    let rest = stem.strip_prefix("blk.")?;
-    let (layer, part) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_q" => "attention.self.query",
-        "attn_k" => "attention.self.key",
-        "attn_v" => "attention.self.value",
-        "attn_output" => "attention.output.dense",
-        "attn_output_norm" => "attention.output.LayerNorm",
-        "ffn_up" => "intermediate.dense",
-        "ffn_down" => "output.dense",
-        "layer_output_norm" => "output.LayerNorm",
-        _ => return None,
-    };
-    Some(format!("encoder.layer.{layer}.{hf}.{kind}"))
-}
-
 /// candle-transformers' BERT from `vb`.
 fn bert(vb: VarBuilder, config: &BertConfig) -> Result<(Encoder, Dims)> {
     let dims = Dims {
@@ -570,36 +537,73 @@ fn nomic(vb: VarBuilder, config: &NomicConfig) -> Result<(Encoder, Dims)> {
     Ok((Encoder::Nomic(NomicBertModel::load(vb, config)?), dims))
 }
 
-/// A llama.cpp NomicBERT tensor's Hugging Face name (`blk.3.attn_qkv.weight` ->
-/// `encoder.layers.3.attn.Wqkv.weight`); llama.cpp's `ffn_up` is the SwiGLU's value
-/// projection `fc11`, `ffn_gate` its gate `fc12`.
-fn nomic_tensor_name(gguf: &str) -> Option<String> {
-    let (stem, kind) = gguf.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
+/// How a family's llama.cpp tensor names map to Hugging Face's: whole names outside the
+/// layers, and each layer's parts under `layers.N`.
+struct TensorNames {
+    top: &'static [(&'static str, &'static str)],
+    layers: &'static str,
+    parts: &'static [(&'static str, &'static str)],
+}
+
+/// GGUF `bert` (`blk.3.attn_q.weight` -> `encoder.layer.3.attention.self.query.weight`).
+const BERT_NAMES: TensorNames = TensorNames {
+    top: &[
+        ("token_embd", "embeddings.word_embeddings"),
+        ("position_embd", "embeddings.position_embeddings"),
+        ("token_types", "embeddings.token_type_embeddings"),
+        ("token_embd_norm", "embeddings.LayerNorm"),
+    ],
+    layers: "encoder.layer",
+    parts: &[
+        ("attn_q", "attention.self.query"),
+        ("attn_k", "attention.self.key"),
+        ("attn_v", "attention.self.value"),
+        ("attn_output", "attention.output.dense"),
+        ("attn_output_norm", "attention.output.LayerNorm"),
+        ("ffn_up", "intermediate.dense"),
+        ("ffn_down", "output.dense"),
+        ("layer_output_norm", "output.LayerNorm"),
+    ],
+};
+
+/// GGUF `nomic-bert` (`blk.3.attn_qkv.weight` -> `encoder.layers.3.attn.Wqkv.weight`):
+/// llama.cpp's `ffn_up` is the SwiGLU's value projection `fc11`, `ffn_gate` its gate `fc12`.
+const NOMIC_NAMES: TensorNames = TensorNames {
+    top: &[
+        ("token_embd", "embeddings.word_embeddings"),
+        ("token_types", "embeddings.token_type_embeddings"),
+        ("token_embd_norm", "emb_ln"),
+    ],
+    layers: "encoder.layers",
+    parts: &[
+        ("attn_qkv", "attn.Wqkv"),
+        ("attn_output", "attn.out_proj"),
+        ("attn_output_norm", "norm1"),
+        ("ffn_up", "mlp.fc11"),
+        ("ffn_gate", "mlp.fc12"),
+        ("ffn_down", "mlp.fc2"),
+        ("layer_output_norm", "norm2"),
+    ],
+};
+
+impl TensorNames {
+    /// The Hugging Face name of GGUF tensor `gguf`, or None for a tensor the family lacks.
+    fn hf(&self, gguf: &str) -> Option<String> {
+        let (stem, kind) = gguf.rsplit_once('.')?;
+        if kind != "weight" && kind != "bias" {
+            return None;
+        }
+        let find = |table: &[(&str, &'static str)], key: &str| {
+            table.iter().find(|(g, _)| *g == key).map(|(_, hf)| *hf)
+        };
+        if let Some(top) = find(self.top, stem) {
+            return Some(format!("{top}.{kind}"));
+        }
+        let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
+        let layer: usize = layer.parse().ok()?;
+        let hf = find(self.parts, part)?;
+        Some(format!("{}.{layer}.{hf}.{kind}", self.layers))
     }
-    let top = match stem {
-        "token_embd" => Some("embeddings.word_embeddings"),
-        "token_types" => Some("embeddings.token_type_embeddings"),
-        "token_embd_norm" => Some("emb_ln"),
-        _ => None,
-    };
-    if let Some(top) = top {
-        return Some(format!("{top}.{kind}"));
-    }
-    let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let hf = match part {
-        "attn_qkv" => "attn.Wqkv",
-        "attn_output" => "attn.out_proj",
-        "attn_output_norm" => "norm1",
-        "ffn_up" => "mlp.fc11",
-        "ffn_gate" => "mlp.fc12",
-        "ffn_down" => "mlp.fc2",
-        "layer_output_norm" => "norm2",
-        _ => return None,
-    };
-    Some(format!("encoder.layers.{layer}.{hf}.{kind}"))
 }
 
 /// How many special tokens the tokenizer's post-processor appends after the text: the
