@@ -1258,17 +1258,6 @@ impl QuantizedType for FastQuant {
             });
             return Ok(());
         }
-        if m == 1 {
-            // A decode step: the output row is its own transpose.
-            super::parallel::par_rows(&mut dst[..n], 1, |j, o| {
-                o[0] = dot(
-                    self.kind,
-                    &self.data[j * row_bytes..(j + 1) * row_bytes],
-                    &acts,
-                );
-            });
-            return Ok(());
-        }
         // Work on the transposed output [n, m] so each task owns a contiguous slice, with
         // one weight row reused for every activation row while it is in cache.
         let mut out_t = vec![0f32; n * m];
