@@ -194,26 +194,25 @@ pub async fn pull(base: &str, body: Value) -> Vec<Value> {
     ok_lines(post(base, "/api/pull", body).await).await
 }
 
-/// `/api/tags`'s models.
-pub async fn tags(base: &str) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("{base}/api/tags"))
+/// The `models` list a GET of `path` answers (`/api/tags`, `/api/ps`).
+async fn models_at(base: &str, path: &str) -> Vec<Value> {
+    let v: Value = reqwest::get(format!("{base}{path}"))
         .await
-        .expect("tags")
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
         .json()
         .await
-        .expect("tags JSON");
+        .unwrap_or_else(|e| panic!("{path} JSON: {e}"));
     v["models"].as_array().expect("models").clone()
+}
+
+/// `/api/tags`'s models.
+pub async fn tags(base: &str) -> Vec<Value> {
+    models_at(base, "/api/tags").await
 }
 
 /// `/api/ps`'s loaded models.
 pub async fn ps(base: &str) -> Vec<Value> {
-    let v: Value = reqwest::get(format!("{base}/api/ps"))
-        .await
-        .expect("ps")
-        .json()
-        .await
-        .expect("ps JSON");
-    v["models"].as_array().expect("models").clone()
+    models_at(base, "/api/ps").await
 }
 
 /// Files in `blobs/`, by name.
