@@ -275,6 +275,8 @@ pub struct Config {
     /// `WICK_NUM_DRAFT`: speculative decoding's draft tokens per step for requests that do
     /// not set `num_draft` (default 0: off).
     pub num_draft: usize,
+    /// `WICK_FETCH_IMAGES=1`: fetch http(s) image URLs clients send (off: only data URLs).
+    pub fetch_images: bool,
 }
 
 /// Ollama trims whitespace and surrounding quotes from every value; empty means unset.
@@ -480,6 +482,13 @@ impl Config {
                 }
                 n => n.unwrap_or(0),
             },
+            fetch_images: matches!(
+                var("WICK_FETCH_IMAGES")
+                    .as_deref()
+                    .map(str::to_ascii_lowercase)
+                    .as_deref(),
+                Some("1" | "true" | "yes")
+            ),
             max_blob_bytes: number("WICK_MAX_BLOB_BYTES")?
                 .map_or(crate::store::blobs::MAX_BLOB_BYTES, |n| n as u64),
         })

@@ -286,6 +286,7 @@ fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
     Ok(InferRequest {
         model: req.model.clone(),
         input: Input::Chat { messages, tools },
+        images: Vec::new(),
         options,
         keep_alive,
         think,

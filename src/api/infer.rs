@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use crate::config::KeepAlive;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{
-    Candidate, EngineError, Event, FinishReason, Grammar, Reasoning, Request, Summary,
+    Candidate, EngineError, Event, FinishReason, Grammar, ImageSpan, Reasoning, Request, Summary,
     TokenLogprobs, MAX_TOP_LOGPROBS,
 };
 use crate::model::{
@@ -23,6 +23,7 @@ use crate::model::{
 use crate::store::{LocalModel, ModelName, MEDIA_SYSTEM};
 
 use super::error::ApiError;
+use super::images;
 use super::metrics::Metrics;
 use super::structured::{self, ToolChoice};
 use super::{AppState, Drain};
@@ -66,6 +67,8 @@ pub struct InferRequest {
     /// The model as the client spelled it (echoed back in responses).
     pub model: String,
     pub input: Input,
+    /// The images of the input, in the order of their [`super::images::MARKER`]s in it.
+    pub images: Vec<Vec<u8>>,
     pub options: Options,
     pub keep_alive: Option<KeepAlive>,
     /// `think`: `None` leaves thinking on for models that think; levels count as `true`.
@@ -646,13 +649,40 @@ async fn prepare(
     let open = model.tokenizer.token_id("<think>");
     let thinking =
         format.thinking && req.think != Some(false) && (grammar.is_none() || close.is_some());
+    if !req.images.is_empty() && model.vision.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "\"{}\" does not support image input",
+            req.model
+        )));
+    }
     let model_name = req.model.clone();
-    let input = req.input;
-    let (prompt, in_thinking) = tokio::task::spawn_blocking(move || {
-        tokenize(&model, &model_name, input, system_layer, format, thinking)
+    let (input, images) = (req.input, req.images);
+    let (prompt, in_thinking, spans) = tokio::task::spawn_blocking(move || {
+        let images = match &model.vision {
+            // Encoding an image is seconds of CPU: this blocking thread's, not the engine's.
+            Some(v) => images
+                .iter()
+                .map(|bytes| v.embed(bytes))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| match e {
+                    ModelError::Image(_) => ApiError::BadRequest(e.to_string()),
+                    e => ApiError::Internal(format!("encoding an image: {e}")),
+                })?,
+            None => Vec::new(),
+        };
+        tokenize(
+            &model,
+            &model_name,
+            input,
+            &images,
+            system_layer,
+            format,
+            thinking,
+        )
     })
     .await
     .map_err(|e| ApiError::Internal(format!("rendering the prompt failed: {e}")))??;
+    engine_req.images = spans;
     let reasoning = match (thinking, close, &grammar) {
         (true, Some(close), Some(_)) => Some(Reasoning {
             open: if in_thinking { None } else { open },
@@ -685,10 +715,11 @@ pub async fn start_streaming(state: &AppState, req: InferRequest) -> Result<Star
         .await
         .iter()
         .any(|l| l.info.manifest_path == info.manifest_path);
-    // Tools, thinking and output grammars are checked against the model's template and
-    // vocabulary: such requests load first, so a refusal is still a 400.
+    // Tools, thinking, output grammars and images are checked against the model's
+    // template, vocabulary and vision: such requests load first, so a refusal is still a 400.
     let offers_tools = matches!(&req.input, Input::Chat { tools: Some(t), .. } if !t.is_empty());
-    let model_checks = offers_tools || req.think == Some(true) || req.format.is_some();
+    let model_checks =
+        offers_tools || req.think == Some(true) || req.format.is_some() || !req.images.is_empty();
     if loaded || req.input.is_empty() || model_checks {
         return start(state, req).await;
     }
@@ -862,16 +893,63 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
+/// An image's content hash and embeddings.
+type EncodedImage = ([u8; 32], candle_core::Tensor);
+
+/// Tokenizes `text`; with `images`, each [`images::MARKER`] in it becomes its image's place:
+/// the vision's opening tokens, a row per embedding, the closing tokens.
+fn encode_marked(
+    model: &Model,
+    text: &str,
+    add_bos: bool,
+    images: &[EncodedImage],
+) -> Result<(Vec<u32>, Vec<ImageSpan>), ApiError> {
+    let encode = |text: &str, add_bos: bool| {
+        model
+            .tokenizer
+            .encode(text, add_bos)
+            .map_err(|e| ApiError::Internal(e.to_string()))
+    };
+    let Some(vision) = model.vision.as_ref().filter(|_| !images.is_empty()) else {
+        return Ok((encode(text, add_bos)?, Vec::new()));
+    };
+    let pieces: Vec<&str> = text.split(images::MARKER).collect();
+    if pieces.len() - 1 != images.len() {
+        return Err(ApiError::BadRequest(format!(
+            "the prompt has {} places for {} images (U+FFFC in the text, or a template that \
+             drops a message's content)",
+            pieces.len() - 1,
+            images.len()
+        )));
+    }
+    let (mut ids, mut spans) = (encode(pieces[0], add_bos)?, Vec::new());
+    for (piece, (hash, embeds)) in pieces[1..].iter().zip(images) {
+        ids.extend(&vision.open);
+        spans.push(ImageSpan {
+            start: ids.len(),
+            embeds: embeds.clone(),
+            hash: *hash,
+        });
+        // The engine writes each row's placeholder id.
+        ids.extend(std::iter::repeat_n(0, embeds.dims()[0]));
+        ids.extend(&vision.close);
+        ids.extend(encode(piece, false)?);
+    }
+    Ok((ids, spans))
+}
+
 /// Renders and tokenizes the input; also says whether the prompt ends inside an open
-/// `<think>` block (templates that start the model's reasoning for it).
+/// `<think>` block (templates that start the model's reasoning for it), and where its
+/// images are.
 fn tokenize(
     model: &Model,
     model_name: &str,
     input: Input,
+    images: &[EncodedImage],
     system_layer: Option<String>,
     format: ReplyFormat,
     thinking: bool,
-) -> Result<(Vec<u32>, bool), ApiError> {
+) -> Result<(Vec<u32>, bool, Vec<ImageSpan>), ApiError> {
     let mut extra = Map::new();
     if format.thinking {
         extra.insert("enable_thinking".into(), thinking.into());
@@ -891,12 +969,7 @@ fn tokenize(
             })
     };
     let opens_thinking = |prompt: &str| thinking && prompt.trim_end().ends_with("<think>");
-    let encode = |text: &str, add_bos: bool| {
-        model
-            .tokenizer
-            .encode(text, add_bos)
-            .map_err(|e| ApiError::Internal(e.to_string()))
-    };
+    let encode = |text: &str, add_bos: bool| encode_marked(model, text, add_bos, images);
     match input {
         Input::Chat {
             mut messages,
@@ -912,7 +985,8 @@ fn tokenize(
             }
             // Chat templates write their own BOS.
             let text = render(&messages, tools.as_deref())?;
-            Ok((encode(&text, false)?, opens_thinking(&text)))
+            let (ids, spans) = encode(&text, false)?;
+            Ok((ids, opens_thinking(&text), spans))
         }
         Input::Generate {
             prompt,
@@ -933,7 +1007,8 @@ fn tokenize(
                 )));
             };
             let text = format!("{pre}{prompt}{suf}{suffix}{mid}");
-            Ok((encode(&text, false)?, false))
+            let (ids, spans) = encode(&text, false)?;
+            Ok((ids, false, spans))
         }
         Input::Generate {
             prompt,
@@ -942,7 +1017,7 @@ fn tokenize(
             mut context,
             ..
         } => {
-            let (ids, in_thinking) = if raw {
+            let ((ids, mut spans), in_thinking) = if raw {
                 let add_bos = context.is_empty() && model.tokenizer.add_bos();
                 (encode(&prompt, add_bos)?, false)
             } else {
@@ -954,8 +1029,9 @@ fn tokenize(
                 let text = render(&messages, None)?;
                 (encode(&text, false)?, opens_thinking(&text))
             };
+            spans.iter_mut().for_each(|s| s.start += context.len());
             context.extend(ids);
-            Ok((context, in_thinking))
+            Ok((context, in_thinking, spans))
         }
     }
 }

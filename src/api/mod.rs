@@ -6,6 +6,7 @@ pub mod anthropic;
 pub mod cors;
 pub mod edge;
 pub mod error;
+pub mod images;
 pub mod infer;
 pub mod metrics;
 pub mod ollama;

@@ -16,6 +16,7 @@ use crate::model::{ReplyFormat, ToolCall, ToolSyntax};
 use crate::store::{LocalModel, ModelName, MEDIA_LICENSE, MEDIA_SYSTEM, MEDIA_TEMPLATE};
 
 use super::error::{json_response, redact_paths, ApiError, OllamaError};
+use super::images;
 use super::infer::{self, Finished, InferRequest, Input, Options, Out, Started};
 use super::structured::{self, ToolChoice};
 use super::{local_time, now_utc, parse_body, AppState, OLLAMA_VERSION};
@@ -177,6 +178,15 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
         if format.thinking {
             capabilities.push("thinking");
         }
+        // A vision tower's metadata (GGUF, or what the summary of a safetensors model
+        // names the same way) is what LobeChat's image upload waits for.
+        if summary
+            .model_info
+            .keys()
+            .any(|k| k.ends_with(".vision.block_count"))
+        {
+            capabilities.push("vision");
+        }
     }
     let short = info.name.display_short();
     let mut modelfile = format!(
@@ -328,42 +338,19 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
         .map(Option::unwrap_or_default)
 }
 
-/// Images are checked as base64 first (a client bug should say so), then refused: no
-/// supported model reads images.
-fn no_images(model: &str, images: Option<&Vec<String>>) -> Result<(), ApiError> {
-    match images {
-        Some(i) if !i.is_empty() => {
-            for img in i {
-                check_base64(img)?;
-            }
-            Err(ApiError::BadRequest(format!(
-                "\"{model}\" does not support image input"
-            )))
-        }
-        _ => Ok(()),
+/// A message's or prompt's base64 images as bytes (at most [`images::MAX_IMAGES`] in all).
+fn decode_images(images: Option<&Vec<String>>, out: &mut Vec<Vec<u8>>) -> Result<usize, ApiError> {
+    let list = images.map(Vec::as_slice).unwrap_or_default();
+    if out.len() + list.len() > images::MAX_IMAGES {
+        return Err(ApiError::BadRequest(format!(
+            "at most {} images per request",
+            images::MAX_IMAGES
+        )));
     }
-}
-
-/// Standard padded base64, as Ollama decodes it (a `data:` URI is an error here).
-fn check_base64(s: &str) -> Result<(), ApiError> {
-    let bytes = s.as_bytes();
-    let body = bytes.len()
-        - bytes
-            .iter()
-            .rev()
-            .take(2)
-            .take_while(|&&b| b == b'=')
-            .count();
-    let bad = bytes[..body]
-        .iter()
-        .position(|&b| !(b.is_ascii_alphanumeric() || b == b'+' || b == b'/'))
-        .or_else(|| (!bytes.len().is_multiple_of(4)).then_some(bytes.len() - bytes.len() % 4));
-    match bad {
-        None => Ok(()),
-        Some(at) => Err(ApiError::BadRequest(format!(
-            "invalid image data: illegal base64 data at input byte {at}"
-        ))),
+    for img in list {
+        out.push(images::from_base64(img)?);
     }
+    Ok(list.len())
 }
 
 /// The roles templates know.
@@ -389,10 +376,14 @@ enum Kind {
 pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
     let logprobs = infer::parse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
-    let messages = req.messages.unwrap_or_default();
-    for m in &messages {
+    let mut messages = req.messages.unwrap_or_default();
+    let mut image_bytes = Vec::new();
+    for m in &mut messages {
         check_role(&m.role.to_lowercase())?;
-        no_images(&req.model, m.images.as_ref())?;
+        let n = decode_images(m.images.as_ref(), &mut image_bytes)?;
+        if n > 0 {
+            m.content = Some(images::marked(n, m.content.as_deref().unwrap_or_default()));
+        }
     }
     let infer_req = InferRequest {
         model: req.model.clone(),
@@ -403,6 +394,7 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
                 .collect(),
             tools: req.tools.filter(|t| !t.is_empty()),
         },
+        images: image_bytes,
         format: constraint(req.format.as_ref(), req.options.as_ref())?,
         tool_choice: structured::openai_tool_choice(req.tool_choice.as_ref())?,
         one_call: false,
@@ -424,7 +416,8 @@ pub async fn chat(State(state): State<AppState>, body: Bytes) -> Result<Response
 pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let req: GenerateRequest = parse_body(&body)?;
     let logprobs = infer::parse_logprobs(req.logprobs.as_ref(), req.top_logprobs.as_ref())?;
-    no_images(&req.model, req.images.as_ref())?;
+    let mut image_bytes = Vec::new();
+    let n = decode_images(req.images.as_ref(), &mut image_bytes)?;
     let suffix = req.suffix.filter(|s| !s.is_empty());
     let raw = req.raw.unwrap_or(false);
     if req.template.as_ref().is_some_and(|t| !t.is_empty()) {
@@ -442,12 +435,13 @@ pub async fn generate(State(state): State<AppState>, body: Bytes) -> Result<Resp
     let infer_req = InferRequest {
         model: req.model.clone(),
         input: Input::Generate {
-            prompt: req.prompt.unwrap_or_default(),
+            prompt: images::marked(n, &req.prompt.unwrap_or_default()),
             suffix,
             system: req.system,
             raw,
             context: req.context.unwrap_or_default(),
         },
+        images: image_bytes,
         format: constraint(req.format.as_ref(), req.options.as_ref())?,
         tool_choice: ToolChoice::Auto,
         one_call: false,

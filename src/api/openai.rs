@@ -23,6 +23,7 @@ use crate::model::ToolCall;
 use crate::store::{LocalModel, ModelName};
 
 use super::error::{json_response, ApiError, OpenAiError};
+use super::images;
 use super::infer::{self, string_list, Finished, InferRequest, Input, Options, Out, Started};
 use super::ollama::{call_id, check_role, embed_inputs, finish_vector};
 use super::structured::{self, ToolChoice};
@@ -260,32 +261,49 @@ struct CompletionRequest {
 /// tool calls in earlier messages to their function names (the latest call with an id wins),
 /// so that a tool result without a `name` finds its call by `tool_call_id` in constant time;
 /// this message's calls are added to it.
+/// An image part stands where it is among the text parts (as an [`images::MARKER`]), its
+/// source is added to `images`.
 fn translate_message(
     m: Message,
     call_names: &mut HashMap<String, String>,
+    images: &mut Vec<images::Source>,
 ) -> Result<Value, ApiError> {
     let content = match m.content {
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
         Some(Value::Array(parts)) => {
-            let mut texts = Vec::new();
+            let mut content = String::new();
+            let mut after_text = false;
             for part in parts {
                 match part.get("type").and_then(Value::as_str) {
-                    Some("text") => texts.push(
-                        part.get("text")
+                    Some("text") => {
+                        if after_text {
+                            content.push_str("\n\n");
+                        }
+                        content
+                            .push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
+                        after_text = true;
+                    }
+                    Some("image_url") => {
+                        // `{"url": ...}`, or the bare string some clients send.
+                        let url = part
+                            .get("image_url")
+                            .and_then(|u| u.get("url").or(Some(u)))
                             .and_then(Value::as_str)
-                            .unwrap_or_default()
-                            .to_string(),
-                    ),
-                    Some("image_url") | Some("input_audio") => {
-                        return Err(ApiError::BadRequest(
-                            "this model does not support image or audio input".into(),
-                        ))
+                            .ok_or_else(|| {
+                                ApiError::BadRequest("image_url without a url".into())
+                            })?;
+                        images.push(images::from_url(url)?);
+                        content.push(images::MARKER);
+                        after_text = false;
+                    }
+                    Some("input_audio") => {
+                        return Err(ApiError::BadRequest("audio input is not supported".into()))
                     }
                     _ => return Err(ApiError::BadRequest("invalid message format".into())),
                 }
             }
-            texts.join("\n\n")
+            content
         }
         Some(_) => return Err(ApiError::BadRequest("invalid message format".into())),
     };
@@ -341,10 +359,11 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
         return Err(ApiError::BadRequest("[] is too short - 'messages'".into()).into());
     }
     let mut call_names = HashMap::new();
+    let mut sources = Vec::new();
     let messages = req
         .messages
         .into_iter()
-        .map(|m| translate_message(m, &mut call_names))
+        .map(|m| translate_message(m, &mut call_names, &mut sources))
         .collect::<Result<Vec<_>, _>>()?;
     let c = &req.common;
     let infer_req = InferRequest {
@@ -353,6 +372,7 @@ pub async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Res
             messages,
             tools: req.tools.filter(|t| !t.is_empty()),
         },
+        images: images::resolve(sources, state.config.fetch_images).await?,
         options: c.options()?,
         keep_alive: c.keep_alive()?,
         think: c.think()?,
@@ -386,6 +406,7 @@ pub async fn completions(State(state): State<AppState>, body: Bytes) -> Result<R
             raw: false,
             context: Vec::new(),
         },
+        images: Vec::new(),
         options: c.options()?,
         keep_alive: c.keep_alive()?,
         // Text completions have nowhere to put reasoning: off unless asked for.

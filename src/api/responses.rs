@@ -338,6 +338,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     let infer_req = InferRequest {
         model: req.model.clone(),
         input: Input::Chat { messages, tools },
+        images: Vec::new(),
         options,
         keep_alive,
         think,

@@ -71,7 +71,15 @@ where
     /// ids are decoded in front of the first generated token, so a leading space on it is kept
     /// exactly as it would be inside the full text. Nothing of the context is emitted.
     pub fn with_context(decoder: D, context: &[u32]) -> Self {
-        let ids = context[context.len().saturating_sub(CONTEXT_TOKENS)..].to_vec();
+        // An image's placeholder rows are no tokens to decode.
+        let mut ids: Vec<u32> = context
+            .iter()
+            .rev()
+            .filter(|&&t| t & crate::model::IMAGE_ID == 0)
+            .take(CONTEXT_TOKENS)
+            .copied()
+            .collect();
+        ids.reverse();
         let read = ids.len();
         Self {
             decoder,

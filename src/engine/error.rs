@@ -14,6 +14,10 @@ pub enum EngineError {
     PromptTooLong { prompt: usize, ctx: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
+    /// Image embeddings that do not fit their prompt (a caller's bug) or a prompt with
+    /// images that would have to be cut.
+    #[error("{0}")]
+    BadImage(String),
     #[error(transparent)]
     Sampling(#[from] SamplerError),
     #[error("top_logprobs must be between 0 and {max}, got {asked}")]

@@ -495,6 +495,7 @@ impl Engine {
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });
         }
+        place_images(&mut req, model.config().hidden_size)?;
         // A sequence can never outgrow the cache, so the oldest one always fits alone; a
         // prompt longer than the cache is therefore cut like one longer than `num_ctx`.
         let ctx = req
@@ -512,7 +513,8 @@ impl Engine {
         if fits {
             return Ok((req, ctx, 0));
         }
-        if !req.truncate {
+        if !req.truncate || !req.images.is_empty() {
+            // Cutting a prompt's front could cut an image in half: with images it is refused.
             return Err(EngineError::PromptTooLong {
                 prompt: req.prompt.len(),
                 ctx,
@@ -537,6 +539,29 @@ impl Engine {
         }
         Ok((req, ctx, truncated))
     }
+}
+
+/// Checks a request's images against its prompt (in order, inside it, apart, `hidden`
+/// wide) and writes their placeholder ids into the prompt.
+fn place_images(req: &mut Request, hidden: usize) -> Result<(), EngineError> {
+    let mut end = 0;
+    for img in &req.images {
+        let r = img.range();
+        let width = img.embeds.dims().get(1).copied();
+        if img.is_empty() || r.start < end || r.end > req.prompt.len() || width != Some(hidden) {
+            return Err(EngineError::BadImage(format!(
+                "image embeddings {:?} at {} do not fit a prompt of {} tokens and width {hidden}",
+                img.embeds.dims(),
+                img.start,
+                req.prompt.len()
+            )));
+        }
+        for (i, t) in r.clone().enumerate() {
+            req.prompt[t] = img.placeholder(i);
+        }
+        end = r.end;
+    }
+    Ok(())
 }
 
 impl Drop for Engine {

@@ -28,5 +28,6 @@ pub use error::EngineError;
 pub use handle::{Engine, EngineConfig, EngineStats, KvBudget, MAX_DRAFT, MAX_TOP_LOGPROBS};
 pub use kv_budget::{available_memory, memory, Memory};
 pub use request::{
-    Candidate, Event, FinishReason, Reasoning, Request, RequestStream, Summary, TokenLogprobs,
+    Candidate, Event, FinishReason, ImageSpan, Reasoning, Request, RequestStream, Summary,
+    TokenLogprobs,
 };

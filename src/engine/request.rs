@@ -38,6 +38,44 @@ pub struct Request {
     /// Speculative decoding: up to this many tokens guessed by prompt lookup are checked
     /// per step (0: off; `None`: the engine's default). The output does not change.
     pub num_draft: Option<usize>,
+    /// Images in the prompt, in order: their rows' prompt ids are replaced by placeholders
+    /// ([`crate::model::IMAGE_ID`]) named by the image's hash, so prefix reuse finds a
+    /// resent image and never mistakes another for it.
+    pub images: Vec<ImageSpan>,
+}
+
+/// One image's embeddings at their place in a prompt.
+#[derive(Clone, Debug)]
+pub struct ImageSpan {
+    /// The prompt position of its first row.
+    pub start: usize,
+    /// `[rows, hidden]` (f32).
+    pub embeds: candle_core::Tensor,
+    /// The image's content hash.
+    pub hash: [u8; 32],
+}
+
+impl ImageSpan {
+    pub fn len(&self) -> usize {
+        self.embeds.dims().first().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.start..self.start + self.len()
+    }
+
+    /// The placeholder id of row `i`: the image's hash and the row, mixed into 31 bits.
+    pub fn placeholder(&self, i: usize) -> u32 {
+        let mut h = 0xcbf2_9ce4_8422_2325u64;
+        for &b in self.hash.iter().chain(&(i as u64).to_le_bytes()) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        crate::model::IMAGE_ID | (h as u32 & !crate::model::IMAGE_ID)
+    }
 }
 
 /// The free reasoning block of a thinking model: the constraint applies after it.
@@ -65,6 +103,7 @@ impl Request {
             embed: false,
             logprobs: None,
             num_draft: None,
+            images: Vec::new(),
         }
     }
 

@@ -21,9 +21,10 @@
 
 use std::collections::VecDeque;
 
-use crate::model::Batch;
+use crate::model::{Batch, ImageRows, IMAGE_ID};
 
 use super::block_manager::{BlockHash, BlockManager};
+use super::request::ImageSpan;
 use super::speculative::ngram_draft;
 
 /// Sequence ids, unique per engine, increasing in arrival order.
@@ -57,6 +58,9 @@ pub struct Sequence {
     draft_pause: usize,
     /// Drafts in a row that the sampler rejected at their first token.
     misses: u32,
+    /// The prompt's images: each one's rows are computed in one step (they attend to each
+    /// other both ways).
+    pub images: Vec<ImageSpan>,
 }
 
 impl Sequence {
@@ -76,6 +80,7 @@ impl Sequence {
             draft_len: usize::MAX,
             draft_pause: 0,
             misses: 0,
+            images: Vec::new(),
         }
     }
 
@@ -85,6 +90,22 @@ impl Sequence {
             embed: true,
             ..Self::new(id, prompt)
         }
+    }
+}
+
+/// How many of the `n` tokens after `from` a step may take so that none of `images` is
+/// split: up to the image a cut would fall in, or, when one starts at or before `from`,
+/// through its end (past the step's budget: an image's rows come whole).
+fn whole_images(images: &[ImageSpan], from: usize, n: usize) -> usize {
+    let to = from + n;
+    match images
+        .iter()
+        .map(ImageSpan::range)
+        .find(|r| r.start < to && to < r.end)
+    {
+        Some(r) if r.start > from => r.start - from,
+        Some(r) => r.end - from,
+        None => n,
     }
 }
 
@@ -276,7 +297,11 @@ impl Scheduler {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let seq = &self.running[i];
-            let n = (seq.tokens.len() - seq.computed).min(budget);
+            let n = whole_images(
+                &seq.images,
+                seq.computed,
+                (seq.tokens.len() - seq.computed).min(budget),
+            );
             if n == 0 {
                 i += 1;
                 continue;
@@ -312,7 +337,7 @@ impl Scheduler {
                 break;
             }
             self.counters.drafted += draft.len() as u64;
-            budget -= n + draft.len();
+            budget = budget.saturating_sub(n + draft.len());
             push_chunk(&mut step, &self.running[i], n, draft);
             i += 1;
         }
@@ -337,7 +362,11 @@ impl Scheduler {
             };
             let (cached, hashes) = self.blocks.match_prefix(&seq.tokens, reusable);
             let cached_tokens = cached.len() * self.blocks.block_size();
-            let n = (seq.tokens.len() - cached_tokens).min(budget);
+            let n = whole_images(
+                &seq.images,
+                cached_tokens,
+                (seq.tokens.len() - cached_tokens).min(budget),
+            );
             let mut table = Vec::new();
             if !self
                 .blocks
@@ -353,7 +382,7 @@ impl Scheduler {
             seq.computed = cached_tokens;
             seq.cached_tokens = cached_tokens.min(seq.prompt_len);
             push_chunk(&mut step, &seq, n, Vec::new());
-            budget -= n;
+            budget = budget.saturating_sub(n);
             let at = self.running.partition_point(|s| s.id < seq.id);
             self.running.insert(at, seq);
         }
@@ -419,7 +448,12 @@ impl Scheduler {
             .min(room)
             .min(budget - 1)
             .min(seq.max_len.saturating_sub(seq.tokens.len()));
-        ngram_draft(&seq.tokens, k)
+        let mut draft = ngram_draft(&seq.tokens, k);
+        // An image's placeholders are not tokens the model could write.
+        if let Some(cut) = draft.iter().position(|&t| t & IMAGE_ID != 0) {
+            draft.truncate(cut);
+        }
+        draft
     }
 
     /// Records that `step` ran: its tokens are in the cache now (drafts only once accepted,
@@ -456,6 +490,20 @@ fn push_chunk(step: &mut Step, seq: &Sequence, n: usize, draft: Vec<u32>) {
     let mut tokens = seq.tokens[from..from + n].to_vec();
     tokens.extend_from_slice(&draft);
     let rows = if want_logits { 1 + draft.len() } else { 0 };
+    for img in &seq.images {
+        let r = img.range();
+        let (lo, hi) = (r.start.max(from), r.end.min(from + n));
+        if lo < hi {
+            // `whole_images` cut the chunk at image boundaries, so narrowing cannot fail
+            // for a well-formed span; one that does is left for the batch check to refuse.
+            if let Ok(embeds) = img.embeds.narrow(0, lo - r.start, hi - lo) {
+                step.batch.images.push(ImageRows {
+                    row: start + lo - from,
+                    embeds,
+                });
+            }
+        }
+    }
     step.batch
         .push_seq_rows(&tokens, from, seq.blocks.clone(), rows);
     step.scheduled.push(Scheduled {
@@ -493,6 +541,43 @@ mod tests {
             }
         }
         step
+    }
+
+    #[test]
+    fn images_are_never_split_across_steps() {
+        use crate::engine::request::ImageSpan;
+        // Text 0..3, a 4-row image at 3..7, text 7..9; two tokens per step.
+        let mut s = sched(16, 2);
+        let mut seq = Sequence::new(0, vec![1, 2, 3, 0, 0, 0, 0, 4, 5]);
+        let embeds =
+            candle_core::Tensor::zeros((4, 8), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        let img = ImageSpan {
+            start: 3,
+            embeds,
+            hash: [7; 32],
+        };
+        for (i, t) in img.range().enumerate() {
+            seq.tokens[t] = img.placeholder(i);
+        }
+        seq.images = vec![img];
+        s.add(seq);
+        let mut chunks = Vec::new();
+        for _ in 0..4 {
+            let st = run(&mut s, 9);
+            chunks.push(st.batch.positions.clone());
+            let rows: Vec<_> = st.batch.images.iter().map(|i| i.rows()).collect();
+            if st.batch.positions.first() == Some(&3) {
+                assert_eq!(rows, vec![0..4], "the image's rows, all in this step");
+            } else {
+                assert!(rows.is_empty());
+            }
+        }
+        // Up to the image, then the image whole (past the budget), then on.
+        assert_eq!(
+            chunks,
+            vec![vec![0, 1], vec![2], vec![3, 4, 5, 6], vec![7, 8]]
+        );
     }
 
     #[test]

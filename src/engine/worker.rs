@@ -228,6 +228,7 @@ impl Worker {
             return;
         }
         let mut seq = Sequence::new(sub.id, sub.req.prompt);
+        seq.images = sub.req.images;
         seq.num_draft = num_draft;
         seq.max_len = prompt_len.saturating_add(limit);
         self.sched.add(seq);

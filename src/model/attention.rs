@@ -27,13 +27,53 @@ pub struct SeqSlice {
 }
 
 /// A packed forward step.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Batch {
+    /// Token ids; a row an image fills carries a placeholder id with [`IMAGE_ID`] set.
     pub tokens: Vec<u32>,
     pub positions: Vec<u32>,
     pub seqs: Vec<SeqSlice>,
     /// Batch indices whose logits are needed (usually each sequence's last token).
     pub logits_indices: Vec<usize>,
+    /// Runs of rows whose input is an image's embeddings rather than a token's.
+    pub images: Vec<ImageRows>,
+}
+
+/// The bit that marks a token id as a placeholder for an image embedding: the rest of the
+/// id is a hash of the image and the row, so prefix reuse tells images apart.
+pub const IMAGE_ID: u32 = 1 << 31;
+
+/// Rows `row..row + embeds.dims()[0]` of a batch take their input from `embeds`
+/// (`[rows, hidden]`, f32, unscaled), and attend to each other both ways (an image is seen
+/// whole, as Gemma 3 reads it); the rows are one image's, all in one step.
+#[derive(Clone, Debug)]
+pub struct ImageRows {
+    pub row: usize,
+    pub embeds: Tensor,
+}
+
+/// Equal tokens mean equal images too (a placeholder id hashes its image), so image rows
+/// compare by place.
+impl PartialEq for Batch {
+    fn eq(&self, other: &Self) -> bool {
+        self.tokens == other.tokens
+            && self.positions == other.positions
+            && self.seqs == other.seqs
+            && self.logits_indices == other.logits_indices
+            && self
+                .images
+                .iter()
+                .map(ImageRows::rows)
+                .eq(other.images.iter().map(ImageRows::rows))
+    }
+}
+
+impl Eq for Batch {}
+
+impl ImageRows {
+    pub fn rows(&self) -> Range<usize> {
+        self.row..self.row + self.embeds.dims().first().copied().unwrap_or(0)
+    }
 }
 
 impl Batch {
@@ -107,6 +147,21 @@ impl Batch {
         if self.logits_indices.iter().any(|&i| i >= self.tokens.len()) {
             return bad("logits index beyond the batch".into());
         }
+        let mut filled = vec![false; self.tokens.len()];
+        for img in &self.images {
+            let rows = img.rows();
+            if rows.end > self.tokens.len() || rows.is_empty() {
+                return bad(format!("image rows {rows:?} beyond the batch"));
+            }
+            filled[rows].iter_mut().for_each(|f| *f = true);
+        }
+        if let Some(t) =
+            (0..self.tokens.len()).find(|&t| (self.tokens[t] & IMAGE_ID != 0) != filled[t])
+        {
+            return bad(format!(
+                "row {t}: image placeholders and image rows disagree"
+            ));
+        }
         Ok(())
     }
 }
@@ -150,6 +205,18 @@ pub(crate) fn check_query(
         )));
     }
     Ok((n, h, hd))
+}
+
+/// The GPU caches' attention is causal only: image rows (which attend both ways) need the
+/// CPU cache.
+pub(crate) fn refuse_images(batch: &Batch) -> Result<()> {
+    if batch.images.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(
+            "image input runs on the CPU attention only".into(),
+        ))
+    }
 }
 
 /// The element type of the CPU KV cache (`OLLAMA_KV_CACHE_TYPE`): f16 by default, as
@@ -323,6 +390,8 @@ struct Job<'a, E> {
     group: usize,
     scale: f32,
     positions: &'a [u32],
+    /// Per batch token, the end (exclusive) of the positions it attends to.
+    ends: &'a [u32],
     q: &'a [f32],
 }
 
@@ -347,14 +416,14 @@ impl<E: KvElem> Job<'_, E> {
     fn attend<'o>(&self, ts: Range<usize>, mut out_of: impl FnMut(usize) -> &'o mut [f32]) {
         let (hd, group) = (self.geo.head_dim, self.group);
         let lo = self.window_start(ts.start);
-        let end = self.positions[ts.end - 1] as usize + 1;
+        let end = ts.clone().map(|t| self.ends[t]).max().unwrap_or(0) as usize;
         let span = end - lo;
         let mut rows = Rows::new(ts.len() * group, hd, span);
         let n = rows.rows;
         for (i, t) in ts.clone().enumerate() {
             let window = (
                 (self.window_start(t) - lo) as u32,
-                (self.positions[t] as usize + 1 - lo) as u32,
+                (self.ends[t] as usize - lo) as u32,
             );
             for (g, q) in self.queries(t).chunks_exact(hd).enumerate() {
                 let r = i * group + g;
@@ -380,6 +449,19 @@ impl<E: KvElem> Job<'_, E> {
             }
         }
     }
+}
+
+/// Per batch token, the end (exclusive) of the positions it attends to: itself and what
+/// comes before, and for an image's rows the whole image.
+fn attention_ends(batch: &Batch) -> Vec<u32> {
+    let mut ends: Vec<u32> = batch.positions.iter().map(|p| p + 1).collect();
+    for img in &batch.images {
+        let rows = img.rows();
+        if let Some(&last) = rows.clone().last().and_then(|t| batch.positions.get(t)) {
+            ends[rows].iter_mut().for_each(|e| *e = last + 1);
+        }
+    }
+    ends
 }
 
 fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
@@ -459,6 +541,7 @@ impl Step<'_> {
         // Work items: a sequence's tokens in chunks, times its kv heads. Each item reads a
         // cached key/value row once for all its query rows (its tokens, and the query heads
         // that share the kv head) and writes only its own (token, kv head) outputs.
+        let ends = attention_ends(batch);
         let chunk = (PROMPT_ROWS / group).max(1);
         let items: Vec<(&SeqSlice, Range<usize>, usize)> = batch
             .seqs
@@ -485,6 +568,7 @@ impl Step<'_> {
                     group,
                     scale,
                     positions: &batch.positions,
+                    ends: &ends,
                     q: self.q,
                 };
                 // SAFETY: items are disjoint in (token, kv head), and each writes only the
@@ -499,5 +583,158 @@ impl Step<'_> {
             }
         });
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::{Activation, Family};
+
+    /// An image's rows attend to the whole image (and what precedes it), text rows
+    /// causally: against a plain softmax over exactly those keys, in one step and with the
+    /// text before the image cached by an earlier step.
+    #[test]
+    fn image_rows_attend_both_ways() {
+        let (heads, kv_heads, hd) = (4, 2, 32);
+        let cfg = ArchConfig {
+            family: Family::Gemma3,
+            arch_name: "gemma3".into(),
+            vocab_size: 10,
+            hidden_size: 64,
+            intermediate_size: 64,
+            num_layers: 1,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hd,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            rms_norm_eps: 1e-6,
+            tie_embeddings: true,
+            qkv_bias: false,
+            qk_norm: false,
+            sliding_window: None,
+            full_attention_layers: Vec::new(),
+            sliding_rope_theta: None,
+            activation: Activation::Silu,
+            post_norms: false,
+            scale_embeddings: false,
+            norm_weights_offset: false,
+            query_pre_attn_scalar: None,
+            final_logit_softcap: None,
+            max_position_embeddings: 64,
+        };
+        // Text 0..3, an image 3..7, text 7..10.
+        let (len, image) = (10usize, 3..7usize);
+        let mut seed = 7u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            rand(len * heads * hd),
+            rand(len * kv_heads * hd),
+            rand(len * kv_heads * hd),
+        );
+        let end = |t: usize| if image.contains(&t) { image.end } else { t + 1 };
+        let mut want = vec![0f32; len * heads * hd];
+        for t in 0..len {
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let qv = &q[(t * heads + h) * hd..][..hd];
+                let scores: Vec<f32> = (0..end(t))
+                    .map(|j| {
+                        let kj = &k[(j * kv_heads + kvh) * hd..][..hd];
+                        qv.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f32 = e.iter().sum();
+                for (j, w) in e.iter().enumerate() {
+                    let vj = &v[(j * kv_heads + kvh) * hd..][..hd];
+                    for d in 0..hd {
+                        want[(t * heads + h) * hd + d] += w / sum * vj[d];
+                    }
+                }
+            }
+        }
+        let rows = |data: &[f32], r: Range<usize>, w: usize| {
+            Tensor::from_slice(
+                &data[r.start * w * hd..r.end * w * hd],
+                (r.len(), w, hd),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        // All at once, then the leading text first and the rest in a second step.
+        for split in [0, 3] {
+            let mut cache = CpuKvCache::with_type(&cfg, 4, 4, KvType::F32);
+            let mut got = Vec::new();
+            for r in [0..split, split..len] {
+                if r.is_empty() {
+                    continue;
+                }
+                let mut batch = Batch::default();
+                let tokens: Vec<u32> = r
+                    .clone()
+                    .map(|t| {
+                        if image.contains(&t) {
+                            IMAGE_ID | t as u32
+                        } else {
+                            1
+                        }
+                    })
+                    .collect();
+                batch.push_seq(&tokens, r.start, vec![0, 1, 2], true);
+                let lo = image.start.max(r.start);
+                if lo < image.end.min(r.end) {
+                    let n = image.end.min(r.end) - lo;
+                    batch.images.push(ImageRows {
+                        row: lo - r.start,
+                        embeds: Tensor::zeros((n, 64), candle_core::DType::F32, &Device::Cpu)
+                            .unwrap(),
+                    });
+                }
+                batch.validate(4, 4).unwrap();
+                let out = cache
+                    .attend(
+                        0,
+                        &rows(&q, r.clone(), heads),
+                        &rows(&k, r.clone(), kv_heads),
+                        &rows(&v, r.clone(), kv_heads),
+                        &batch,
+                    )
+                    .unwrap();
+                got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-5, "split {split}: {worst}");
+        }
+    }
+
+    #[test]
+    fn placeholders_need_image_rows() {
+        let mut batch = Batch::default();
+        batch.push_seq(&[1, IMAGE_ID | 5, 2], 0, vec![0], true);
+        assert!(
+            batch.validate(4, 1).is_err(),
+            "a placeholder without its embedding"
+        );
+        batch.images.push(ImageRows {
+            row: 1,
+            embeds: Tensor::zeros((1, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+        });
+        batch.validate(4, 1).unwrap();
+        batch.images[0].row = 2;
+        assert!(batch.validate(4, 1).is_err(), "an embedding over a token");
     }
 }

@@ -14,7 +14,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use super::attention::{Batch, KvCache};
+use super::attention::{Batch, KvCache, IMAGE_ID};
 use super::config::{Activation, ArchConfig, RopeScaling};
 use super::cuda::ops::{self, RopePositions};
 use super::weights::{Embedding, Linear, WeightSource};
@@ -320,14 +320,26 @@ impl Decoder {
     }
 
     /// The token embeddings of the batch in the compute dtype (scaled for Gemma).
+    /// Rows an image fills take its embeddings as they are (Gemma scales only the token
+    /// embeddings).
     fn embed_tokens(&self, batch: &Batch) -> Result<Tensor> {
-        let ids = Tensor::new(batch.tokens.as_slice(), &self.device)?;
+        let ids: Vec<u32> = batch
+            .tokens
+            .iter()
+            .map(|&t| if t & IMAGE_ID != 0 { 0 } else { t })
+            .collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let x = self.embed.forward(&ids)?.to_dtype(self.dtype)?;
-        Ok(if self.cfg.scale_embeddings {
+        let mut x = if self.cfg.scale_embeddings {
             (x * (self.cfg.hidden_size as f64).sqrt())?
         } else {
             x
-        })
+        };
+        for img in &batch.images {
+            let rows = img.embeds.to_device(&self.device)?.to_dtype(self.dtype)?;
+            x = x.slice_scatter0(&rows, img.row)?;
+        }
+        Ok(x)
     }
 
     /// The fast path: every block on our fused fp16 kernels and `cache` (our paged

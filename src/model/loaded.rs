@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 
 use super::selfcheck::{self, GpuPath};
+use super::vision::{Vision, VisionTower};
 use super::{
     ArchConfig, ChatTemplate, CpuKvCache, Decoder, Embedder, Error, KvCache, KvType, RefKvCache,
     Result, Tokenizer, WeightSource,
@@ -21,6 +22,9 @@ pub struct Model {
     pub path: PathBuf,
     /// On a GPU: our kernels or candle's reference ops (the boot self-check's verdict).
     pub gpu_path: Option<GpuPath>,
+    /// Image input, for a model with a vision tower (CPU only for now: the GPU attention
+    /// paths have no bidirectional image spans).
+    pub vision: Option<Arc<Vision>>,
 }
 
 impl Model {
@@ -74,12 +78,23 @@ impl Model {
         };
         let decoder = Decoder::load(&src, cfg, device, dtype)?;
         let gpu_path = device.is_cuda().then(selfcheck::serving_path);
+        let tower = match (&src, device.is_cpu()) {
+            (_, false) => None,
+            (WeightSource::Gguf(g), true) => VisionTower::from_gguf(g, device)?,
+            (WeightSource::Safetensors(s), true) => {
+                VisionTower::from_safetensors(&s.dir, &s.config_json, device)?
+            }
+        };
+        let vision = tower
+            .map(|t| Vision::new(t, &tokenizer).map(Arc::new))
+            .transpose()?;
         Ok(Self {
             decoder,
             tokenizer,
             chat_template,
             path: path.to_path_buf(),
             gpu_path,
+            vision,
         })
     }
 

@@ -12,17 +12,19 @@ mod cpu_attention;
 mod cpu_quant;
 pub mod cuda;
 pub mod decoder;
+pub mod image;
 mod loaded;
 mod parallel;
 pub mod ref_attention;
 pub mod reply;
 pub mod selfcheck;
 pub mod tokenizer;
+pub mod vision;
 pub mod weights;
 
 use std::path::PathBuf;
 
-pub use attention::{Batch, CpuKvCache, KvCache, KvType, SeqSlice};
+pub use attention::{Batch, CpuKvCache, ImageRows, KvCache, KvType, SeqSlice, IMAGE_ID};
 pub use bert::Embedder;
 pub use chat_template::ChatTemplate;
 pub use config::{ArchConfig, Family};
@@ -67,6 +69,9 @@ pub enum Error {
     /// single tool-calls at once"), or it was too large to render: the caller's input.
     #[error("{0}")]
     TemplateRaised(String),
+    /// An image the client sent that cannot be read.
+    #[error("invalid image: {0}")]
+    Image(String),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

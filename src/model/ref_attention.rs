@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::attention::{check_query, Batch, KvCache};
+use super::attention::{check_query, refuse_images, Batch, KvCache};
 use super::config::ArchConfig;
 use super::{Error, Result};
 
@@ -148,6 +148,7 @@ impl KvCache for RefKvCache {
     ) -> Result<Tensor> {
         let (n, heads, hd) =
             check_query(q, batch, layer, (self.k.len(), self.heads, self.head_dim))?;
+        refuse_images(batch)?;
         let dtype = self.k[layer].dtype();
         if n == 0 {
             return Ok(Tensor::zeros((0, heads * hd), dtype, &self.device)?);

@@ -221,6 +221,13 @@ impl GgufFile {
         Ok((info, start..end))
     }
 
+    /// A tensor dequantized to f32 on `device` (what candle-transformers modules read).
+    pub(crate) fn dense(&self, name: &str, device: &Device) -> Result<Tensor> {
+        Ok(self
+            .qtensor(name, device, None, false)?
+            .dequantize(device)?)
+    }
+
     /// A tensor as candle's quantized tensor on `device`. `permute_heads` undoes the
     /// row permutation llama.cpp applies to llama-architecture Q/K projections; `for_matmul`
     /// says whether it will be multiplied (not only gathered from or dequantized).

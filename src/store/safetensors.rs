@@ -242,6 +242,19 @@ pub fn summary(
             }
         }
     }
+    // A vision tower, under the keys Ollama's GGUF gives it.
+    if let Some(vision) = config.get("vision_config") {
+        for (suffix, key) in [
+            ("block_count", "num_hidden_layers"),
+            ("embedding_length", "hidden_size"),
+            ("image_size", "image_size"),
+            ("patch_size", "patch_size"),
+        ] {
+            if let Some(v) = vision.get(key).filter(|v| !v.is_null()) {
+                info.insert(format!("{arch}.vision.{suffix}"), v.clone());
+            }
+        }
+    }
     for (gguf, hf) in [
         ("tokenizer.ggml.bos_token_id", "bos_token_id"),
         ("tokenizer.ggml.eos_token_id", "eos_token_id"),

@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::ops::{self, HeadShape, PagedAttention, PagedMeta, Route, SeqQueries, Split};
-use crate::model::attention::{check_query, Batch, KvCache};
+use crate::model::attention::{check_query, refuse_images, Batch, KvCache};
 use crate::model::config::ArchConfig;
 use crate::model::{Error, Result};
 
@@ -144,6 +144,7 @@ impl KvCache for CudaKvCache {
     ) -> Result<Tensor> {
         let (n, heads, hd) =
             check_query(q, batch, layer, (self.k.len(), self.heads, self.head_dim))?;
+        refuse_images(batch)?;
         if n == 0 {
             return Ok(Tensor::zeros((0, heads * hd), DType::F16, &self.device)?);
         }

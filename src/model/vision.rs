@@ -1,0 +1,333 @@
+//! Vision towers: what turns an image into the embeddings a decoder reads in place of
+//! tokens. Gemma 3's: the SigLIP encoder (candle-transformers' `siglip::VisionModel`) over
+//! 14-pixel patches of an 896-pixel square, its patch grid average-pooled to 16 x 16, an
+//! RMS norm and a projection into the text model's width: 256 embeddings per image.
+//!
+//! Read from Ollama's GGUF (the tower and projector beside the text weights, `v.*` and
+//! `mm.*` tensors, `gemma3.vision.*` metadata) and from Hugging Face safetensors
+//! (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `vision_config`).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::siglip;
+use sha2::{Digest, Sha256};
+
+use super::image::Preprocess;
+use super::weights::{safetensors_files, GgufFile};
+use super::{Error, Result, Tokenizer};
+
+/// A loaded vision tower with its projector.
+pub struct VisionTower {
+    encoder: siglip::VisionModel,
+    /// The projector's norm weight as it scales (`1 + w`).
+    soft_norm: Tensor,
+    /// `[vision width, text width]`: embeddings are `x @ projection`.
+    projection: Tensor,
+    eps: f64,
+    /// Patches per side of the encoder's grid, and the pooling kernel over it.
+    patches: usize,
+    pool: usize,
+    pub preprocess: Preprocess,
+    device: Device,
+}
+
+/// A generator's vision: its tower, the tokens around each image's embeddings in a prompt,
+/// and the embeddings of recently seen images (a chat resends its images every turn).
+pub struct Vision {
+    pub tower: VisionTower,
+    /// Before an image's embeddings (Gemma 3: "\n\n<start_of_image>") and after them
+    /// ("<end_of_image>\n\n").
+    pub open: Vec<u32>,
+    pub close: Vec<u32>,
+    recent: Mutex<VecDeque<([u8; 32], Tensor)>>,
+}
+
+/// Images whose embeddings are kept (a few chats' worth; 2.5 MiB each for Gemma 3 4B).
+const RECENT_IMAGES: usize = 16;
+
+impl Vision {
+    /// Gemma 3's vision over `tokenizer`, which must know its image tokens.
+    pub fn new(tower: VisionTower, tokenizer: &Tokenizer) -> Result<Self> {
+        let id = |t: &str| {
+            tokenizer
+                .token_id(t)
+                .ok_or_else(|| Error::Config(format!("a vision model's vocabulary lacks {t}")))
+        };
+        let (start, end) = (id("<start_of_image>")?, id("<end_of_image>")?);
+        let gap = tokenizer.encode("\n\n", false)?;
+        let open = gap.iter().copied().chain([start]).collect();
+        let close = [end].into_iter().chain(gap.iter().copied()).collect();
+        Ok(Self {
+            tower,
+            open,
+            close,
+            recent: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The embeddings of an image file's bytes and the content hash that names them:
+    /// from the recent images when it was seen lately, else decoded, preprocessed and
+    /// encoded (blocking: seconds for a full-size tower on a CPU).
+    pub fn embed(&self, bytes: &[u8]) -> Result<([u8; 32], Tensor)> {
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
+        let lock = || self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, t)) = lock().iter().find(|(h, _)| *h == hash) {
+            return Ok((hash, t.clone()));
+        }
+        let img = super::image::decode(bytes)?;
+        let embeds = self.tower.encode(&self.tower.preprocess.pixels(&img))?;
+        let mut recent = lock();
+        if recent.len() == RECENT_IMAGES {
+            recent.pop_front();
+        }
+        recent.push_back((hash, embeds.clone()));
+        Ok((hash, embeds))
+    }
+}
+
+/// Gemma 3's processor: a bilinear resize to the tower's square, values normalised to -1..1.
+fn gemma_preprocess(size: usize) -> Preprocess {
+    Preprocess {
+        size: size as u32,
+        mean: [0.5; 3],
+        std: [0.5; 3],
+    }
+}
+
+impl VisionTower {
+    /// Embeddings per image.
+    pub fn tokens_per_image(&self) -> usize {
+        (self.patches / self.pool).pow(2)
+    }
+
+    /// The embeddings `[tokens_per_image, text width]` (f32) of an image's pixels as
+    /// [`Preprocess::pixels`] makes them.
+    pub fn encode(&self, pixels: &[f32]) -> Result<Tensor> {
+        let s = self.preprocess.size as usize;
+        if pixels.len() != 3 * s * s {
+            return Err(Error::Image(format!(
+                "{} pixel values for a {s}x{s} tower",
+                pixels.len()
+            )));
+        }
+        let x = Tensor::from_slice(pixels, (1, 3, s, s), &self.device)?;
+        let x = self.encoder.forward(&x)?;
+        self.project(&x)
+    }
+
+    /// The projector: the encoder's `[1, patches^2, width]` grid pooled, normed and
+    /// projected.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, n, width) = x.dims3()?;
+        if n != self.patches * self.patches {
+            return Err(Error::Config(format!(
+                "the vision encoder gave {n} patches, expected {}",
+                self.patches * self.patches
+            )));
+        }
+        let grid = x
+            .transpose(1, 2)?
+            .reshape((1, width, self.patches, self.patches))?;
+        let pooled = grid
+            .avg_pool2d(self.pool)?
+            .flatten_from(2)?
+            .transpose(1, 2)?
+            .squeeze(0)?
+            .contiguous()?;
+        let normed = candle_nn::ops::rms_norm(&pooled, &self.soft_norm, self.eps as f32)?;
+        Ok(normed.matmul(&self.projection)?)
+    }
+
+    /// The tower in an Ollama-style Gemma 3 GGUF, or `None` when the file has none.
+    pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Option<Self>> {
+        let md = g.metadata();
+        let arch = md
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        let key = |k: &str| format!("{arch}.vision.{k}");
+        if arch != "gemma3" || !md.contains_key(&key("block_count")) {
+            return Ok(None);
+        }
+        let num = |k: &str| -> Result<usize> {
+            md.get(&key(k))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+                .ok_or_else(|| Error::Config(format!("GGUF metadata {} is missing", key(k))))
+        };
+        let eps = md
+            .get(&key("attention.layer_norm_epsilon"))
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(1e-6) as f64;
+        let tokens = md
+            .get(&format!("{arch}.mm.tokens_per_image"))
+            .and_then(|v| v.to_u32().ok())
+            .unwrap_or(256) as usize;
+        let cfg = siglip::VisionConfig {
+            hidden_size: num("embedding_length")?,
+            intermediate_size: num("feed_forward_length")?,
+            num_hidden_layers: num("block_count")?,
+            num_attention_heads: num("attention.head_count")?,
+            num_channels: 3,
+            image_size: num("image_size")?,
+            patch_size: num("patch_size")?,
+            hidden_act: candle_nn::Activation::GeluPytorchTanh,
+            layer_norm_eps: eps,
+        };
+        let mut tensors = HashMap::new();
+        for name in g.content.tensor_infos.keys() {
+            if let Some(hf) = siglip_name(name) {
+                tensors.insert(hf, g.dense(name, device)?);
+            }
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        // Ollama's conversion stores Gemma's norm weights as they scale (1 + w).
+        let soft_norm = g.dense("mm.mm_soft_emb_norm.weight", device)?;
+        let projection = g.dense("mm.mm_input_projection.weight", device)?;
+        Self::assemble(&cfg, vb, soft_norm, projection, tokens, device).map(Some)
+    }
+
+    /// The tower of a Hugging Face Gemma 3 checkpoint, or `None` when its config has no
+    /// `vision_config`.
+    pub fn from_safetensors(
+        dir: &Path,
+        config_json: &str,
+        device: &Device,
+    ) -> Result<Option<Self>> {
+        let v: serde_json::Value =
+            serde_json::from_str(config_json).map_err(|e| Error::Config(e.to_string()))?;
+        let Some(vision) = v.get("vision_config") else {
+            return Ok(None);
+        };
+        let mut cfg: siglip::VisionConfig = serde_json::from_value(vision.clone())
+            .map_err(|e| Error::Config(format!("vision_config: {e}")))?;
+        // transformers' SigLIP default (candle's serde default is CLIP's 16).
+        if vision.get("patch_size").is_none() {
+            cfg.patch_size = 16;
+        }
+        let tokens = v
+            .get("mm_tokens_per_image")
+            .and_then(|t| t.as_u64())
+            .unwrap_or(256) as usize;
+        let files = safetensors_files(dir)?;
+        // SAFETY: read-only maps of files that are never modified in place.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }?;
+        // transformers saves the wrappers at the top, or (newer versions) under `model.`.
+        let root = if vb.contains_tensor("model.vision_tower.vision_model.post_layernorm.weight") {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let mm = root.pp("multi_modal_projector");
+        let width = cfg.hidden_size;
+        let soft_norm = (mm.get(width, "mm_soft_emb_norm.weight")? + 1.0)?;
+        let projection = mm.get_unchecked("mm_input_projection_weight")?;
+        let vb = root.pp("vision_tower").pp("vision_model");
+        Self::assemble(&cfg, vb, soft_norm, projection, tokens, device).map(Some)
+    }
+
+    fn assemble(
+        cfg: &siglip::VisionConfig,
+        vb: VarBuilder,
+        soft_norm: Tensor,
+        projection: Tensor,
+        tokens: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let patches = cfg.image_size / cfg.patch_size;
+        let side = (tokens as f64).sqrt() as usize;
+        if side == 0 || side * side != tokens || !patches.is_multiple_of(side) {
+            return Err(Error::Config(format!(
+                "{tokens} tokens per image do not pool a {patches}x{patches} patch grid"
+            )));
+        }
+        if projection.dims2()?.0 != cfg.hidden_size {
+            return Err(Error::Config(format!(
+                "the vision projection is {:?}, the tower {} wide",
+                projection.dims(),
+                cfg.hidden_size
+            )));
+        }
+        Ok(Self {
+            encoder: siglip::VisionModel::new(cfg, false, vb)?,
+            soft_norm: soft_norm.to_dtype(DType::F32)?,
+            projection: projection.to_dtype(DType::F32)?,
+            eps: cfg.layer_norm_eps,
+            patches,
+            pool: patches / side,
+            preprocess: gemma_preprocess(cfg.image_size),
+            device: device.clone(),
+        })
+    }
+}
+
+/// The Hugging Face (SigLIP) name of a tower tensor in Ollama's Gemma 3 GGUF
+/// (`v.blk.3.attn_q.weight` -> `encoder.layers.3.self_attn.q_proj.weight`); `None` for the
+/// text model's and the projector's tensors.
+fn siglip_name(gguf: &str) -> Option<String> {
+    let rest = gguf.strip_prefix("v.")?;
+    let (stem, kind) = rest.rsplit_once('.')?;
+    let top = match stem {
+        "patch_embedding" => Some("embeddings.patch_embedding"),
+        "position_embedding" => Some("embeddings.position_embedding"),
+        "post_layernorm" => Some("post_layernorm"),
+        _ => None,
+    };
+    if let Some(top) = top {
+        return Some(format!("{top}.{kind}"));
+    }
+    let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let part = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.out_proj",
+        p @ ("layer_norm1" | "layer_norm2" | "mlp.fc1" | "mlp.fc2") => p,
+        _ => return None,
+    };
+    Some(format!("encoder.layers.{layer}.{part}.{kind}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::siglip_name;
+
+    #[test]
+    fn ollama_tower_names_map_to_siglip() {
+        for (g, hf) in [
+            (
+                "v.patch_embedding.weight",
+                "embeddings.patch_embedding.weight",
+            ),
+            (
+                "v.position_embedding.weight",
+                "embeddings.position_embedding.weight",
+            ),
+            ("v.post_layernorm.bias", "post_layernorm.bias"),
+            (
+                "v.blk.26.attn_output.weight",
+                "encoder.layers.26.self_attn.out_proj.weight",
+            ),
+            ("v.blk.0.mlp.fc2.bias", "encoder.layers.0.mlp.fc2.bias"),
+            (
+                "v.blk.3.layer_norm1.weight",
+                "encoder.layers.3.layer_norm1.weight",
+            ),
+        ] {
+            assert_eq!(siglip_name(g).as_deref(), Some(hf), "{g}");
+        }
+        for other in [
+            "blk.0.attn_q.weight",
+            "mm.mm_input_projection.weight",
+            "v.blk.x.attn_q.weight",
+        ] {
+            assert_eq!(siglip_name(other), None, "{other}");
+        }
+    }
+}
