@@ -3,8 +3,8 @@
 //! candle-transformers' `siglip` (the projector's pooling, norm and projection done here
 //! with plain tensor ops); image embeddings entering the real Gemma 3 270M decoder; and the
 //! whole path over HTTP with a GGUF that carries the 270M text weights and a random tower, as
-//! Ollama's registry ships `gemma3` (one file): `/api/show`'s `vision`, Ollama and OpenAI
-//! image inputs, prefix reuse keyed on the image, and the refusals.
+//! Ollama's registry ships `gemma3` (one file): `/api/show`'s `vision`, Ollama's, OpenAI's
+//! and Anthropic's image inputs, prefix reuse keyed on the image, and the refusals.
 
 mod api_common;
 mod common;
@@ -543,6 +543,39 @@ async fn images_over_http() {
     assert_eq!(s, 200, "{oai}");
     assert_eq!(
         oai["choices"][0]["message"]["content"],
+        first["message"]["content"]
+    );
+
+    // So are Anthropic's image block and the Responses API's input_image.
+    let (s, claude) = post(
+        &base,
+        "/v1/messages",
+        json!({
+            "model": "gemma3-vision", "temperature": 0, "max_tokens": 8,
+            "messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64(&a)}},
+                {"type": "text", "text": "Describe."},
+            ]}],
+        }),
+    )
+    .await;
+    assert_eq!(s, 200, "{claude}");
+    assert_eq!(claude["content"][0]["text"], first["message"]["content"]);
+    let (s, resp) = post(
+        &base,
+        "/v1/responses",
+        json!({
+            "model": "gemma3-vision", "temperature": 0, "max_output_tokens": 8,
+            "input": [{"role": "user", "content": [
+                {"type": "input_image", "image_url": format!("data:image/png;base64,{}", b64(&a))},
+                {"type": "input_text", "text": "Describe."},
+            ]}],
+        }),
+    )
+    .await;
+    assert_eq!(s, 200, "{resp}");
+    assert_eq!(
+        resp["output"][0]["content"][0]["text"],
         first["message"]["content"]
     );
 

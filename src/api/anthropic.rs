@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::model::ToolCall;
 
 use super::error::{json_response, AnthropicError, ApiError};
+use super::images;
 use super::infer::{self, Finished, InferRequest, Input, Options, Out};
 use super::structured::{self, ToolChoice};
 use super::{events_from, named_event, parse_body, AppState, EventSource};
@@ -95,8 +96,13 @@ fn block_text(v: &Value, what: &str) -> Result<String, ApiError> {
     }
 }
 
-/// The conversation in the chat template's shape.
-fn conversation(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>, ApiError> {
+/// The conversation in the chat template's shape, and the sources of its images (each one
+/// an [`images::MARKER`] in its message's text).
+fn conversation(
+    system: Option<&Value>,
+    messages: &[Value],
+    image_sources: &mut Vec<images::Source>,
+) -> Result<Vec<Value>, ApiError> {
     let mut out: Vec<Value> = Vec::new();
     // The function each earlier call id named, for the results that answer them.
     let mut call_names: HashMap<String, String> = HashMap::new();
@@ -125,11 +131,24 @@ fn conversation(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>
             Some(Value::Array(b)) => b,
             _ => return Err(bad(format!("{what}.content: a string or a list of blocks"))),
         };
-        let (mut text, mut thinking, mut calls) = (Vec::new(), String::new(), Vec::new());
+        let mut text = images::PartsText::default();
+        let (mut thinking, mut calls) = (String::new(), Vec::new());
         for b in blocks {
             match (b.get("type").and_then(Value::as_str), role) {
                 (Some("text"), _) => {
-                    text.push(b.get("text").and_then(Value::as_str).unwrap_or_default())
+                    text.text(b.get("text").and_then(Value::as_str).unwrap_or_default())
+                }
+                (Some("image"), "user") => {
+                    let source = b.get("source").unwrap_or(&Value::Null);
+                    let field = |k: &str| source.get(k).and_then(Value::as_str);
+                    image_sources.push(match field("type") {
+                        Some("base64") => images::Source::Bytes(images::from_base64(
+                            field("data").unwrap_or_default(),
+                        )?),
+                        Some("url") => images::from_url(field("url").unwrap_or_default())?,
+                        _ => return Err(bad(format!("{what}: an image source is base64 or url"))),
+                    });
+                    text.image();
                 }
                 (Some("thinking"), "assistant") => thinking.push_str(
                     b.get("thinking")
@@ -157,7 +176,7 @@ fn conversation(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>
                     let content = block_text(b.get("content").unwrap_or(&Value::Null), &what)?;
                     out.push(infer::tool_turn(content, id, call_names.get(id)));
                 }
-                (Some(t @ ("image" | "document")), _) => {
+                (Some(t @ "document"), _) => {
                     return Err(bad(format!(
                         "{what}: {t} blocks are not supported; send text"
                     )))
@@ -173,7 +192,7 @@ fn conversation(system: Option<&Value>, messages: &[Value]) -> Result<Vec<Value>
         if text.is_empty() && calls.is_empty() && thinking.is_empty() {
             continue;
         }
-        let mut msg = json!({"role": role, "content": text.join("\n\n")});
+        let mut msg = json!({"role": role, "content": text.finish()});
         if !calls.is_empty() {
             msg["tool_calls"] = calls.into();
         }
@@ -241,9 +260,14 @@ fn tool_choice(v: Option<&Value>) -> Result<(ToolChoice, bool), ApiError> {
     Ok((choice, one))
 }
 
-/// Everything but the answer: the engine request for a messages body.
-fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
-    let messages = conversation(req.system.as_ref(), &req.messages)?;
+/// Everything but the answer: the engine request for a messages body (image URLs fetched
+/// when `fetch_images` allows).
+async fn infer_request(
+    req: &MessagesRequest,
+    fetch_images: bool,
+) -> Result<InferRequest, ApiError> {
+    let mut sources = Vec::new();
+    let messages = conversation(req.system.as_ref(), &req.messages, &mut sources)?;
     let tools = chat_tools(req.tools.as_ref())?;
     let f = |v: Option<f64>| v.map(|v| v as f32);
     let options = Options {
@@ -286,7 +310,7 @@ fn infer_request(req: &MessagesRequest) -> Result<InferRequest, ApiError> {
     Ok(InferRequest {
         model: req.model.clone(),
         input: Input::Chat { messages, tools },
-        images: Vec::new(),
+        images: images::resolve(sources, fetch_images).await?,
         options,
         keep_alive,
         think,
@@ -305,7 +329,7 @@ pub async fn messages(State(state): State<AppState>, body: Bytes) -> Result<Resp
         Some(n) if n < 1 => return Err(bad("max_tokens: must be at least 1").into()),
         _ => {}
     }
-    let infer_req = infer_request(&req)?;
+    let infer_req = infer_request(&req, state.config.fetch_images).await?;
     let rx = infer::start_stream(&state, infer_req).await?;
     let meta = Meta {
         id: new_id("msg_"),
@@ -322,7 +346,7 @@ pub async fn messages(State(state): State<AppState>, body: Bytes) -> Result<Resp
 pub async fn count_tokens(State(state): State<AppState>, body: Bytes) -> Result<Response> {
     let mut req: MessagesRequest = parse_body(&body)?;
     req.max_tokens = Some(1);
-    let infer_req = infer_request(&req)?;
+    let infer_req = infer_request(&req, state.config.fetch_images).await?;
     let n = infer::count_prompt_tokens(&state, infer_req).await?;
     Ok(json_response(StatusCode::OK, &json!({"input_tokens": n})))
 }
@@ -569,9 +593,11 @@ mod tests {
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny"}]},
                 {"type": "text", "text": "And tomorrow?"}]}),
         ];
+        let mut sources = Vec::new();
         let c = conversation(
             Some(&json!([{"type": "text", "text": "Be brief."}])),
             &messages,
+            &mut sources,
         )
         .unwrap();
         assert_eq!(c[0], json!({"role": "system", "content": "Be brief."}));
@@ -587,11 +613,23 @@ mod tests {
         for bad in [
             vec![json!({"role": "system", "content": "x"})],
             vec![json!({"role": "user", "content": [{"type": "image", "source": {}}]})],
+            vec![
+                json!({"role": "assistant", "content": [{"type": "image", "source": {"type": "base64", "data": "aGk="}}]}),
+            ],
             vec![json!({"role": "user", "content": [{"type": "tool_use", "name": "x"}]})],
             vec![],
         ] {
-            assert!(conversation(None, &bad).is_err(), "{bad:?}");
+            assert!(conversation(None, &bad, &mut sources).is_err(), "{bad:?}");
         }
+        // An image stands where it is among the text blocks.
+        let with_image = vec![json!({"role": "user", "content": [
+            {"type": "text", "text": "Look:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "aGk="}},
+            {"type": "text", "text": "What is it?"}]})];
+        let mut sources = Vec::new();
+        let c = conversation(None, &with_image, &mut sources).unwrap();
+        assert_eq!(c[0]["content"], "Look:\u{FFFC}What is it?");
+        assert!(matches!(&sources[..], [images::Source::Bytes(b)] if b == b"hi"));
     }
 
     #[test]

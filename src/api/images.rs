@@ -112,6 +112,37 @@ async fn fetch_image(url: &str) -> Result<Vec<u8>, ApiError> {
     Ok(body)
 }
 
+/// A message's text built from its parts, as the dialects with content parts send it: text
+/// parts joined by a blank line, each image a [`MARKER`] where it stands.
+#[derive(Default)]
+pub struct PartsText {
+    text: String,
+    after_text: bool,
+}
+
+impl PartsText {
+    pub fn text(&mut self, t: &str) {
+        if self.after_text {
+            self.text.push_str("\n\n");
+        }
+        self.text.push_str(t);
+        self.after_text = true;
+    }
+
+    pub fn image(&mut self) {
+        self.text.push(MARKER);
+        self.after_text = false;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    pub fn finish(self) -> String {
+        self.text
+    }
+}
+
 /// Text with a marker per image before it (where Ollama puts a message's images).
 pub fn marked(images: usize, text: &str) -> String {
     std::iter::repeat_n(MARKER, images)

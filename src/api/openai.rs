@@ -272,17 +272,11 @@ fn translate_message(
         None | Some(Value::Null) => String::new(),
         Some(Value::String(s)) => s,
         Some(Value::Array(parts)) => {
-            let mut content = String::new();
-            let mut after_text = false;
+            let mut content = images::PartsText::default();
             for part in parts {
                 match part.get("type").and_then(Value::as_str) {
                     Some("text") => {
-                        if after_text {
-                            content.push_str("\n\n");
-                        }
-                        content
-                            .push_str(part.get("text").and_then(Value::as_str).unwrap_or_default());
-                        after_text = true;
+                        content.text(part.get("text").and_then(Value::as_str).unwrap_or_default())
                     }
                     Some("image_url") => {
                         // `{"url": ...}`, or the bare string some clients send.
@@ -294,8 +288,7 @@ fn translate_message(
                                 ApiError::BadRequest("image_url without a url".into())
                             })?;
                         images.push(images::from_url(url)?);
-                        content.push(images::MARKER);
-                        after_text = false;
+                        content.image();
                     }
                     Some("input_audio") => {
                         return Err(ApiError::BadRequest("audio input is not supported".into()))
@@ -303,7 +296,7 @@ fn translate_message(
                     _ => return Err(ApiError::BadRequest("invalid message format".into())),
                 }
             }
-            content
+            content.finish()
         }
         Some(_) => return Err(ApiError::BadRequest("invalid message format".into())),
     };

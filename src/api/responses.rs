@@ -23,6 +23,7 @@ use crate::engine::Grammar;
 use crate::model::ToolCall;
 
 use super::error::{json_response, ApiError, OpenAiError};
+use super::images;
 use super::infer::{self, Finished, InferRequest, Input, Options, Out};
 use super::structured;
 use super::{events_from, named_event, parse_body, AppState, EventSource};
@@ -91,27 +92,39 @@ fn unix_now() -> u64 {
 }
 
 /// The text of a content value: a string, or text parts (`input_text`, `output_text`,
-/// `text`); anything else (images, files) is refused.
-fn content_text(content: &Value, what: &str) -> Result<String, ApiError> {
+/// `text`), and where `images` is given `input_image` parts (an [`images::MARKER`] in the
+/// text, the source added to `images`); anything else (files, audio) is refused.
+fn content_text(
+    content: &Value,
+    what: &str,
+    mut images: Option<&mut Vec<images::Source>>,
+) -> Result<String, ApiError> {
     match content {
         Value::Null => Ok(String::new()),
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => {
-            let mut texts = Vec::new();
+            let mut text = images::PartsText::default();
             for p in parts {
-                match p.get("type").and_then(Value::as_str) {
-                    Some(
-                        "input_text" | "output_text" | "text" | "summary_text" | "reasoning_text",
-                    ) => texts.push(p.get("text").and_then(Value::as_str).unwrap_or_default()),
-                    Some("refusal") => {
-                        texts.push(p.get("refusal").and_then(Value::as_str).unwrap_or_default())
+                let field = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or_default();
+                match (p.get("type").and_then(Value::as_str), images.as_deref_mut()) {
+                    (
+                        Some(
+                            "input_text" | "output_text" | "text" | "summary_text"
+                            | "reasoning_text",
+                        ),
+                        _,
+                    ) => text.text(field("text")),
+                    (Some("refusal"), _) => text.text(field("refusal")),
+                    (Some("input_image"), Some(images)) => {
+                        images.push(images::from_url(field("image_url"))?);
+                        text.image();
                     }
-                    Some(t @ ("input_image" | "input_file" | "input_audio")) => {
+                    (Some(t @ ("input_image" | "input_file" | "input_audio")), _) => {
                         return Err(bad(format!(
                             "{what}: {t} parts are not supported; send text"
                         )))
                     }
-                    other => {
+                    (other, _) => {
                         return Err(bad(format!(
                             "{what}: unknown content part type {}",
                             other.unwrap_or("(none)")
@@ -119,7 +132,7 @@ fn content_text(content: &Value, what: &str) -> Result<String, ApiError> {
                     }
                 }
             }
-            Ok(texts.join("\n\n"))
+            Ok(text.finish())
         }
         v => Err(bad(format!(
             "{what}: content must be a string or a list of parts, got {v}"
@@ -131,12 +144,13 @@ fn content_text(content: &Value, what: &str) -> Result<String, ApiError> {
 fn conversation(
     instructions: Option<&Value>,
     input: Option<&Value>,
+    images: &mut Vec<images::Source>,
 ) -> Result<Vec<Value>, ApiError> {
     let mut messages: Vec<Value> = Vec::new();
     // The function each earlier call id named, for the outputs that answer them.
     let mut call_names: HashMap<String, String> = HashMap::new();
     if let Some(i) = instructions {
-        let text = content_text(i, "instructions")?;
+        let text = content_text(i, "instructions", None)?;
         if !text.is_empty() {
             messages.push(json!({"role": "system", "content": text}));
         }
@@ -165,7 +179,10 @@ fn conversation(
                     r @ ("system" | "user" | "assistant") => r,
                     r => return Err(bad(format!("{what}: invalid role {r:?}"))),
                 };
-                let text = content_text(item.get("content").unwrap_or(&Value::Null), &what)?;
+                // Images only in user messages, as OpenAI takes them.
+                let images = (role == "user").then_some(&mut *images);
+                let content = item.get("content").unwrap_or(&Value::Null);
+                let text = content_text(content, &what, images)?;
                 messages.push(json!({"role": role, "content": text}));
             }
             Some("function_call") => {
@@ -209,7 +226,7 @@ fn conversation(
                     .get("call_id")
                     .and_then(Value::as_str)
                     .unwrap_or_default();
-                let output = content_text(item.get("output").unwrap_or(&Value::Null), &what)?;
+                let output = content_text(item.get("output").unwrap_or(&Value::Null), &what, None)?;
                 messages.push(infer::tool_turn(output, call_id, call_names.get(call_id)));
             }
             // Earlier reasoning is not shown to the model again (as chat templates drop it).
@@ -308,7 +325,8 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
         Some(&Value::Bool(include_logprobs || asks_top)),
         req.top_logprobs.as_ref(),
     )?;
-    let messages = conversation(req.instructions.as_ref(), req.input.as_ref())?;
+    let mut sources = Vec::new();
+    let messages = conversation(req.instructions.as_ref(), req.input.as_ref(), &mut sources)?;
     let tools = chat_tools(req.tools.as_ref())?;
     let f = |v: Option<f64>| v.map(|v| v as f32);
     let options = Options {
@@ -338,7 +356,7 @@ pub async fn responses(State(state): State<AppState>, body: Bytes) -> Result<Res
     let infer_req = InferRequest {
         model: req.model.clone(),
         input: Input::Chat { messages, tools },
-        images: Vec::new(),
+        images: images::resolve(sources, state.config.fetch_images).await?,
         options,
         keep_alive,
         think,
@@ -747,7 +765,8 @@ mod tests {
             {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
             {"type": "reasoning", "id": "rs_1", "summary": []},
         ]);
-        let m = conversation(Some(&json!("Sys")), Some(&input)).unwrap();
+        let mut sources = Vec::new();
+        let m = conversation(Some(&json!("Sys")), Some(&input), &mut sources).unwrap();
         assert_eq!(m[0], json!({"role": "system", "content": "Sys"}));
         assert_eq!(m[1], json!({"role": "system", "content": "Be brief."}));
         assert_eq!(m[2], json!({"role": "user", "content": "Weather?"}));
@@ -761,12 +780,23 @@ mod tests {
         for bad in [
             json!([{"type": "item_reference", "id": "x"}]),
             json!([{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]),
+            json!([{"role": "assistant", "content": [{"type": "input_image", "image_url": "data:image/png;base64,aGk="}]}]),
             json!([{"role": "wizard", "content": "hi"}]),
             json!(3),
         ] {
-            assert!(conversation(None, Some(&bad)).is_err(), "{bad}");
+            assert!(
+                conversation(None, Some(&bad), &mut sources).is_err(),
+                "{bad}"
+            );
         }
-        assert!(conversation(None, None).is_err());
+        assert!(conversation(None, None, &mut sources).is_err());
+        let with_image = json!([{"role": "user", "content": [
+            {"type": "input_text", "text": "Look:"},
+            {"type": "input_image", "image_url": "data:image/png;base64,aGk="}]}]);
+        let mut sources = Vec::new();
+        let m = conversation(None, Some(&with_image), &mut sources).unwrap();
+        assert_eq!(m[0]["content"], "Look:\u{FFFC}");
+        assert!(matches!(&sources[..], [images::Source::Bytes(b)] if b == b"hi"));
     }
 
     #[test]

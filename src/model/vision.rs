@@ -1,5 +1,6 @@
 //! Vision towers: what turns an image into the embeddings a decoder reads in place of
-//! tokens. Gemma 3's: the SigLIP encoder (candle-transformers' `siglip::VisionModel`) over
+//! tokens. Gemma 3's: the SigLIP encoder (ours, on the CPU pool; candle-transformers'
+//! `siglip` is the tests' reference) over
 //! 14-pixel patches of an 896-pixel square, its patch grid average-pooled to 16 x 16, an
 //! RMS norm and a projection into the text model's width: 256 embeddings per image.
 //!
@@ -11,18 +12,18 @@ use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::siglip;
 use sha2::{Digest, Sha256};
 
 use super::image::Preprocess;
-use super::weights::{safetensors_files, GgufFile};
+use super::weights::{safetensors_files, GgufFile, Linear};
 use super::{Error, Result, Tokenizer};
 
 /// A loaded vision tower with its projector.
 pub struct VisionTower {
-    encoder: siglip::VisionModel,
+    encoder: Siglip,
     /// The projector's norm weight as it scales (`1 + w`).
     soft_norm: Tensor,
     /// `[vision width, text width]`: embeddings are `x @ projection`.
@@ -114,9 +115,8 @@ impl VisionTower {
                 pixels.len()
             )));
         }
-        let x = Tensor::from_slice(pixels, (1, 3, s, s), &self.device)?;
-        let x = self.encoder.forward(&x)?;
-        self.project(&x)
+        let x = self.encoder.forward(pixels, s, &self.device)?;
+        self.project(&x.unsqueeze(0)?)
     }
 
     /// The projector: the encoder's `[1, patches^2, width]` grid pooled, normed and
@@ -142,7 +142,8 @@ impl VisionTower {
         Ok(normed.matmul(&self.projection)?)
     }
 
-    /// The tower in an Ollama-style Gemma 3 GGUF, or `None` when the file has none.
+    /// The tower in an Ollama-style Gemma 3 GGUF, or `None` when the file has none (or no
+    /// projector).
     pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Option<Self>> {
         let md = g.metadata();
         let arch = md
@@ -152,6 +153,14 @@ impl VisionTower {
             .unwrap_or_default();
         let key = |k: &str| format!("{arch}.vision.{k}");
         if arch != "gemma3" || !md.contains_key(&key("block_count")) {
+            return Ok(None);
+        }
+        if !g
+            .content
+            .tensor_infos
+            .contains_key("mm.mm_input_projection.weight")
+        {
+            tracing::warn!("the GGUF has vision metadata but no projector: text only");
             return Ok(None);
         }
         let num = |k: &str| -> Result<usize> {
@@ -193,7 +202,7 @@ impl VisionTower {
     }
 
     /// The tower of a Hugging Face Gemma 3 checkpoint, or `None` when its config has no
-    /// `vision_config`.
+    /// `vision_config` or its weights no projector.
     pub fn from_safetensors(
         dir: &Path,
         config_json: &str,
@@ -223,6 +232,12 @@ impl VisionTower {
         } else {
             vb
         };
+        if !root.contains_tensor("multi_modal_projector.mm_input_projection_weight") {
+            tracing::warn!(
+                "config.json has a vision_config but the weights no projector: text only"
+            );
+            return Ok(None);
+        }
         let mm = root.pp("multi_modal_projector");
         let width = cfg.hidden_size;
         let soft_norm = (mm.get(width, "mm_soft_emb_norm.weight")? + 1.0)?;
@@ -254,7 +269,7 @@ impl VisionTower {
             )));
         }
         Ok(Self {
-            encoder: siglip::VisionModel::new(cfg, false, vb)?,
+            encoder: Siglip::load(cfg, &vb)?,
             soft_norm: soft_norm.to_dtype(DType::F32)?,
             projection: projection.to_dtype(DType::F32)?,
             eps: cfg.layer_norm_eps,
@@ -263,6 +278,152 @@ impl VisionTower {
             preprocess: gemma_preprocess(cfg.image_size),
             device: device.clone(),
         })
+    }
+}
+
+/// SigLIP's vision encoder (the tower before the projector), with the projections and the
+/// per-head attention on our CPU pool: candle's own SigLIP runs each op on one thread, and
+/// an image is a thousand or more rows through 400M parameters.
+struct Siglip {
+    /// The patch embedding as a projection of flattened `[3][patch][patch]` patches.
+    patch_embed: Linear,
+    /// `[patches, width]`.
+    positions: Tensor,
+    blocks: Vec<Block>,
+    post_norm: (Tensor, Tensor),
+    heads: usize,
+    patch: usize,
+    eps: f64,
+}
+
+struct Block {
+    norm1: (Tensor, Tensor),
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    norm2: (Tensor, Tensor),
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Siglip {
+    /// From transformers' names under `vision_model.` (`embeddings.*`, `encoder.layers.N.*`,
+    /// `post_layernorm.*`).
+    fn load(cfg: &siglip::VisionConfig, vb: &VarBuilder) -> Result<Self> {
+        let (w, p) = (cfg.hidden_size, cfg.patch_size);
+        let norm = |name: &str| -> Result<(Tensor, Tensor)> {
+            Ok((
+                vb.get(w, &format!("{name}.weight"))?,
+                vb.get(w, &format!("{name}.bias"))?,
+            ))
+        };
+        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
+            Linear::dense(
+                vb.get((out, inp), &format!("{name}.weight"))?,
+                Some(vb.get(out, &format!("{name}.bias"))?),
+            )
+        };
+        let patch_embed = Linear::dense(
+            vb.get((w, 3, p, p), "embeddings.patch_embedding.weight")?
+                .reshape((w, 3 * p * p))?,
+            Some(vb.get(w, "embeddings.patch_embedding.bias")?),
+        )?;
+        let n = (cfg.image_size / p).pow(2);
+        let positions = vb.get((n, w), "embeddings.position_embedding.weight")?;
+        let blocks = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                let b = format!("encoder.layers.{l}");
+                let i = cfg.intermediate_size;
+                Ok(Block {
+                    norm1: norm(&format!("{b}.layer_norm1"))?,
+                    q: linear(&format!("{b}.self_attn.q_proj"), w, w)?,
+                    k: linear(&format!("{b}.self_attn.k_proj"), w, w)?,
+                    v: linear(&format!("{b}.self_attn.v_proj"), w, w)?,
+                    out: linear(&format!("{b}.self_attn.out_proj"), w, w)?,
+                    norm2: norm(&format!("{b}.layer_norm2"))?,
+                    fc1: linear(&format!("{b}.mlp.fc1"), i, w)?,
+                    fc2: linear(&format!("{b}.mlp.fc2"), w, i)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            patch_embed,
+            positions,
+            blocks,
+            post_norm: norm("post_layernorm")?,
+            heads: cfg.num_attention_heads,
+            patch: p,
+            eps: cfg.layer_norm_eps,
+        })
+    }
+
+    /// The encoder's output `[patches, width]` for pixels `[3][side][side]`, patches in
+    /// row-major order.
+    fn forward(&self, pixels: &[f32], side: usize, device: &Device) -> Result<Tensor> {
+        let p = self.patch;
+        let grid = side / p;
+        // Each patch's pixels in the conv weight's order: channel, row, column.
+        let mut patches = Vec::with_capacity(3 * side * side);
+        for (py, px) in (0..grid).flat_map(|y| (0..grid).map(move |x| (y, x))) {
+            for c in 0..3 {
+                for y in 0..p {
+                    let row = (c * side + py * p + y) * side + px * p;
+                    patches.extend_from_slice(&pixels[row..row + p]);
+                }
+            }
+        }
+        let patches = Tensor::from_vec(patches, (grid * grid, 3 * p * p), device)?;
+        let mut x = self.patch_embed.forward(&patches)?.add(&self.positions)?;
+        let ln = |x: &Tensor, (w, b): &(Tensor, Tensor)| {
+            candle_nn::ops::layer_norm(x, w, b, self.eps as f32)
+        };
+        for b in &self.blocks {
+            let h = ln(&x, &b.norm1)?;
+            let attn = self.attention(&b.q.forward(&h)?, &b.k.forward(&h)?, &b.v.forward(&h)?)?;
+            x = (x + b.out.forward(&attn)?)?;
+            let h = b.fc1.forward(&ln(&x, &b.norm2)?)?.gelu()?;
+            x = (x + b.fc2.forward(&h)?)?;
+        }
+        Ok(ln(&x, &self.post_norm)?)
+    }
+
+    /// Full (bidirectional) attention of `[n, width]` queries, keys and values, one head per
+    /// work item on the CPU pool.
+    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (n, width) = q.dims2()?;
+        let d = width / self.heads;
+        let split = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((n, self.heads, d))?.transpose(0, 1)?.contiguous()
+        };
+        let (q, k, v) = (split(&(q * (d as f64).powf(-0.5))?)?, split(k)?, split(v)?);
+        let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
+            (0..self.heads).map(|_| Default::default()).collect();
+        super::parallel::par_for(self.heads, |range| {
+            for h in range {
+                let head = || -> candle_core::Result<Tensor> {
+                    let (qh, kh, vh) = (q.get(h)?, k.get(h)?, v.get(h)?);
+                    let scores = qh.matmul(&kh.t()?)?;
+                    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)
+                };
+                if let Ok(mut slot) = outs[h].lock() {
+                    *slot = Some(head());
+                }
+            }
+        });
+        let heads = outs
+            .into_iter()
+            .map(|m| match m.into_inner() {
+                Ok(Some(t)) => Ok(t?),
+                _ => Err(Error::Config(
+                    "a vision attention head did not finish".into(),
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // [heads, n, d] -> [n, heads * d]
+        Ok(Tensor::stack(&heads, 0)?
+            .transpose(0, 1)?
+            .reshape((n, width))?)
     }
 }
 
