@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Module, Tensor};
+use candle_transformers::models::siglip;
 use candlewick::api::{self, AppState};
 use candlewick::config::Config;
 use candlewick::model::vision::VisionTower;
@@ -143,6 +144,8 @@ async fn ttft(base: &str, messages: &Value) -> (Duration, u64) {
 }
 
 fn main() {
+    // Threads as the server sets them: our pool, candle's own ops on one thread.
+    candlewick::model::init_threads();
     let side = env_usize("WICK_BENCH_IMAGE", 448);
     let text = models_dir().join("gemma-3-270m-q4_k_m.gguf");
     assert!(text.is_file(), "{} is missing", text.display());
@@ -187,12 +190,59 @@ fn main() {
             t.elapsed().as_secs_f64()
         })
         .collect();
-    drop((tower, g));
+    // The peer in the same run: candle-transformers' SigLIP on the same weights, without the
+    // projector (its ops on one thread, as candle runs inside wick: what served images before
+    // our encoder).
+    let mut hf = std::collections::HashMap::new();
+    for name in g.content.tensor_infos.keys() {
+        let Some(rest) = name.strip_prefix("v.") else {
+            continue;
+        };
+        let hf_name = rest
+            .replace("patch_embedding", "embeddings.patch_embedding")
+            .replace("position_embedding", "embeddings.position_embedding")
+            .replace("blk.", "encoder.layers.")
+            .replace("attn_q", "self_attn.q_proj")
+            .replace("attn_k", "self_attn.k_proj")
+            .replace("attn_v", "self_attn.v_proj")
+            .replace("attn_output", "self_attn.out_proj");
+        let mut file = std::fs::File::open(&gguf).expect("open");
+        let t = g
+            .content
+            .tensor(&mut file, name, &Device::Cpu)
+            .expect("tensor");
+        hf.insert(hf_name, t.dequantize(&Device::Cpu).expect("dequantize"));
+    }
+    let cfg = siglip::VisionConfig {
+        hidden_size: 1152,
+        intermediate_size: 4304,
+        num_hidden_layers: 27,
+        num_attention_heads: 16,
+        num_channels: 3,
+        image_size: side,
+        patch_size: 14,
+        hidden_act: candle_nn::Activation::GeluPytorchTanh,
+        layer_norm_eps: 1e-6,
+    };
+    let vb = candle_nn::VarBuilder::from_tensors(hf, candle_core::DType::F32, &Device::Cpu);
+    let peer = siglip::VisionModel::new(&cfg, false, vb).expect("candle siglip");
+    let pixels = tower.preprocess.pixels(&img);
+    let x = Tensor::from_slice(&pixels, (1, 3, side, side), &Device::Cpu).expect("pixels");
+    let peer_times: Vec<f64> = (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            peer.forward(&x).expect("candle forward");
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    drop((tower, g, peer));
     println!(
         "\nGemma 3 vision tower (SigLIP-so400m shape, 27 layers), one {side}x{side} image \
-         ({} patches -> 256 embeddings): median of 3 {:.2} s",
+         ({} patches -> 256 embeddings), median of 3: wick {:.2} s (preprocessing and \
+         projector included), candle-transformers' siglip {:.2} s (encoder only)",
         (side / 14).pow(2),
-        median(times)
+        median(times),
+        median(peer_times)
     );
 
     // Over HTTP: a chat's first turn with the image, then its second turn.
