@@ -13,13 +13,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use candlewick::api::{self, AppState};
 use candlewick::config::Config;
 use candlewick::engine::{Engine, EngineConfig, Event, Request};
 use candlewick::model::Model;
-use candlewick::store::{ModelName, Store};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+
+mod common;
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const NAME: &str = "smollm2:135m";
@@ -181,28 +181,9 @@ fn main() {
     .expect("engine");
 
     let store = std::env::temp_dir().join(format!("wick-http-bench-{}", std::process::id()));
-    Store::new(&store)
-        .import_gguf(&ModelName::parse(NAME).expect("name"), &gguf)
-        .expect("import");
-    let mut env = std::collections::HashMap::new();
-    env.insert("OLLAMA_MODELS".to_string(), store.display().to_string());
-    let cfg = Config::from_lookup(|k| env.get(k).cloned()).expect("config");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let base = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let state = AppState::new(cfg).expect("state");
-        tokio::spawn(api::serve(listener, state, std::future::pending()));
-        // Load the model before timing anything.
-        over_http(&base, false, 1, 1).await;
-        base
-    });
+    let (rt, base) = common::serve_gguf(&store, NAME, &gguf);
+    // Load the model before timing anything.
+    rt.block_on(over_http(&base, false, 1, 1));
 
     println!("SmolLM2-135M Q4_1, {n} output tokens per request, greedy; best of {rounds} rounds");
     println!("| concurrency | path | tok/s | vs in-process | TTFT p50 ms |");

@@ -15,11 +15,8 @@ use base64::Engine as _;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
 use candle_transformers::models::siglip;
-use candlewick::api::{self, AppState};
-use candlewick::config::Config;
 use candlewick::model::vision::VisionTower;
 use candlewick::model::weights::GgufFile;
-use candlewick::store::{ModelName, Store};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
@@ -246,26 +243,9 @@ fn main() {
     );
 
     // Over HTTP: a chat's first turn with the image, then its second turn.
-    let store = dir.join("store");
-    Store::new(&store)
-        .import_gguf(&ModelName::parse(NAME).expect("name"), &gguf)
-        .expect("import");
-    let mut env = std::collections::HashMap::new();
-    env.insert("OLLAMA_MODELS".to_string(), store.display().to_string());
-    let cfg = Config::from_lookup(|k| env.get(k).cloned()).expect("config");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (rt, base) = common::serve_gguf(&dir.join("store"), NAME, &gguf);
     let b64 = base64::engine::general_purpose::STANDARD.encode(&image);
     let (first, second) = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
-        let state = AppState::new(cfg).expect("state");
-        tokio::spawn(api::serve(listener, state, std::future::pending()));
         // Load the model (text only) before timing.
         ttft(&base, &json!([{"role": "user", "content": "Hi"}])).await;
         let turn1 =

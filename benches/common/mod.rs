@@ -4,7 +4,7 @@
 //! What the in-process engine benches share: where the test models are and how a chat
 //! prompt becomes token ids.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candlewick::model::{Batch, CpuKvCache, KvCache, KvType, Model};
 
@@ -100,4 +100,37 @@ pub fn decode_times(
             t.elapsed().as_secs_f64()
         })
         .collect()
+}
+
+/// A `wick serve` in this process on a loopback port, over a new store at `store` holding
+/// `gguf` as `name`: the runtime it runs on and its base URL.
+pub fn serve_gguf(store: &Path, name: &str, gguf: &Path) -> (tokio::runtime::Runtime, String) {
+    use candlewick::store::{ModelName, Store};
+    Store::new(store)
+        .import_gguf(&ModelName::parse(name).expect("name"), gguf)
+        .expect("import");
+    let env = std::collections::HashMap::from([(
+        "OLLAMA_MODELS".to_string(),
+        store.display().to_string(),
+    )]);
+    let cfg = candlewick::config::Config::from_lookup(|k| env.get(k).cloned()).expect("config");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let base = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let state = candlewick::api::AppState::new(cfg).expect("state");
+        tokio::spawn(candlewick::api::serve(
+            listener,
+            state,
+            std::future::pending(),
+        ));
+        base
+    });
+    (rt, base)
 }

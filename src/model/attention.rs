@@ -589,7 +589,6 @@ impl Step<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::{Activation, Family};
 
     /// An image's rows attend to the whole image (and what precedes it), text rows
     /// causally: against a plain softmax over exactly those keys, in one step and with the
@@ -598,31 +597,8 @@ mod tests {
     fn image_rows_attend_both_ways() {
         let (heads, kv_heads, hd) = (4, 2, 32);
         let cfg = ArchConfig {
-            family: Family::Gemma3,
-            arch_name: "gemma3".into(),
-            vocab_size: 10,
-            hidden_size: 64,
-            intermediate_size: 64,
             num_layers: 1,
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: hd,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            rms_norm_eps: 1e-6,
-            tie_embeddings: true,
-            qkv_bias: false,
-            qk_norm: false,
-            sliding_window: None,
-            full_attention_layers: Vec::new(),
-            sliding_rope_theta: None,
-            activation: Activation::Silu,
-            post_norms: false,
-            scale_embeddings: false,
-            norm_weights_offset: false,
-            query_pre_attn_scalar: None,
-            final_logit_softcap: None,
-            max_position_embeddings: 64,
+            ..crate::model::selfcheck::case_config(heads, kv_heads, hd, 64)
         };
         // Text 0..3, an image 3..7, text 7..10.
         let (len, image) = (10usize, 3..7usize);

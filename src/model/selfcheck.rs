@@ -74,8 +74,14 @@ pub enum Scope {
     Quick,
 }
 
-/// One random-weight model: real head shapes, small everything else.
-fn case_config(heads: usize, kv_heads: usize, head_dim: usize, hidden: usize) -> ArchConfig {
+/// One random-weight model: real head shapes, small everything else (also the attention
+/// tests' configuration).
+pub(crate) fn case_config(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    hidden: usize,
+) -> ArchConfig {
     ArchConfig {
         family: Family::Qwen2,
         arch_name: "qwen2".into(),
