@@ -179,12 +179,13 @@ pub async fn show(State(state): State<AppState>, body: Bytes) -> Result<Response
             capabilities.push("thinking");
         }
         // A vision tower's metadata (GGUF, or what the summary of a safetensors model
-        // names the same way) is what LobeChat's image upload waits for.
-        if summary
+        // names the same way) is what LobeChat's image upload waits for; towers load on the
+        // CPU only, so a GPU server does not offer it.
+        let tower = summary
             .model_info
             .keys()
-            .any(|k| k.ends_with(".vision.block_count"))
-        {
+            .any(|k| k.ends_with(".vision.block_count"));
+        if tower && state.models.runs_on_cpu() {
             capabilities.push("vision");
         }
     }

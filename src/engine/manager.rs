@@ -261,6 +261,11 @@ impl ModelManager {
         }
     }
 
+    /// Whether models run on the CPU (image input does only there, for now).
+    pub fn runs_on_cpu(&self) -> bool {
+        self.inner.device.is_cpu()
+    }
+
     /// The loaded models, for `/api/ps`.
     pub async fn list(&self) -> Vec<Arc<Loaded>> {
         lock(&self.inner.models).values().cloned().collect()
