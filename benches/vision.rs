@@ -15,7 +15,7 @@ use base64::Engine as _;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Module, Tensor};
 use candle_transformers::models::siglip;
-use candlewick::model::vision::VisionTower;
+use candlewick::model::vision::{siglip_name, VisionTower};
 use candlewick::model::weights::GgufFile;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
@@ -192,17 +192,9 @@ fn main() {
     // our encoder).
     let mut hf = std::collections::HashMap::new();
     for name in g.content.tensor_infos.keys() {
-        let Some(rest) = name.strip_prefix("v.") else {
+        let Some(hf_name) = siglip_name(name) else {
             continue;
         };
-        let hf_name = rest
-            .replace("patch_embedding", "embeddings.patch_embedding")
-            .replace("position_embedding", "embeddings.position_embedding")
-            .replace("blk.", "encoder.layers.")
-            .replace("attn_q", "self_attn.q_proj")
-            .replace("attn_k", "self_attn.k_proj")
-            .replace("attn_v", "self_attn.v_proj")
-            .replace("attn_output", "self_attn.out_proj");
         let mut file = std::fs::File::open(&gguf).expect("open");
         let t = g
             .content

@@ -66,15 +66,20 @@ pub fn from_url(url: &str) -> Result<Source, ApiError> {
     ))
 }
 
+/// Refuses more than [`MAX_IMAGES`] images in one request.
+pub fn check_count(n: usize) -> Result<(), ApiError> {
+    if n > MAX_IMAGES {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_IMAGES} images per request, got {n}"
+        )));
+    }
+    Ok(())
+}
+
 /// The bytes of every source, in order: URLs fetched when `fetch` allows (10 s, 32 MiB
 /// each), refused otherwise.
 pub async fn resolve(sources: Vec<Source>, fetch: bool) -> Result<Vec<Vec<u8>>, ApiError> {
-    if sources.len() > MAX_IMAGES {
-        return Err(ApiError::BadRequest(format!(
-            "at most {MAX_IMAGES} images per request, got {}",
-            sources.len()
-        )));
-    }
+    check_count(sources.len())?;
     let mut out = Vec::with_capacity(sources.len());
     for s in sources {
         out.push(match s {

@@ -342,12 +342,7 @@ fn options(map: Option<Map<String, Value>>) -> Result<Options, ApiError> {
 /// A message's or prompt's base64 images as bytes (at most [`images::MAX_IMAGES`] in all).
 fn decode_images(images: Option<&Vec<String>>, out: &mut Vec<Vec<u8>>) -> Result<usize, ApiError> {
     let list = images.map(Vec::as_slice).unwrap_or_default();
-    if out.len() + list.len() > images::MAX_IMAGES {
-        return Err(ApiError::BadRequest(format!(
-            "at most {} images per request",
-            images::MAX_IMAGES
-        )));
-    }
+    images::check_count(out.len() + list.len())?;
     for img in list {
         out.push(images::from_base64(img)?);
     }

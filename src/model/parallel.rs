@@ -187,6 +187,24 @@ fn worker(shared: &'static Shared, i: usize) {
     }
 }
 
+/// `f(i)` for each `i` in `0..count` on the pool, in order; `None` for an item whose result
+/// never arrived.
+pub fn par_map<T: Send>(count: usize, f: impl Fn(usize) -> T + Sync) -> Vec<Option<T>> {
+    let slots: Vec<Mutex<Option<T>>> = (0..count).map(|_| Mutex::new(None)).collect();
+    par_for(count, |r| {
+        for i in r {
+            let v = f(i);
+            if let Ok(mut slot) = slots[i].lock() {
+                *slot = Some(v);
+            }
+        }
+    });
+    slots
+        .into_iter()
+        .map(|m| m.into_inner().ok().flatten())
+        .collect()
+}
+
 /// # Safety
 /// `data` must point to a live `F`.
 unsafe fn call_fn<F: Fn(Range<usize>) + Sync>(data: *const (), r: Range<usize>) {

@@ -397,25 +397,16 @@ impl Siglip {
             t.reshape((n, self.heads, d))?.transpose(0, 1)?.contiguous()
         };
         let (q, k, v) = (split(&(q * (d as f64).powf(-0.5))?)?, split(k)?, split(v)?);
-        let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
-            (0..self.heads).map(|_| Default::default()).collect();
-        super::parallel::par_for(self.heads, |range| {
-            for h in range {
-                let head = || -> candle_core::Result<Tensor> {
-                    let (qh, kh, vh) = (q.get(h)?, k.get(h)?, v.get(h)?);
-                    let scores = qh.matmul(&kh.t()?)?;
-                    candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)
-                };
-                if let Ok(mut slot) = outs[h].lock() {
-                    *slot = Some(head());
-                }
-            }
-        });
-        let heads = outs
+        let head = |h: usize| -> candle_core::Result<Tensor> {
+            let (qh, kh, vh) = (q.get(h)?, k.get(h)?, v.get(h)?);
+            let scores = qh.matmul(&kh.t()?)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)
+        };
+        let heads = super::parallel::par_map(self.heads, head)
             .into_iter()
-            .map(|m| match m.into_inner() {
-                Ok(Some(t)) => Ok(t?),
-                _ => Err(Error::Config(
+            .map(|t| match t {
+                Some(t) => Ok(t?),
+                None => Err(Error::Config(
                     "a vision attention head did not finish".into(),
                 )),
             })
@@ -430,7 +421,7 @@ impl Siglip {
 /// The Hugging Face (SigLIP) name of a tower tensor in Ollama's Gemma 3 GGUF
 /// (`v.blk.3.attn_q.weight` -> `encoder.layers.3.self_attn.q_proj.weight`); `None` for the
 /// text model's and the projector's tensors.
-fn siglip_name(gguf: &str) -> Option<String> {
+pub fn siglip_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("v.")?;
     let (stem, kind) = rest.rsplit_once('.')?;
     let top = match stem {

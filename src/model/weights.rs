@@ -563,21 +563,11 @@ impl Linear {
             }
             [w] => w.forward(x)?,
             parts => {
-                let outs: Vec<std::sync::Mutex<Option<candle_core::Result<Tensor>>>> =
-                    parts.iter().map(|_| Default::default()).collect();
-                super::parallel::par_for(parts.len(), |r| {
-                    for i in r {
-                        let y = parts[i].forward(x);
-                        if let Ok(mut slot) = outs[i].lock() {
-                            *slot = Some(y);
-                        }
-                    }
-                });
-                let outs = outs
+                let outs = super::parallel::par_map(parts.len(), |i| parts[i].forward(x))
                     .into_iter()
-                    .map(|m| match m.into_inner() {
-                        Ok(Some(y)) => Ok(y?),
-                        _ => Err(candle_core::Error::Msg(
+                    .map(|y| match y {
+                        Some(y) => Ok(y?),
+                        None => Err(candle_core::Error::Msg(
                             "a parallel matmul part did not finish".into(),
                         )
                         .into()),
@@ -691,10 +681,7 @@ impl WeightSource {
     /// A dense tensor (norm weights, biases) in `dtype`.
     pub fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
         match self {
-            Self::Gguf(g) => Ok(g
-                .qtensor(name, device, None, false)?
-                .dequantize(device)?
-                .to_dtype(dtype)?),
+            Self::Gguf(g) => Ok(g.dense(name, device)?.to_dtype(dtype)?),
             Self::Safetensors(s) => s.load(&s.hf_name(name), device, dtype),
         }
     }
