@@ -495,7 +495,11 @@ impl Engine {
         if let Some(&id) = req.prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(EngineError::BadToken { id, vocab });
         }
-        place_images(&mut req, model.config().hidden_size)?;
+        place_images(
+            &mut req,
+            model.config().hidden_size,
+            model.config().num_layers,
+        )?;
         // A sequence can never outgrow the cache, so the oldest one always fits alone; a
         // prompt longer than the cache is therefore cut like one longer than `num_ctx`.
         let ctx = req
@@ -542,13 +546,16 @@ impl Engine {
 }
 
 /// Checks a request's images against its prompt (in order, inside it, apart, `hidden`
-/// wide) and writes their placeholder ids into the prompt.
-fn place_images(req: &mut Request, hidden: usize) -> Result<(), EngineError> {
+/// wide or a multiple of it with a DeepStack feature for each of the first `layers`) and
+/// writes their placeholder ids into the prompt.
+fn place_images(req: &mut Request, hidden: usize, layers: usize) -> Result<(), EngineError> {
     let mut end = 0;
     for img in &req.images {
         let r = img.range();
-        let width = img.embeds.dims().get(1).copied();
-        if img.is_empty() || r.start < end || r.end > req.prompt.len() || width != Some(hidden) {
+        let width = img.embeds.dims().get(1).copied().unwrap_or(0);
+        let parts = width / hidden.max(1);
+        let fits = width == parts * hidden && (1..=layers + 1).contains(&parts);
+        if img.is_empty() || r.start < end || r.end > req.prompt.len() || !fits {
             return Err(EngineError::BadImage(format!(
                 "image embeddings {:?} at {} do not fit a prompt of {} tokens and width {hidden}",
                 img.embeds.dims(),

@@ -49,10 +49,41 @@ pub struct Request {
 pub struct ImageSpan {
     /// The prompt position of its first row.
     pub start: usize,
-    /// `[rows, hidden]` (f32).
+    /// `[rows, hidden]` (f32), or wider with DeepStack features (see
+    /// [`crate::model::ImageRows`]).
     pub embeds: candle_core::Tensor,
     /// The image's content hash.
     pub hash: [u8; 32],
+    /// Its rows attend to each other both ways (Gemma 3), or causally (Qwen-VL).
+    pub bidirectional: bool,
+    /// For a model with multimodal rope (Qwen-VL): the image's grid of rows, `[height,
+    /// width]` in embeddings, along which its rows' rope positions count.
+    pub grid: Option<[u32; 2]>,
+}
+
+/// The multimodal rope positions (time, height, width) of position `p` of a sequence with
+/// `images` (in prompt order), as Qwen-VL counts them: an image's rows start at the position
+/// after the text before them and count along its grid; the text after an image continues
+/// one past the image's largest position, so positions fall behind cache positions by each
+/// image's rows less its longer side.
+pub fn rope_position(images: &[ImageSpan], p: usize) -> [u32; 3] {
+    let mut behind = 0;
+    for img in images {
+        let Some([rows, cols]) = img.grid else {
+            continue;
+        };
+        let r = img.range();
+        if p >= r.end {
+            behind += img.len().saturating_sub(rows.max(cols) as usize);
+        } else if p >= r.start {
+            let (start, i) = ((r.start - behind) as u32, (p - r.start) as u32);
+            let cols = cols.max(1);
+            return [start, start + i / cols, start + i % cols];
+        } else {
+            break;
+        }
+    }
+    [(p - behind) as u32; 3]
 }
 
 impl ImageSpan {
@@ -242,5 +273,47 @@ impl Drop for RequestStream {
 impl RequestStream {
     pub(super) fn new(rx: Receiver<Event>, cancel: Arc<AtomicBool>) -> Self {
         Self { rx, cancel }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(start: usize, rows: usize, grid: Option<[u32; 2]>) -> ImageSpan {
+        ImageSpan {
+            start,
+            embeds: candle_core::Tensor::zeros(
+                (rows, 4),
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            )
+            .unwrap(),
+            hash: [0; 32],
+            bidirectional: false,
+            grid,
+        }
+    }
+
+    #[test]
+    fn rope_positions_as_qwen_counts_them() {
+        // Text 0..4 (the last `<|vision_start|>`), a 2x3 image at 4..10, text after; then a
+        // 2x2 image at 12..16. transformers' get_rope_index: the first image's rows are
+        // (4, 4 + r, 4 + c); the text after it resumes at 4 + max(2, 3) = 7.
+        let images = [span(4, 6, Some([2, 3])), span(12, 4, Some([2, 2]))];
+        let at = |p| rope_position(&images, p);
+        assert_eq!(at(3), [3, 3, 3]);
+        assert_eq!(at(4), [4, 4, 4]);
+        assert_eq!(at(6), [4, 4, 6]);
+        assert_eq!(at(9), [4, 5, 6]);
+        assert_eq!(at(10), [7, 7, 7]);
+        assert_eq!(at(11), [8, 8, 8]);
+        // The second image starts at 9 = 12 - 3 and its text after at 9 + 2.
+        assert_eq!(at(12), [9, 9, 9]);
+        assert_eq!(at(15), [9, 10, 10]);
+        assert_eq!(at(16), [11, 11, 11]);
+        // Without grids (Gemma 3) positions are the cache positions.
+        let plain = [span(4, 6, None)];
+        assert_eq!(rope_position(&plain, 12), [12, 12, 12]);
     }
 }

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 use crate::model::{Batch, ImageRows, IMAGE_ID};
 
 use super::block_manager::{BlockHash, BlockManager};
-use super::request::ImageSpan;
+use super::request::{rope_position, ImageSpan};
 use super::speculative::ngram_draft;
 
 /// Sequence ids, unique per engine, increasing in arrival order.
@@ -500,9 +500,23 @@ fn push_chunk(step: &mut Step, seq: &Sequence, n: usize, draft: Vec<u32>) {
                 step.batch.images.push(ImageRows {
                     row: start + lo - from,
                     embeds,
+                    bidirectional: img.bidirectional,
                 });
             }
         }
+    }
+    let positions = from..from + tokens.len();
+    if seq.images.iter().any(|i| i.grid.is_some()) {
+        // Rows of sequences without such images, before these, turn by their positions.
+        let b = &mut step.batch;
+        b.rope
+            .extend(b.positions[b.rope.len()..].iter().map(|&p| [p; 3]));
+        b.rope
+            .extend(positions.clone().map(|p| rope_position(&seq.images, p)));
+    } else if !step.batch.rope.is_empty() {
+        step.batch
+            .rope
+            .extend(positions.clone().map(|p| [p as u32; 3]));
     }
     step.batch
         .push_seq_rows(&tokens, from, seq.blocks.clone(), rows);
@@ -556,6 +570,8 @@ mod tests {
             start: 3,
             embeds,
             hash: [7; 32],
+            bidirectional: true,
+            grid: None,
         };
         for (i, t) in img.range().enumerate() {
             seq.tokens[t] = img.placeholder(i);

@@ -37,19 +37,27 @@ pub struct Batch {
     pub logits_indices: Vec<usize>,
     /// Runs of rows whose input is an image's embeddings rather than a token's.
     pub images: Vec<ImageRows>,
+    /// Each row's multimodal rope positions (time, height, width) for a model with one
+    /// (Qwen-VL), when an image's rows or the text after one are in the batch; empty
+    /// otherwise, and then every row turns by its `positions` entry on every axis.
+    pub rope: Vec<[u32; 3]>,
 }
 
 /// The bit that marks a token id as a placeholder for an image embedding: the rest of the
 /// id is a hash of the image and the row, so prefix reuse tells images apart.
 pub const IMAGE_ID: u32 = 1 << 31;
 
-/// Rows `row..row + embeds.dims()[0]` of a batch take their input from `embeds`
-/// (`[rows, hidden]`, f32, unscaled), and attend to each other both ways (an image is seen
-/// whole, as Gemma 3 reads it); the rows are one image's, all in one step.
+/// Rows `row..row + embeds.dims()[0]` of a batch take their input from `embeds`, f32,
+/// unscaled: `[rows, hidden]`, or `[rows, hidden * (1 + d)]` where the image brings
+/// DeepStack features (Qwen3-VL), the `i`-th added to its rows' residual stream after layer
+/// `i`. The rows are one image's, all in one step.
 #[derive(Clone, Debug)]
 pub struct ImageRows {
     pub row: usize,
     pub embeds: Tensor,
+    /// The rows attend to each other both ways (an image seen whole, as Gemma 3 reads it);
+    /// otherwise causally, as text (Qwen-VL).
+    pub bidirectional: bool,
 }
 
 /// Equal tokens mean equal images too (a placeholder id hashes its image), so image rows
@@ -60,6 +68,7 @@ impl PartialEq for Batch {
             && self.positions == other.positions
             && self.seqs == other.seqs
             && self.logits_indices == other.logits_indices
+            && self.rope == other.rope
             && self
                 .images
                 .iter()
@@ -143,6 +152,9 @@ impl Batch {
         }
         if covered != self.tokens.len() {
             return bad("sequence slices do not cover the batch".into());
+        }
+        if !self.rope.is_empty() && self.rope.len() != self.tokens.len() {
+            return bad("rope positions and tokens differ in length".into());
         }
         if self.logits_indices.iter().any(|&i| i >= self.tokens.len()) {
             return bad("logits index beyond the batch".into());
@@ -455,7 +467,7 @@ impl<E: KvElem> Job<'_, E> {
 /// comes before, and for an image's rows the whole image.
 fn attention_ends(batch: &Batch) -> Vec<u32> {
     let mut ends: Vec<u32> = batch.positions.iter().map(|p| p + 1).collect();
-    for img in &batch.images {
+    for img in batch.images.iter().filter(|i| i.bidirectional) {
         let rows = img.rows();
         if let Some(&last) = rows.clone().last().and_then(|t| batch.positions.get(t)) {
             ends[rows].iter_mut().for_each(|e| *e = last + 1);
@@ -674,6 +686,7 @@ mod tests {
                         row: lo - r.start,
                         embeds: Tensor::zeros((n, 64), candle_core::DType::F32, &Device::Cpu)
                             .unwrap(),
+                        bidirectional: true,
                     });
                 }
                 batch.validate(4, 4).unwrap();
@@ -708,6 +721,7 @@ mod tests {
         batch.images.push(ImageRows {
             row: 1,
             embeds: Tensor::zeros((1, 8), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            bidirectional: true,
         });
         batch.validate(4, 1).unwrap();
         batch.images[0].row = 2;

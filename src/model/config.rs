@@ -30,7 +30,11 @@ impl Family {
         match arch {
             "llama" | "mistral" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
-            "qwen3" => Ok(Self::Qwen3),
+            // Qwen-VL's text models are these with a multimodal rope (`ArchConfig::mrope`).
+            "qwen2_vl" | "qwen2_5_vl" | "qwen2_5_vl_text" | "qwen2_vl_text" | "qwen25vl" => {
+                Ok(Self::Qwen2)
+            }
+            "qwen3" | "qwen3vl" | "qwen3_vl" | "qwen3_vl_text" => Ok(Self::Qwen3),
             // `gemma3_text` is the text model's Hugging Face type; `gemma3` names the
             // multimodal wrapper there and the text weights in GGUF.
             "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
@@ -65,6 +69,40 @@ pub enum RopeScaling {
     /// Every frequency divided by `factor` (position interpolation; Gemma 3 4B and larger,
     /// on their global layers).
     Linear { factor: f64 },
+}
+
+/// Multimodal rope (Qwen-VL): each rotary frequency turns by one of a token's three
+/// positions (time, height, width). A text token's three are equal, so text alone is plain
+/// rope; an image's rows count along its grid.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MRope {
+    /// Frequencies per axis (t, h, w), together `head_dim / 2`.
+    pub sections: [usize; 3],
+    /// Qwen3-VL's layout (t, h, w, t, h, w, ... while h and w last, then t); otherwise
+    /// Qwen2-VL's (a run of t, then of h, then of w).
+    pub interleaved: bool,
+}
+
+impl MRope {
+    /// The axis (0 t, 1 h, 2 w) whose position turns frequency `j`.
+    pub fn axis(&self, j: usize) -> usize {
+        let [t, h, w] = self.sections;
+        if self.interleaved {
+            match j % 3 {
+                1 if j < 3 * h => 1,
+                2 if j < 3 * w => 2,
+                _ => 0,
+            }
+        } else if j < t {
+            0
+        } else if j < t + h {
+            1
+        } else if j < t + h + w {
+            2
+        } else {
+            0
+        }
+    }
 }
 
 /// The activation of the feed-forward gate.
@@ -103,6 +141,8 @@ pub struct ArchConfig {
     pub head_dim: usize,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
+    /// Qwen-VL's multimodal rope.
+    pub mrope: Option<MRope>,
     pub rms_norm_eps: f64,
     pub tie_embeddings: bool,
     pub qkv_bias: bool,
@@ -172,6 +212,15 @@ impl ArchConfig {
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for rope", self.head_dim));
         }
+        if let Some(m) = &self.mrope {
+            if m.sections.iter().sum::<usize>() != self.head_dim / 2 {
+                return bad(format!(
+                    "mrope sections {:?} do not add up to head_dim / 2 = {}",
+                    m.sections,
+                    self.head_dim / 2
+                ));
+            }
+        }
         if self.num_layers == 0 || self.hidden_size == 0 || self.vocab_size == 0 {
             return bad("layers, hidden size and vocabulary must be positive".into());
         }
@@ -223,6 +272,7 @@ impl ArchConfig {
         let c: HfConfig = serde_json::from_value(v).map_err(config_err)?;
         let num_heads = c.num_attention_heads;
         let head_dim = c.head_dim.unwrap_or(c.hidden_size / num_heads.max(1));
+        let mrope = c.rope_scaling.as_ref().and_then(hf_mrope).transpose()?;
         let rope_scaling = match c.rope_scaling {
             Some(v) if v.is_null() => None,
             Some(v) => {
@@ -239,7 +289,8 @@ impl ArchConfig {
                         Some(factor) if factor > 0.0 => Some(RopeScaling::Linear { factor }),
                         _ => return Err(Error::Config(format!("rope_scaling {v}: bad factor"))),
                     },
-                    Some("default") => None,
+                    // Qwen2-VL's "mrope" is the default rope with sections (read above).
+                    Some("default" | "mrope") => None,
                     // Other scaling types (yarn, dynamic) change results; refuse rather
                     // than guess.
                     _ => return Err(Error::Config(format!("unsupported rope_scaling {v}"))),
@@ -290,6 +341,7 @@ impl ArchConfig {
             head_dim,
             rope_theta: c.rope_theta.unwrap_or(10_000.0),
             rope_scaling,
+            mrope,
             rms_norm_eps: c.rms_norm_eps.unwrap_or(1e-6),
             tie_embeddings: c.tie_word_embeddings.unwrap_or(false),
             qkv_bias: family == Family::Qwen2 || c.attention_bias.unwrap_or(false),
@@ -396,6 +448,7 @@ impl ArchConfig {
                 10_000.0
             }),
             rope_scaling,
+            mrope: gguf_mrope(md, &arch)?,
             rms_norm_eps: md_f64(md, &key("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(if gemma { 1e-6 } else { 1e-5 }),
             tie_embeddings: !has_tensor("output.weight"),
@@ -436,6 +489,40 @@ impl ArchConfig {
     }
 }
 
+/// Qwen-VL's multimodal rope from GGUF: `rope.mrope_section` (Ollama) or
+/// `rope.dimension_sections` (llama.cpp), three sections and an unused fourth;
+/// interleaved for Qwen3-VL.
+fn gguf_mrope(md: &HashMap<String, Value>, arch: &str) -> Result<Option<MRope>> {
+    let Some((key, v)) = ["rope.mrope_section", "rope.dimension_sections"]
+        .iter()
+        .map(|k| format!("{arch}.{k}"))
+        .find_map(|k| md.get(&k).map(|v| (k, v)))
+    else {
+        return Ok(None);
+    };
+    let n: Vec<usize> = v
+        .to_vec()
+        .ok()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| {
+                    x.to_u32()
+                        .ok()
+                        .or_else(|| x.to_i32().ok().map(|i| i as u32))
+                })
+                .map(|x| x as usize)
+                .collect()
+        })
+        .unwrap_or_default();
+    match n.as_slice() {
+        [t, h, w, rest @ ..] if rest.iter().all(|&r| r == 0) => Ok(Some(MRope {
+            sections: [*t, *h, *w],
+            interleaved: arch == "qwen3vl",
+        })),
+        _ => Err(Error::Config(format!("bad {key}: {n:?}"))),
+    }
+}
+
 /// Gemma 3's global layers from GGUF: `sliding_window_pattern` as one flag per layer (true:
 /// sliding) or as a period; absent, every sixth layer.
 fn gguf_global_layers(md: &HashMap<String, Value>, key: &str, layers: usize) -> Result<Vec<usize>> {
@@ -460,6 +547,30 @@ fn gguf_global_layers(md: &HashMap<String, Value>, key: &str, layers: usize) -> 
         }
         Some(_) => Ok(every_nth_global(layers, md_usize(md, key)?)),
     }
+}
+
+/// Qwen-VL's multimodal rope from a config.json `rope_scaling` (`mrope_section`, with
+/// `mrope_interleaved` for Qwen3-VL), or `None` for a plain rope.
+fn hf_mrope(v: &serde_json::Value) -> Option<Result<MRope>> {
+    let sections = v.get("mrope_section")?;
+    let parsed: Option<[usize; 3]> = sections.as_array().filter(|a| a.len() == 3).and_then(|a| {
+        let n: Vec<usize> = a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as usize)
+            .collect();
+        n.try_into().ok()
+    });
+    Some(match parsed {
+        Some(sections) => Ok(MRope {
+            sections,
+            interleaved: v
+                .get("mrope_interleaved")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+        }),
+        None => Err(Error::Config(format!("bad mrope_section {sections}"))),
+    })
 }
 
 /// Fills what a Gemma 3 text config leaves out with transformers' `Gemma3TextConfig`
@@ -703,5 +814,67 @@ mod tests {
             (c.layer_window(0), c.layer_window(1)),
             (Some(4096), Some(4096))
         );
+    }
+
+    #[test]
+    fn mrope_axes_follow_transformers() {
+        // Qwen3-VL's apply_interleaved_mrope: start from t, then h at 1::3 below 3 * 20 and
+        // w at 2::3 below 3 * 20.
+        let m = MRope {
+            sections: [24, 20, 20],
+            interleaved: true,
+        };
+        let mut want = [0usize; 64];
+        for j in (1..60).step_by(3) {
+            want[j] = 1;
+        }
+        for j in (2..60).step_by(3) {
+            want[j] = 2;
+        }
+        let got: Vec<usize> = (0..64).map(|j| m.axis(j)).collect();
+        assert_eq!(got, want);
+        assert_eq!(got.iter().filter(|&&a| a == 0).count(), 24);
+        // Qwen2-VL's chunks: 16 of t, 24 of h, 24 of w.
+        let m = MRope {
+            sections: [16, 24, 24],
+            interleaved: false,
+        };
+        let got: Vec<usize> = (0..64).map(|j| m.axis(j)).collect();
+        assert_eq!(&got[..16], &[0; 16]);
+        assert_eq!(&got[16..40], &[1; 24]);
+        assert_eq!(&got[40..], &[2; 24]);
+    }
+
+    #[test]
+    fn qwen3_vl_config_json() {
+        // As Qwen/Qwen3-VL-2B-Instruct's config.json (text part abridged).
+        let json = r#"{
+            "architectures": ["Qwen3VLForConditionalGeneration"],
+            "model_type": "qwen3_vl",
+            "image_token_id": 151655,
+            "text_config": {
+                "model_type": "qwen3_vl_text", "hidden_size": 2048, "head_dim": 128,
+                "intermediate_size": 6144, "num_hidden_layers": 28,
+                "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 151936,
+                "rms_norm_eps": 1e-6, "rope_theta": 5000000, "hidden_act": "silu",
+                "max_position_embeddings": 262144, "tie_word_embeddings": true,
+                "attention_bias": false,
+                "rope_scaling": {"mrope_interleaved": true, "mrope_section": [24, 20, 20],
+                                 "rope_type": "default"}
+            },
+            "vision_config": {"depth": 24, "hidden_size": 1024}
+        }"#;
+        let c = ArchConfig::from_hf_json(json).unwrap();
+        assert_eq!(c.family, Family::Qwen3);
+        assert!(c.qk_norm && !c.qkv_bias && c.rope_scaling.is_none());
+        assert_eq!(
+            c.mrope,
+            Some(MRope {
+                sections: [24, 20, 20],
+                interleaved: true
+            })
+        );
+        let bad = json.replace("[24, 20, 20]", "[24, 20, 21]");
+        assert!(ArchConfig::from_hf_json(&bad).is_err());
     }
 }

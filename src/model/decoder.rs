@@ -14,7 +14,7 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use super::attention::{Batch, KvCache, IMAGE_ID};
+use super::attention::{Batch, ImageRows, KvCache, IMAGE_ID};
 use super::config::{Activation, ArchConfig, RopeScaling};
 use super::cuda::ops::{self, RopePositions};
 use super::weights::{Embedding, Linear, WeightSource};
@@ -306,6 +306,8 @@ impl Decoder {
     /// (f32): positions times inverse frequencies as f32 products (as llama.cpp and candle's
     /// reference models compute them: quantized activations magnify even last-bit
     /// differences in the rotation).
+    /// With a multimodal rope and `batch.rope` given, each frequency turns by its axis's
+    /// position (the same f32 product, so a text row's angles equal plain rope's).
     fn rotations(&self, batch: &Batch) -> Result<Vec<(Tensor, Tensor)>> {
         let pos = Tensor::new(batch.positions.as_slice(), &self.device)?
             .to_dtype(DType::F32)?
@@ -313,7 +315,21 @@ impl Decoder {
         self.ropes
             .iter()
             .map(|inv_freq| {
-                let angles = pos.broadcast_mul(inv_freq)?;
+                let angles = match &self.cfg.mrope {
+                    Some(m) if !batch.rope.is_empty() => {
+                        let freqs = inv_freq.flatten_all()?.to_vec1::<f32>()?;
+                        let axes: Vec<usize> = (0..freqs.len()).map(|j| m.axis(j)).collect();
+                        let angles: Vec<f32> = batch
+                            .rope
+                            .iter()
+                            .flat_map(|p| {
+                                freqs.iter().zip(&axes).map(move |(f, &a)| p[a] as f32 * f)
+                            })
+                            .collect();
+                        Tensor::from_vec(angles, (batch.rope.len(), freqs.len()), &self.device)?
+                    }
+                    _ => pos.broadcast_mul(inv_freq)?,
+                };
                 Ok((angles.cos()?, angles.sin()?))
             })
             .collect()
@@ -336,8 +352,33 @@ impl Decoder {
             x
         };
         for img in &batch.images {
-            let rows = img.embeds.to_device(&self.device)?.to_dtype(self.dtype)?;
+            let rows = self.image_part(img, 0)?;
             x = x.slice_scatter0(&rows, img.row)?;
+        }
+        Ok(x)
+    }
+
+    /// Part `i` of an image's rows: 0 its input embeddings, `1 + l` the DeepStack feature
+    /// added after layer `l` (`None` past the image's last).
+    fn image_part(&self, img: &ImageRows, i: usize) -> Result<Tensor> {
+        let h = self.cfg.hidden_size;
+        Ok(img
+            .embeds
+            .narrow(1, i * h, h)?
+            .to_device(&self.device)?
+            .to_dtype(self.dtype)?)
+    }
+
+    /// Qwen3-VL's DeepStack: after layer `layer`, each image that has a feature for it adds
+    /// that to its rows.
+    fn deepstack(&self, x: Tensor, batch: &Batch, layer: usize) -> Result<Tensor> {
+        let mut x = x;
+        for img in &batch.images {
+            if img.embeds.dim(1)? >= (layer + 2) * self.cfg.hidden_size {
+                let feat = self.image_part(img, layer + 1)?;
+                let rows = (x.narrow(0, img.row, feat.dim(0)?)? + feat)?;
+                x = x.slice_scatter0(&rows, img.row)?;
+            }
         }
         Ok(x)
     }
@@ -462,6 +503,9 @@ impl Decoder {
                 out = candle_nn::ops::rms_norm(&out, w, eps)?;
             }
             x = (x + out)?;
+            if !batch.images.is_empty() {
+                x = self.deepstack(x, batch, li)?;
+            }
         }
         Ok(x)
     }

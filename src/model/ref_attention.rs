@@ -211,6 +211,7 @@ mod tests {
                 head_dim: 32,
                 rope_theta: 10000.0,
                 rope_scaling: None,
+                mrope: None,
                 rms_norm_eps: 1e-6,
                 tie_embeddings: true,
                 qkv_bias: false,

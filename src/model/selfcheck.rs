@@ -94,6 +94,7 @@ pub(crate) fn case_config(
         head_dim,
         rope_theta: 1_000_000.0,
         rope_scaling: None,
+        mrope: None,
         rms_norm_eps: 1e-6,
         tie_embeddings: true,
         qkv_bias: true,

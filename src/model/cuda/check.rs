@@ -827,6 +827,7 @@ pub fn kv_cache(r: &mut Report, dev: &Device) -> Result<()> {
             head_dim: d,
             rope_theta: 10000.0,
             rope_scaling: None,
+            mrope: None,
             rms_norm_eps: 1e-6,
             tie_embeddings: true,
             qkv_bias: true,
