@@ -175,14 +175,15 @@ fn main() {
 
     // The tower alone.
     let g = GgufFile::open(&gguf).expect("open");
-    let tower = VisionTower::from_gguf(&g, &Device::Cpu)
-        .expect("load")
-        .expect("a tower");
+    let Some(VisionTower::Gemma3(tower)) = VisionTower::from_gguf(&g, &Device::Cpu).expect("load")
+    else {
+        panic!("no Gemma 3 tower");
+    };
     let img = candlewick::model::image::decode(&image).expect("decode");
     let times: Vec<f64> = (0..3)
         .map(|_| {
             let t = Instant::now();
-            let pixels = tower.preprocess.pixels(&img);
+            let pixels = tower.preprocess.pixels(&img).expect("pixels");
             tower.encode(&pixels).expect("encode");
             t.elapsed().as_secs_f64()
         })
@@ -215,8 +216,8 @@ fn main() {
     };
     let vb = candle_nn::VarBuilder::from_tensors(hf, candle_core::DType::F32, &Device::Cpu);
     let peer = siglip::VisionModel::new(&cfg, false, vb).expect("candle siglip");
-    let pixels = tower.preprocess.pixels(&img);
-    let x = Tensor::from_slice(&pixels, (1, 3, side, side), &Device::Cpu).expect("pixels");
+    let pixels = tower.preprocess.pixels(&img).expect("pixels");
+    let x = Tensor::from_slice(&pixels.data, (1, 3, side, side), &Device::Cpu).expect("pixels");
     let peer_times: Vec<f64> = (0..3)
         .map(|_| {
             let t = Instant::now();

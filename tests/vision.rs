@@ -343,20 +343,20 @@ fn tower_matches_candle_siglip_from_gguf_and_safetensors() {
     tower.write_safetensors(&st);
 
     let g = GgufFile::open(&gguf).unwrap();
-    let from_gguf = VisionTower::from_gguf(&g, &Device::Cpu)
-        .unwrap()
-        .expect("a tower");
+    let gemma = |t: Option<VisionTower>| match t {
+        Some(VisionTower::Gemma3(t)) => t,
+        _ => panic!("no Gemma 3 tower"),
+    };
+    let from_gguf = gemma(VisionTower::from_gguf(&g, &Device::Cpu).unwrap());
     let config = std::fs::read_to_string(st.join("config.json")).unwrap();
-    let from_st = VisionTower::from_safetensors(&st, &config, &Device::Cpu)
-        .unwrap()
-        .expect("a tower");
+    let from_st = gemma(VisionTower::from_safetensors(&st, &config, &Device::Cpu).unwrap());
     assert_eq!(from_gguf.tokens_per_image(), 256);
-    assert_eq!(from_gguf.preprocess.size, 896);
+    assert_eq!(from_gguf.side(), 896);
 
     // A non-square picture, resized to the tower's square by our preprocessing.
     let img = candlewick::model::image::decode(&test_png(300, 200, 1)).unwrap();
-    let pixels = from_gguf.preprocess.pixels(&img);
-    let want = tower.reference(&pixels);
+    let pixels = from_gguf.preprocess.pixels(&img).unwrap();
+    let want = tower.reference(&pixels.data);
     for (what, t) in [("gguf", &from_gguf), ("safetensors", &from_st)] {
         let got: Vec<f32> = t
             .encode(&pixels)
@@ -418,6 +418,7 @@ fn image_rows_enter_the_decoder() {
     let image = vec![ImageRows {
         row: 3,
         embeds: row.clone(),
+        bidirectional: true,
     }];
     let injected = logits(&with_image, image, &[last]);
     let d = rel_diff(&injected[0], &plain[0]);
@@ -435,6 +436,7 @@ fn image_rows_enter_the_decoder() {
         vec![ImageRows {
             row: 2,
             embeds: Tensor::cat(&[&row, &row, &r3], 0).unwrap(),
+            bidirectional: true,
         }]
     };
     let a = logits(&tokens, rows(1.0), &[1, 2]);

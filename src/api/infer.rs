@@ -28,6 +28,7 @@ use super::metrics::Metrics;
 use super::structured::{self, ToolChoice};
 use super::{AppState, Drain};
 use crate::engine::manager::InUse;
+use crate::model::vision::ImageEmbeds as EncodedImage;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -893,9 +894,6 @@ pub fn normalize(v: &mut [f32]) {
     }
 }
 
-/// An image's content hash and embeddings.
-type EncodedImage = ([u8; 32], candle_core::Tensor);
-
 /// Tokenizes `text`; with `images`, each [`images::MARKER`] in it becomes its image's place:
 /// the vision's opening tokens, a row per embedding, the closing tokens.
 fn encode_marked(
@@ -923,15 +921,17 @@ fn encode_marked(
         )));
     }
     let (mut ids, mut spans) = (encode(pieces[0], add_bos)?, Vec::new());
-    for (piece, (hash, embeds)) in pieces[1..].iter().zip(images) {
+    for (piece, img) in pieces[1..].iter().zip(images) {
         ids.extend(&vision.open);
         spans.push(ImageSpan {
             start: ids.len(),
-            embeds: embeds.clone(),
-            hash: *hash,
+            embeds: img.embeds.clone(),
+            hash: img.hash,
+            bidirectional: img.bidirectional,
+            grid: img.grid,
         });
         // The engine writes each row's placeholder id.
-        ids.extend(std::iter::repeat_n(0, embeds.dims()[0]));
+        ids.extend(std::iter::repeat_n(0, img.embeds.dims()[0]));
         ids.extend(&vision.close);
         ids.extend(encode(piece, false)?);
     }

@@ -1,28 +1,26 @@
-//! Vision towers: what turns an image into the embeddings a decoder reads in place of
-//! tokens. Gemma 3's: the SigLIP encoder (ours, on the CPU pool; candle-transformers'
-//! `siglip` is the tests' reference) over
-//! 14-pixel patches of an 896-pixel square, its patch grid average-pooled to 16 x 16, an
-//! RMS norm and a projection into the text model's width: 256 embeddings per image.
+//! Gemma 3's vision tower: the SigLIP encoder over 14-pixel patches of an 896-pixel square,
+//! its patch grid average-pooled to 16 x 16, an RMS norm and a projection into the text
+//! model's width: 256 embeddings per image, which the text model reads whole (both ways).
 //!
 //! Read from Ollama's GGUF (the tower and projector beside the text weights, `v.*` and
 //! `mm.*` tensors, `gemma3.vision.*` metadata) and from Hugging Face safetensors
-//! (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `vision_config`).
+//! (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `vision_config`);
+//! candle-transformers' `siglip` is the tests' reference.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::siglip;
-use sha2::{Digest, Sha256};
 
-use super::image::Preprocess;
-use super::weights::{safetensors_files, GgufFile, Linear};
-use super::{Error, Result, Tokenizer};
+use super::super::image::{Pixels, Preprocess, Size};
+use super::super::weights::{safetensors_files, GgufFile, Linear};
+use super::super::{Error, Result};
+use super::vit::{linear, Block, Norm, Shape};
 
-/// A loaded vision tower with its projector.
-pub struct VisionTower {
+/// Gemma 3's tower with its projector.
+pub struct GemmaTower {
     encoder: Siglip,
     /// The projector's norm weight as it scales (`1 + w`).
     soft_norm: Tensor,
@@ -36,70 +34,16 @@ pub struct VisionTower {
     device: Device,
 }
 
-/// A generator's vision: its tower, the tokens around each image's embeddings in a prompt,
-/// and the embeddings of recently seen images (a chat resends its images every turn).
-pub struct Vision {
-    pub tower: VisionTower,
-    /// Before an image's embeddings (Gemma 3: "\n\n<start_of_image>") and after them
-    /// ("<end_of_image>\n\n").
-    pub open: Vec<u32>,
-    pub close: Vec<u32>,
-    recent: Mutex<VecDeque<([u8; 32], Tensor)>>,
-}
-
-/// Images whose embeddings are kept (a few chats' worth; 2.5 MiB each for Gemma 3 4B).
-const RECENT_IMAGES: usize = 16;
-
-impl Vision {
-    /// Gemma 3's vision over `tokenizer`, which must know its image tokens.
-    pub fn new(tower: VisionTower, tokenizer: &Tokenizer) -> Result<Self> {
-        let id = |t: &str| {
-            tokenizer
-                .token_id(t)
-                .ok_or_else(|| Error::Config(format!("a vision model's vocabulary lacks {t}")))
-        };
-        let (start, end) = (id("<start_of_image>")?, id("<end_of_image>")?);
-        let gap = tokenizer.encode("\n\n", false)?;
-        let open = gap.iter().copied().chain([start]).collect();
-        let close = [end].into_iter().chain(gap.iter().copied()).collect();
-        Ok(Self {
-            tower,
-            open,
-            close,
-            recent: Mutex::new(VecDeque::new()),
-        })
-    }
-
-    /// The embeddings of an image file's bytes and the content hash that names them:
-    /// from the recent images when it was seen lately, else decoded, preprocessed and
-    /// encoded (blocking: seconds for a full-size tower on a CPU).
-    pub fn embed(&self, bytes: &[u8]) -> Result<([u8; 32], Tensor)> {
-        let hash: [u8; 32] = Sha256::digest(bytes).into();
-        let lock = || self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, t)) = lock().iter().find(|(h, _)| *h == hash) {
-            return Ok((hash, t.clone()));
-        }
-        let img = super::image::decode(bytes)?;
-        let embeds = self.tower.encode(&self.tower.preprocess.pixels(&img))?;
-        let mut recent = lock();
-        if recent.len() == RECENT_IMAGES {
-            recent.pop_front();
-        }
-        recent.push_back((hash, embeds.clone()));
-        Ok((hash, embeds))
-    }
-}
-
 /// Gemma 3's processor: a bilinear resize to the tower's square, values normalised to -1..1.
 fn gemma_preprocess(size: usize) -> Preprocess {
     Preprocess {
-        size: size as u32,
+        size: Size::Square(size as u32),
         mean: [0.5; 3],
         std: [0.5; 3],
     }
 }
 
-impl VisionTower {
+impl GemmaTower {
     /// Embeddings per image.
     pub fn tokens_per_image(&self) -> usize {
         (self.patches / self.pool).pow(2)
@@ -107,16 +51,21 @@ impl VisionTower {
 
     /// The embeddings `[tokens_per_image, text width]` (f32) of an image's pixels as
     /// [`Preprocess::pixels`] makes them.
-    pub fn encode(&self, pixels: &[f32]) -> Result<Tensor> {
-        let s = self.preprocess.size as usize;
-        if pixels.len() != 3 * s * s {
+    pub fn encode(&self, pixels: &Pixels) -> Result<Tensor> {
+        let s = self.side();
+        if (pixels.width, pixels.height) != (s, s) || pixels.data.len() != 3 * s * s {
             return Err(Error::Image(format!(
-                "{} pixel values for a {s}x{s} tower",
-                pixels.len()
+                "{}x{} pixels for a {s}x{s} tower",
+                pixels.width, pixels.height
             )));
         }
-        let x = self.encoder.forward(pixels, s, &self.device)?;
+        let x = self.encoder.forward(&pixels.data, s, &self.device)?;
         self.project(&x.unsqueeze(0)?)
+    }
+
+    /// The side of the square the tower reads.
+    pub fn side(&self) -> usize {
+        self.patches * self.encoder.patch
     }
 
     /// The projector: the encoder's `[1, patches^2, width]` grid pooled, normed and
@@ -290,21 +239,9 @@ struct Siglip {
     /// `[patches, width]`.
     positions: Tensor,
     blocks: Vec<Block>,
-    post_norm: (Tensor, Tensor),
-    heads: usize,
+    post_norm: Norm,
+    shape: Shape,
     patch: usize,
-    eps: f64,
-}
-
-struct Block {
-    norm1: (Tensor, Tensor),
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    out: Linear,
-    norm2: (Tensor, Tensor),
-    fc1: Linear,
-    fc2: Linear,
 }
 
 impl Siglip {
@@ -312,18 +249,6 @@ impl Siglip {
     /// `post_layernorm.*`).
     fn load(cfg: &siglip::VisionConfig, vb: &VarBuilder) -> Result<Self> {
         let (w, p) = (cfg.hidden_size, cfg.patch_size);
-        let norm = |name: &str| -> Result<(Tensor, Tensor)> {
-            Ok((
-                vb.get(w, &format!("{name}.weight"))?,
-                vb.get(w, &format!("{name}.bias"))?,
-            ))
-        };
-        let linear = |name: &str, out: usize, inp: usize| -> Result<Linear> {
-            Linear::dense(
-                vb.get((out, inp), &format!("{name}.weight"))?,
-                Some(vb.get(out, &format!("{name}.bias"))?),
-            )
-        };
         let patch_embed = Linear::dense(
             vb.get((w, 3, p, p), "embeddings.patch_embedding.weight")?
                 .reshape((w, 3 * p * p))?,
@@ -335,15 +260,16 @@ impl Siglip {
             .map(|l| {
                 let b = format!("encoder.layers.{l}");
                 let i = cfg.intermediate_size;
+                let proj = |name: &str| linear(vb, &format!("{b}.self_attn.{name}"), w, w);
                 Ok(Block {
-                    norm1: norm(&format!("{b}.layer_norm1"))?,
-                    q: linear(&format!("{b}.self_attn.q_proj"), w, w)?,
-                    k: linear(&format!("{b}.self_attn.k_proj"), w, w)?,
-                    v: linear(&format!("{b}.self_attn.v_proj"), w, w)?,
-                    out: linear(&format!("{b}.self_attn.out_proj"), w, w)?,
-                    norm2: norm(&format!("{b}.layer_norm2"))?,
-                    fc1: linear(&format!("{b}.mlp.fc1"), i, w)?,
-                    fc2: linear(&format!("{b}.mlp.fc2"), w, i)?,
+                    norm1: Norm::load(vb, &format!("{b}.layer_norm1"), w)?,
+                    q: proj("q_proj")?,
+                    k: proj("k_proj")?,
+                    v: proj("v_proj")?,
+                    out: proj("out_proj")?,
+                    norm2: Norm::load(vb, &format!("{b}.layer_norm2"), w)?,
+                    fc1: linear(vb, &format!("{b}.mlp.fc1"), i, w)?,
+                    fc2: linear(vb, &format!("{b}.mlp.fc2"), w, i)?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -351,10 +277,13 @@ impl Siglip {
             patch_embed,
             positions,
             blocks,
-            post_norm: norm("post_layernorm")?,
-            heads: cfg.num_attention_heads,
+            post_norm: Norm::load(vb, "post_layernorm", w)?,
+            shape: Shape {
+                heads: cfg.num_attention_heads,
+                eps: cfg.layer_norm_eps,
+                act: candle_nn::Activation::GeluPytorchTanh,
+            },
             patch: p,
-            eps: cfg.layer_norm_eps,
         })
     }
 
@@ -375,46 +304,10 @@ impl Siglip {
         }
         let patches = Tensor::from_vec(patches, (grid * grid, 3 * p * p), device)?;
         let mut x = self.patch_embed.forward(&patches)?.add(&self.positions)?;
-        let ln = |x: &Tensor, (w, b): &(Tensor, Tensor)| {
-            candle_nn::ops::layer_norm(x, w, b, self.eps as f32)
-        };
         for b in &self.blocks {
-            let h = ln(&x, &b.norm1)?;
-            let attn = self.attention(&b.q.forward(&h)?, &b.k.forward(&h)?, &b.v.forward(&h)?)?;
-            x = (x + b.out.forward(&attn)?)?;
-            let h = b.fc1.forward(&ln(&x, &b.norm2)?)?.gelu()?;
-            x = (x + b.fc2.forward(&h)?)?;
+            x = b.forward(&x, &self.shape, None)?;
         }
-        Ok(ln(&x, &self.post_norm)?)
-    }
-
-    /// Full (bidirectional) attention of `[n, width]` queries, keys and values, one head per
-    /// work item on the CPU pool.
-    fn attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (n, width) = q.dims2()?;
-        let d = width / self.heads;
-        let split = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((n, self.heads, d))?.transpose(0, 1)?.contiguous()
-        };
-        let (q, k, v) = (split(&(q * (d as f64).powf(-0.5))?)?, split(k)?, split(v)?);
-        let head = |h: usize| -> candle_core::Result<Tensor> {
-            let (qh, kh, vh) = (q.get(h)?, k.get(h)?, v.get(h)?);
-            let scores = qh.matmul(&kh.t()?)?;
-            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&vh)
-        };
-        let heads = super::parallel::par_map(self.heads, head)
-            .into_iter()
-            .map(|t| match t {
-                Some(t) => Ok(t?),
-                None => Err(Error::Config(
-                    "a vision attention head did not finish".into(),
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        // [heads, n, d] -> [n, heads * d]
-        Ok(Tensor::stack(&heads, 0)?
-            .transpose(0, 1)?
-            .reshape((n, width))?)
+        self.post_norm.forward(&x, self.shape.eps)
     }
 }
 
