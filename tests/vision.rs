@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use base64::Engine as _;
+use api_common::{b64, post_json as post, test_png};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -300,20 +300,6 @@ fn write_gguf(out: &Path, md: &[(String, gguf_file::Value)], tensors: &[(String,
     gguf_file::write(&mut file, &md, &tensors).unwrap();
 }
 
-/// A PNG of `w` x `h` with a colour pattern set by `seed`.
-fn test_png(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 5 + seed * 17) % 256) as u8,
-            (((x + y) * 3 + seed * 101) % 256) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
 fn scratch(tag: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vision-{tag}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -469,21 +455,6 @@ fn vision_gguf() -> PathBuf {
         out
     })
     .clone()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 fn chat(images: &[&[u8]], text: &str) -> Value {

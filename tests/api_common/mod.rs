@@ -183,6 +183,34 @@ pub async fn post(base: &str, path: &str, body: Value) -> reqwest::Response {
         .expect("request")
 }
 
+/// `post` with its status and JSON body (`Null` when the body is not JSON).
+pub async fn post_json(base: &str, path: &str, body: Value) -> (u16, Value) {
+    let resp = post(base, path, body).await;
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// A PNG of `w` x `h` with a colour pattern set by `seed`.
+pub fn test_png(w: u32, h: u32, seed: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 7 + seed * 31) % 256) as u8,
+            ((y * 5 + seed * 17) % 256) as u8,
+            (((x + y) * 3 + seed * 101) % 256) as u8,
+        ])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("png");
+    out.into_inner()
+}
+
+/// Standard base64, as clients send images.
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// A whole NDJSON reply with status 200 (see [`ndjson_lines`]).
 pub async fn ok_lines(resp: reqwest::Response) -> Vec<Value> {
     assert_eq!(resp.status(), 200);
