@@ -19,6 +19,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use api_common::{b64, post_json as post, test_png};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -347,7 +348,8 @@ impl Weights {
         candle_core::safetensors::save(&self.hf_map(), dir.join("model.safetensors")).unwrap();
     }
 
-    /// The tensors and metadata of Ollama's Qwen3-VL GGUF.
+    /// The tensors and metadata of Ollama's Qwen3-VL GGUF (its conversion writes neither the
+    /// tower's MLP width nor its position count: the loader reads them off the tensors).
     fn gguf_parts(&self) -> GgufParts {
         let q = |dims: &[usize], v: &[f32]| {
             QTensor::quantize(&Self::tensor(dims, v), GgmlDType::F32).unwrap()
@@ -386,19 +388,11 @@ impl Weights {
             ),
             ("qwen3vl.vision.block_count".into(), u(v.depth)),
             ("qwen3vl.vision.embedding_length".into(), u(v.hidden)),
-            (
-                "qwen3vl.vision.feed_forward_length".into(),
-                u(v.intermediate),
-            ),
             ("qwen3vl.vision.attention.head_count".into(), u(v.heads)),
             ("qwen3vl.vision.patch_size".into(), u(PATCH)),
             ("qwen3vl.vision.spatial_merge_size".into(), u(MERGE)),
             ("qwen3vl.vision.temporal_patch_size".into(), u(2)),
             ("qwen3vl.vision.num_channels".into(), u(3)),
-            (
-                "qwen3vl.vision.num_positional_embeddings".into(),
-                u(v.side * v.side),
-            ),
             (
                 "qwen3vl.vision.deepstack_visual_indexes".into(),
                 V::Array(v.deepstack.iter().map(|&i| u(i)).collect()),
@@ -802,36 +796,6 @@ fn serving_gguf() -> PathBuf {
         Some(&common::test_model(common::QWEN_GGUF)),
     );
     out
-}
-
-/// A PNG of `w` x `h` with a colour pattern set by `seed`.
-fn test_png(w: u32, h: u32, seed: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        image::Rgb([
-            ((x * 7 + seed * 31) % 256) as u8,
-            ((y * 5 + seed * 17) % 256) as u8,
-            (((x + y) * 3 + seed * 101) % 256) as u8,
-        ])
-    });
-    let mut out = std::io::Cursor::new(Vec::new());
-    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
-    out.into_inner()
-}
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-async fn post(base: &str, path: &str, body: Value) -> (u16, Value) {
-    let resp = reqwest::Client::new()
-        .post(format!("{base}{path}"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 fn chat(images: &[&[u8]], text: &str) -> Value {

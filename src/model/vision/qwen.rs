@@ -126,6 +126,28 @@ impl QwenTower {
                 .map_err(|e| Error::Config(e.to_string()))?,
             None => Vec::new(),
         };
+        // Ollama's conversion writes neither the MLP width nor the position grid: the
+        // tensors' shapes tell them.
+        let rows_of = |names: &[&str], k: &str| -> Result<usize> {
+            num(k).or_else(|e| {
+                names
+                    .iter()
+                    .find_map(|n| g.content.tensor_infos.get(*n))
+                    .and_then(|i| i.shape.dims().first().copied())
+                    .ok_or(e)
+            })
+        };
+        let has_deepstack = g
+            .content
+            .tensor_infos
+            .keys()
+            .any(|n| n.starts_with("v.deepstack"));
+        if deepstack.is_empty() && has_deepstack {
+            return Err(Error::Config(format!(
+                "the GGUF has DeepStack mergers but no {}",
+                key("deepstack_visual_indexes")
+            )));
+        }
         let cfg = VisionConfig {
             depth: num("block_count")?,
             hidden_size: num("embedding_length")?,
@@ -137,13 +159,19 @@ impl QwenTower {
                     Error::Config("GGUF metadata qwen3vl.embedding_length is missing".into())
                 })?,
             hidden_act: Activation::GeluPytorchTanh,
-            intermediate_size: num("feed_forward_length")?,
+            intermediate_size: rows_of(
+                &["v.blk.0.mlp.linear_fc1.weight", "v.blk.0.ffn_up.weight"],
+                "feed_forward_length",
+            )?,
             num_heads: num("attention.head_count")?,
             in_chans: 3,
             patch_size: num("patch_size")?,
             spatial_merge_size: num("spatial_merge_size").unwrap_or(2),
             temporal_patch_size: num("temporal_patch_size").unwrap_or(2),
-            num_position_embeddings: num("num_positional_embeddings")?,
+            num_position_embeddings: rows_of(
+                &["v.pos_embed.weight", "v.position_embd.weight"],
+                "num_positional_embeddings",
+            )?,
             deepstack_visual_indexes: deepstack,
         };
         let mut tensors = HashMap::new();
