@@ -22,7 +22,7 @@ use candlewick::model::vision::VisionTower;
 use candlewick::model::weights::GgufFile;
 use candlewick::model::{Batch, CpuKvCache, ImageRows, KvType, Model, IMAGE_ID};
 use common::gemma::GEMMA3_GGUF;
-use common::SplitMix64;
+use common::{rel_diff, SplitMix64};
 use serde_json::{json, Value};
 
 /// A GGUF file's tensors and metadata, as `gguf_file::write` takes them (owned).
@@ -301,21 +301,7 @@ fn write_gguf(out: &Path, md: &[(String, gguf_file::Value)], tensors: &[(String,
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vision-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The largest difference relative to the reference's largest magnitude.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
+    api_common::store_dir(&format!("vision-scratch-{tag}"))
 }
 
 #[test]

@@ -27,7 +27,7 @@ use candle_transformers::models::qwen3_vl;
 use candlewick::model::image::Pixels;
 use candlewick::model::vision::{QwenTower, VisionTower};
 use candlewick::model::{Batch, CpuKvCache, Decoder, ImageRows, KvType, WeightSource, IMAGE_ID};
-use common::SplitMix64;
+use common::{rel_diff, SplitMix64};
 use serde_json::{json, Value};
 
 type Named = Vec<(String, Vec<usize>, Vec<f32>)>;
@@ -494,21 +494,7 @@ fn gguf_text_name(hf: &str) -> String {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("vision-qwen-{tag}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// The largest difference relative to the reference's largest magnitude.
-fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max)
-        / scale
+    api_common::store_dir(&format!("vision-qwen-scratch-{tag}"))
 }
 
 /// Smooth pixels of a `w x h` image (already at the tower's grid), values in -1..1.

@@ -160,16 +160,11 @@ impl AnyModel {
             return Ok(Self::Embedder(Arc::new(Embedder::load(path, device)?)));
         }
         if let Ok(WeightSource::Gguf(g)) = WeightSource::open(path) {
-            let arch = g
-                .metadata()
-                .get("general.architecture")
-                .and_then(|v| v.to_string().ok())
-                .cloned()
-                .unwrap_or_default();
+            let arch = g.architecture();
             if arch == "bert" || arch == "nomic-bert" {
                 return Ok(Self::Embedder(Arc::new(Embedder::load_gguf(path, device)?)));
             }
-            if super::bert::GGUF_ENCODER_ARCHS.contains(&arch.as_str()) {
+            if super::bert::GGUF_ENCODER_ARCHS.contains(&arch) {
                 return Err(Error::Config(format!(
                     "'{arch}' GGUF embedding models are not supported yet (GGUF 'bert' and \
                      'nomic-bert' are, and any BERT or NomicBERT in the sentence-transformers \

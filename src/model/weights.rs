@@ -183,6 +183,14 @@ impl GgufFile {
         &self.content.metadata
     }
 
+    /// `general.architecture`, or "" when the file does not say.
+    pub fn architecture(&self) -> &str {
+        self.metadata()
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .map_or("", |a| a.as_str())
+    }
+
     /// The raw bytes of a tensor, bounds-checked against the file.
     fn tensor_range(&self, name: &str) -> Result<(&gguf_file::TensorInfo, std::ops::Range<usize>)> {
         let info = self

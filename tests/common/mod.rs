@@ -885,3 +885,14 @@ fn convert_gguf(gguf: &Path, out: &Path) -> Res<()> {
     }
     write_json(&out.join("config.json"), &config)
 }
+
+/// The largest difference relative to the reference's (`b`'s) largest magnitude.
+pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+        / scale
+}

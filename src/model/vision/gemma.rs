@@ -7,7 +7,6 @@
 //! (`vision_tower.vision_model.*`, `multi_modal_projector.*`, `vision_config`);
 //! candle-transformers' `siglip` is the tests' reference.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -95,11 +94,7 @@ impl GemmaTower {
     /// projector).
     pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Option<Self>> {
         let md = g.metadata();
-        let arch = md
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let arch = g.architecture();
         let key = |k: &str| format!("{arch}.vision.{k}");
         if arch != "gemma3" || !md.contains_key(&key("block_count")) {
             return Ok(None);
@@ -137,12 +132,7 @@ impl GemmaTower {
             hidden_act: candle_nn::Activation::GeluPytorchTanh,
             layer_norm_eps: eps,
         };
-        let mut tensors = HashMap::new();
-        for name in g.content.tensor_infos.keys() {
-            if let Some(hf) = siglip_name(name) {
-                tensors.insert(hf, g.dense(name, device)?);
-            }
-        }
+        let tensors = super::renamed_tensors(g, siglip_name, device)?;
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         // Ollama's conversion stores Gemma's norm weights as they scale (1 + w).
         let soft_norm = g.dense("mm.mm_soft_emb_norm.weight", device)?;
@@ -154,11 +144,9 @@ impl GemmaTower {
     /// `vision_config` or its weights no projector.
     pub fn from_safetensors(
         dir: &Path,
-        config_json: &str,
+        v: &serde_json::Value,
         device: &Device,
     ) -> Result<Option<Self>> {
-        let v: serde_json::Value =
-            serde_json::from_str(config_json).map_err(|e| Error::Config(e.to_string()))?;
         let Some(vision) = v.get("vision_config") else {
             return Ok(None);
         };

@@ -12,7 +12,7 @@ mod gemma;
 mod qwen;
 mod vit;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -44,17 +44,27 @@ pub struct ImageEmbeds {
     pub grid: Option<[u32; 2]>,
 }
 
+/// A GGUF's tower tensors (f32) under the names `rename` gives them; the tensors it names
+/// `None` are left out.
+fn renamed_tensors(
+    g: &GgufFile,
+    rename: fn(&str) -> Option<String>,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for name in g.content.tensor_infos.keys() {
+        if let Some(to) = rename(name) {
+            tensors.insert(to, g.dense(name, device)?);
+        }
+    }
+    Ok(tensors)
+}
+
 impl VisionTower {
     /// The tower in a GGUF (Ollama keeps it beside the text weights), or `None` when the
     /// file has none, or none we can run (the model then serves text).
     pub fn from_gguf(g: &GgufFile, device: &Device) -> Result<Option<Self>> {
-        let arch = g
-            .metadata()
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
-        Ok(match arch.as_str() {
+        Ok(match g.architecture() {
             "gemma3" => GemmaTower::from_gguf(g, device)?.map(Self::Gemma3),
             "qwen3vl" => QwenTower::from_gguf(g, device)?.map(Self::Qwen3),
             _ => None,
@@ -76,7 +86,7 @@ impl VisionTower {
         let model_type = v.get("model_type").and_then(|t| t.as_str()).unwrap_or("");
         Ok(match model_type {
             "qwen3_vl" => QwenTower::from_safetensors(dir, &v, device)?.map(Self::Qwen3),
-            "gemma3" => GemmaTower::from_safetensors(dir, config_json, device)?.map(Self::Gemma3),
+            "gemma3" => GemmaTower::from_safetensors(dir, &v, device)?.map(Self::Gemma3),
             other => {
                 tracing::warn!("no vision tower for model_type {other}: text only");
                 None

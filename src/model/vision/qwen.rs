@@ -14,7 +14,6 @@
 //! from Hugging Face safetensors (`model.visual.*`, `vision_config`); candle-transformers'
 //! `qwen3_vl` vision model is the tests' reference.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -174,12 +173,7 @@ impl QwenTower {
             )?,
             deepstack_visual_indexes: deepstack,
         };
-        let mut tensors = HashMap::new();
-        for name in g.content.tensor_infos.keys() {
-            if let Some(hf) = qwen_name(name) {
-                tensors.insert(hf, g.dense(name, device)?);
-            }
-        }
+        let mut tensors = super::renamed_tensors(g, qwen_name, device)?;
         // GGUF holds at most 4 dimensions: the conv's temporal slices come as two tensors
         // (`.weight` and `.weight.1`), or as one with its dimensions folded.
         let (w, p) = (cfg.hidden_size, cfg.patch_size);
