@@ -92,9 +92,11 @@ pub async fn ps(State(state): State<AppState>) -> Result<Response> {
                     "type": l.engine.kv_budget().kv_type,
                     "reason": l.engine.kv_budget().why,
                 },
-                // Ours: speculative decoding (prompt lookup), its default and how it went.
+                // Ours: speculative decoding (prompt lookup or a draft model), its default
+                // and how it went.
                 "speculative": {
-                    "method": "ngram",
+                    "method": if l.engine.draft_model().is_some() { "draft_model" } else { "ngram" },
+                    "draft_model": l.engine.draft_model(),
                     "num_draft": l.engine.num_draft(),
                     "drafted": stats.drafted,
                     "accepted": stats.accepted,

@@ -37,6 +37,9 @@ pub enum EngineError {
     /// cannot be constrained.
     #[error(transparent)]
     Grammar(#[from] super::constraint::GrammarError),
+    /// A `draft_model` that cannot draft for the model.
+    #[error("the draft model cannot draft for this model: {0}")]
+    Draft(String),
     #[error("allocating the KV cache: {0}")]
     Cache(#[source] crate::model::Error),
 }

@@ -16,6 +16,7 @@ use super::constraint::{Constraint, Grammar, GrammarError, Grammars};
 use super::encoder::EncoderWorker;
 use super::kv_budget::{block_bytes, default_cache_bytes, new_cache};
 use super::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use super::speculative::{DraftModel, Drafter, DEFAULT_MODEL_DRAFT};
 use super::worker::Worker;
 use super::{EngineError, Event, Request, RequestStream};
 
@@ -31,7 +32,7 @@ pub const MAX_DRAFT: usize = 32;
 const SPEC_MAX_ROWS: usize = 32;
 
 /// Engine settings; [`EngineConfig::from_config`] takes the server's.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
@@ -60,6 +61,8 @@ pub struct EngineConfig {
     pub num_draft: usize,
     /// Steps get draft tokens while they have fewer rows than this (see the scheduler).
     pub spec_max_rows: usize,
+    /// A model with the same tokenizer that drafts instead of prompt lookup.
+    pub draft: Option<DraftModel>,
 }
 
 impl Default for EngineConfig {
@@ -77,6 +80,7 @@ impl Default for EngineConfig {
             load_duration: Duration::ZERO,
             num_draft: 0,
             spec_max_rows: SPEC_MAX_ROWS,
+            draft: None,
         }
     }
 }
@@ -167,6 +171,8 @@ pub struct Engine {
     max_queue: usize,
     /// Draft tokens per step for requests that do not set `num_draft`.
     num_draft: usize,
+    /// The draft model's name, when one drafts.
+    draft_name: Option<String>,
     budget: KvBudget,
     /// The grammar compiler, built on the first structured-output request.
     grammars: OnceLock<Result<Arc<Grammars>, GrammarError>>,
@@ -215,6 +221,7 @@ impl Engine {
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
             num_draft: cfg.num_draft,
+            draft_name: None,
             grammars: OnceLock::new(),
             budget: KvBudget {
                 bytes: 0,
@@ -285,10 +292,26 @@ impl Engine {
             },
             BlockManager::new(num_blocks, block_size),
         );
+        // The draft's cache holds as many tokens as the model's.
+        let drafter = match &cfg.draft {
+            Some(d) => Some(Drafter::new(
+                d.model.clone(),
+                &model,
+                num_blocks,
+                block_size,
+                cfg.kv_type,
+            )?),
+            None => None,
+        };
+        let num_draft = match (&cfg.draft, cfg.num_draft) {
+            (Some(_), 0) => DEFAULT_MODEL_DRAFT,
+            (_, n) => n,
+        };
         let worker = Worker::new(
             model.clone(),
             cache,
             sched,
+            drafter,
             rx,
             shared.clone(),
             cfg.load_duration,
@@ -306,7 +329,8 @@ impl Engine {
             capacity: num_blocks * block_size,
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
-            num_draft: cfg.num_draft,
+            num_draft,
+            draft_name: cfg.draft.map(|d: DraftModel| d.name),
             budget,
             grammars: OnceLock::new(),
         })
@@ -319,6 +343,11 @@ impl Engine {
     /// Draft tokens per step for requests that do not set `num_draft` (0: off).
     pub fn num_draft(&self) -> usize {
         self.num_draft
+    }
+
+    /// The draft model's name, when a draft model guesses (prompt lookup otherwise).
+    pub fn draft_model(&self) -> Option<&str> {
+        self.draft_name.as_deref()
     }
 
     /// The KV cache's size and why.

@@ -12,9 +12,10 @@ use candle_core::Device;
 use tokio::sync::Notify;
 
 use crate::config::{Config, KeepAlive};
-use crate::model::AnyModel;
-use crate::store::{LocalModel, Store, StoreError};
+use crate::model::{AnyModel, Model};
+use crate::store::{LocalModel, ModelName, Store, StoreError};
 
+use super::speculative::DraftModel;
 use super::{available_memory, Engine, EngineConfig, EngineError};
 
 /// Why a model could not be made ready.
@@ -187,7 +188,9 @@ impl ModelManager {
         if let Some(in_use) = self.try_use(key, keep_alive) {
             return Ok(in_use);
         }
-        self.make_room(info.size).await;
+        let draft = draft_of(store, info)?;
+        self.make_room(info.size + draft.as_ref().map_or(0, |(_, d)| d.size))
+            .await;
         let engine_cfg = self.inner.engine_cfg.clone();
         let device = self.inner.device.clone();
         let (store, model) = (store.clone(), info.clone());
@@ -195,7 +198,17 @@ impl ModelManager {
             // A GGUF blob, or a directory of links to a safetensors model's blobs that goes
             // away once the weights are mapped.
             let files = store.model_files(&model)?;
-            load(files.path(), engine_cfg, &device)
+            let draft = match draft {
+                Some((name, info)) => {
+                    let files = store
+                        .model_files(&info)
+                        .map_err(|e| draft_error(&name, e))?;
+                    Some((name, files))
+                }
+                None => None,
+            };
+            let draft = draft.as_ref().map(|(n, f)| (n.as_str(), f.path()));
+            load(files.path(), draft, engine_cfg, &device)
         })
         .await
         .map_err(|e| LoadError::Panicked(e.to_string()))??;
@@ -304,9 +317,45 @@ impl ModelManager {
 
 type LoadResult = (Arc<Engine>, AnyModel, Duration);
 
-fn load(path: &Path, mut cfg: EngineConfig, device: &Device) -> Result<LoadResult, LoadError> {
+/// The model named by `info`'s `draft_model` parameter, if it has one.
+fn draft_of(store: &Store, info: &LocalModel) -> Result<Option<(String, LocalModel)>, LoadError> {
+    let Some(value) = store
+        .params(info)
+        .and_then(|p| p.get("draft_model").cloned())
+    else {
+        return Ok(None);
+    };
+    let Some(name) = value.as_str().map(str::to_owned) else {
+        return Err(draft_error(
+            &value.to_string(),
+            "draft_model must be a model name",
+        ));
+    };
+    let parsed = ModelName::parse(&name).map_err(|e| draft_error(&name, e))?;
+    let draft = store.resolve(&parsed).map_err(|e| draft_error(&name, e))?;
+    Ok(Some((name, draft)))
+}
+
+fn draft_error(name: &str, e: impl std::fmt::Display) -> LoadError {
+    LoadError::Engine(EngineError::Draft(format!("{name}: {e}")))
+}
+
+/// Loads a model (and its draft model, named and at its path) and starts its engine.
+fn load(
+    path: &Path,
+    draft: Option<(&str, &Path)>,
+    mut cfg: EngineConfig,
+    device: &Device,
+) -> Result<LoadResult, LoadError> {
     let t0 = Instant::now();
     let model = AnyModel::load(path, device)?;
+    if let Some((name, path)) = draft {
+        let draft = Model::load(path, device).map_err(|e| draft_error(name, e))?;
+        cfg.draft = Some(DraftModel {
+            name: name.to_string(),
+            model: Arc::new(draft),
+        });
+    }
     let load_duration = t0.elapsed();
     cfg.load_duration = load_duration;
     let engine = Arc::new(Engine::start_any(model.clone(), cfg)?);

@@ -6,7 +6,8 @@
 //! an [`Engine`] (`handle`) whose thread (`worker`) runs the [`scheduler`]'s steps over
 //! the blocks of the [`block_manager`], sized by `kv_budget`. An embedding model's engine
 //! has the same handle and queue and its own thread (`encoder`), without KV cache.
-//! [`speculative`] guesses draft tokens by prompt lookup for speculative decoding.
+//! [`speculative`] guesses draft tokens for speculative decoding, by prompt lookup or with a
+//! draft model.
 
 pub mod block_manager;
 pub mod constraint;

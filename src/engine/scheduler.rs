@@ -16,8 +16,9 @@
 //! that, extra rows cost compute and drafting stops. Drafts never preempt anyone: a draft
 //! that does not fit the free blocks is dropped.
 //!
-//! The scheduler knows token ids and block ids only; the engine runs the forward pass, samples,
-//! and tells the scheduler what happened.
+//! The scheduler knows token ids and block ids only (a draft model's guesses come from the
+//! `Drafter` the engine lends it while a step is built); the engine runs the forward pass,
+//! samples, and tells the scheduler what happened.
 
 use std::collections::VecDeque;
 
@@ -25,7 +26,7 @@ use crate::model::{Batch, ImageRows, IMAGE_ID};
 
 use super::block_manager::{BlockHash, BlockManager};
 use super::request::{rope_position, ImageSpan};
-use super::speculative::ngram_draft;
+use super::speculative::{ngram_draft, Drafter};
 
 /// Sequence ids, unique per engine, increasing in arrival order.
 pub type SeqId = u64;
@@ -230,6 +231,11 @@ impl Scheduler {
         }
     }
 
+    /// Counts a draft token the sampler chose.
+    pub fn count_accepted(&mut self) {
+        self.counters.accepted += 1;
+    }
+
     /// Records how a running sequence's draft fared: its first `accepted` tokens were
     /// chosen by the sampler (and appended), so their K/V, written by the step, count as
     /// computed. Then adapts the next drafts, so that text that does not repeat its context
@@ -243,7 +249,6 @@ impl Scheduler {
         };
         let accepted = accepted.min(seq.tokens.len() - seq.computed);
         seq.computed += accepted;
-        self.counters.accepted += accepted as u64;
         register_full_blocks(&mut self.blocks, seq, bs);
         seq.draft_len = if accepted == drafted {
             drafted.saturating_mul(2)
@@ -289,6 +294,11 @@ impl Scheduler {
 
     /// Builds the next step. An empty batch means there is nothing runnable now.
     pub fn schedule(&mut self) -> Step {
+        self.schedule_with(None)
+    }
+
+    /// [`Self::schedule`], drafting with `drafter` where given (prompt lookup otherwise).
+    pub fn schedule_with(&mut self, mut drafter: Option<&mut Drafter>) -> Step {
         let mut step = Step::default();
         let mut budget = self.cfg.max_tokens_per_step.max(1);
         let draft_room = self.draft_room();
@@ -307,7 +317,7 @@ impl Scheduler {
                 continue;
             }
             let upto = seq.computed + n;
-            let mut draft = self.draft_for(i, n, budget, draft_room);
+            let mut draft = self.draft_for(i, n, budget, draft_room, drafter.as_deref_mut());
             // Drafts only take free blocks: without room for them, a plain step.
             if !draft.is_empty()
                 && !self
@@ -433,7 +443,14 @@ impl Scheduler {
     /// The draft for running sequence `i` whose next `n` tokens are scheduled: only for a
     /// decode step (one token), within the step's budget and the sequence's length, and
     /// while drafting is not paused (see [`Self::drafts_checked`]).
-    fn draft_for(&mut self, i: usize, n: usize, budget: usize, room: usize) -> Vec<u32> {
+    fn draft_for(
+        &mut self,
+        i: usize,
+        n: usize,
+        budget: usize,
+        room: usize,
+        drafter: Option<&mut Drafter>,
+    ) -> Vec<u32> {
         let seq = &mut self.running[i];
         if n != 1 || seq.tokens.len() - seq.computed != 1 || seq.num_draft == 0 {
             return Vec::new();
@@ -448,7 +465,10 @@ impl Scheduler {
             .min(room)
             .min(budget - 1)
             .min(seq.max_len.saturating_sub(seq.tokens.len()));
-        let mut draft = ngram_draft(&seq.tokens, k);
+        let mut draft = match drafter {
+            Some(d) => d.propose(seq.id, &seq.tokens, k),
+            None => ngram_draft(&seq.tokens, k),
+        };
         // An image's placeholders are not tokens the model could write.
         if let Some(cut) = draft.iter().position(|&t| t & IMAGE_ID != 0) {
             draft.truncate(cut);

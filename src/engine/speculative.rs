@@ -12,6 +12,19 @@
 //! row's logits do not depend on what else is in the batch (see ARCHITECTURE.md, batch
 //! invariance), the output is the same token for token as without speculation, greedy or
 //! seeded: the guesses only change how many tokens one step yields.
+//!
+//! A draft model ([`Drafter`], named by a model's `draft_model` parameter) guesses instead
+//! where it is loaded: it reads everything, not only repeats, and the same check keeps the
+//! output the target's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::model::{Batch, KvCache, KvType, Model, Tokenizer};
+
+use super::block_manager::BlockManager;
+use super::scheduler::SeqId;
+use super::EngineError;
 
 /// The longest suffix looked up: longer matches predict better and are tried first.
 const MAX_NGRAM: usize = 4;
@@ -37,6 +50,188 @@ pub fn ngram_draft(tokens: &[u32], k: usize) -> Vec<u32> {
         }
     }
     Vec::new()
+}
+
+/// A draft model and the name it was asked for by (`draft_model`).
+#[derive(Clone)]
+pub struct DraftModel {
+    pub name: String,
+    pub model: Arc<Model>,
+}
+
+/// Draft tokens per step when a draft model is loaded and neither the request nor the
+/// server says how many.
+pub const DEFAULT_MODEL_DRAFT: usize = 8;
+
+/// After its first guess the draft goes on only while it gives its own guess at least this
+/// probability (as llama.cpp's `--draft-p-min`): an unsure draft wastes the target's rows.
+const MIN_DRAFT_PROB: f32 = 0.5;
+
+/// Speculative decoding with a draft model: a smaller model with the same tokenizer
+/// guesses the next tokens greedily, one forward step each, and the target checks them as
+/// it checks prompt-lookup guesses (so the output is the target's, token for token). The
+/// draft keeps its own paged KV cache; each sequence's entry remembers which tokens its
+/// cache holds, so after the target keeps some guesses only the tokens that differ are fed
+/// again.
+pub struct Drafter {
+    model: Arc<Model>,
+    cache: Box<dyn KvCache + Send>,
+    blocks: BlockManager,
+    seqs: HashMap<SeqId, Drafted>,
+    /// Guesses must be tokens of the target's vocabulary.
+    target_vocab: usize,
+}
+
+/// A sequence's state in the draft's cache.
+#[derive(Default)]
+struct Drafted {
+    table: Vec<u32>,
+    /// The tokens whose K/V the draft's cache holds, in order.
+    fed: Vec<u32>,
+}
+
+/// Prompt tokens the draft reads per forward step while it catches up with a sequence.
+const DRAFT_CHUNK: usize = 512;
+
+impl Drafter {
+    /// A drafter of `draft` for `target`, with a cache of `num_blocks` blocks of
+    /// `block_size` tokens. The two must share a tokenizer: the same tokens under the same
+    /// ids and the same end-of-turn tokens.
+    pub fn new(
+        draft: Arc<Model>,
+        target: &Model,
+        num_blocks: usize,
+        block_size: usize,
+        ty: KvType,
+    ) -> Result<Self, EngineError> {
+        same_vocabulary(&draft.tokenizer, &target.tokenizer)?;
+        let cache = draft
+            .new_kv_cache(num_blocks, block_size, ty)
+            .map_err(EngineError::Cache)?;
+        Ok(Self {
+            cache,
+            blocks: BlockManager::new(num_blocks, block_size),
+            seqs: HashMap::new(),
+            target_vocab: target.config().vocab_size.min(draft.config().vocab_size),
+            model: draft,
+        })
+    }
+
+    /// Up to `k` guesses of what follows `tokens` (the sequence `id` so far, its next token
+    /// included). Empty when the draft cannot read the sequence (an image's rows) or its
+    /// cache is full.
+    pub fn propose(&mut self, id: SeqId, tokens: &[u32], k: usize) -> Vec<u32> {
+        if k == 0 || tokens.is_empty() || tokens.iter().any(|&t| t as usize >= self.target_vocab) {
+            return Vec::new();
+        }
+        match self.try_propose(id, tokens, k) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(error = %e, "draft model step failed; no draft this step");
+                self.forget(id);
+                Vec::new()
+            }
+        }
+    }
+
+    fn try_propose(
+        &mut self,
+        id: SeqId,
+        tokens: &[u32],
+        k: usize,
+    ) -> crate::model::Result<Vec<u32>> {
+        let st = self.seqs.entry(id).or_default();
+        // What the cache holds of this sequence: the tokens it shares with what it was fed
+        // (the guesses the target refused differ), less at least the last token, whose
+        // logits give the first guess.
+        let same = st
+            .fed
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        st.fed.truncate(same.min(tokens.len() - 1));
+        // The last guess is not fed, so the cache needs `tokens.len() + k - 1` slots.
+        if !self
+            .blocks
+            .allocate_slots(&mut st.table, &[], tokens.len() + k - 1)
+        {
+            self.forget(id);
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(k);
+        let mut feed: Vec<u32> = tokens[st.fed.len()..].to_vec();
+        while out.len() < k {
+            let mut next = None;
+            for chunk in feed.chunks(DRAFT_CHUNK) {
+                let mut batch = Batch::default();
+                let last = chunk.as_ptr_range().end == feed.as_ptr_range().end;
+                batch.push_seq(chunk, st.fed.len(), st.table.clone(), last);
+                let logits = self.model.decoder.forward(&batch, self.cache.as_mut())?;
+                st.fed.extend_from_slice(chunk);
+                if last {
+                    let rows = logits.to_vec2::<f32>()?;
+                    next = rows
+                        .first()
+                        .map(|r| best(&r[..self.target_vocab.min(r.len())]));
+                }
+            }
+            let Some((t, p)) = next else { break };
+            if !out.is_empty() && p < MIN_DRAFT_PROB {
+                break;
+            }
+            out.push(t);
+            feed = vec![t];
+        }
+        Ok(out)
+    }
+
+    /// Drops a finished sequence's state and blocks.
+    pub fn forget(&mut self, id: SeqId) {
+        if let Some(st) = self.seqs.remove(&id) {
+            self.blocks.free(&st.table);
+        }
+    }
+
+    /// Drops every sequence's state (after a failed step).
+    pub fn reset(&mut self) {
+        self.seqs.clear();
+        self.blocks = BlockManager::new(self.blocks.num_blocks(), self.blocks.block_size());
+    }
+}
+
+/// The index of the largest logit (the first of equals, as greedy sampling picks) and its
+/// probability.
+fn best(row: &[f32]) -> (u32, f32) {
+    let mut top = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[top] {
+            top = i;
+        }
+    }
+    let max = row.get(top).copied().unwrap_or(0.0);
+    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    (top as u32, 1.0 / sum)
+}
+
+/// Checks that two tokenizers give the same ids to the same tokens and end turns alike.
+fn same_vocabulary(draft: &Tokenizer, target: &Tokenizer) -> Result<(), EngineError> {
+    let bad = |why: String| Err(EngineError::Draft(why));
+    if draft.vocab_size() != target.vocab_size() {
+        return bad(format!(
+            "its tokenizer has {} tokens, the model's {}",
+            draft.vocab_size(),
+            target.vocab_size()
+        ));
+    }
+    if draft.eos_ids() != target.eos_ids() {
+        return bad("its end-of-turn tokens differ from the model's".into());
+    }
+    let n = u32::try_from(target.vocab_size()).unwrap_or(u32::MAX);
+    if let Some(id) = (0..n).find(|&i| draft.token_str(i) != target.token_str(i)) {
+        return bad(format!("its token {id} differs from the model's"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

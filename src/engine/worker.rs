@@ -21,6 +21,7 @@ use super::detok::{IncrementalDecoder, StopMatcher};
 use super::handle::{EngineStats, Shared, Submitted};
 use super::sampler::{row_logprobs, Sampler};
 use super::scheduler::{Scheduled, Scheduler, SeqId, Sequence, Step};
+use super::speculative::Drafter;
 use super::{Candidate, Event, FinishReason, Reasoning, Summary, TokenLogprobs};
 
 /// A constrained sequence's place relative to its free reasoning block.
@@ -82,6 +83,8 @@ pub(super) struct Worker {
     eos: Vec<u32>,
     cache: Box<dyn KvCache + Send>,
     sched: Scheduler,
+    /// The draft model's guesses, when one is loaded (prompt lookup otherwise).
+    drafter: Option<Drafter>,
     active: HashMap<SeqId, Active>,
     rx: Receiver<Submitted>,
     shared: Arc<Shared>,
@@ -104,6 +107,7 @@ impl Worker {
         model: Arc<Model>,
         cache: Box<dyn KvCache + Send>,
         sched: Scheduler,
+        drafter: Option<Drafter>,
         rx: Receiver<Submitted>,
         shared: Arc<Shared>,
         load_duration: Duration,
@@ -114,6 +118,7 @@ impl Worker {
             model,
             cache,
             sched,
+            drafter,
             active: HashMap::new(),
             rx,
             shared,
@@ -143,7 +148,7 @@ impl Worker {
     /// One scheduling step and its forward pass.
     fn step(&mut self) {
         self.drop_cancelled();
-        let step = self.sched.schedule();
+        let step = self.sched.schedule_with(self.drafter.as_mut());
         if step.batch.is_empty() {
             self.publish_stats();
             if !self.sched.is_idle() {
@@ -165,6 +170,9 @@ impl Worker {
     fn recover(&mut self, what: String) {
         tracing::error!(panic = %what, sequences = self.active.len(), "engine step panicked; failing its sequences and restarting the scheduler");
         self.sched.reset();
+        if let Some(d) = &mut self.drafter {
+            d.reset();
+        }
         self.restarts += 1;
         let msg = format!("the model's engine failed ({what}) and was restarted; please retry");
         let ids: Vec<SeqId> = self.active.keys().copied().collect();
@@ -337,6 +345,8 @@ impl Worker {
                 if s.draft.get(i) != Some(&tok) {
                     break;
                 }
+                // Counted now: the next row may end the sequence, which publishes stats.
+                self.sched.count_accepted();
                 accepted += 1;
             }
             if !s.draft.is_empty() {
@@ -484,6 +494,9 @@ impl Worker {
     /// Ends a sequence: flushes held-back text, sends the summary, frees its blocks.
     fn finish(&mut self, id: SeqId, mut reason: FinishReason, error: Option<String>) {
         let seq = self.sched.remove(id);
+        if let Some(d) = &mut self.drafter {
+            d.forget(id);
+        }
         let Some(mut a) = self.active.remove(&id) else {
             return;
         };
