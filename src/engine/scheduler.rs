@@ -673,6 +673,7 @@ mod tests {
         );
         // The sampler agreed with "4", then chose 9 instead of "5".
         s.append_token(0, 4);
+        s.count_accepted();
         s.append_token(0, 9);
         s.drafts_checked(0, 3, 1);
         let q = s.get(0).expect("running");
@@ -742,6 +743,7 @@ mod tests {
             for _ in 0..=accepted {
                 next(s);
             }
+            (0..accepted).for_each(|_| s.count_accepted());
             s.drafts_checked(0, drafted, accepted);
         };
         assert_eq!(draft(&mut s), 6);

@@ -225,6 +225,81 @@ impl FastQuant {
         candle_core::Tensor::from_vec(out, dims, x.device())
     }
 
+    /// `x @ W^T` for each of `ws` (projections of one input, such as q, k and v): the
+    /// activations are quantized once and every weight's column groups run as one parallel
+    /// job, so a decode step pays one dispatch instead of one per weight. Each output is
+    /// computed exactly as [`Self::forward`] computes it (the same tile calls), so rows stay
+    /// batch-invariant. `None` when the weights are not all packed for the tile kernel with
+    /// the same input width, or the rows go to AMX: then call [`Self::forward`] on each.
+    pub fn forward_many(
+        ws: &[&FastQuant],
+        x: &candle_core::Tensor,
+    ) -> candle_core::Result<Option<Vec<candle_core::Tensor>>> {
+        let (Some(t), Some(first)) = (tile_kernel(), ws.first()) else {
+            return Ok(None);
+        };
+        let nb = first.row_blocks;
+        if nb == 0 || ws.iter().any(|w| !w.packed || w.row_blocks != nb) {
+            return Ok(None);
+        }
+        let k = nb * QK;
+        let mut dims = x.dims().to_vec();
+        if dims.last() != Some(&k) {
+            candle_core::bail!(
+                "{:?} matmul: input {dims:?} does not end in {k}",
+                first.kind
+            );
+        }
+        let xs: Vec<f32> = x
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let m = xs.len() / k;
+        #[cfg(target_arch = "x86_64")]
+        if m >= AMX_MIN_ROWS && amx::available() {
+            return Ok(None);
+        }
+        let mut acts = Vec::with_capacity(m * nb);
+        quantize_act(&xs, &mut acts);
+        let ns: Vec<usize> = ws
+            .iter()
+            .map(|w| w.data.len() / (nb * w.kind.block_bytes()))
+            .collect();
+        // Weight i's groups are items starts[i]..starts[i + 1] of the one job.
+        let mut starts = vec![0];
+        for n in &ns {
+            starts.push(starts[starts.len() - 1] + n / GROUP);
+        }
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        let ptrs: Vec<super::parallel::SharedOut> = outs
+            .iter_mut()
+            .map(|o| super::parallel::SharedOut(o.as_mut_ptr()))
+            .collect();
+        let (ptrs, acts, starts, ns) = (&ptrs, &acts, &starts, &ns);
+        super::parallel::par_for(starts[ws.len()], |items| {
+            for item in items {
+                let i = starts.partition_point(|&s| s <= item) - 1;
+                let (w, g) = (ws[i], item - starts[i]);
+                let group_bytes = GROUP * nb * w.kind.block_bytes();
+                let data = &w.data[g * group_bytes..(g + 1) * group_bytes];
+                // SAFETY: output i holds m rows of ns[i] values, and group g writes only
+                // its own 8 columns of each; data is one whole group of weight i, packed
+                // for the tile kernel (checked above); acts hold m rows of nb blocks.
+                unsafe { tile(t, w.kind, data, nb, acts, ptrs[i].0.add(g * GROUP), ns[i]) };
+            }
+        });
+        outs.into_iter()
+            .zip(ns)
+            .map(|(out, &n)| {
+                if let Some(last) = dims.last_mut() {
+                    *last = n;
+                }
+                candle_core::Tensor::from_vec(out, dims.as_slice(), x.device())
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Whether the blocks are still read from the file's memory map.
     pub fn is_mapped(&self) -> bool {
         matches!(self.data, Data::Mapped(..))
@@ -1476,6 +1551,48 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Several weights of mixed kinds and widths in one job give, bit for bit, what each
+    /// gives alone.
+    #[test]
+    fn forward_many_equals_forward_each() {
+        let Some(t) = tile_kernel() else {
+            return;
+        };
+        let k = 512;
+        let x = Tensor::from_vec(pseudo_random(3 * k, 5), (3, k), &Device::Cpu).expect("x");
+        let ws: Vec<FastQuant> = [
+            (GgmlDType::Q4K, 64),
+            (GgmlDType::Q6K, 16),
+            (GgmlDType::Q4_1, 24),
+        ]
+        .into_iter()
+        .filter(|&(d, _)| FastQuant::kind_for(d, k, 0).is_some_and(|kind| t.packs(kind)))
+        .enumerate()
+        .map(|(i, (dtype, n))| {
+            let w = Tensor::from_vec(pseudo_random(n * k, 10 + i as u32), (n, k), &Device::Cpu)
+                .expect("w");
+            let bytes = QTensor::quantize(&w, dtype)
+                .and_then(|q| q.data().map(|d| d.to_vec()))
+                .expect("quantize");
+            match FastQuant::owned(dtype, k, bytes) {
+                Ok(f) => f,
+                Err(_) => panic!("{dtype:?} not wrapped"),
+            }
+        })
+        .collect();
+        let refs: Vec<&FastQuant> = ws.iter().collect();
+        let many = FastQuant::forward_many(&refs, &x)
+            .expect("forward_many")
+            .expect("all packed");
+        assert_eq!(many.len(), ws.len());
+        for (w, y) in ws.iter().zip(&many) {
+            let alone = w.forward(&x).expect("forward");
+            let flat = |t: &Tensor| t.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("y");
+            assert_eq!(y.dims(), alone.dims());
+            assert_eq!(flat(y), flat(&alone), "{:?}", w.kind);
         }
     }
 

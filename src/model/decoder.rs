@@ -468,9 +468,10 @@ impl Decoder {
         for (li, l) in self.layers.iter().enumerate() {
             let (cos, sin) = &rotations[l.rope];
             let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
-            let mut q = l.q.forward(&h)?.reshape((n, heads, hd))?;
-            let mut k = l.k.forward(&h)?.reshape((n, kv_heads, hd))?;
-            let v = l.v.forward(&h)?.reshape((n, kv_heads, hd))?;
+            let [q, k, v] = Linear::forward_many(&h, [&l.q, &l.k, &l.v])?;
+            let mut q = q.reshape((n, heads, hd))?;
+            let mut k = k.reshape((n, kv_heads, hd))?;
+            let v = v.reshape((n, kv_heads, hd))?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 q = candle_nn::ops::rms_norm(&q, qn, eps)?;
                 k = candle_nn::ops::rms_norm(&k, kn, eps)?;
@@ -490,7 +491,7 @@ impl Decoder {
             }
             x = (x + out)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
-            let (gate, up) = (l.gate.forward(&h)?, l.up.forward(&h)?);
+            let [gate, up] = Linear::forward_many(&h, [&l.gate, &l.up])?;
             let act = match self.cfg.activation {
                 Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
                 Activation::GeluTanh => match super::cpu_activation::gelu_tanh_mul(&gate, &up)? {

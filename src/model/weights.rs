@@ -561,6 +561,42 @@ impl Linear {
         Self::new(QMatMul::Tensor(weight), bias)
     }
 
+    /// The projections `ls` of one input `x` (q, k and v; gate and up): on the CPU with our
+    /// kernels in one parallel job ([`FastQuant::forward_many`]), else one by one. Equal,
+    /// bit for bit, to calling [`Self::forward`] on each.
+    pub fn forward_many<const N: usize>(x: &Tensor, ls: [&Linear; N]) -> Result<[Tensor; N]> {
+        let ours: Option<Vec<&FastQuant>> = ls
+            .iter()
+            .map(|l| match l.parts.as_slice() {
+                [Part::Ours(w)] => Some(w.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let fused = match ours {
+            Some(ws) if x.device().is_cpu() => FastQuant::forward_many(&ws, x)?,
+            _ => None,
+        };
+        let ys = match fused {
+            Some(ys) => ys
+                .into_iter()
+                .zip(ls)
+                .map(|(y, l)| {
+                    let y = y.to_dtype(x.dtype())?;
+                    Ok(match &l.bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => ls
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        ys.try_into()
+            .map_err(|_| Error::Config("a fused projection lost an output".into()))
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.parts.as_slice() {
             // candle's CUDA quantized matmul takes f32 activations only; the GPU runs f16.
