@@ -562,7 +562,7 @@ impl Linear {
     }
 
     /// The projections `ls` of one input `x` (q, k and v; gate and up): on the CPU with our
-    /// kernels in one parallel job ([`FastQuant::forward_many`]), else one by one. Equal,
+    /// kernels in one parallel job (`FastQuant::forward_many`), else one by one. Equal,
     /// bit for bit, to calling [`Self::forward`] on each.
     pub fn forward_many<const N: usize>(x: &Tensor, ls: [&Linear; N]) -> Result<[Tensor; N]> {
         let ours: Option<Vec<&FastQuant>> = ls
