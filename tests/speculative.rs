@@ -271,15 +271,23 @@ async fn options_modelfile_and_server_default() {
     let bad = api_common::post(&base, "/v1/chat/completions", openai).await;
     assert_eq!(bad.status(), 400);
 
+    // Models made from it with `parameters`, as a Modelfile's `PARAMETER` lines make them.
+    let create = |model: &'static str, parameters: Value| {
+        let base = base.clone();
+        async move {
+            let created = api_common::post(
+                &base,
+                "/api/create",
+                json!({"model": model, "from": "smollm2:135m", "stream": false,
+                       "parameters": parameters}),
+            )
+            .await;
+            assert_eq!(created.status(), 200, "{:?}", created.text().await);
+        }
+    };
+
     // A model whose parameters turn it on.
-    let created = api_common::post(
-        &base,
-        "/api/create",
-        json!({"model": "smol-spec", "from": "smollm2:135m", "stream": false,
-               "parameters": {"num_draft": 8, "temperature": 0}}),
-    )
-    .await;
-    assert_eq!(created.status(), 200, "{:?}", created.text().await);
+    create("smol-spec", json!({"num_draft": 8, "temperature": 0})).await;
     let (before, _) = ps(base.clone()).await;
     let made = api_common::post(
         &base,
@@ -294,14 +302,11 @@ async fn options_modelfile_and_server_default() {
 
     // A model whose parameters name a draft model (here the model itself: the registries
     // carry no smaller model with its tokenizer).
-    let created = api_common::post(
-        &base,
-        "/api/create",
-        json!({"model": "smol-drafted", "from": "smollm2:135m", "stream": false,
-               "parameters": {"draft_model": "smollm2:135m", "temperature": 0}}),
+    create(
+        "smol-drafted",
+        json!({"draft_model": "smollm2:135m", "temperature": 0}),
     )
     .await;
-    assert_eq!(created.status(), 200, "{:?}", created.text().await);
     let made = api_common::post(
         &base,
         "/api/chat",
@@ -325,14 +330,7 @@ async fn options_modelfile_and_server_default() {
     assert_eq!(spec["num_draft"], 8, "{spec}");
     assert!(spec["accepted"].as_u64() > Some(0), "{spec}");
     // A draft model that is not there: the load fails with a message naming it.
-    let created = api_common::post(
-        &base,
-        "/api/create",
-        json!({"model": "smol-nodraft", "from": "smollm2:135m", "stream": false,
-               "parameters": {"draft_model": "missing:1b"}}),
-    )
-    .await;
-    assert_eq!(created.status(), 200, "{:?}", created.text().await);
+    create("smol-nodraft", json!({"draft_model": "missing:1b"})).await;
     let bad = api_common::post(
         &base,
         "/api/chat",

@@ -330,7 +330,7 @@ impl Engine {
             default_num_ctx: cfg.default_num_ctx,
             max_queue: cfg.max_queue,
             num_draft,
-            draft_name: cfg.draft.map(|d: DraftModel| d.name),
+            draft_name: cfg.draft.map(|d| d.name),
             budget,
             grammars: OnceLock::new(),
         })

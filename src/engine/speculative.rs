@@ -121,7 +121,7 @@ impl Drafter {
     /// included). Empty when the draft cannot read the sequence (an image's rows) or its
     /// cache is full.
     pub fn propose(&mut self, id: SeqId, tokens: &[u32], k: usize) -> Vec<u32> {
-        if k == 0 || tokens.is_empty() || tokens.iter().any(|&t| t as usize >= self.target_vocab) {
+        if k == 0 || tokens.is_empty() {
             return Vec::new();
         }
         match self.try_propose(id, tokens, k) {
@@ -151,6 +151,11 @@ impl Drafter {
             .take_while(|(a, b)| a == b)
             .count();
         st.fed.truncate(same.min(tokens.len() - 1));
+        // What it was fed was checked then; an image's placeholders are not tokens.
+        let feed = &tokens[st.fed.len()..];
+        if feed.iter().any(|&t| t as usize >= self.target_vocab) {
+            return Ok(Vec::new());
+        }
         // The last guess is not fed, so the cache needs `tokens.len() + k - 1` slots.
         if !self
             .blocks
@@ -160,7 +165,7 @@ impl Drafter {
             return Ok(Vec::new());
         }
         let mut out = Vec::with_capacity(k);
-        let mut feed: Vec<u32> = tokens[st.fed.len()..].to_vec();
+        let mut feed: Vec<u32> = feed.to_vec();
         while out.len() < k {
             let mut next = None;
             for chunk in feed.chunks(DRAFT_CHUNK) {

@@ -206,23 +206,34 @@ impl FastQuant {
 
     /// `x @ W^T` for activations `[.., k]` (any float dtype, on the CPU): `[.., n]` in f32.
     pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        let mut dims = x.dims().to_vec();
+        let (xs, m) = self.input(x)?;
+        let (k, n) = (self.row_blocks * QK, self.out_rows());
+        let mut out = vec![0f32; m * n];
+        self.matmul_t((m, k, n), &xs, &mut out)?;
+        output(out, x, n)
+    }
+
+    /// Output values per input row: the weight's rows.
+    fn out_rows(&self) -> usize {
+        self.data.len() / (self.row_blocks * self.kind.block_bytes()).max(1)
+    }
+
+    /// The activations `[.., k]` as f32 values, and their number of rows.
+    fn input(&self, x: &candle_core::Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
         let k = self.row_blocks * QK;
-        let n = self.data.len() / (self.row_blocks * self.kind.block_bytes()).max(1);
-        if dims.last() != Some(&k) {
-            candle_core::bail!("{:?} matmul: input {dims:?} does not end in {k}", self.kind);
+        if x.dims().last() != Some(&k) {
+            candle_core::bail!(
+                "{:?} matmul: input {:?} does not end in {k}",
+                self.kind,
+                x.dims()
+            );
         }
         let xs: Vec<f32> = x
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
             .to_vec1()?;
-        let m = xs.len() / k;
-        let mut out = vec![0f32; m * n];
-        self.matmul_t((m, k, n), &xs, &mut out)?;
-        if let Some(last) = dims.last_mut() {
-            *last = n;
-        }
-        candle_core::Tensor::from_vec(out, dims, x.device())
+        let m = xs.len() / k.max(1);
+        Ok((xs, m))
     }
 
     /// `x @ W^T` for each of `ws` (projections of one input, such as q, k and v): the
@@ -242,29 +253,14 @@ impl FastQuant {
         if nb == 0 || ws.iter().any(|w| !w.packed || w.row_blocks != nb) {
             return Ok(None);
         }
-        let k = nb * QK;
-        let mut dims = x.dims().to_vec();
-        if dims.last() != Some(&k) {
-            candle_core::bail!(
-                "{:?} matmul: input {dims:?} does not end in {k}",
-                first.kind
-            );
-        }
-        let xs: Vec<f32> = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let m = xs.len() / k;
+        let (xs, m) = first.input(x)?;
         #[cfg(target_arch = "x86_64")]
         if m >= AMX_MIN_ROWS && amx::available() {
             return Ok(None);
         }
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(&xs, &mut acts);
-        let ns: Vec<usize> = ws
-            .iter()
-            .map(|w| w.data.len() / (nb * w.kind.block_bytes()))
-            .collect();
+        let ns: Vec<usize> = ws.iter().map(|w| w.out_rows()).collect();
         // Weight i's groups are items starts[i]..starts[i + 1] of the one job.
         let mut starts = vec![0];
         for n in &ns {
@@ -290,12 +286,7 @@ impl FastQuant {
         });
         outs.into_iter()
             .zip(ns)
-            .map(|(out, &n)| {
-                if let Some(last) = dims.last_mut() {
-                    *last = n;
-                }
-                candle_core::Tensor::from_vec(out, dims.as_slice(), x.device())
-            })
+            .map(|(out, &n)| output(out, x, n))
             .collect::<candle_core::Result<Vec<_>>>()
             .map(Some)
     }
@@ -422,6 +413,19 @@ impl FastQuant {
         }
         self.data = Data::Owned(data);
     }
+}
+
+/// A matmul's `[m * n]` values shaped as the input `x` with its last dimension `n`.
+fn output(
+    out: Vec<f32>,
+    x: &candle_core::Tensor,
+    n: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = n;
+    }
+    candle_core::Tensor::from_vec(out, dims, x.device())
 }
 
 /// Rows per interleaved group of the packed layout.

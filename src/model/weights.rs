@@ -580,13 +580,7 @@ impl Linear {
             Some(ys) => ys
                 .into_iter()
                 .zip(ls)
-                .map(|(y, l)| {
-                    let y = y.to_dtype(x.dtype())?;
-                    Ok(match &l.bias {
-                        Some(b) => y.broadcast_add(b)?,
-                        None => y,
-                    })
-                })
+                .map(|(y, l)| l.with_bias(y.to_dtype(x.dtype())?))
                 .collect::<Result<Vec<_>>>()?,
             None => ls
                 .iter()
@@ -620,6 +614,11 @@ impl Linear {
                 Tensor::cat(&outs, x.rank() - 1)?
             }
         };
+        self.with_bias(y)
+    }
+
+    /// `y` plus the bias, if the projection has one.
+    fn with_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
