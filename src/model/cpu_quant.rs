@@ -124,8 +124,9 @@ impl std::fmt::Debug for FastQuant {
 
 impl FastQuant {
     /// The kind when we have a faster kernel than candle for `dtype` on this CPU. For Q8_0,
-    /// candle's repacked AVX-512 kernel wins where it applies (rows of a multiple of 256
-    /// values), so only other row lengths come here.
+    /// candle's repacked VNNI kernels win where they apply (rows of a multiple of 256
+    /// values), so only other row lengths come here, except on AVX2 alone, where candle
+    /// has no repacked Q8_0 kernel.
     /// Q4_K and Q6_K come here where the CPU has a tile kernel (their activations are then
     /// quantized once per matmul, not once per row part as in candle's kernels, and held
     /// once, not in candle's two extra repacked copies).
@@ -133,7 +134,11 @@ impl FastQuant {
         let kind = match dtype {
             GgmlDType::Q4_1 => Kind::Q4_1,
             GgmlDType::Q5_0 => Kind::Q5_0,
-            GgmlDType::Q8_0 if !row_len.is_multiple_of(256) => Kind::Q8_0,
+            GgmlDType::Q8_0
+                if !row_len.is_multiple_of(256) || tile_kernel() == Some(Tile::Avx2) =>
+            {
+                Kind::Q8_0
+            }
             GgmlDType::Q4K if tile_kernel().is_some() => Kind::Q4K,
             GgmlDType::Q6K if tile_kernel().is_some() => Kind::Q6K,
             _ => return None,
@@ -190,11 +195,13 @@ impl FastQuant {
             || for_matmul
                 && row_blocks > 0
                 && rows.is_multiple_of(GROUP)
-                && tile_kernel().is_some_and(|t| t.packs(kind));
-        let data = if packed {
-            Data::Owned(pack(kind, &data, row_blocks))
-        } else {
-            data
+                && tile_kernel().is_some();
+        let data = match data {
+            Data::Mapped(map, range) if packed => {
+                Data::Owned(pack_mapped(kind, &map, range, rows, row_blocks))
+            }
+            data if packed => Data::Owned(pack(kind, &data, row_blocks)),
+            data => data,
         };
         Self {
             kind,
@@ -437,9 +444,8 @@ const GROUP: usize = 8;
 const AMX_MIN_ROWS: usize = 16;
 
 /// The tile kernels' instruction sets: `vpdpbusd` on 256-bit registers, as AVX-VNNI or as
-/// AVX-512 VNNI with VL, or its AVX2 equivalent (`vpmaddubsw` + `vpmaddwd`, exact for the
-/// weight types whose stored values stay below 130, which excludes Q8_0). Without a tile
-/// kernel for a type, its weights stay in GGUF layout for the row kernel.
+/// AVX-512 VNNI with VL, or its AVX2 equivalent (`vpmaddubsw` + `vpmaddwd`, exact: see
+/// `part_avx2`). Without a tile kernel, weights stay in GGUF layout for the row kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Tile {
     AvxVnni,
@@ -447,13 +453,14 @@ enum Tile {
     Avx2,
 }
 
-impl Tile {
-    /// Whether this kernel takes `kind`'s packed weights. Every kernel computes the same
-    /// integer sums and float operations per output, so results do not depend on which
-    /// one runs, nor on how many rows run together.
-    fn packs(self, kind: Kind) -> bool {
-        // Q8_0 is packed as q + 128: two such products can overflow vpmaddubsw's i16.
-        self != Tile::Avx2 || kind != Kind::Q8_0
+/// What packed Q8_0 bytes hold, XORed with the signed values: 0x80 (q + 128, unsigned, for
+/// `vpdpbusd` and AMX) or, for the AVX2 kernel, 0 (signed: it moves each weight's sign onto
+/// the activation, as a pair of unsigned q + 128 products can overflow `vpmaddubsw`'s i16).
+fn q8_flip() -> u8 {
+    if tile_kernel() == Some(Tile::Avx2) {
+        0
+    } else {
+        0x80
     }
 }
 
@@ -486,12 +493,12 @@ fn tile_kernel() -> Option<Tile> {
 /// Repacks row-major GGUF blocks into groups of [`GROUP`] rows. For each group and block
 /// index, one superblock of `GROUP * block_bytes` bytes holds:
 /// - the 8 rows' f16 scales `d`, then for Q4_1 their f16 mins `m`;
-/// - Q5_0: 4 chunks of 8 bytes, byte r of chunk c = row r's high bits of values 4c..4c+4
-///   (low nibble) and 16+4c..16+4c+4 (high nibble);
+/// - Q5_0: 32 bytes of high bits, bits 2c and 2c+1 of byte 4r+v = row r's high bits of
+///   values 4c+v and 16+4c+v (so one shift and mask gives a chunk's high bits, in place);
 /// - Q4_1 / Q5_0: 4 chunks of 32 bytes, bytes 4r..4r+4 of chunk c = row r's nibble bytes
 ///   4c..4c+4 (low nibbles: values 4c.., high nibbles: values 16+4c..);
 /// - Q8_0: 8 chunks of 32 bytes, bytes 4r..4r+4 of chunk c = row r's values 4c..4c+4,
-///   plus 128 (as unsigned bytes).
+///   plus 128 (as unsigned bytes) except for the AVX2 kernel (see [`q8_flip`]).
 ///
 /// So one 32-byte load gives four consecutive values of each of 8 rows: one `vpdpbusd`
 /// against four broadcast activation bytes then yields the 8 rows' partial dot products in
@@ -500,7 +507,7 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
     if kind.is_k() {
         return pack_k(kind, src, row_blocks);
     }
-    let bb = kind.block_bytes();
+    let (bb, flip) = (kind.block_bytes(), q8_flip());
     let mut out = vec![0u8; src.len()];
     for (i, blk) in src.chunks_exact(bb).enumerate() {
         let (row, b) = (i / row_blocks, i % row_blocks);
@@ -518,9 +525,10 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
             Kind::Q5_0 => {
                 let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
                 for c in 0..4 {
-                    let lo = (qh >> (4 * c)) & 0xf;
-                    let hi = (qh >> (16 + 4 * c)) & 0xf;
-                    sb[16 + 8 * c + r] = (lo | hi << 4) as u8;
+                    for v in 0..4 {
+                        let (lo, hi) = (qh >> (4 * c + v) & 1, qh >> (16 + 4 * c + v) & 1);
+                        sb[16 + 4 * r + v] |= (lo << (2 * c) | hi << (2 * c + 1)) as u8;
+                    }
                     sb[48 + 32 * c + 4 * r..][..4].copy_from_slice(&blk[6 + 4 * c..10 + 4 * c]);
                 }
             }
@@ -528,9 +536,50 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
             Kind::Q8_0 => {
                 for c in 0..8 {
                     for j in 0..4 {
-                        sb[16 + 32 * c + 4 * r + j] = blk[2 + 4 * c + j] ^ 0x80;
+                        sb[16 + 32 * c + 4 * r + j] = blk[2 + 4 * c + j] ^ flip;
                     }
                 }
+            }
+        }
+    }
+    out
+}
+
+/// [`pack`] of the `rows` rows in the file map's `range`, a few megabytes of
+/// rows at a time, dropping the file pages of each part once packed: a large table (a tied
+/// 150k-token embedding) then never holds its packed and its mapped copy at once.
+fn pack_mapped(
+    kind: Kind,
+    map: &Mmap,
+    range: Range<usize>,
+    rows: usize,
+    row_blocks: usize,
+) -> Vec<u8> {
+    let row_bytes = range.len() / rows.max(1);
+    let part_rows = ((8 << 20) / row_bytes.max(1)).next_multiple_of(GROUP);
+    let (values, bytes) = kind.gguf_block();
+    let mut out = Vec::with_capacity(range.len() / bytes * (values / QK) * kind.block_bytes());
+    for first in (0..rows).step_by(part_rows) {
+        let part = range.start + first * row_bytes
+            ..range.start + (first + part_rows).min(rows) * row_bytes;
+        out.extend(pack(kind, &map[part.clone()], row_blocks));
+        #[cfg(unix)]
+        {
+            // Whole pages inside the part only: the pages at its ends may hold the
+            // neighbouring part or tensor.
+            let page = 4096;
+            let (start, end) = (part.start.next_multiple_of(page), part.end / page * page);
+            if start < end {
+                // SAFETY: the map is read-only and file-backed; DONTNEED only drops resident
+                // pages, which are read from the unchanged file again if anything touches
+                // them later.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
             }
         }
     }
@@ -556,8 +605,10 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
         Kind::Q5_0 => {
             let mut qh = 0u32;
             for c in 0..4 {
-                let h = sb[16 + 8 * c + r] as u32;
-                qh |= (h & 0xf) << (4 * c) | (h >> 4) << (16 + 4 * c);
+                for v in 0..4 {
+                    let h = sb[16 + 4 * r + v] as u32 >> (2 * c);
+                    qh |= (h & 1) << (4 * c + v) | (h >> 1 & 1) << (16 + 4 * c + v);
+                }
                 blk[6 + 4 * c..10 + 4 * c].copy_from_slice(&sb[48 + 32 * c + 4 * r..][..4]);
             }
             blk[2..6].copy_from_slice(&qh.to_le_bytes());
@@ -566,7 +617,7 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
         Kind::Q8_0 => {
             for c in 0..8 {
                 for j in 0..4 {
-                    blk[2 + 4 * c + j] = sb[16 + 32 * c + 4 * r + j] ^ 0x80;
+                    blk[2 + 4 * c + j] = sb[16 + 32 * c + 4 * r + j] ^ q8_flip();
                 }
             }
         }
@@ -999,32 +1050,6 @@ mod x86 {
         unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
     }
 
-    /// The Q5_0 high bits of one packed chunk (8 bytes at `p`, one per row), as 0x10 in
-    /// the bytes of the low-nibble and of the high-nibble values.
-    ///
-    /// # Safety
-    /// `p` must point to 8 readable bytes and the CPU must have AVX2.
-    #[inline(always)]
-    unsafe fn high_bits_rows(p: *const u8) -> (__m256i, __m256i) {
-        // SAFETY: the caller upholds the contract in `# Safety` above.
-        unsafe {
-            let h = (p as *const i64).read_unaligned();
-            let spread = _mm256_setr_epi8(
-                0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6,
-                7, 7, 7, 7,
-            );
-            let hb = _mm256_shuffle_epi8(_mm256_set1_epi64x(h), spread);
-            let (sel_lo, sel_hi) = (
-                _mm256_set1_epi32(0x0804_0201),
-                _mm256_set1_epi32(0x8040_2010u32 as i32),
-            );
-            let bit = _mm256_set1_epi8(0x10);
-            let lo = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_lo), sel_lo);
-            let hi = _mm256_cmpeq_epi8(_mm256_and_si256(hb, sel_hi), sel_hi);
-            (_mm256_and_si256(lo, bit), _mm256_and_si256(hi, bit))
-        }
-    }
-
     /// Chunk `c` (of 4) of a packed 4- or 5-bit superblock at `sb` (see `pack`): values
     /// 4c..4c+4 (first) and 16+4c..16+4c+4 (second) of its 8 rows, as unsigned bytes.
     ///
@@ -1049,13 +1074,30 @@ mod x86 {
             if KIND != Q5_0 {
                 return (lo, hi);
             }
-            let (hl, hh) = high_bits_rows(sb.add(16 + 8 * c));
+            // Bits 2c and 2c+1 of each byte moved to bit 4 (16-bit shifts: what crosses
+            // into the next byte lands below bit 4 and is masked off).
+            let h = _mm256_loadu_si256(sb.add(16) as *const __m256i);
+            let at4 = |bit: usize| match bit {
+                0 => _mm256_slli_epi16(h, 4),
+                1 => _mm256_slli_epi16(h, 3),
+                2 => _mm256_slli_epi16(h, 2),
+                3 => _mm256_slli_epi16(h, 1),
+                4 => h,
+                5 => _mm256_srli_epi16(h, 1),
+                6 => _mm256_srli_epi16(h, 2),
+                _ => _mm256_srli_epi16(h, 3),
+            };
+            let bit = _mm256_set1_epi8(0x10);
+            let (hl, hh) = (
+                _mm256_and_si256(at4(2 * c), bit),
+                _mm256_and_si256(at4(2 * c + 1), bit),
+            );
             (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
         }
     }
 
     macro_rules! tile_fn {
-        ($name:ident, $features:literal, $dp:ident) => {
+        ($name:ident, $features:literal, $part:ident, $widen:ident, $wide:literal) => {
             /// `M` activation rows (`nb` blocks each, consecutive at `acts`) times one packed
             /// group of 8 weight rows at `w` (see `pack`): writes `M` runs of 8 outputs,
             /// `out_stride` apart.
@@ -1074,8 +1116,11 @@ mod x86 {
                 // SAFETY: the caller upholds the contract in `# Safety` above.
                 unsafe {
                     let mut acc = [_mm256_setzero_ps(); M];
-                    for b in 0..nb {
-                        let sb = w.add(b * 8 * BB);
+                    // Each row's activations, stepped one block per iteration (pointer
+                    // steps, so no index arithmetic or overflow checks in the loop).
+                    let mut rows: [*const Act; M] = std::array::from_fn(|i| acts.add(i * nb));
+                    let mut sb = w;
+                    for _ in 0..nb {
                         let k_quant = KIND == Q4K || KIND == Q6K;
                         // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
                         // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
@@ -1092,44 +1137,69 @@ mod x86 {
                         // Q6_K: values 16..32 have their own scale, so their own sums.
                         let (mut isum, mut isum2) =
                             ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
-                        if KIND == Q8_0 || KIND == Q6K {
-                            let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
-                            for c in 0..8 {
-                                let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
-                                let sums = if KIND == Q6K && c >= 4 {
-                                    &mut isum2
+                        // Products gather in `part` and are widened into the i32 sums
+                        // every `flush` chunks: each chunk for Q8_0 (VNNI only), else as
+                        // many as `$part` can hold without overflow (see `part_avx2`).
+                        let q8 = KIND == Q8_0 || KIND == Q6K;
+                        let chunks = if q8 { 8 } else { 4 };
+                        let flush = match KIND {
+                            _ if $wide => {
+                                if KIND == Q6K {
+                                    4
                                 } else {
-                                    &mut isum
-                                };
-                                for (i, s) in sums.iter_mut().enumerate() {
-                                    let aq = (*acts.add(i * nb + b)).q.as_ptr();
-                                    *s = $dp(*s, q, bcast4(aq.add(4 * c)));
+                                    chunks
                                 }
                             }
-                        } else {
-                            for c in 0..4 {
-                                let (lo, hi) = nibble_chunk::<KIND>(sb, c);
-                                for (i, s) in isum.iter_mut().enumerate() {
-                                    let aq = (*acts.add(i * nb + b)).q.as_ptr();
-                                    *s = $dp(*s, lo, bcast4(aq.add(4 * c)));
-                                    *s = $dp(*s, hi, bcast4(aq.add(16 + 4 * c)));
+                            Q4_1 | Q4K => 4,
+                            Q5_0 | Q6K => 2,
+                            _ => 1,
+                        };
+                        for f in 0..chunks / flush {
+                            let mut part = [_mm256_setzero_si256(); M];
+                            for c in f * flush..(f + 1) * flush {
+                                if q8 {
+                                    let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
+                                    let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                                    // Signed Q8_0 (see `q8_flip`): |q| times the activation
+                                    // with q's sign.
+                                    let signed = KIND == Q8_0 && !$wide;
+                                    let u = if signed { _mm256_sign_epi8(q, q) } else { q };
+                                    for (p, a) in part.iter_mut().zip(&rows) {
+                                        let a = bcast4((**a).q.as_ptr().add(4 * c));
+                                        let a = if signed { _mm256_sign_epi8(a, q) } else { a };
+                                        *p = $part(*p, u, a);
+                                    }
+                                } else {
+                                    let (lo, hi) = nibble_chunk::<KIND>(sb, c);
+                                    for (p, a) in part.iter_mut().zip(&rows) {
+                                        let aq = (**a).q.as_ptr();
+                                        *p = $part(*p, lo, bcast4(aq.add(4 * c)));
+                                        *p = $part(*p, hi, bcast4(aq.add(16 + 4 * c)));
+                                    }
+                                }
+                            }
+                            let second = KIND == Q6K && f * flush >= 4;
+                            for i in 0..M {
+                                if second {
+                                    isum2[i] = _mm256_add_epi32(isum2[i], $widen(part[i]));
+                                } else {
+                                    isum[i] = _mm256_add_epi32(isum[i], $widen(part[i]));
                                 }
                             }
                         }
                         // The same float operations per output as the AMX kernel (amx.rs), so a
                         // row's result does not depend on how many rows run with it.
-                        for (i, (acc, (s, s2))) in
-                            acc.iter_mut().zip(isum.iter().zip(&isum2)).enumerate()
-                        {
-                            let a = &*acts.add(i * nb + b);
-                            // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0), 32 (Q6_K):
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let (a, s, s2) = (&*rows[i], &isum[i], &isum2[i]);
+                            // Stored unsigned, q + K with K = 16 (Q5_0), 128 (Q8_0 but on
+                            // AVX2), 32 (Q6_K):
                             // subtract K * sum(qa) for the exact signed sum.
                             let k = |s: __m256i, k: i32, sum: i32| {
-                                _mm256_sub_epi32(s, _mm256_set1_epi32(k * sum))
+                                _mm256_sub_epi32(s, _mm256_set1_epi32(k.wrapping_mul(sum)))
                             };
                             let s = match KIND {
                                 Q5_0 => k(*s, 16, a.sum),
-                                Q8_0 => k(*s, 128, a.sum),
+                                Q8_0 if $wide => k(*s, 128, a.sum),
                                 Q6K => k(*s, 32, a.sum_lo),
                                 _ => *s,
                             };
@@ -1140,10 +1210,14 @@ mod x86 {
                                 *acc = _mm256_fmadd_ps(wm, _mm256_set1_ps(a.s), *acc);
                             }
                             if KIND == Q6K {
-                                let s2 = k(*s2, 32, a.sum - a.sum_lo);
+                                let s2 = k(*s2, 32, a.sum.wrapping_sub(a.sum_lo));
                                 let t = _mm256_mul_ps(_mm256_cvtepi32_ps(s2), _mm256_set1_ps(a.d));
                                 *acc = _mm256_fmadd_ps(t, wm, *acc);
                             }
+                        }
+                        sb = sb.add(8 * BB);
+                        for a in &mut rows {
+                            *a = a.add(1);
                         }
                     }
                     for (i, acc) in acc.iter().enumerate() {
@@ -1157,25 +1231,50 @@ mod x86 {
     tile_fn!(
         tile_avxvnni,
         "avx2,fma,f16c,avxvnni",
-        _mm256_dpbusd_avx_epi32
+        _mm256_dpbusd_avx_epi32,
+        same,
+        true
     );
     tile_fn!(
         tile_avx512vnni,
         "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
-        _mm256_dpbusd_epi32
+        _mm256_dpbusd_epi32,
+        same,
+        true
     );
-    tile_fn!(tile_avx2, "avx2,fma,f16c", dpbusd_avx2);
+    tile_fn!(tile_avx2, "avx2,fma,f16c", part_avx2, widen_avx2, false);
 
-    /// `vpdpbusd` without VNNI: `acc` plus, per 32-bit lane, the four products of unsigned
-    /// `u` and signed `s` bytes. Exact (the same sums as VNNI) while each pair of products
-    /// fits an i16, i.e. for weights below 130 against activations of at most 127.
+    /// VNNI's sums are i32 already.
+    #[inline(always)]
+    fn same(v: __m256i) -> __m256i {
+        v
+    }
+
+    /// `acc` plus the products of unsigned `u` and signed `s` bytes summed in pairs, as
+    /// sixteen i16 lanes (each 32-bit lane keeps one row's four products, in two halves).
+    /// Without VNNI, pair sums are added as i16 and widened once per several chunks (one
+    /// `vpmaddwd` instead of one per chunk): exact while no i16 overflows. With activations
+    /// in -127..=127, a pair reaches 2 * 127 * w_max: 3810 for 4-bit weights (8 pairs fit
+    /// in an i16), 7874 for 5-bit (4 fit), 16002 for Q6_K's 6-bit (2 fit); the tile kernel
+    /// widens after that many. Q8_0 runs as |q| times the activation with q's sign: a pair
+    /// reaches 2 * 128 * 127 = 32512 (for q = -128), so it widens after each.
     ///
     /// # Safety
     /// The CPU must have AVX2.
     #[inline(always)]
-    unsafe fn dpbusd_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    unsafe fn part_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
         // SAFETY: the caller upholds the contract in `# Safety` above.
-        unsafe { _mm256_add_epi32(acc, mul_sum_avx2(u, s)) }
+        unsafe { _mm256_add_epi16(acc, _mm256_maddubs_epi16(u, s)) }
+    }
+
+    /// [`part_avx2`]'s i16 pairs summed into the i32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[inline(always)]
+    unsafe fn widen_avx2(v: __m256i) -> __m256i {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe { _mm256_madd_epi16(v, _mm256_set1_epi16(1)) }
     }
 }
 
@@ -1434,8 +1533,8 @@ impl QuantizedType for FastQuant {
 mod tests {
     use super::*;
     use crate::model::pseudo_random;
-    use candle_core::quantized::{QMatMul, QStorage, QTensor};
-    use candle_core::{Device, Module, Tensor};
+    use candle_core::quantized::{QStorage, QTensor};
+    use candle_core::{Device, Tensor};
 
     /// Our kernels against candle's own scalar implementation of the same block type, on the
     /// same quantized bytes.
@@ -1455,8 +1554,9 @@ mod tests {
             None => &[],
         };
         for (k, kinds) in [(288, &kinds[..]), (512, k_kinds)] {
-            let few = same_blocks(kinds, 7, k, 40);
-            let many = same_blocks(kinds, 37, k, 40);
+            let (w, x) = (pseudo_random(40 * k, 1), pseudo_random(37 * k, 2));
+            let few = same_blocks(kinds, &w, &x[..7 * k], k);
+            let many = same_blocks(kinds, &w, &x, k);
             // A row's result does not depend on how many rows run with it (AMX or VNNI).
             for (dtype, (few, many)) in kinds.iter().zip(few.iter().zip(&many)) {
                 assert_eq!(few[..], many[..few.len()], "{dtype:?}: 7 rows vs 37 rows");
@@ -1464,11 +1564,46 @@ mod tests {
         }
     }
 
-    /// Our results for `kinds`, after checking them against candle.
-    fn same_blocks(kinds: &[GgmlDType], m: usize, k: usize, n: usize) -> Vec<Vec<f32>> {
+    /// The largest stored weights against activations of +-127 in every block: the AVX2
+    /// tile kernel sums products as i16 for several chunks before widening them (see
+    /// `part_avx2`), and must not overflow even there.
+    #[test]
+    fn extreme_blocks_do_not_overflow() {
+        if !has_avx2() {
+            return;
+        }
+        let kinds = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
+        let k_kinds: &[GgmlDType] = match tile_kernel() {
+            Some(_) => &[GgmlDType::Q4K, GgmlDType::Q6K],
+            None => &[],
+        };
+        // Per 32-value block, one value sets the range and the other 31 sit at its far end,
+        // so they quantize to the largest stored value (15, 31 or 63) in some rows.
+        let patterns = [[0.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-0.5, 1.0]];
+        for (k, kinds) in [(288, &kinds[..]), (512, k_kinds)] {
+            let w: Vec<f32> = (0..16 * k)
+                .map(|i| patterns[i / k % 4][usize::from(i % QK != 0)])
+                .collect();
+            // Rows of +1 (every activation 127), of -1, and of both signs by block.
+            let x: Vec<f32> = (0..3 * k)
+                .map(|i| match i / k {
+                    0 => 1.0,
+                    1 => -1.0,
+                    _ if (i / QK).is_multiple_of(2) => 1.0,
+                    _ => -1.0,
+                })
+                .collect();
+            same_blocks(kinds, &w, &x, k);
+        }
+    }
+
+    /// Our results for `kinds` with weights `w` and activations `x` (rows of `k` values),
+    /// after checking them against candle.
+    fn same_blocks(kinds: &[GgmlDType], w: &[f32], x: &[f32], k: usize) -> Vec<Vec<f32>> {
+        let (m, n) = (x.len() / k, w.len() / k);
         let mut results = Vec::new();
-        let w = Tensor::from_vec(pseudo_random(n * k, 1), (n, k), &Device::Cpu).expect("w");
-        let x = Tensor::from_vec(pseudo_random(m * k, 2), (m, k), &Device::Cpu).expect("x");
+        let w = Tensor::from_vec(w.to_vec(), (n, k), &Device::Cpu).expect("w");
+        let x = Tensor::from_vec(x.to_vec(), (m, k), &Device::Cpu).expect("x");
         for &dtype in kinds {
             let theirs = QTensor::quantize(&w, dtype).expect("quantize");
             let bytes = theirs.data().expect("bytes").to_vec();
@@ -1477,10 +1612,7 @@ mod tests {
             };
             // Where the tile kernel runs, the weights are packed: the row kernel on the
             // unpacked bytes must agree with it too (k-quants are only ever packed).
-            assert_eq!(
-                ours.packed,
-                tile_kernel().is_some_and(|t| t.packs(ours.kind))
-            );
+            assert_eq!(ours.packed, tile_kernel().is_some());
             let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
             let mut y_ours = vec![0f32; m * n];
             ours.matmul_t((m, k, n), &xs, &mut y_ours).expect("ours");
@@ -1519,6 +1651,12 @@ mod tests {
         k: usize,
     ) {
         {
+            // Multiplied as the model does (`forward`): inside a QTensor, candle would pick
+            // its repacked k-quant kernels and read our packed bytes as GGUF blocks.
+            let y: Vec<f32> = ours
+                .forward(x)
+                .and_then(|y| y.flatten_all()?.to_vec1())
+                .expect("fwd");
             let ours = QTensor::new(QStorage::Cpu(Box::new(ours)), (n, k)).expect("qtensor");
             let deq = |t: &QTensor| -> Vec<f32> {
                 let d = t.dequantize(&Device::Cpu).expect("dequantize");
@@ -1528,11 +1666,6 @@ mod tests {
             assert_eq!(deq_a, deq_b, "{dtype:?} dequantization");
             let xs = x.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("x");
             let m = xs.len() / k;
-            let y: Vec<f32> = QMatMul::from_qtensor(ours)
-                .expect("mm")
-                .forward(x)
-                .and_then(|y| y.flatten_all()?.to_vec1())
-                .expect("fwd");
             // Exact products of the dequantized weights, and the most that rounding each
             // activation to its 8-bit step (half a step per value) can move them.
             for i in 0..m {
@@ -1562,18 +1695,19 @@ mod tests {
     /// gives alone.
     #[test]
     fn forward_many_equals_forward_each() {
-        let Some(t) = tile_kernel() else {
+        if tile_kernel().is_none() {
             return;
-        };
+        }
         let k = 512;
         let x = Tensor::from_vec(pseudo_random(3 * k, 5), (3, k), &Device::Cpu).expect("x");
         let ws: Vec<FastQuant> = [
             (GgmlDType::Q4K, 64),
             (GgmlDType::Q6K, 16),
             (GgmlDType::Q4_1, 24),
+            (GgmlDType::Q8_0, 8),
         ]
         .into_iter()
-        .filter(|&(d, _)| FastQuant::kind_for(d, k, 0).is_some_and(|kind| t.packs(kind)))
+        .filter(|&(d, _)| FastQuant::kind_for(d, k, 0).is_some())
         .enumerate()
         .map(|(i, (dtype, n))| {
             let w = Tensor::from_vec(pseudo_random(n * k, 10 + i as u32), (n, k), &Device::Cpu)
