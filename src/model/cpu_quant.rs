@@ -1543,17 +1543,11 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        // k is not a multiple of 256, as for the Q8_0 tensors we take over from candle; m
-        // is not a multiple of the tile kernel's 4 activation rows.
+        // m is not a multiple of the tile kernel's 4 activation rows.
         // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded),
         // and n = 40 is two 16-row AMX pairs plus one 8-row group for the VNNI kernel.
-        let kinds = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
-        // The k-quants (with a tile kernel only): rows of 512 values, two GGUF blocks.
-        let k_kinds: &[GgmlDType] = match tile_kernel() {
-            Some(_) => &[GgmlDType::Q4K, GgmlDType::Q6K],
-            None => &[],
-        };
-        for (k, kinds) in [(288, &kinds[..]), (512, k_kinds)] {
+        for (k, kinds) in kinds_by_width() {
+            let kinds = &kinds[..];
             let (w, x) = (pseudo_random(40 * k, 1), pseudo_random(37 * k, 2));
             let few = same_blocks(kinds, &w, &x[..7 * k], k);
             let many = same_blocks(kinds, &w, &x, k);
@@ -1572,15 +1566,10 @@ mod tests {
         if !has_avx2() {
             return;
         }
-        let kinds = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0];
-        let k_kinds: &[GgmlDType] = match tile_kernel() {
-            Some(_) => &[GgmlDType::Q4K, GgmlDType::Q6K],
-            None => &[],
-        };
         // Per 32-value block, one value sets the range and the other 31 sit at its far end,
         // so they quantize to the largest stored value (15, 31 or 63) in some rows.
         let patterns = [[0.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-0.5, 1.0]];
-        for (k, kinds) in [(288, &kinds[..]), (512, k_kinds)] {
+        for (k, kinds) in kinds_by_width() {
             let w: Vec<f32> = (0..16 * k)
                 .map(|i| patterns[i / k % 4][usize::from(i % QK != 0)])
                 .collect();
@@ -1593,8 +1582,22 @@ mod tests {
                     _ => -1.0,
                 })
                 .collect();
-            same_blocks(kinds, &w, &x, k);
+            same_blocks(&kinds, &w, &x, k);
         }
+    }
+
+    /// The block types we take with a row width each: 288 values (not a multiple of 256, as
+    /// for the Q8_0 tensors we take over from candle on VNNI CPUs) for the 32-value types,
+    /// 512 (two GGUF blocks) for the k-quants, which have our kernels only with a tile kernel.
+    fn kinds_by_width() -> [(usize, Vec<GgmlDType>); 2] {
+        let k_kinds = match tile_kernel() {
+            Some(_) => vec![GgmlDType::Q4K, GgmlDType::Q6K],
+            None => vec![],
+        };
+        [
+            (288, vec![GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0]),
+            (512, k_kinds),
+        ]
     }
 
     /// Our results for `kinds` with weights `w` and activations `x` (rows of `k` values),
