@@ -1137,9 +1137,10 @@ mod x86 {
                         // Q6_K: values 16..32 have their own scale, so their own sums.
                         let (mut isum, mut isum2) =
                             ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
-                        // Products gather in `part` and are widened into the i32 sums
-                        // every `flush` chunks: each chunk for Q8_0 (VNNI only), else as
-                        // many as `$part` can hold without overflow (see `part_avx2`).
+                        // Products gather in `part` and are added to the i32 sums every
+                        // `flush` chunks: once per block (per half for Q6_K) where `part`
+                        // is i32 already (VNNI), else as many chunks as its i16 lanes hold
+                        // without overflow (see `part_avx2`).
                         let q8 = KIND == Q8_0 || KIND == Q6K;
                         let chunks = if q8 { 8 } else { 4 };
                         let flush = match KIND {
