@@ -167,9 +167,9 @@ impl FastQuant {
     }
 
     /// Wraps a tensor of the model file's memory map: in place, without copying it, unless
-    /// `for_matmul` and it is repacked for the tile kernel (then [`FastQuant::is_mapped`] is
-    /// false and the file pages can be dropped). A table only gathered from (an untied token
-    /// embedding) stays mapped, so only the rows in use are ever read.
+    /// `for_matmul` and it is repacked for the tile kernel (then its file pages are dropped
+    /// as they are packed). A table only gathered from (an untied token embedding) stays
+    /// mapped, so only the rows in use are ever read.
     pub fn mapped(
         dtype: GgmlDType,
         row_len: usize,
@@ -268,39 +268,19 @@ impl FastQuant {
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(&xs, &mut acts);
         let ns: Vec<usize> = ws.iter().map(|w| w.out_rows()).collect();
-        // Weight i's groups are items starts[i]..starts[i + 1] of the one job.
-        let mut starts = vec![0];
-        for n in &ns {
-            starts.push(starts[starts.len() - 1] + n / GROUP);
-        }
         let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
         let ptrs: Vec<super::parallel::SharedOut> = outs
             .iter_mut()
             .map(|o| super::parallel::SharedOut(o.as_mut_ptr()))
             .collect();
-        let (ptrs, acts, starts, ns) = (&ptrs, &acts, &starts, &ns);
-        super::parallel::par_for(starts[ws.len()], |items| {
-            for item in items {
-                let i = starts.partition_point(|&s| s <= item) - 1;
-                let (w, g) = (ws[i], item - starts[i]);
-                let group_bytes = GROUP * nb * w.kind.block_bytes();
-                let data = &w.data[g * group_bytes..(g + 1) * group_bytes];
-                // SAFETY: output i holds m rows of ns[i] values, and group g writes only
-                // its own 8 columns of each; data is one whole group of weight i, packed
-                // for the tile kernel (checked above); acts hold m rows of nb blocks.
-                unsafe { tile(t, w.kind, data, nb, acts, ptrs[i].0.add(g * GROUP), ns[i]) };
-            }
-        });
+        // SAFETY: output i holds m rows of weight i's out_rows() values; every weight is
+        // packed with nb blocks per row (checked above); acts hold m rows of nb blocks.
+        unsafe { tile_job(t, ws, nb, &acts, &ptrs) };
         outs.into_iter()
             .zip(ns)
-            .map(|(out, &n)| output(out, x, n))
+            .map(|(out, n)| output(out, x, n))
             .collect::<candle_core::Result<Vec<_>>>()
             .map(Some)
-    }
-
-    /// Whether the blocks are still read from the file's memory map.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.data, Data::Mapped(..))
     }
 
     fn blocks(&self) -> usize {
@@ -563,25 +543,7 @@ fn pack_mapped(
         let part = range.start + first * row_bytes
             ..range.start + (first + part_rows).min(rows) * row_bytes;
         out.extend(pack(kind, &map[part.clone()], row_blocks));
-        #[cfg(unix)]
-        {
-            // Whole pages inside the part only: the pages at its ends may hold the
-            // neighbouring part or tensor.
-            let page = 4096;
-            let (start, end) = (part.start.next_multiple_of(page), part.end / page * page);
-            if start < end {
-                // SAFETY: the map is read-only and file-backed; DONTNEED only drops resident
-                // pages, which are read from the unchanged file again if anything touches
-                // them later.
-                let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
-            }
-        }
+        super::weights::drop_pages(map, part);
     }
     out
 }
@@ -615,9 +577,10 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
         }
         Kind::Q4K | Kind::Q6K => unreachable!("k-quant blocks are read with unpack_k"),
         Kind::Q8_0 => {
+            let flip = q8_flip();
             for c in 0..8 {
                 for j in 0..4 {
-                    blk[2 + 4 * c + j] = sb[16 + 32 * c + 4 * r + j] ^ q8_flip();
+                    blk[2 + 4 * c + j] = sb[16 + 32 * c + 4 * r + j] ^ flip;
                 }
             }
         }
@@ -1309,6 +1272,42 @@ fn dot(kind: Kind, row: &[u8], acts: &[Act]) -> f32 {
     }
 }
 
+/// The packed weights `ws` times the activations `acts` (`m` rows of `nb` blocks) as one
+/// parallel job over every weight's groups of 8 rows: weight i writes `outs[i]`, `m` rows
+/// of its `out_rows()` values. One job for several weights of one input (q, k and v) costs
+/// one dispatch instead of one each.
+///
+/// # Safety
+/// Every weight must be packed with `nb` blocks per row, and `outs[i]` must point to room
+/// for `m * ws[i].out_rows()` values that nothing else writes meanwhile.
+unsafe fn tile_job(
+    t: Tile,
+    ws: &[&FastQuant],
+    nb: usize,
+    acts: &[Act],
+    outs: &[super::parallel::SharedOut],
+) {
+    let ns: Vec<usize> = ws.iter().map(|w| w.out_rows()).collect();
+    // Weight i's groups are items starts[i]..starts[i + 1] of the one job.
+    let mut starts = vec![0];
+    for n in &ns {
+        starts.push(starts[starts.len() - 1] + n / GROUP);
+    }
+    let (starts, ns) = (&starts, &ns);
+    super::parallel::par_for(starts[ws.len()], |items| {
+        for item in items {
+            let i = starts.partition_point(|&s| s <= item) - 1;
+            let (w, g) = (ws[i], item - starts[i]);
+            let group_bytes = GROUP * nb * w.kind.block_bytes();
+            let data = &w.data[g * group_bytes..(g + 1) * group_bytes];
+            // SAFETY: output i has room for m rows of ns[i] values (the caller's contract),
+            // and group g writes only its own 8 columns of each; data is one whole group of
+            // weight i, packed with nb blocks per row.
+            unsafe { tile(t, w.kind, data, nb, acts, outs[i].0.add(g * GROUP), ns[i]) };
+        }
+    });
+}
+
 /// `acts` (`m` rows of `nb` blocks) times one packed group of 8 weight rows `w`, into
 /// `out[i * n .. i * n + 8]` for each activation row i, four activation rows at a time.
 ///
@@ -1425,16 +1424,10 @@ impl QuantizedType for FastQuant {
                 });
                 return Ok(());
             }
-            let out = super::parallel::SharedOut(dst.as_mut_ptr());
-            let (out, acts) = (&out, &acts);
-            super::parallel::par_for(n / GROUP, |groups| {
-                for g in groups {
-                    let w = &self.data[g * group_bytes..(g + 1) * group_bytes];
-                    // SAFETY: dst holds m rows of n values (checked above), and group g
-                    // writes only its own 8 columns of each; w is one whole group.
-                    unsafe { tile(t, self.kind, w, nb, acts, out.0.add(g * GROUP), n) };
-                }
-            });
+            let out = [super::parallel::SharedOut(dst.as_mut_ptr())];
+            // SAFETY: dst holds m rows of n = out_rows() values (checked above); the weight
+            // is packed with nb blocks per row; acts hold m rows of nb blocks.
+            unsafe { tile_job(t, &[self], nb, &acts, &out) };
             return Ok(());
         }
         // Work on the transposed output [n, m] so each task owns a contiguous slice, with

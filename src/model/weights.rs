@@ -294,13 +294,8 @@ impl GgufFile {
                 let owned = self.unpermuted(name, &self.mmap[range.clone()], dims, n_head)?;
                 FastQuant::owned(dtype, row_len, owned).ok()
             }
-            None => {
-                let f = FastQuant::mapped(dtype, row_len, &self.mmap, range.clone(), for_matmul);
-                if f.as_ref().is_some_and(|f| !f.is_mapped()) {
-                    self.release(range);
-                }
-                f
-            }
+            // A repacked tensor drops its file pages itself as it packs them.
+            None => FastQuant::mapped(dtype, row_len, &self.mmap, range, for_matmul),
         })
     }
 
@@ -322,21 +317,29 @@ impl GgufFile {
     /// Drops the file pages of a tensor that has been copied out, so loading does not hold
     /// the file and its copy in memory at once.
     fn release(&self, range: std::ops::Range<usize>) {
-        #[cfg(unix)]
-        // SAFETY: the map is read-only and file-backed; DONTNEED only drops resident pages,
-        // which are read from the unchanged file again if anything touches them later.
-        unsafe {
-            let _ = self.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                range.start,
-                range.len(),
-            );
-        }
+        drop_pages(&self.mmap, range);
     }
 
     fn has(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
+}
+
+/// Drops this process's resident pages of `range` of a file map (the pages it starts and
+/// ends in included), once what they held has been copied out or repacked.
+pub(super) fn drop_pages(map: &Mmap, range: std::ops::Range<usize>) {
+    #[cfg(unix)]
+    // SAFETY: the map is read-only and file-backed; DONTNEED only drops resident pages,
+    // which are read from the unchanged file again if anything touches them later.
+    unsafe {
+        let _ = map.unchecked_advise_range(
+            memmap2::UncheckedAdvice::DontNeed,
+            range.start,
+            range.len(),
+        );
+    }
+    #[cfg(not(unix))]
+    let _ = (map, range);
 }
 
 /// GGUF row order for a head is [x0, y0, x1, y1, ...] (pairs interleaved); Hugging Face order
