@@ -20,7 +20,10 @@ pub const LANES: usize = 8;
 /// One block of query rows: `q` transposed to `[head_dim][rows]` and already scaled, with
 /// rows padded to a multiple of [`LANES`]; `window[r]` the span-relative keys row `r` sees.
 pub struct Rows {
+    /// Rows with padding (a multiple of [`LANES`]).
     pub rows: usize,
+    /// Rows asked for: outputs past these are padding's, not computed.
+    pub used: usize,
     pub qt: Vec<f32>,
     pub window: Vec<(u32, u32)>,
 }
@@ -30,6 +33,7 @@ impl Rows {
         let padded = rows.next_multiple_of(LANES);
         Self {
             rows: padded,
+            used: rows,
             qt: vec![0.0; head_dim * padded],
             // Padding rows see every key (their zero queries give finite scores).
             window: vec![(0, span as u32); padded],
@@ -252,7 +256,7 @@ pub fn attend<E: KvElem>(rows: &Rows, head_dim: usize, keys: &[&[E]], values: &[
         unsafe {
             x86::scores(rows, head_dim, keys, &mut probs);
             x86::softmax(rows.rows, span, &mut probs);
-            x86::weighted_values(rows.rows, head_dim, values, &probs, &mut out);
+            x86::weighted_values(rows.rows, rows.used, head_dim, values, &probs, &mut out);
         }
         return out;
     }
@@ -373,6 +377,19 @@ pub(super) mod x86 {
                 );
                 _mm256_storeu_ps(out.add(j * n + r), s);
             };
+            if n == LANES && hd.is_multiple_of(LANES) {
+                // One block of rows (a decode token's query heads): keys in the lanes.
+                macro_rules! by_key {
+                    ($($r:literal)*) => {
+                        match rows.used {
+                            $($r => by_key::<E, $r>(&rows.qt, hd, keys, |j, s| store(j, 0, s)),)*
+                            _ => unreachable!("a block holds at most {LANES} rows"),
+                        }
+                    };
+                }
+                by_key!(1 2 3 4 5 6 7 8);
+                return;
+            }
             // Few rows (decode): four keys per pass; more rows: two keys times up to four blocks.
             // Either way the accumulators, keys and queries of a pass fit the 16 registers.
             let per_pass = if n <= 2 * LANES { 4 } else { 2 };
@@ -415,6 +432,92 @@ pub(super) mod x86 {
                 }
                 debug_assert_eq!(r, n);
             }
+        }
+    }
+
+    /// Scores of `R` rows (one block, `qt` 8 floats per head dimension) with eight keys per
+    /// pass in the lanes: each key's elements `d..d + 8` are widened and the eight transposed,
+    /// so a row's eight scores take one fused multiply-add per head dimension, where the
+    /// row-lane pass of [`dots`] broadcasts every key element to lanes mostly idle at a few
+    /// rows. Each (row, key) is still one chain over the head dimensions in order, so scores
+    /// are bit-identical to that pass. `store(j, s)` gets key `j`'s scores of the 8 rows
+    /// (padding rows 0).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `qt` must hold `hd * 8` floats, `hd` a multiple of 8, each key `hd` elements, `R <= 8`.
+    #[inline(always)]
+    unsafe fn by_key<E: KvElem, const R: usize>(
+        qt: &[f32],
+        hd: usize,
+        keys: &[&[E]],
+        mut store: impl FnMut(usize, __m256),
+    ) {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let span = keys.len();
+            for j in (0..span).step_by(LANES) {
+                // Past the last key, a pass repeats it (and does not store it again).
+                let k: [*const E; LANES] =
+                    std::array::from_fn(|i| keys[(j + i).min(span - 1)].as_ptr());
+                let mut acc = [_mm256_setzero_ps(); R];
+                let mut q = qt.as_ptr();
+                for d in (0..hd).step_by(LANES) {
+                    let kd = transpose(k.map(|k| E::load8(k, d)));
+                    for kd in kd {
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            *acc = _mm256_fmadd_ps(_mm256_set1_ps(*q.add(r)), kd, *acc);
+                        }
+                        q = q.add(LANES);
+                    }
+                }
+                let by_row =
+                    std::array::from_fn(|r| acc.get(r).copied().unwrap_or(_mm256_setzero_ps()));
+                for (i, s) in transpose(by_row).into_iter().take(span - j).enumerate() {
+                    store(j + i, s);
+                }
+            }
+        }
+    }
+
+    /// An 8 x 8 transpose: lane `i` of output `e` is lane `e` of input `i`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[inline(always)]
+    unsafe fn transpose(r: [__m256; LANES]) -> [__m256; LANES] {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let lo = |a, b| _mm256_unpacklo_ps(a, b);
+            let hi = |a, b| _mm256_unpackhi_ps(a, b);
+            let t = [
+                lo(r[0], r[1]),
+                hi(r[0], r[1]),
+                lo(r[2], r[3]),
+                hi(r[2], r[3]),
+                lo(r[4], r[5]),
+                hi(r[4], r[5]),
+                lo(r[6], r[7]),
+                hi(r[6], r[7]),
+            ];
+            // u[e] holds element e (low half) and e + 4 (high half) of rows 0-3, then 4-7.
+            let u = [
+                _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+                _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+                _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+                _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+            ];
+            std::array::from_fn(|e| {
+                let (a, b) = (u[e % 4], u[4 + e % 4]);
+                if e < 4 {
+                    _mm256_permute2f128_ps::<0x20>(a, b)
+                } else {
+                    _mm256_permute2f128_ps::<0x31>(a, b)
+                }
+            })
         }
     }
 
@@ -517,14 +620,17 @@ pub(super) mod x86 {
         }
     }
 
-    /// Outputs `[rows][hd]`: each row's probability-weighted sum of the value rows, one fused
-    /// multiply-add per position in order, 64 head dimensions per pass in registers.
+    /// Outputs `[rows][hd]` of the first `used` rows: each row's probability-weighted sum of
+    /// the value rows, one fused multiply-add per position in order, 64 head dimensions per
+    /// pass in registers. Padding rows are skipped (a decode token of a model with three
+    /// query heads per kv head pads them to eight).
     ///
     /// # Safety
-    /// The CPU must have AVX2, FMA and F16C; `probs` must hold `values.len()` rows of `n` lanes, each value row `hd` elements, `out` `n * hd` floats.
+    /// The CPU must have AVX2, FMA and F16C; `probs` must hold `values.len()` rows of `n` lanes, each value row `hd` elements, `out` `n * hd` floats, `used <= n`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn weighted_values<E: KvElem>(
         n: usize,
+        used: usize,
         hd: usize,
         values: &[&[E]],
         probs: &[f32],
@@ -534,7 +640,7 @@ pub(super) mod x86 {
         unsafe {
             let p = probs.as_ptr();
             let wide = std::arch::is_x86_feature_detected!("avx512f");
-            for r in 0..n {
+            for r in 0..used {
                 let mut d0 = 0;
                 if wide {
                     // Rows in fours (n is a multiple of 8), so each value load serves four rows.
@@ -646,9 +752,9 @@ mod tests {
         let q = |i: usize| &qs[i * hd..(i + 1) * hd];
         let target = (q(0), (3, 30));
         let alone = run(&[target], hd, &kv, span)[0].clone();
-        // 12 others: one pass shape (four keys, up to 2 row blocks); 40 others: the other
-        // (two keys, up to 4 row blocks).
-        for others in [12, 40] {
+        // Up to 7 others: one block of rows, keys in the lanes; 12 others: four keys per
+        // pass, up to 2 row blocks; 40 others: two keys times up to 4 row blocks.
+        for others in [2, 7, 12, 40] {
             let crowd: Vec<(&[f32], (u32, u32))> = (1..=others)
                 .map(|i| (q(i), (0, (i as u32 * 3 + 1).min(span as u32))))
                 .chain([target])
