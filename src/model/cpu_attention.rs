@@ -459,6 +459,11 @@ pub(super) mod x86 {
                 // Past the last key, a pass repeats it (and does not store it again).
                 let k: [*const E; LANES] =
                     std::array::from_fn(|i| keys[(j + i).min(span - 1)].as_ptr());
+                // The next pass's keys: rows scattered over the cache, which the hardware
+                // prefetcher does not follow (decode waited on these loads).
+                for next in keys.iter().skip(j + LANES).take(LANES) {
+                    prefetch(next.as_ptr(), hd);
+                }
                 let mut acc = [_mm256_setzero_ps(); R];
                 let mut q = qt.as_ptr();
                 for d in (0..hd).step_by(LANES) {
@@ -476,6 +481,21 @@ pub(super) mod x86 {
                     store(j + i, s);
                 }
             }
+        }
+    }
+
+    /// Keys or values read ahead of their pass: how many positions ahead, in
+    /// [`weighted_values`].
+    const AHEAD: usize = 8;
+
+    /// Asks for the cache lines of a row of `hd` elements at `p` to be brought into L1.
+    #[inline(always)]
+    fn prefetch<E: KvElem>(p: *const E, hd: usize) {
+        let bytes = hd / E::BLOCK * std::mem::size_of::<E>();
+        for off in (0..bytes).step_by(64) {
+            // SAFETY: a prefetch is a hint: it reads nothing and cannot fault, and
+            // `wrapping_add` makes no claim about the address (SSE is part of x86-64).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(off)) };
         }
     }
 
@@ -654,6 +674,11 @@ pub(super) mod x86 {
                 while d0 + 64 <= hd {
                     let mut acc = [_mm256_setzero_ps(); 8];
                     for (j, v) in values.iter().enumerate() {
+                        if r == 0 {
+                            if let Some(next) = values.get(j + AHEAD) {
+                                prefetch(next.as_ptr(), hd);
+                            }
+                        }
                         let w = _mm256_set1_ps(*p.add(j * n + r));
                         for (i, acc) in acc.iter_mut().enumerate() {
                             *acc = _mm256_fmadd_ps(w, E::load8(v.as_ptr(), d0 + 8 * i), *acc);
