@@ -492,11 +492,11 @@ impl Decoder {
             x = (x + out)?;
             let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
             let [gate, up] = Linear::forward_many(&h, [&l.gate, &l.up])?;
-            let act = match self.cfg.activation {
-                Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
-                Activation::GeluTanh => match super::cpu_activation::gelu_tanh_mul(&gate, &up)? {
-                    Some(act) => act,
-                    None => (gate.gelu()? * up)?,
+            let act = match super::cpu_activation::gated(self.cfg.activation, &gate, &up)? {
+                Some(act) => act,
+                None => match self.cfg.activation {
+                    Activation::Silu => (candle_nn::ops::silu(&gate)? * up)?,
+                    Activation::GeluTanh => (gate.gelu()? * up)?,
                 },
             };
             let mut out = l.down.forward(&act)?;
