@@ -268,8 +268,10 @@ impl KvType {
     }
 }
 
-/// Per layer, K and V as `[num_blocks, block_size, kv_heads, head_dim]` of one element type
-/// (q8_0: `head_dim / 32` blocks per head).
+/// Per layer, K and V as `[num_blocks, kv_heads, block_size, head_dim]` of one element type
+/// (q8_0: `head_dim / 32` blocks per head): a kv head's rows in a block are contiguous, so
+/// attention, which reads one kv head at a time, streams them (with the heads interleaved
+/// per position it read a row in every `kv_heads`, which the hardware prefetcher missed).
 enum Planes {
     F16(Vec<Vec<f16>>, Vec<Vec<f16>>),
     F32(Vec<Vec<f32>>, Vec<Vec<f32>>),
@@ -355,19 +357,25 @@ impl CpuKvCache {
 }
 
 impl Geometry {
-    /// Units of `E` in one position's row (every kv head).
+    /// Units of `E` in one kv head's row.
     fn row_len<E: KvElem>(&self) -> usize {
-        self.kv_heads * self.head_dim / E::BLOCK
+        self.head_dim / E::BLOCK
     }
 
-    /// The cache rows (offsets in units of `E`) of positions `range`, in order: one division
-    /// per block, not per row.
+    /// The offset (in units of `E`) of kv head `kvh`'s row at `off` in cache block `block`.
+    fn offset<E: KvElem>(&self, block: u32, kvh: usize, off: usize) -> usize {
+        ((block as usize * self.kv_heads + kvh) * self.block_size + off) * self.row_len::<E>()
+    }
+
+    /// Kv head `kvh`'s cache rows (offsets in units of `E`) of positions `range`, in order:
+    /// one division per block, not per row.
     fn rows<'a, E: KvElem>(
-        &self,
+        &'a self,
         block_table: &'a [u32],
+        kvh: usize,
         range: Range<usize>,
     ) -> impl Iterator<Item = usize> + 'a {
-        let (bs, row_len) = (self.block_size, self.row_len::<E>());
+        let bs = self.block_size;
         let first = range.start / bs;
         let last = range.end.div_ceil(bs);
         block_table[first..last]
@@ -377,13 +385,14 @@ impl Geometry {
                 let b = first + i;
                 let lo = range.start.max(b * bs) - b * bs;
                 let hi = range.end.min((b + 1) * bs) - b * bs;
-                (lo..hi).map(move |off| (block as usize * bs + off) * row_len)
+                (lo..hi).map(move |off| self.offset::<E>(block, kvh, off))
             })
     }
 
-    fn row<E: KvElem>(&self, block_table: &[u32], pos: usize) -> usize {
-        let block = block_table[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.row_len::<E>()
+    /// Kv head `kvh`'s row of position `pos`.
+    fn row<E: KvElem>(&self, block_table: &[u32], kvh: usize, pos: usize) -> usize {
+        let block = block_table[pos / self.block_size];
+        self.offset::<E>(block, kvh, pos % self.block_size)
     }
 }
 
@@ -446,12 +455,11 @@ impl<E: KvElem> Job<'_, E> {
             }
         }
         let units = hd / E::BLOCK;
-        let col = self.kvh * units;
         let (k, v) = (self.k, self.v);
         let (keys, values): (Vec<&[E]>, Vec<&[E]>) = self
             .geo
-            .rows::<E>(&self.seq.block_table, lo..end)
-            .map(|r| (&k[r + col..r + col + units], &v[r + col..r + col + units]))
+            .rows::<E>(&self.seq.block_table, self.kvh, lo..end)
+            .map(|r| (&k[r..r + units], &v[r..r + units]))
             .unzip();
         let out = cpu_attention::attend(&rows, hd, &keys, &values);
         for (i, t) in ts.enumerate() {
@@ -534,16 +542,18 @@ impl Step<'_> {
     /// Stores the step's K/V in the layer's planes `k`/`v`, then attends: `[n][heads * hd]`.
     fn run<E: KvElem>(&self, g: &Geometry, k: &mut [E], v: &mut [E]) -> Vec<f32> {
         let (heads, hd, batch) = (g.heads, g.head_dim, self.batch);
-        let (kv_row, units) = (g.kv_heads * hd, g.row_len::<E>());
+        let units = g.row_len::<E>();
         // Write this step's keys and values into their slots first, so each query sees its
         // own token and everything before it in one uniform loop.
         for s in &batch.seqs {
             let first_pos = s.context_len - s.len;
             for i in 0..s.len {
-                let row = g.row::<E>(&s.block_table, first_pos + i);
-                let src = (s.start + i) * kv_row..(s.start + i + 1) * kv_row;
-                E::store(&mut k[row..row + units], &self.k_new[src.clone()]);
-                E::store(&mut v[row..row + units], &self.v_new[src]);
+                for kvh in 0..g.kv_heads {
+                    let row = g.row::<E>(&s.block_table, kvh, first_pos + i);
+                    let src = ((s.start + i) * g.kv_heads + kvh) * hd..;
+                    E::store(&mut k[row..row + units], &self.k_new[src.clone()][..hd]);
+                    E::store(&mut v[row..row + units], &self.v_new[src][..hd]);
+                }
             }
         }
         let (k, v) = (&*k, &*v);
