@@ -4,7 +4,7 @@
 //! second turn against its first.
 //!
 //! In process, through the batching engine:
-//! `cargo bench --profile dev --bench serving [-- MODEL_FILE [CONCURRENCY ...]]`
+//! `cargo bench --bench serving [-- MODEL_FILE [CONCURRENCY ...]]`
 //! (defaults: both test models, concurrency 1 8 32; `WICK_BENCH_TOKENS` output tokens, 32).
 //!
 //! Over HTTP against any OpenAI-compatible server (`wick serve`, llama.cpp's `llama-server`),

@@ -14,7 +14,6 @@ for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
   scripts/llama-cpp-baseline.sh bench "$models/$m" "$threads"
 done
 echo "== candlewick (criterion, $threads threads)"
-# The dev profile builds dependencies at opt-level 3 (see Cargo.toml), so no separate
-# release build of candle is needed.
-WICK_NUM_THREADS="$threads" cargo bench --profile dev --bench model -- --noplot 2>&1 |
-  grep -E '^[a-z0-9.-]+/|thrpt'
+# The bench profile has the release build's settings (what `cargo build --release` ships).
+WICK_NUM_THREADS="$threads" cargo bench --bench model -- --noplot 2>&1 |
+  grep -E '^[a-z0-9._-]+/|thrpt'

@@ -17,8 +17,10 @@ models="${WICK_TEST_MODELS:-$HOME/.cache/candlewick/test-models}"
 scripts/fetch-test-models.sh >/dev/null
 scripts/llama-cpp-baseline.sh build >/dev/null
 llama="${WICK_BASELINE_DIR:-$HOME/.cache/candlewick/llama.cpp}/build/bin/llama-server"
-cargo build --profile dev --bin wick --bench serving 2>&1 | tail -1
-wick="${CARGO_TARGET_DIR:-target}/debug/wick"
+# The release build users run (README), and the bench (bench profile: release settings).
+cargo build --release --bin wick 2>&1 | tail -1
+cargo bench --bench serving --no-run 2>&1 | tail -1
+wick="${CARGO_TARGET_DIR:-target}/release/wick"
 work="$(mktemp -d)"
 pid=""
 cleanup() {
@@ -41,7 +43,7 @@ peak_rss() { # PID: the process's peak resident set (VmHWM), in MB
 }
 
 drive() { # URL MODEL
-  WICK_BENCH_URL="$1" WICK_BENCH_MODEL="$2" cargo bench --profile dev --bench serving -- \
+  WICK_BENCH_URL="$1" WICK_BENCH_MODEL="$2" cargo bench --bench serving -- \
     "${levels[@]}" 2>"$work/bench.err" | grep -E '^\||second turn|tokens per request' ||
     { cat "$work/bench.err" >&2; exit 1; }
 }
@@ -69,6 +71,6 @@ for m in SmolLM2-135M-Instruct.Q4_1.gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
   rm -rf "$work/store"
 
   echo "--- candlewick in process"
-  WICK_NUM_THREADS="$threads" cargo bench --profile dev --bench serving -- "$models/$m" \
+  WICK_NUM_THREADS="$threads" cargo bench --bench serving -- "$models/$m" \
     "${levels[@]}" 2>/dev/null | grep -E '^\||second turn'
 done
