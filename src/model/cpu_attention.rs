@@ -459,8 +459,9 @@ pub(super) mod x86 {
                 // Past the last key, a pass repeats it (and does not store it again).
                 let k: [*const E; LANES] =
                     std::array::from_fn(|i| keys[(j + i).min(span - 1)].as_ptr());
-                // The next pass's keys: rows scattered over the cache, which the hardware
-                // prefetcher does not follow (decode waited on these loads).
+                // The next pass's keys: a block's rows are contiguous, but blocks lie anywhere
+                // in the cache, where the hardware prefetcher does not follow (decode at a
+                // long context waited on these loads).
                 for next in keys.iter().skip(j + LANES).take(LANES) {
                     prefetch(next.as_ptr(), hd);
                 }
