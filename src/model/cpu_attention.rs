@@ -485,8 +485,7 @@ pub(super) mod x86 {
         }
     }
 
-    /// Keys or values read ahead of their pass: how many positions ahead, in
-    /// [`weighted_values`].
+    /// How many positions ahead [`weighted_values`] prefetches value rows.
     const AHEAD: usize = 8;
 
     /// Asks for the cache lines of a row of `hd` elements at `p` to be brought into L1.
@@ -675,7 +674,9 @@ pub(super) mod x86 {
                 while d0 + 64 <= hd {
                     let mut acc = [_mm256_setzero_ps(); 8];
                     for (j, v) in values.iter().enumerate() {
-                        if r == 0 {
+                        // The first pass only: it brings whole rows, the later ones find
+                        // them cached.
+                        if r == 0 && d0 == 0 {
                             if let Some(next) = values.get(j + AHEAD) {
                                 prefetch(next.as_ptr(), hd);
                             }
