@@ -1003,6 +1003,9 @@ mod x86 {
         }
     }
 
+    /// How far ahead of the superblock in use the tile kernel asks for weight bytes.
+    const PREFETCH: usize = 1024;
+
     /// Four activation bytes at `p`, broadcast to every 32-bit lane.
     ///
     /// # Safety
@@ -1084,6 +1087,12 @@ mod x86 {
                     let mut rows: [*const Act; M] = std::array::from_fn(|i| acts.add(i * nb));
                     let mut sb = w;
                     for _ in 0..nb {
+                        // A decode row (M = 1) stalled on these loads: the threads walk
+                        // their chunks of small groups and the hardware prefetcher fell
+                        // behind. Asking ahead made single-stream decode 15-27% faster.
+                        for line in (0..8 * BB).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(sb.wrapping_add(PREFETCH + line).cast());
+                        }
                         let k_quant = KIND == Q4K || KIND == Q6K;
                         // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
                         // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
