@@ -1,5 +1,5 @@
-//! Single-sequence prefill and decode speed on the real test models (CPU), reported by
-//! criterion as tokens per second. Compare with llama.cpp on the same files and thread
+//! Prefill and decode speed on the real test models (CPU), one sequence and a batch of 16
+//! decoding together, reported by criterion as tokens per second. Compare with llama.cpp on the same files and thread
 //! count in the same run: `scripts/bench-model.sh` runs both.
 //!
 //! `cargo bench --bench model` (models from `scripts/fetch-test-models.sh`; threads from
@@ -16,6 +16,8 @@ const BLOCK: usize = 16;
 const PREFILL: usize = 128;
 /// Decode steps run at context lengths PREFILL..PREFILL+DECODE_WINDOW, then start over.
 const DECODE_WINDOW: usize = 128;
+/// Sequences in the batched decode step (the serving benchmark's concurrency 16).
+const BATCH: usize = 16;
 
 fn model_path(name: &str) -> PathBuf {
     let dir = std::env::var_os("WICK_TEST_MODELS")
@@ -99,6 +101,52 @@ fn bench_model(c: &mut Criterion, label: &str, file: &str) {
                         |a, (i, &v)| if v > a.1 { (i, v) } else { a },
                     )
                     .0 as u32;
+                pos += 1;
+            }
+            spent
+        })
+    });
+
+    // Continuous batching's decode step: BATCH sequences (each its own blocks, its own
+    // prompt-long context) decode one token each in one forward.
+    let batch_table = |s: usize, upto: usize| -> Vec<u32> {
+        let per = blocks as u32;
+        (0..upto.div_ceil(BLOCK) as u32)
+            .map(|b| s as u32 * per + b)
+            .collect()
+    };
+    let mut batch_cache = CpuKvCache::new(model.config(), BATCH * blocks, BLOCK);
+    let prefill_all = |cache: &mut CpuKvCache| {
+        let mut b = Batch::default();
+        for s in 0..BATCH {
+            b.push_seq(&ids, 0, batch_table(s, PREFILL), true);
+        }
+        model
+            .decoder
+            .forward(&b, cache as &mut dyn KvCache)
+            .expect("prefill");
+    };
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function(format!("decode_batch_{BATCH}"), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut pos = PREFILL + DECODE_WINDOW;
+            for _ in 0..iters {
+                if pos == PREFILL + DECODE_WINDOW {
+                    prefill_all(&mut batch_cache);
+                    pos = PREFILL;
+                }
+                let mut batch = Batch::default();
+                for (s, &tok) in ids.iter().take(BATCH).enumerate() {
+                    batch.push_seq(&[tok], pos, batch_table(s, pos + 1), true);
+                }
+                let t = Instant::now();
+                let logits = model
+                    .decoder
+                    .forward(&batch, &mut batch_cache as &mut dyn KvCache)
+                    .expect("decode");
+                let _rows: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
+                spent += t.elapsed();
                 pos += 1;
             }
             spent
