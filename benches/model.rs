@@ -1,6 +1,6 @@
 //! Prefill and decode speed on the real test models (CPU), one sequence and a batch of 16
-//! decoding together, reported by criterion as tokens per second. Compare with llama.cpp on the same files and thread
-//! count in the same run: `scripts/bench-model.sh` runs both.
+//! decoding together, reported by criterion as tokens per second. Compare with llama.cpp
+//! on the same files and thread count in the same run: `scripts/bench-model.sh` runs both.
 //!
 //! `cargo bench --bench model` (models from `scripts/fetch-test-models.sh`; threads from
 //! WICK_NUM_THREADS, default the CPUs this process may use).
