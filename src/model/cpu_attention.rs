@@ -491,12 +491,7 @@ pub(super) mod x86 {
     /// Asks for the cache lines of a row of `hd` elements at `p` to be brought into L1.
     #[inline(always)]
     fn prefetch<E: KvElem>(p: *const E, hd: usize) {
-        let bytes = hd / E::BLOCK * std::mem::size_of::<E>();
-        for off in (0..bytes).step_by(64) {
-            // SAFETY: a prefetch is a hint: it reads nothing and cannot fault, and
-            // `wrapping_add` makes no claim about the address (SSE is part of x86-64).
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(off)) };
-        }
+        super::super::cpu_quant::prefetch_lines(p.cast(), hd / E::BLOCK * std::mem::size_of::<E>());
     }
 
     /// An 8 x 8 transpose: lane `i` of output `e` is lane `e` of input `i`.
