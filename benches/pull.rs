@@ -1,4 +1,4 @@
-//! Pull throughput against `curl`: a loopback registry (tests/common/registry.rs) serves
+//! Pull throughput against `curl`: a loopback registry (tests/integration/common/registry.rs) serves
 //! one blob; each round pulls it with the store's registry client (parallel ranged parts,
 //! written at offsets, sha256-verified, renamed into place, manifest written) into a
 //! fresh store, and fetches the same blob with `curl -o` from the same registry, also
@@ -10,7 +10,7 @@
 
 // The bench uses only part of the test registry.
 #[allow(dead_code)]
-#[path = "../tests/common/registry.rs"]
+#[path = "../tests/integration/common/registry.rs"]
 mod registry;
 
 use std::path::PathBuf;

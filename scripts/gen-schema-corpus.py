@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/structured/schema-corpus.json: the JSON schemas the structured-output
-corpus test (tests/structured_corpus.rs) sends to a real model, each with a prompt.
+corpus test (tests/integration/api_structured.rs) sends to a real model, each with a prompt.
 
 Hand-written themes (people, orders, events, ...) plus systematic variations over every
 schema feature the issue names: nested objects, arrays with bounds, enums, const, anyOf,

@@ -13,7 +13,7 @@ conversations through each template and writes
                                             output, or the error Python raised)
 
 Run it once after changing the cases; the outputs are checked in so that
-`cargo test --test chat_template` needs neither Python nor the model files.
+`cargo test --test integration chat_template` needs neither Python nor the model files.
 
 Template sources:
   qwen2.5  tokenizer.chat_template of qwen2.5-coder-0.5b-instruct-q4_k_m.gguf

@@ -1,4 +1,4 @@
-"""The official clients, pointed at the `wick serve` that tests/api_clients.rs started
+"""The official clients, pointed at the `wick serve` that tests/integration/api_clients.rs started
 (OLLAMA_HOST), shared by the test files here."""
 
 import os

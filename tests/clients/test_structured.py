@@ -1,5 +1,5 @@
 """Structured output and tool choice through the official Python clients, against a running
-`wick serve` (tests/api_clients.rs starts it with SmolLM2 as `smollm2:135m` and
+`wick serve` (tests/integration/api_clients.rs starts it with SmolLM2 as `smollm2:135m` and
 Qwen2.5-coder as the tools model).
 
 The round trips the issue names: openai's `chat.completions.parse(response_format=Model)`
