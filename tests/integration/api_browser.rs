@@ -5,6 +5,7 @@
 //! answer. Chromium or ollama-js missing fails the test with the command to install them.
 
 use crate::common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

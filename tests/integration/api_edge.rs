@@ -3,6 +3,7 @@
 //! API keys, request ids, `/metrics`, the queue bound (503) and oversized bodies (413).
 
 use crate::common;
+
 use std::sync::OnceLock;
 
 use crate::api_common::{config, import, ndjson_lines, spawn_server, store_dir};

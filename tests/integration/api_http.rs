@@ -3,6 +3,7 @@
 //! Covers both dialects' success and error shapes, streaming framing, and CORS.
 
 use crate::common;
+
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 

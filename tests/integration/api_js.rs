@@ -4,6 +4,7 @@
 //! the test with that command, never skips it.
 
 use crate::common;
+
 use std::path::Path;
 use std::process::Command;
 

@@ -7,6 +7,7 @@
 //! and token counters against what the clients received.
 
 use crate::common;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -4,6 +4,7 @@
 //! preload that cannot succeed leaves readiness failing with the reason.
 
 use crate::common;
+
 use std::time::{Duration, Instant};
 
 use crate::api_common::{import, store_dir, WickProcess};

@@ -7,6 +7,7 @@
 //! `guided_*`), streamed and not; and clear 400s for what cannot be compiled.
 
 use crate::common;
+
 use std::sync::OnceLock;
 
 use crate::api_common::{config, import, ndjson_lines, spawn_server, sse_events, store_dir};

@@ -5,6 +5,7 @@
 //! plain answers must still stream as text while tools are offered.
 
 use crate::common;
+
 use std::sync::OnceLock;
 
 use crate::api_common::{config, import, ndjson_lines, spawn_server, sse_events, store_dir};
