@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the tests need besides Rust: the real test models (sha256-checked), the
 # official Python clients (`ollama`, `openai`, `anthropic`, pytest), ollama-js (tests/clients/js),
-# headless Chromium for the browser test (Debian `chromium`), qemu's user-mode emulator for
-# the portable-build test (Debian `qemu-user`), and for the fleet test (tests/integration/fleet.rs)
+# headless Chromium for the browser test (Debian `chromium`), qemu's user-mode emulator for the
+# portable-build test (Debian `qemu-user`), and for the fleet test (tests/integration/fleet.rs)
 # iproute2's `ip` (network namespaces) and nginx (Debian's, never started as a service).
 # Safe to rerun: each step is skipped or quick when already done.
 set -euo pipefail
