@@ -1,5 +1,5 @@
-"""The official clients, pointed at the `wick serve` that tests/integration/api_clients.rs started
-(OLLAMA_HOST), shared by the test files here."""
+"""The official clients, pointed at the `wick serve` that tests/integration/api_clients.rs
+started (OLLAMA_HOST), shared by the test files here."""
 
 import os
 

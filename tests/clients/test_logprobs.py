@@ -4,8 +4,8 @@ completions' (`tokens`/`token_logprobs`/`top_logprobs`/`text_offset`) and the Re
 API's (`output_text.logprobs`), streamed and not, against SmolLM2 as `smollm2:135m`.
 
 The values themselves are checked against the decoder's own logits in
-tests/integration/model_reference.rs; here: every token has an entry, the entries spell the answer,
-greedy answers pick their best alternative, and streamed and whole answers agree.
+tests/integration/model_reference.rs; here: every token has an entry, the entries spell the
+answer, greedy answers pick their best alternative, and streamed and whole answers agree.
 """
 
 import math

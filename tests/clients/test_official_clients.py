@@ -1,7 +1,7 @@
 """The official Python clients (`ollama`, `openai`) against a running `wick serve`.
 
-Run by tests/integration/api_clients.rs, which starts the server with the SmolLM2 test model imported
-as `smollm2:135m` and sets OLLAMA_HOST to its address.
+Run by tests/integration/api_clients.rs, which starts the server with the SmolLM2 test model
+imported as `smollm2:135m` and sets OLLAMA_HOST to its address.
 """
 
 import os

@@ -1,7 +1,7 @@
 """OpenAI's Responses API and Anthropic's Messages API through their official clients
 (`openai`: `client.responses.create/stream/parse`; `anthropic`: `client.messages.create/
-stream/count_tokens`), against a running `wick serve` (tests/integration/api_clients.rs: SmolLM2 as
-`smollm2:135m`, Qwen2.5-coder as the tools model).
+stream/count_tokens`), against a running `wick serve` (tests/integration/api_clients.rs:
+SmolLM2 as `smollm2:135m`, Qwen2.5-coder as the tools model).
 """
 
 import json

@@ -1,6 +1,7 @@
 """Images through the official Python clients, against the `wick serve` that
-tests/integration/vision.rs started (OLLAMA_HOST) with `gemma3-vision` (a Gemma 3 GGUF with a vision
-tower) and `gemma3-text` (the same text model without one); WICK_TEST_IMAGE is a PNG."""
+tests/integration/vision.rs started (OLLAMA_HOST) with `gemma3-vision` (a Gemma 3 GGUF with
+a vision tower) and `gemma3-text` (the same text model without one); WICK_TEST_IMAGE is a
+PNG."""
 
 import base64
 import os

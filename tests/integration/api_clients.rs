@@ -1,9 +1,9 @@
 //! The official Python clients (`ollama`, `openai`, `anthropic`) against the real `wick`
 //! binary: imports SmolLM2 (and Qwen2.5-coder, the tools model, as WICK_TEST_TOOLS_MODEL)
-//! into a scratch store with `wick import`, starts `wick serve` on a free loopback port, and
-//! runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it and
-//! WICK_TEST_REGISTRY at a loopback registry (tests/integration/common/registry.rs) that publishes
-//! SmolLM2 as `library/smollm2:135m`, for the pull/copy/delete tests.
+//! into a scratch store with `wick import`, starts `wick serve` on a free loopback port,
+//! and runs `python3 -m pytest tests/clients -q` with OLLAMA_HOST pointing at it and
+//! WICK_TEST_REGISTRY at a loopback registry (tests/integration/common/registry.rs) that
+//! publishes SmolLM2 as `library/smollm2:135m`, for the pull/copy/delete tests.
 //! Missing Python packages fail the test (never skip) and name the pip command.
 
 use crate::common;

@@ -16,8 +16,7 @@ const MODEL: &str = "smollm2:135m";
 fn start(tag: &str, env: &[(&str, &str)]) -> String {
     let dir = store_dir(tag);
     import(&dir, MODEL, &common::test_model(common::SMOLLM2_GGUF));
-    let kv = (128usize << 20).to_string();
-    let mut settings = vec![("WICK_KV_CACHE_BYTES", kv.as_str())];
+    let mut settings = vec![("WICK_KV_CACHE_BYTES", "134217728")];
     settings.extend_from_slice(env);
     format!("http://{}", spawn_server(config(dir, &settings)).0)
 }

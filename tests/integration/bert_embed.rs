@@ -389,9 +389,9 @@ print(json.dumps({"ollama": a.embeddings, "openai": [d.embedding for d in b.data
 }
 
 /// A sentence-transformers repository pulled from a Hub (the loopback one of
-/// tests/integration/common/hub.rs, serving the package's files as the real Hub lays them out, pooling
-/// config one folder deep): it becomes an embedding model with the repository's pooling and
-/// normalisation, and its vectors are the reference's.
+/// tests/integration/common/hub.rs, serving the package's files as the real Hub lays them
+/// out, pooling config one folder deep): it becomes an embedding model with the
+/// repository's pooling and normalisation, and its vectors are the reference's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulled_from_a_hugging_face_repository() {
     let src = minilm_dir();

@@ -1,6 +1,7 @@
-//! Checks the shared test fixtures in `tests/integration/common` against candle-transformers, so other
-//! tests can trust them as a reference: tiny models load and run, GGUF conversion is exact
-//! on a round trip, and converted real GGUFs agree with candle's own quantized models.
+//! Checks the shared test fixtures in `tests/integration/common` against
+//! candle-transformers, so other tests can trust them as a reference: tiny models load and
+//! run, GGUF conversion is exact on a round trip, and converted real GGUFs agree with
+//! candle's own quantized models.
 //!
 //! Measured on the fetched test models (64 positions, one token at a time): SmolLM2 Q4_1
 //! agrees on 61/64 greedy tokens (the other three are near-ties, within 0.11 logit), its

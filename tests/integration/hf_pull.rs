@@ -1,11 +1,11 @@
 //! Hugging Face safetensors pulls over real HTTP against a Hub on loopback
-//! (tests/integration/common/hub.rs): the real SmolLM2 weights as a sharded safetensors repository
-//! pulled as `hf.co/<user>/<repo>`, listed, shown, chatted with, copied, built on with
-//! `/api/create` and deleted; a pull interrupted mid-shard that resumes; a corrupt shard
-//! refused; catalog entries from a user catalog directory (always, fallback on a 404 or an
-//! unreachable registry, the registry winning when it has the name); a gated repository
-//! with and without `HF_TOKEN`; and hf-hub's own client downloading from the loopback Hub,
-//! which pins the Hub down.
+//! (tests/integration/common/hub.rs): the real SmolLM2 weights as a sharded safetensors
+//! repository pulled as `hf.co/<user>/<repo>`, listed, shown, chatted with, copied, built
+//! on with `/api/create` and deleted; a pull interrupted mid-shard that resumes; a corrupt
+//! shard refused; catalog entries from a user catalog directory (always, fallback on a 404
+//! or an unreachable registry, the registry winning when it has the name); a gated
+//! repository with and without `HF_TOKEN`; and hf-hub's own client downloading from the
+//! loopback Hub, which pins the Hub down.
 
 use crate::api_common;
 use crate::common;

@@ -1,8 +1,8 @@
 //! The store's write side over real HTTP: `/api/pull` from a registry on loopback
-//! (tests/integration/common/registry.rs) that serves the real SmolLM2 GGUF with `Range`, redirects,
-//! dropped connections, stalls and corruption; resuming interrupted pulls; two `wick serve`
-//! processes pulling into one directory; a store laid out by hand exactly as Ollama writes
-//! it; and `/api/blobs`, `/api/create`, `/api/copy`, `/api/delete`.
+//! (tests/integration/common/registry.rs) that serves the real SmolLM2 GGUF with `Range`,
+//! redirects, dropped connections, stalls and corruption; resuming interrupted pulls; two
+//! `wick serve` processes pulling into one directory; a store laid out by hand exactly as
+//! Ollama writes it; and `/api/blobs`, `/api/create`, `/api/copy`, `/api/delete`.
 
 use crate::api_common;
 use crate::common;

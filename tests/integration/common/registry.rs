@@ -6,7 +6,8 @@
 //! misbehave on demand: drop a connection mid-blob, stop serving after some bytes (failing
 //! or stalling), hold every blob until a gate opens, or flip a byte.
 //!
-//! Used by tests/integration/store_pull.rs, tests/integration/api_clients.rs and benches/pull.rs.
+//! Used by tests/integration/store_pull.rs, tests/integration/api_clients.rs and
+//! benches/pull.rs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
