@@ -57,7 +57,17 @@ for pair in "wick:$target/$profile_dir/wick" "gpu_check:$target/$profile_dir/exa
     strip "$out/bin/$name"
     xz -T0 -6 -f "$out/bin/$name"
 done
-"$target/$profile_dir/examples/gpu_check" extract-tokenizer "$qwen" "$out/tokenizer.gguf"
+run_here=()
+if ((!cpu)); then
+    # The CUDA build links libcuda and friends, which this machine lacks; extracting the
+    # tokenizer calls none of them, so the link stubs under their sonames let it run here.
+    sonames="$(mktemp -d)"
+    for f in "$stubs"/lib/lib*.so; do
+        ln -s "$f" "$sonames/$(objdump -p "$f" | awk '/SONAME/ {print $2}')"
+    done
+    run_here=(env "LD_LIBRARY_PATH=$sonames")
+fi
+"${run_here[@]}" "$target/$profile_dir/examples/gpu_check" extract-tokenizer "$qwen" "$out/tokenizer.gguf"
 cp scripts/gpu-check.sh "$out/gpu-check.sh"
 chmod +x "$out/gpu-check.sh"
 {

@@ -2,10 +2,13 @@
 # The one device script: on a GPU machine with nothing installed but the NVIDIA driver (and
 # xz), from a bundle made by scripts/gpu-bundle.sh, within 8 minutes including its start:
 #
+#   0. the GPU's memory bandwidth (read and copy, through the machine's PyTorch if it has
+#      one): the ceiling the decode speeds are compared with;
 #   1. every kernel against its CPU reference on this GPU (the suite `cargo test` runs on the
 #      CPU execution layer), and kernel timings;
 #   2. random-weight models of the real Qwen2.5-0.5B and 7B shapes, fp16 and Q4_K, generated
-#      here (no download);
+#      here (no download), in the order 0.5B fp16, 7B Q4_K, 0.5B Q4_K, 7B fp16 (the speed
+#      targets first) or as WICK_CHECK_MODELS="shape:dtype ..." lists them;
 #   3. `wick serve --device cuda` on each: the boot self-check's verdict (kernels or reference
 #      path, from the log, /api/ps and /metrics), then the streaming chat load at concurrency
 #      1/8/32/64: output tok/s, TTFT and inter-token latency p50/p95;
@@ -15,8 +18,9 @@
 #   ./gpu-check.sh [--cpu] [--quick]
 #
 # --cpu tries the same flow on a CPU bundle (gpu-bundle.sh --cpu) with a tiny model shape;
-# --quick: 0.5B only, concurrency 1 and 8. Output goes to $OUT (default ./out): results.md,
-# kernels.log, one serve log per model, bench logs. Each step is bounded by a timeout and the
+# --quick: 0.5B fp16 only, concurrency 1 and 8. Output goes to $OUT (default ./out): results.md,
+# kernels.log, one serve log per model, bench logs. The wick servers inherit the environment
+# (WICK_KV_CACHE_BYTES=4294967296 sizes the KV cache like a 16-24 GB card would). Each step is bounded by a timeout and the
 # whole run by a deadline (WICK_CHECK_DEADLINE seconds, default 450): what does not fit is
 # reported as skipped. Exit status: 0 when every kernel check and self-check passed.
 #
@@ -42,8 +46,9 @@ bin="$work/bin"
 mkdir -p "$bin"
 pids=()
 cleanup() {
+    # Only these: a bare `wait` would also wait for the `tee` below, which waits for us.
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-    wait 2>/dev/null
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -61,15 +66,15 @@ done
 
 if ((cpu)); then
     device=cpu
-    shapes=(tiny)
-    dtypes=(f16)
+    models=(tiny:f16)
     levels=(1 8)
     tokens=8
     gpu_name="cpu ($(nproc) cores)"
 else
     device=cuda
-    shapes=(qwen2.5-0.5b qwen2.5-7b)
-    dtypes=(f16 q4_k)
+    # The issue's speed targets first (0.5B fp16, 7B Q4_K), so a short deadline still
+    # measures them.
+    models=(qwen2.5-0.5b:f16 qwen2.5-7b:q4_k qwen2.5-0.5b:q4_k qwen2.5-7b:f16)
     levels=(1 8 32 64)
     tokens=64
     # The CUDA 13 libraries wick links: the system's, else any nvidia/*/lib of the Python
@@ -102,8 +107,38 @@ EOF
     gpu_name="$(nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version \
         --format=csv,noheader 2>/dev/null | head -1)"
 fi
-((quick)) && { shapes=("${shapes[0]}"); levels=(1 8); }
+((quick)) && { models=("${models[0]}"); levels=(1 8); }
+# WICK_CHECK_MODELS="shape:dtype ..." replaces the list (shapes: tiny, qwen2.5-0.5b, qwen2.5-7b;
+# dtypes: f16, q4_k).
+[[ -n "${WICK_CHECK_MODELS:-}" ]] && read -ra models <<<"$WICK_CHECK_MODELS"
+
 echo "== $gpu_name; bundle: $(tr '\n' ';' <"$here/MANIFEST")"
+
+# --- 0. the memory-bandwidth ceiling the speed figures are compared with: a 2 GiB read
+# (a sum) and a copy, timed with CUDA events by the machine's PyTorch when it has one.
+bandwidth="not measured (no python3 with torch)"
+if [[ $device == cuda ]] && command -v python3 >/dev/null; then
+    bandwidth="$(timeout 60 python3 - <<'EOF' 2>/dev/null
+import torch
+x = torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_()
+y = torch.empty_like(x)
+def ms(f, n=20):
+    for _ in range(3):
+        f()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(n):
+        f()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / n
+read = 2 * 2**30 / ms(lambda: x.sum(dtype=torch.float32)) / 1e6
+copy = 2 * 2 * 2**30 / ms(lambda: y.copy_(x)) / 1e6
+print(f"read {read:.0f} GB/s, copy {copy:.0f} GB/s (read + write)")
+EOF
+)" || bandwidth="not measured (the probe failed)"
+fi
+echo "== memory bandwidth: $bandwidth"
 
 # --- 1. kernels
 echo "== kernel checks"
@@ -137,78 +172,80 @@ peak_since() { # line count at window start -> peak MiB since then
     echo
     echo "bundle: $(head -1 "$here/MANIFEST" | cut -c1-60); kernel checks: $kernels ($kcount comparisons)"
     echo
+    echo "memory bandwidth (PyTorch, 2 GiB): $bandwidth"
+    echo
     echo "| model | load s | self-check | conc | tok/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | ITL p95 ms | peak GPU MiB |"
     echo "|---|---|---|---|---|---|---|---|---|---|"
 } >>"$results"
 
 # --- 2-4. models, serve, load
 port=18434
-for shape in "${shapes[@]}"; do
-    for dtype in "${dtypes[@]}"; do
-        name="$shape-$dtype"
-        if (($(left) < 60)); then
-            echo "== $name: skipped (deadline)"
-            echo "| $name | skipped: out of time | | | | | | | | |" >>"$results"
-            continue
-        fi
-        echo "== $name"
-        model="$work/$name.gguf"
-        if ! timeout 180 "$bin/gpu_check" gen-model --shape "$shape" --dtype "$dtype" \
-            --tokenizer "$here/tokenizer.gguf" --out "$model"; then
-            echo "| $name | model generation failed | | | | | | | | |" >>"$results"
-            status=1
-            continue
-        fi
-        store="$work/store-$name"
-        OLLAMA_MODELS="$store" "$bin/wick" import "$name" "$model" >/dev/null
-        mem_start=$([[ -f "$mem_log" ]] && wc -l <"$mem_log" || echo 0)
-        t=$SECONDS
-        OLLAMA_MODELS="$store" OLLAMA_HOST="127.0.0.1:$port" RUST_LOG=info \
-            "$bin/wick" serve --device "$device" >"$out/serve-$name.log" 2>&1 &
-        server=$!
-        pids+=($server)
-        up=0
-        for _ in $(seq 1 600); do
-            curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && { up=1; break; }
-            kill -0 "$server" 2>/dev/null || break
-            sleep 0.2
-        done
-        if ((!up)); then
-            echo "| $name | server did not start (see serve-$name.log) | | | | | | | | |" >>"$results"
-            tail -5 "$out/serve-$name.log"
-            status=1
-            kill "$server" 2>/dev/null
-            continue
-        fi
-        # Load the model (first request) and time it.
-        t=$SECONDS
-        curl -sf "http://127.0.0.1:$port/api/generate" \
-            -d "{\"model\":\"$name\",\"prompt\":\"hi\",\"stream\":false,\"options\":{\"num_predict\":1}}" \
-            >/dev/null
-        load_s=$((SECONDS - t))
-        check="$(grep -oE 'GPU self-check (passed|skipped)[^"]*|GPU SELF-CHECK FAILED' "$out/serve-$name.log" | head -1)"
-        path="$(curl -sf "http://127.0.0.1:$port/api/ps" | grep -oE '"gpu_path":"[a-z]+"' | head -1 | cut -d'"' -f4)"
-        [[ -z "$check" ]] && check="(none: cpu)"
-        [[ "$check" == *FAILED* ]] && status=1
-        echo "   loaded in ${load_s}s; self-check: $check; path: ${path:-n/a}"
-        first=1
-        while read -r line; do
-            peak="$(peak_since "$mem_start")"
-            if ((first)); then
-                echo "| $name | $load_s | ${path:-cpu} | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
-                first=0
-            else
-                echo "| | | | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
-            fi
-        done < <(WICK_BENCH_URL="http://127.0.0.1:$port" WICK_BENCH_MODEL="$name" \
-            WICK_BENCH_TOKENS="$tokens" timeout "$(( $(left) > 30 ? $(left) - 20 : 10 ))" \
-            "$bin/serving" "${levels[@]}" 2>"$out/bench-$name.err" | tee "$out/bench-$name.log" |
-            grep -E '^\| [0-9]+ \|')
-        curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^wick_gpu_path' >"$out/metrics-$name.txt" || true
-        kill "$server" 2>/dev/null
-        wait "$server" 2>/dev/null
-        rm -rf "$store" "$model"
+for m in "${models[@]}"; do
+    shape="${m%%:*}"
+    dtype="${m#*:}"
+    name="$shape-$dtype"
+    if (($(left) < 60)); then
+        echo "== $name: skipped (deadline)"
+        echo "| $name | skipped: out of time | | | | | | | | |" >>"$results"
+        continue
+    fi
+    echo "== $name"
+    model="$work/$name.gguf"
+    if ! timeout 180 "$bin/gpu_check" gen-model --shape "$shape" --dtype "$dtype" \
+        --tokenizer "$here/tokenizer.gguf" --out "$model"; then
+        echo "| $name | model generation failed | | | | | | | | |" >>"$results"
+        status=1
+        continue
+    fi
+    store="$work/store-$name"
+    OLLAMA_MODELS="$store" "$bin/wick" import "$name" "$model" >/dev/null
+    mem_start=$([[ -f "$mem_log" ]] && wc -l <"$mem_log" || echo 0)
+    t=$SECONDS
+    OLLAMA_MODELS="$store" OLLAMA_HOST="127.0.0.1:$port" RUST_LOG=info \
+        "$bin/wick" serve --device "$device" >"$out/serve-$name.log" 2>&1 &
+    server=$!
+    pids+=($server)
+    up=0
+    for _ in $(seq 1 600); do
+        curl -sf "http://127.0.0.1:$port/" >/dev/null 2>&1 && { up=1; break; }
+        kill -0 "$server" 2>/dev/null || break
+        sleep 0.2
     done
+    if ((!up)); then
+        echo "| $name | server did not start (see serve-$name.log) | | | | | | | | |" >>"$results"
+        tail -5 "$out/serve-$name.log"
+        status=1
+        kill "$server" 2>/dev/null
+        continue
+    fi
+    # Load the model (first request) and time it.
+    t=$SECONDS
+    curl -sf "http://127.0.0.1:$port/api/generate" \
+        -d "{\"model\":\"$name\",\"prompt\":\"hi\",\"stream\":false,\"options\":{\"num_predict\":1}}" \
+        >/dev/null
+    load_s=$((SECONDS - t))
+    check="$(grep -oE 'GPU self-check (passed|skipped)[^"]*|GPU SELF-CHECK FAILED' "$out/serve-$name.log" | head -1)"
+    path="$(curl -sf "http://127.0.0.1:$port/api/ps" | grep -oE '"gpu_path":"[a-z]+"' | head -1 | cut -d'"' -f4)"
+    [[ -z "$check" ]] && check="(none: cpu)"
+    [[ "$check" == *FAILED* ]] && status=1
+    echo "   loaded in ${load_s}s; self-check: $check; path: ${path:-n/a}"
+    first=1
+    while read -r line; do
+        peak="$(peak_since "$mem_start")"
+        if ((first)); then
+            echo "| $name | $load_s | ${path:-cpu} | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
+            first=0
+        else
+            echo "| | | | ${line#| }" | sed "s/ |\$/ | $peak |/" >>"$results"
+        fi
+    done < <(WICK_BENCH_URL="http://127.0.0.1:$port" WICK_BENCH_MODEL="$name" \
+        WICK_BENCH_TOKENS="$tokens" timeout "$(( $(left) > 30 ? $(left) - 20 : 10 ))" \
+        "$bin/serving" "${levels[@]}" 2>"$out/bench-$name.err" | tee "$out/bench-$name.log" |
+        grep -E '^\| [0-9]+ \|')
+    curl -sf "http://127.0.0.1:$port/metrics" | grep -E '^wick_gpu_path' >"$out/metrics-$name.txt" || true
+    kill "$server" 2>/dev/null
+    wait "$server" 2>/dev/null
+    rm -rf "$store" "$model"
 done
 
 {
