@@ -67,7 +67,9 @@ if ((!cpu)); then
     done
     run_here=(env "LD_LIBRARY_PATH=$sonames")
 fi
-"${run_here[@]}" "$target/$profile_dir/examples/gpu_check" extract-tokenizer "$qwen" "$out/tokenizer.gguf"
+"${run_here[@]}" "$target/$profile_dir/examples/gpu_check" extract-tokenizer "$qwen" \
+    "$out/tokenizer.gguf"
+[[ -n "${sonames:-}" ]] && rm -rf "$sonames"
 cp scripts/gpu-check.sh "$out/gpu-check.sh"
 chmod +x "$out/gpu-check.sh"
 {

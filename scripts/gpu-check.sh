@@ -18,11 +18,12 @@
 #   ./gpu-check.sh [--cpu] [--quick]
 #
 # --cpu tries the same flow on a CPU bundle (gpu-bundle.sh --cpu) with a tiny model shape;
-# --quick: 0.5B fp16 only, concurrency 1 and 8. Output goes to $OUT (default ./out): results.md,
-# kernels.log, one serve log per model, bench logs. The wick servers inherit the environment
-# (WICK_KV_CACHE_BYTES=4294967296 sizes the KV cache like a 16-24 GB card would). Each step is bounded by a timeout and the
-# whole run by a deadline (WICK_CHECK_DEADLINE seconds, default 450): what does not fit is
-# reported as skipped. Exit status: 0 when every kernel check and self-check passed.
+# --quick: 0.5B fp16 only, concurrency 1 and 8. Output goes to $OUT (default ./out):
+# results.md, kernels.log, one serve log per model, bench logs. The wick servers inherit the
+# environment (WICK_KV_CACHE_BYTES=4294967296 sizes the KV cache as a 16-24 GB card would).
+# Each step is bounded by a timeout and the whole run by a deadline (WICK_CHECK_DEADLINE
+# seconds, default 450): what does not fit is reported as skipped. Exit status: 0 when every
+# kernel check and self-check passed.
 #
 # With this workplace's device tool, from the repository root of a checkout that has the
 # bundle in gpu-bundle/ (git-ignored; pass it with carry):
