@@ -26,8 +26,11 @@
 # kernel check and self-check passed.
 #
 # With this workplace's device tool, from the repository root of a checkout that has the
-# bundle in gpu-bundle/ (git-ignored; pass it with carry):
-#   run(command="gpu-bundle/gpu-check.sh", carry=["gpu-bundle"], timeout_s=540)
+# bundle in gpu-bundle/ (git-ignored; pass it with carry), its logs packed into one file
+# (the tool returns at most 8):
+#   run(command="R=$OUT; export OUT=/tmp/gc WICK_KV_CACHE_BYTES=4294967296;
+#       gpu-bundle/gpu-check.sh; rc=$?; tar czf $R/gc.tgz -C /tmp/gc .; exit $rc",
+#       carry=["gpu-bundle"], timeout_s=540)
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cpu=0
