@@ -5,6 +5,7 @@
 
 use candle_core::{Device, Tensor};
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::config::ArchConfig;
 use half::f16;
@@ -400,6 +401,12 @@ impl Geometry {
 /// row is read once for all of them, and a chunk's probabilities at a 4k context stay 1 MiB.
 const PROMPT_ROWS: usize = 64;
 
+/// Rows at positions from here on attend in parts of this many positions (absolute: part k
+/// is `k * SPLIT..(k + 1) * SPLIT`), merged after ([`cpu_attention::merge_parts`]): one
+/// sequence's few kv heads then spread over every thread, and a row's arithmetic still
+/// depends only on its own position and window, never on its batch, chunk or draft rows.
+const SPLIT: usize = 512;
+
 /// One CPU attention work item's context: a sequence and one of its kv heads in a layer.
 struct Job<'a, E> {
     geo: &'a Geometry,
@@ -433,19 +440,23 @@ impl<E: KvElem> Job<'_, E> {
         &self.q[first * hd..(first + self.group) * hd]
     }
 
-    /// Tokens `ts` of the sequence (consecutive positions), see [`cpu_attention`].
-    fn attend<'o>(&self, ts: Range<usize>, mut out_of: impl FnMut(usize) -> &'o mut [f32]) {
-        let (hd, group) = (self.geo.head_dim, self.group);
-        let lo = self.window_start(ts.start);
+    /// The positions tokens `ts` attend to, together.
+    fn span(&self, ts: &Range<usize>) -> Range<usize> {
         let end = ts.clone().map(|t| self.ends[t]).max().unwrap_or(0) as usize;
-        let span = end - lo;
-        let mut rows = Rows::new(ts.len() * group, hd, span);
+        self.window_start(ts.start)..end
+    }
+
+    /// Tokens `ts`' query rows over the keys and values at positions `span`, each row seeing
+    /// its own window's share of it.
+    fn rows(&self, ts: &Range<usize>, span: &Range<usize>) -> (Rows, Vec<&[E]>, Vec<&[E]>) {
+        let (hd, group) = (self.geo.head_dim, self.group);
+        let lo = span.start;
+        let mut rows = Rows::new(ts.len() * group, hd, span.len());
         let n = rows.rows;
         for (i, t) in ts.clone().enumerate() {
-            let window = (
-                (self.window_start(t) - lo) as u32,
-                (self.ends[t] as usize - lo) as u32,
-            );
+            let from = self.window_start(t).clamp(lo, span.end);
+            let to = (self.ends[t] as usize).clamp(from, span.end);
+            let window = ((from - lo) as u32, (to - lo) as u32);
             for (g, q) in self.queries(t).chunks_exact(hd).enumerate() {
                 let r = i * group + g;
                 rows.window[r] = window;
@@ -456,11 +467,26 @@ impl<E: KvElem> Job<'_, E> {
         }
         let units = hd / E::BLOCK;
         let (k, v) = (self.k, self.v);
-        let (keys, values): (Vec<&[E]>, Vec<&[E]>) = self
+        let (keys, values) = self
             .geo
-            .rows::<E>(&self.seq.block_table, self.kvh, lo..end)
+            .rows::<E>(&self.seq.block_table, self.kvh, span.clone())
             .map(|r| (&k[r..r + units], &v[r..r + units]))
             .unzip();
+        (rows, keys, values)
+    }
+
+    /// Tokens `ts`' rows over part `part` of the context (see [`SPLIT`]), unnormalised.
+    fn attend_part(&self, ts: &Range<usize>, part: usize) -> cpu_attention::Partial {
+        let span = self.span(ts);
+        let span = span.start.max(part * SPLIT)..span.end.min((part + 1) * SPLIT);
+        let (rows, keys, values) = self.rows(ts, &span);
+        cpu_attention::attend_partial(&rows, self.geo.head_dim, &keys, &values)
+    }
+
+    /// Tokens `ts` of the sequence (consecutive positions), see [`cpu_attention`].
+    fn attend<'o>(&self, ts: Range<usize>, mut out_of: impl FnMut(usize) -> &'o mut [f32]) {
+        let (hd, group) = (self.geo.head_dim, self.group);
+        let (rows, keys, values) = self.rows(&ts, &self.span(&ts));
         let out = cpu_attention::attend(&rows, hd, &keys, &values);
         for (i, t) in ts.enumerate() {
             for (g, o) in out_of(t).chunks_exact_mut(hd).enumerate() {
@@ -565,34 +591,66 @@ impl Step<'_> {
         // that share the kv head) and writes only its own (token, kv head) outputs.
         let ends = attention_ends(batch);
         let chunk = (PROMPT_ROWS / group).max(1);
-        let items: Vec<(&SeqSlice, Range<usize>, usize)> = batch
+        // A sequence's tokens in chunks, none holding rows on both sides of SPLIT.
+        let chunks: Vec<(&SeqSlice, Range<usize>)> = batch
             .seqs
             .iter()
             .flat_map(|s| {
-                (s.start..s.start + s.len)
-                    .step_by(chunk)
-                    .map(move |t0| (s, t0..(t0 + chunk).min(s.start + s.len)))
+                let all = s.start..s.start + s.len;
+                let first_split = all
+                    .clone()
+                    .find(|&t| batch.positions[t] as usize >= SPLIT)
+                    .unwrap_or(all.end);
+                let short = (all.start..first_split).step_by(chunk);
+                let long = (first_split..all.end).step_by(chunk);
+                short
+                    .map(move |t0| t0..(t0 + chunk).min(first_split))
+                    .chain(long.map(move |t0| t0..(t0 + chunk).min(all.end)))
+                    .map(move |ts| (s, ts))
             })
-            .flat_map(|(s, ts)| (0..g.kv_heads).map(move |kvh| (s, ts.clone(), kvh)))
             .collect();
+        let job = |c: usize, kvh: usize| Job {
+            geo: g,
+            k,
+            v,
+            layer: self.layer,
+            seq: chunks[c].0,
+            kvh,
+            group,
+            scale,
+            positions: &batch.positions,
+            ends: &ends,
+            q: self.q,
+        };
+        // Work items: a chunk times a kv head, and for chunks past SPLIT also times a part of
+        // the context. Each item reads a cached key/value row once for all its query rows
+        // (its tokens, and the query heads that share the kv head).
+        let mut items: Vec<(usize, usize, Option<usize>)> = Vec::new();
+        for (c, (_, ts)) in chunks.iter().enumerate() {
+            for kvh in 0..g.kv_heads {
+                if batch.positions[ts.start] as usize >= SPLIT {
+                    let span = job(c, kvh).span(ts);
+                    let parts = span.start / SPLIT..span.end.div_ceil(SPLIT);
+                    items.extend(parts.map(|p| (c, kvh, Some(p))));
+                } else {
+                    items.push((c, kvh, None));
+                }
+            }
+        }
         let mut out = vec![0f32; self.n * heads * hd];
+        let mut partials: Vec<OnceLock<cpu_attention::Partial>> = Vec::new();
+        partials.resize_with(items.len(), OnceLock::new);
         let out_ptr = super::parallel::SharedOut(out.as_mut_ptr());
-        let out_ptr = &out_ptr;
+        let (out_ptr, partials) = (&out_ptr, &partials);
         super::parallel::par_for(items.len(), |range| {
-            for (s, ts, kvh) in &items[range] {
-                let job = Job {
-                    geo: g,
-                    k,
-                    v,
-                    layer: self.layer,
-                    seq: s,
-                    kvh: *kvh,
-                    group,
-                    scale,
-                    positions: &batch.positions,
-                    ends: &ends,
-                    q: self.q,
-                };
+            for i in range {
+                let (c, kvh, part) = items[i];
+                let ts = &chunks[c].1;
+                let job = job(c, kvh);
+                if let Some(p) = part {
+                    let _ = partials[i].set(job.attend_part(ts, p));
+                    continue;
+                }
                 // SAFETY: items are disjoint in (token, kv head), and each writes only the
                 // `group * hd` outputs of its own pairs, inside `out` (n tokens x heads).
                 let out_of = |t: usize| unsafe {
@@ -604,6 +662,30 @@ impl Step<'_> {
                 job.attend(ts.clone(), out_of);
             }
         });
+        // The parts of each (chunk, kv head) are consecutive items: merge them, in order.
+        let mut i = 0;
+        while i < items.len() {
+            let (c, kvh, _) = items[i];
+            let n = items[i..]
+                .iter()
+                .take_while(|&&(c2, kvh2, p)| (c2, kvh2) == (c, kvh) && p.is_some())
+                .count();
+            if n == 0 {
+                i += 1;
+                continue;
+            }
+            let parts: Vec<&cpu_attention::Partial> = partials[i..i + n]
+                .iter()
+                .filter_map(OnceLock::get)
+                .collect();
+            for (j, t) in chunks[c].1.clone().enumerate() {
+                for gi in 0..group {
+                    let at = (t * heads + kvh * group + gi) * hd;
+                    cpu_attention::merge_parts(&parts, j * group + gi, hd, &mut out[at..at + hd]);
+                }
+            }
+            i += n;
+        }
         out
     }
 }
@@ -718,6 +800,109 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-5, "split {split}: {worst}");
         }
+    }
+
+    /// Past SPLIT, rows attend in parts merged after: against an f64 softmax over every
+    /// position, with prompt steps crossing SPLIT and a part boundary; and each late row is
+    /// bit for bit the same decoded alone as inside a multi-token step (as a speculative
+    /// step's draft rows are), so neither batching nor drafting changes a greedy output.
+    #[test]
+    fn long_contexts_attend_in_parts_like_one_softmax() {
+        let (heads, kv_heads, hd, bs) = (4, 2, 32, 16);
+        let cfg = ArchConfig {
+            num_layers: 1,
+            ..crate::model::selfcheck::case_config(heads, kv_heads, hd, 64)
+        };
+        let len = 2 * SPLIT + 276;
+        let mut seed = 11u32;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                    // Scores of a few units: the largest weights land in different parts.
+                    ((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * 2.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            rand(len * heads * hd),
+            rand(len * kv_heads * hd),
+            rand(len * kv_heads * hd),
+        );
+        let rows = |data: &[f32], r: Range<usize>, w: usize| {
+            Tensor::from_slice(
+                &data[r.start * w * hd..r.end * w * hd],
+                (r.len(), w, hd),
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let run = |steps: &[Range<usize>]| -> Vec<f32> {
+            let blocks = len.div_ceil(bs);
+            let mut cache = CpuKvCache::with_type(&cfg, blocks, bs, KvType::F32);
+            let mut got = Vec::new();
+            for r in steps {
+                let mut batch = Batch::default();
+                batch.push_seq(
+                    &vec![1; r.len()],
+                    r.start,
+                    (0..blocks as u32).collect(),
+                    true,
+                );
+                batch.validate(bs, blocks).unwrap();
+                let out = cache
+                    .attend(
+                        0,
+                        &rows(&q, r.clone(), heads),
+                        &rows(&k, r.clone(), kv_heads),
+                        &rows(&v, r.clone(), kv_heads),
+                        &batch,
+                    )
+                    .unwrap();
+                got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            got
+        };
+        let tail = len - 40..len;
+        let prompt = run(&[0..300, 300..SPLIT + 200, SPLIT + 200..len]);
+        let mut steps = vec![0..300, 300..SPLIT + 200, SPLIT + 200..tail.start];
+        steps.extend(tail.clone().map(|t| t..t + 1));
+        let decoded = run(&steps);
+        let row = heads * hd;
+        assert!(
+            prompt[tail.start * row..] == decoded[tail.start * row..],
+            "a row decoded alone differs from the same row in a prompt step"
+        );
+        let mut worst = 0f64;
+        for t in 0..len {
+            for h in 0..heads {
+                let kvh = h / (heads / kv_heads);
+                let qv = &q[(t * heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        let kj = &k[(j * kv_heads + kvh) * hd..][..hd];
+                        qv.iter()
+                            .zip(kj)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    let want: f64 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| w / sum * v[(j * kv_heads + kvh) * hd + d] as f64)
+                        .sum();
+                    let got = prompt[(t * heads + h) * hd + d] as f64;
+                    worst = worst.max((got - want).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-5, "worst {worst}");
     }
 
     #[test]

@@ -260,8 +260,70 @@ pub fn attend<E: KvElem>(rows: &Rows, head_dim: usize, keys: &[&[E]], values: &[
         }
         return out;
     }
-    portable(rows, head_dim, keys, values, &mut probs, &mut out);
+    portable(rows, head_dim, keys, values, &mut probs, &mut out, None);
     out
+}
+
+/// One part of a long context: [`attend`]'s outputs before the softmax's division, with each
+/// row's largest score and sum of exponentials over the part (`-inf` and 0 for a row that sees
+/// none of it), for [`merge_parts`].
+pub struct Partial {
+    pub out: Vec<f32>,
+    pub max: Vec<f32>,
+    pub sum: Vec<f32>,
+}
+
+/// [`attend`] over one part of the keys, unnormalised (see [`Partial`]).
+pub fn attend_partial<E: KvElem>(
+    rows: &Rows,
+    head_dim: usize,
+    keys: &[&[E]],
+    values: &[&[E]],
+) -> Partial {
+    let span = keys.len();
+    assert!(
+        values.len() == span
+            && keys
+                .iter()
+                .chain(values)
+                .all(|r| r.len() * E::BLOCK >= head_dim),
+        "attention rows shorter than the head"
+    );
+    let mut probs = vec![0f32; span * rows.rows];
+    let mut out = vec![0f32; head_dim * rows.rows];
+    let (mut max, mut sum) = (vec![0f32; rows.rows], vec![0f32; rows.rows]);
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the features were just checked; buffers have the sizes the kernels use.
+        unsafe {
+            x86::scores(rows, head_dim, keys, &mut probs);
+            x86::exponentials(rows.rows, span, &mut probs, &mut max, &mut sum);
+            x86::weighted_values(rows.rows, rows.used, head_dim, values, &probs, &mut out);
+        }
+        return Partial { out, max, sum };
+    }
+    let stats = Some((&mut max[..], &mut sum[..]));
+    portable(rows, head_dim, keys, values, &mut probs, &mut out, stats);
+    Partial { out, max, sum }
+}
+
+/// Row `r`'s attention output (`hd` values) from its parts, in order: each part's sums
+/// rescaled to the largest score over all parts, then divided by the total weight. The
+/// arithmetic depends only on the row's own scores, so the row's result is the same in any
+/// batch and any chunk of rows.
+pub fn merge_parts(parts: &[&Partial], r: usize, hd: usize, out: &mut [f32]) {
+    let top = parts.iter().fold(f32::NEG_INFINITY, |m, p| m.max(p.max[r]));
+    out.fill(0.0);
+    let mut total = 0.0;
+    for p in parts.iter().filter(|p| p.max[r] > f32::NEG_INFINITY) {
+        let w = (p.max[r] - top).exp();
+        total = p.sum[r].mul_add(w, total);
+        for (o, &v) in out.iter_mut().zip(&p.out[r * hd..(r + 1) * hd]) {
+            *o = v.mul_add(w, *o);
+        }
+    }
+    let inv = 1.0 / total;
+    out.iter_mut().for_each(|o| *o *= inv);
 }
 
 /// The same computation without SIMD (each lane's chain of operations spelled out).
@@ -272,6 +334,7 @@ fn portable<E: KvElem>(
     values: &[&[E]],
     probs: &mut [f32],
     out: &mut [f32],
+    mut stats: Option<(&mut [f32], &mut [f32])>,
 ) {
     let (n, span) = (rows.rows, keys.len());
     for (j, k) in keys.iter().enumerate() {
@@ -286,11 +349,17 @@ fn portable<E: KvElem>(
     }
     for r in 0..n {
         let max = (0..span).fold(f32::NEG_INFINITY, |m, j| m.max(probs[j * n + r]));
+        // A row that sees none of a part's keys: every exponential 0, not NaN.
+        let shift = if max == f32::NEG_INFINITY { 0.0 } else { max };
         let mut sum = 0.0;
         for j in 0..span {
-            let e = (probs[j * n + r] - max).exp();
+            let e = (probs[j * n + r] - shift).exp();
             probs[j * n + r] = e;
             sum += e;
+        }
+        if let Some((m, s)) = stats.as_mut() {
+            (m[r], s[r]) = (max, sum);
+            continue;
         }
         for j in 0..span {
             probs[j * n + r] *= 1.0 / sum;
@@ -631,6 +700,43 @@ pub(super) mod x86 {
                     let e = _mm256_loadu_ps(p.add(j * n + r));
                     _mm256_storeu_ps(p.add(j * n + r), _mm256_mul_ps(e, inv));
                 }
+            }
+        }
+    }
+
+    /// [`softmax`]'s exponentials without the division: each row's largest score goes to
+    /// `max` and the sum of its exponentials to `sum` (for a row that sees no key: `-inf`,
+    /// and 0 with every exponential 0).
+    ///
+    /// # Safety
+    /// As [`softmax`]; `max` and `sum` must hold `n` floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exponentials(
+        n: usize,
+        span: usize,
+        probs: &mut [f32],
+        max_out: &mut [f32],
+        sum_out: &mut [f32],
+    ) {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let p = probs.as_mut_ptr();
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            for r in (0..n).step_by(LANES) {
+                let mut max = ninf;
+                for j in 0..span {
+                    max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
+                }
+                let none = _mm256_cmp_ps(max, ninf, _CMP_EQ_OQ);
+                let shift = _mm256_andnot_ps(none, max);
+                let mut sum = _mm256_setzero_ps();
+                for j in 0..span {
+                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), shift));
+                    _mm256_storeu_ps(p.add(j * n + r), e);
+                    sum = _mm256_add_ps(sum, e);
+                }
+                _mm256_storeu_ps(max_out.as_mut_ptr().add(r), max);
+                _mm256_storeu_ps(sum_out.as_mut_ptr().add(r), sum);
             }
         }
     }
