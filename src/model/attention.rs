@@ -694,6 +694,69 @@ impl Step<'_> {
 mod tests {
     use super::*;
 
+    /// A sequence's random queries, keys and values (`[len][heads or kv_heads][hd]`, uniform
+    /// in `-scale..scale` from a linear congruential generator), fed to a cache step by step.
+    struct Qkv {
+        q: Vec<f32>,
+        k: Vec<f32>,
+        v: Vec<f32>,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+    }
+
+    impl Qkv {
+        fn new(
+            seed: u32,
+            len: usize,
+            (heads, kv_heads, hd): (usize, usize, usize),
+            scale: f32,
+        ) -> Self {
+            let mut seed = seed;
+            let mut rand = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
+                        ((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale
+                    })
+                    .collect()
+            };
+            let (q, k, v) = (
+                rand(len * heads * hd),
+                rand(len * kv_heads * hd),
+                rand(len * kv_heads * hd),
+            );
+            Self {
+                q,
+                k,
+                v,
+                heads,
+                kv_heads,
+                hd,
+            }
+        }
+
+        /// Tokens `r` through layer 0 of `cache` as `batch`: their outputs, flattened.
+        fn step(&self, cache: &mut CpuKvCache, batch: &Batch, r: Range<usize>) -> Vec<f32> {
+            let rows = |data: &[f32], w: usize| {
+                let hd = self.hd;
+                Tensor::from_slice(
+                    &data[r.start * w * hd..r.end * w * hd],
+                    (r.len(), w, hd),
+                    &Device::Cpu,
+                )
+                .unwrap()
+            };
+            let (q, k, v) = (
+                rows(&self.q, self.heads),
+                rows(&self.k, self.kv_heads),
+                rows(&self.v, self.kv_heads),
+            );
+            let out = cache.attend(0, &q, &k, &v, batch).unwrap();
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        }
+    }
+
     /// An image's rows attend to the whole image (and what precedes it), text rows
     /// causally: against a plain softmax over exactly those keys, in one step and with the
     /// text before the image cached by an earlier step.
@@ -706,20 +769,8 @@ mod tests {
         };
         // Text 0..3, an image 3..7, text 7..10.
         let (len, image) = (10usize, 3..7usize);
-        let mut seed = 7u32;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                    (seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-                })
-                .collect()
-        };
-        let (q, k, v) = (
-            rand(len * heads * hd),
-            rand(len * kv_heads * hd),
-            rand(len * kv_heads * hd),
-        );
+        let data = Qkv::new(7, len, (heads, kv_heads, hd), 1.0);
+        let (q, k, v) = (&data.q, &data.k, &data.v);
         let end = |t: usize| if image.contains(&t) { image.end } else { t + 1 };
         let mut want = vec![0f32; len * heads * hd];
         for t in 0..len {
@@ -743,14 +794,6 @@ mod tests {
                 }
             }
         }
-        let rows = |data: &[f32], r: Range<usize>, w: usize| {
-            Tensor::from_slice(
-                &data[r.start * w * hd..r.end * w * hd],
-                (r.len(), w, hd),
-                &Device::Cpu,
-            )
-            .unwrap()
-        };
         // All at once, then the leading text first and the rest in a second step.
         for split in [0, 3] {
             let mut cache = CpuKvCache::with_type(&cfg, 4, 4, KvType::F32);
@@ -782,16 +825,7 @@ mod tests {
                     });
                 }
                 batch.validate(4, 4).unwrap();
-                let out = cache
-                    .attend(
-                        0,
-                        &rows(&q, r.clone(), heads),
-                        &rows(&k, r.clone(), kv_heads),
-                        &rows(&v, r.clone(), kv_heads),
-                        &batch,
-                    )
-                    .unwrap();
-                got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                got.extend(data.step(&mut cache, &batch, r));
             }
             let worst = got
                 .iter()
@@ -814,29 +848,9 @@ mod tests {
             ..crate::model::selfcheck::case_config(heads, kv_heads, hd, 64)
         };
         let len = 2 * SPLIT + 276;
-        let mut seed = 11u32;
-        let mut rand = |n: usize| -> Vec<f32> {
-            (0..n)
-                .map(|_| {
-                    seed = seed.wrapping_mul(1664525).wrapping_add(1013904223);
-                    // Scores of a few units: the largest weights land in different parts.
-                    ((seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * 2.0
-                })
-                .collect()
-        };
-        let (q, k, v) = (
-            rand(len * heads * hd),
-            rand(len * kv_heads * hd),
-            rand(len * kv_heads * hd),
-        );
-        let rows = |data: &[f32], r: Range<usize>, w: usize| {
-            Tensor::from_slice(
-                &data[r.start * w * hd..r.end * w * hd],
-                (r.len(), w, hd),
-                &Device::Cpu,
-            )
-            .unwrap()
-        };
+        // Scores of a few units: the largest weights land in different parts.
+        let data = Qkv::new(11, len, (heads, kv_heads, hd), 2.0);
+        let (q, k, v) = (&data.q, &data.k, &data.v);
         let run = |steps: &[Range<usize>]| -> Vec<f32> {
             let blocks = len.div_ceil(bs);
             let mut cache = CpuKvCache::with_type(&cfg, blocks, bs, KvType::F32);
@@ -850,16 +864,7 @@ mod tests {
                     true,
                 );
                 batch.validate(bs, blocks).unwrap();
-                let out = cache
-                    .attend(
-                        0,
-                        &rows(&q, r.clone(), heads),
-                        &rows(&k, r.clone(), kv_heads),
-                        &rows(&v, r.clone(), kv_heads),
-                        &batch,
-                    )
-                    .unwrap();
-                got.extend(out.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                got.extend(data.step(&mut cache, &batch, r.clone()));
             }
             got
         };

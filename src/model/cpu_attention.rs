@@ -239,29 +239,7 @@ impl KvElem for Q8Block {
 /// Attention outputs `[rows][head_dim]` for `rows` against `keys`/`values`: one row of
 /// `head_dim` values per span position, in order.
 pub fn attend<E: KvElem>(rows: &Rows, head_dim: usize, keys: &[&[E]], values: &[&[E]]) -> Vec<f32> {
-    let span = keys.len();
-    assert!(
-        values.len() == span
-            && keys
-                .iter()
-                .chain(values)
-                .all(|r| r.len() * E::BLOCK >= head_dim),
-        "attention rows shorter than the head"
-    );
-    let mut probs = vec![0f32; span * rows.rows];
-    let mut out = vec![0f32; head_dim * rows.rows];
-    #[cfg(target_arch = "x86_64")]
-    if super::cpu_quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the features were just checked; buffers have the sizes the kernels use.
-        unsafe {
-            x86::scores(rows, head_dim, keys, &mut probs);
-            x86::softmax(rows.rows, span, &mut probs);
-            x86::weighted_values(rows.rows, rows.used, head_dim, values, &probs, &mut out);
-        }
-        return out;
-    }
-    portable(rows, head_dim, keys, values, &mut probs, &mut out, None);
-    out
+    attend_with(rows, head_dim, keys, values, None)
 }
 
 /// One part of a long context: [`attend`]'s outputs before the softmax's division, with each
@@ -280,6 +258,20 @@ pub fn attend_partial<E: KvElem>(
     keys: &[&[E]],
     values: &[&[E]],
 ) -> Partial {
+    let (mut max, mut sum) = (vec![0f32; rows.rows], vec![0f32; rows.rows]);
+    let out = attend_with(rows, head_dim, keys, values, Some((&mut max, &mut sum)));
+    Partial { out, max, sum }
+}
+
+/// [`attend`], or with `stats` [`attend_partial`]: the softmax's row maxima and sums go there
+/// and the outputs are left undivided.
+fn attend_with<E: KvElem>(
+    rows: &Rows,
+    head_dim: usize,
+    keys: &[&[E]],
+    values: &[&[E]],
+    stats: Option<(&mut [f32], &mut [f32])>,
+) -> Vec<f32> {
     let span = keys.len();
     assert!(
         values.len() == span
@@ -291,20 +283,22 @@ pub fn attend_partial<E: KvElem>(
     );
     let mut probs = vec![0f32; span * rows.rows];
     let mut out = vec![0f32; head_dim * rows.rows];
-    let (mut max, mut sum) = (vec![0f32; rows.rows], vec![0f32; rows.rows]);
     #[cfg(target_arch = "x86_64")]
     if super::cpu_quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
-        // SAFETY: the features were just checked; buffers have the sizes the kernels use.
+        // SAFETY: the features were just checked; buffers have the sizes the kernels use
+        // (`stats` holds `rows.rows` floats each, as `attend_partial` allocates them).
         unsafe {
             x86::scores(rows, head_dim, keys, &mut probs);
-            x86::exponentials(rows.rows, span, &mut probs, &mut max, &mut sum);
+            match stats {
+                Some((max, sum)) => x86::exponentials(rows.rows, span, &mut probs, max, sum),
+                None => x86::softmax(rows.rows, span, &mut probs),
+            }
             x86::weighted_values(rows.rows, rows.used, head_dim, values, &probs, &mut out);
         }
-        return Partial { out, max, sum };
+        return out;
     }
-    let stats = Some((&mut max[..], &mut sum[..]));
     portable(rows, head_dim, keys, values, &mut probs, &mut out, stats);
-    Partial { out, max, sum }
+    out
 }
 
 /// Row `r`'s attention output (`hd` values) from its parts, in order: each part's sums
