@@ -669,6 +669,34 @@ pub(super) mod x86 {
         }
     }
 
+    /// Rows `r..r + 8`'s scores over the span replaced by their exponentials less the row's
+    /// largest score: that largest score and the exponentials' sum, per lane. A row that sees
+    /// no key keeps `-inf` as its largest score and gets exponentials (and a sum) of 0.
+    ///
+    /// # Safety
+    /// `p` must hold `span` rows of `n` lanes with `r + 8 <= n`, and the CPU must have AVX2
+    /// and FMA.
+    #[inline(always)]
+    unsafe fn row_exponentials(p: *mut f32, n: usize, span: usize, r: usize) -> (__m256, __m256) {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+            let mut max = ninf;
+            for j in 0..span {
+                max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
+            }
+            // Bitwise the same shift as `max` for every row that sees a key.
+            let shift = _mm256_andnot_ps(_mm256_cmp_ps(max, ninf, _CMP_EQ_OQ), max);
+            let mut sum = _mm256_setzero_ps();
+            for j in 0..span {
+                let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), shift));
+                _mm256_storeu_ps(p.add(j * n + r), e);
+                sum = _mm256_add_ps(sum, e);
+            }
+            (max, sum)
+        }
+    }
+
     /// Softmax over the span, per row (lane), in place.
     ///
     /// # Safety
@@ -679,16 +707,7 @@ pub(super) mod x86 {
         unsafe {
             let p = probs.as_mut_ptr();
             for r in (0..n).step_by(LANES) {
-                let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
-                for j in 0..span {
-                    max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
-                }
-                let mut sum = _mm256_setzero_ps();
-                for j in 0..span {
-                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), max));
-                    _mm256_storeu_ps(p.add(j * n + r), e);
-                    sum = _mm256_add_ps(sum, e);
-                }
+                let (_, sum) = row_exponentials(p, n, span, r);
                 let inv = _mm256_div_ps(_mm256_set1_ps(1.0), sum);
                 for j in 0..span {
                     let e = _mm256_loadu_ps(p.add(j * n + r));
@@ -715,20 +734,8 @@ pub(super) mod x86 {
         // SAFETY: the caller upholds the contract in `# Safety` above.
         unsafe {
             let p = probs.as_mut_ptr();
-            let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
             for r in (0..n).step_by(LANES) {
-                let mut max = ninf;
-                for j in 0..span {
-                    max = _mm256_max_ps(max, _mm256_loadu_ps(p.add(j * n + r)));
-                }
-                let none = _mm256_cmp_ps(max, ninf, _CMP_EQ_OQ);
-                let shift = _mm256_andnot_ps(none, max);
-                let mut sum = _mm256_setzero_ps();
-                for j in 0..span {
-                    let e = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(j * n + r)), shift));
-                    _mm256_storeu_ps(p.add(j * n + r), e);
-                    sum = _mm256_add_ps(sum, e);
-                }
+                let (max, sum) = row_exponentials(p, n, span, r);
                 _mm256_storeu_ps(max_out.as_mut_ptr().add(r), max);
                 _mm256_storeu_ps(sum_out.as_mut_ptr().add(r), sum);
             }
