@@ -275,9 +275,18 @@ pub struct Config {
     /// `WICK_NUM_DRAFT`: speculative decoding's draft tokens per step for requests that do
     /// not set `num_draft` (default 0: off).
     pub num_draft: usize,
+    /// `WICK_MAX_BATCH_TOKENS`: tokens one forward step computes, decode tokens plus prompt
+    /// chunks (default 512, vLLM's `--max-num-batched-tokens`). Smaller bounds how long a
+    /// prompt's prefill holds up the sequences decoding beside it; larger prefills faster.
+    pub max_batch_tokens: usize,
     /// `WICK_FETCH_IMAGES=1`: fetch http(s) image URLs clients send (off: only data URLs).
     pub fetch_images: bool,
 }
+
+/// `WICK_MAX_BATCH_TOKENS`' range: a step must hold a decode token for each of many
+/// sequences (and drafts), and one step's activations must stay a bounded size.
+const MIN_BATCH_TOKENS: usize = 16;
+const MAX_BATCH_TOKENS: usize = 16384;
 
 /// Ollama trims whitespace and surrounding quotes from every value; empty means unset.
 fn clean(v: Option<String>) -> Option<String> {
@@ -482,6 +491,16 @@ impl Config {
                 }
                 n => n.unwrap_or(0),
             },
+            max_batch_tokens: match number("WICK_MAX_BATCH_TOKENS")? {
+                Some(n) if !(MIN_BATCH_TOKENS..=MAX_BATCH_TOKENS).contains(&n) => {
+                    return Err(invalid(
+                        "WICK_MAX_BATCH_TOKENS",
+                        &n.to_string(),
+                        format!("expected {MIN_BATCH_TOKENS} to {MAX_BATCH_TOKENS}"),
+                    ))
+                }
+                n => n.unwrap_or(crate::engine::DEFAULT_STEP_TOKENS),
+            },
             fetch_images: matches!(
                 var("WICK_FETCH_IMAGES")
                     .as_deref()
@@ -573,7 +592,13 @@ mod tests {
         assert_eq!(c.keep_alive, KeepAlive::For(Duration::from_secs(30)));
         assert_eq!(c.num_parallel, Some(4));
         assert_eq!(c.context_length, 8192);
+        assert_eq!(c.max_batch_tokens, 512);
         assert!(cfg(&[("OLLAMA_MODELS", "/m"), ("OLLAMA_MAX_QUEUE", "x")]).is_err());
+        let batch = |v: &str| cfg(&[("OLLAMA_MODELS", "/m"), ("WICK_MAX_BATCH_TOKENS", v)]);
+        assert_eq!(batch("128").map(|c| c.max_batch_tokens), Ok(128));
+        for bad in ["0", "15", "16385", "x"] {
+            assert!(batch(bad).is_err(), "WICK_MAX_BATCH_TOKENS={bad}");
+        }
     }
 
     #[test]

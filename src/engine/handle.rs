@@ -26,6 +26,9 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 /// The most draft tokens a step may guess per sequence (`num_draft`).
 pub const MAX_DRAFT: usize = 32;
 
+/// Tokens per forward step unless `WICK_MAX_BATCH_TOKENS` says otherwise.
+pub const DEFAULT_STEP_TOKENS: usize = 512;
+
 /// Steps get draft tokens while they have fewer rows than this. On the CPU a decode step of
 /// a few rows costs about what reading the weights costs; measured with
 /// `benches/speculative.rs`.
@@ -73,7 +76,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: None,
             kv_type: KvType::F16,
             kv_memory_fraction: 0.3,
-            max_tokens_per_step: 512,
+            max_tokens_per_step: DEFAULT_STEP_TOKENS,
             max_running: None,
             default_num_ctx: 4096,
             max_queue: usize::MAX,
@@ -87,7 +90,7 @@ impl Default for EngineConfig {
 
 impl EngineConfig {
     /// The defaults with the server's settings (`WICK_KV_CACHE_BYTES`,
-    /// `OLLAMA_NUM_PARALLEL`, `OLLAMA_CONTEXT_LENGTH`) applied.
+    /// `OLLAMA_NUM_PARALLEL`, `OLLAMA_CONTEXT_LENGTH`, `WICK_MAX_BATCH_TOKENS`) applied.
     pub fn from_config(cfg: &crate::config::Config) -> Self {
         Self {
             kv_cache_bytes: cfg.kv_cache_bytes,
@@ -96,6 +99,7 @@ impl EngineConfig {
             default_num_ctx: cfg.context_length,
             max_queue: cfg.max_queue,
             num_draft: cfg.num_draft,
+            max_tokens_per_step: cfg.max_batch_tokens,
             ..Self::default()
         }
     }

@@ -26,7 +26,9 @@ mod worker;
 
 pub use constraint::{Constraint, Grammar, GrammarError};
 pub use error::EngineError;
-pub use handle::{Engine, EngineConfig, EngineStats, KvBudget, MAX_DRAFT, MAX_TOP_LOGPROBS};
+pub use handle::{
+    Engine, EngineConfig, EngineStats, KvBudget, DEFAULT_STEP_TOKENS, MAX_DRAFT, MAX_TOP_LOGPROBS,
+};
 pub use kv_budget::{available_memory, memory, Memory};
 pub use request::{
     Candidate, Event, FinishReason, ImageSpan, Reasoning, Request, RequestStream, Summary,
