@@ -369,6 +369,21 @@ impl Config {
                     .map_err(|e| invalid(name, &v, e.to_string())),
             }
         };
+        // A number that must lie in `range`, `default` when unset.
+        let ranged = |name: &'static str,
+                      range: std::ops::RangeInclusive<usize>,
+                      default: usize|
+         -> Result<usize, ConfigError> {
+            match number(name)? {
+                None => Ok(default),
+                Some(n) if range.contains(&n) => Ok(n),
+                Some(n) => Err(invalid(
+                    name,
+                    &n.to_string(),
+                    format!("expected {} to {}", range.start(), range.end()),
+                )),
+            }
+        };
         let host = match var("OLLAMA_HOST") {
             Some(v) => HostPort::parse(&v).map_err(|e| invalid("OLLAMA_HOST", &v, e))?,
             None => HostPort {
@@ -481,26 +496,12 @@ impl Config {
                 }
             },
             preload: list("WICK_PRELOAD"),
-            num_draft: match number("WICK_NUM_DRAFT")? {
-                Some(n) if n > crate::engine::MAX_DRAFT => {
-                    return Err(invalid(
-                        "WICK_NUM_DRAFT",
-                        &n.to_string(),
-                        format!("expected 0 to {}", crate::engine::MAX_DRAFT),
-                    ))
-                }
-                n => n.unwrap_or(0),
-            },
-            max_batch_tokens: match number("WICK_MAX_BATCH_TOKENS")? {
-                Some(n) if !(MIN_BATCH_TOKENS..=MAX_BATCH_TOKENS).contains(&n) => {
-                    return Err(invalid(
-                        "WICK_MAX_BATCH_TOKENS",
-                        &n.to_string(),
-                        format!("expected {MIN_BATCH_TOKENS} to {MAX_BATCH_TOKENS}"),
-                    ))
-                }
-                n => n.unwrap_or(crate::engine::DEFAULT_STEP_TOKENS),
-            },
+            num_draft: ranged("WICK_NUM_DRAFT", 0..=crate::engine::MAX_DRAFT, 0)?,
+            max_batch_tokens: ranged(
+                "WICK_MAX_BATCH_TOKENS",
+                MIN_BATCH_TOKENS..=MAX_BATCH_TOKENS,
+                crate::engine::DEFAULT_STEP_TOKENS,
+            )?,
             fetch_images: matches!(
                 var("WICK_FETCH_IMAGES")
                     .as_deref()
