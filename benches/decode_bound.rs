@@ -18,7 +18,7 @@ use std::time::Instant;
 use candle_core::Device;
 use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
 
-use common::{decode_times, median, model_files, models_dir, prefilled};
+use common::{batch_decode_times, decode_times, median, model_files, models_dir, prefilled};
 
 mod common;
 
@@ -200,32 +200,25 @@ mod x86 {
 fn batch_decode_secs(model: &Model) -> f64 {
     const BLOCK: usize = 16;
     let per = (CONTEXT + BATCH_STEPS).div_ceil(BLOCK);
-    let table = |s: usize| -> Vec<u32> { ((s * per) as u32..((s + 1) * per) as u32).collect() };
+    let tables: Vec<Vec<u32>> = (0..BATCH)
+        .map(|s| ((s * per) as u32..((s + 1) * per) as u32).collect())
+        .collect();
     let mut cache = CpuKvCache::new(model.config(), BATCH * per, BLOCK);
-    for s in 0..BATCH {
+    for (s, table) in tables.iter().enumerate() {
         let mut b = Batch::default();
-        b.push_seq(&vec![100 + s as u32; CONTEXT], 0, table(s), true);
+        b.push_seq(&vec![100 + s as u32; CONTEXT], 0, table.clone(), true);
         model
             .decoder
             .forward(&b, &mut cache as &mut dyn KvCache)
             .expect("prefill");
     }
-    let times = (CONTEXT..CONTEXT + BATCH_STEPS)
-        .map(|pos| {
-            let mut b = Batch::default();
-            for s in 0..BATCH {
-                b.push_seq(&[101], pos, table(s), true);
-            }
-            let t = Instant::now();
-            let logits = model
-                .decoder
-                .forward(&b, &mut cache as &mut dyn KvCache)
-                .expect("decode");
-            let _rows: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    median(times)
+    median(batch_decode_times(
+        model,
+        &mut cache,
+        &tables,
+        CONTEXT,
+        BATCH_STEPS,
+    ))
 }
 
 /// Median seconds per decode step over contexts CONTEXT..CONTEXT+STEPS.

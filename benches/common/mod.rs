@@ -87,16 +87,29 @@ pub fn decode_times(
     from: usize,
     steps: usize,
 ) -> Vec<f64> {
+    batch_decode_times(model, cache, &[table.to_vec()], from, steps)
+}
+
+/// [`decode_times`] for a step of one token from each sequence, one block table each.
+pub fn batch_decode_times(
+    model: &Model,
+    cache: &mut CpuKvCache,
+    tables: &[Vec<u32>],
+    from: usize,
+    steps: usize,
+) -> Vec<f64> {
     (from..from + steps)
         .map(|pos| {
             let mut b = Batch::default();
-            b.push_seq(&[101], pos, table.to_vec(), true);
+            for table in tables {
+                b.push_seq(&[101], pos, table.clone(), true);
+            }
             let t = std::time::Instant::now();
             let logits = model
                 .decoder
                 .forward(&b, cache as &mut dyn KvCache)
                 .expect("decode");
-            let _row: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
+            let _rows: Vec<Vec<f32>> = logits.to_vec2().expect("logits");
             t.elapsed().as_secs_f64()
         })
         .collect()
