@@ -1417,30 +1417,32 @@ impl QuantizedType for FastQuant {
                 let out = super::parallel::SharedOut(dst.as_mut_ptr());
                 let (out, acts, data) = (&out, &acts, &self.data);
                 super::parallel::par_for(pairs + n / GROUP % 2, |items| {
-                    let mut scratch = Vec::new();
-                    for p in items {
-                        let g = data[p * 2 * group_bytes..].as_ptr();
-                        // SAFETY: AMX is available; dst holds m rows of n values (checked
-                        // above) and item p writes only its own 16 (or, for an odd last
-                        // group, 8) columns; acts were padded to whole tiles; each group
-                        // pointer starts a whole group of the tensor.
-                        unsafe {
-                            if p < pairs {
-                                let pair = amx::Pair {
-                                    g0: g,
-                                    g1: g.add(group_bytes),
-                                    nb,
-                                    acts: acts.as_ptr(),
-                                    m,
-                                    out: out.0.add(p * amx::COLS),
-                                    out_stride: n,
-                                };
-                                amx::run(self.kind, &pair, &mut scratch)
-                            } else {
-                                let w = &data[p * 2 * group_bytes..][..group_bytes];
-                                tile(t, self.kind, w, nb, &acts[..m * nb], out.0.add(p * 16), n)
+                    // SAFETY: AMX is available (checked above).
+                    unsafe {
+                        amx::session(|scratch| {
+                            for p in items {
+                                let g = data[p * 2 * group_bytes..].as_ptr();
+                                // SAFETY: inside a session; dst holds m rows of n values
+                                // (checked above) and item p writes only its own 16 (or, for
+                                // an odd last group, 8) columns; acts were padded to whole
+                                // tiles; each group pointer starts a whole group of the tensor.
+                                if p < pairs {
+                                    let pair = amx::Pair {
+                                        g0: g,
+                                        g1: g.add(group_bytes),
+                                        nb,
+                                        acts: acts.as_ptr(),
+                                        m,
+                                        out: out.0.add(p * amx::COLS),
+                                        out_stride: n,
+                                    };
+                                    amx::run(self.kind, &pair, scratch)
+                                } else {
+                                    let w = &data[p * 2 * group_bytes..][..group_bytes];
+                                    tile(t, self.kind, w, nb, &acts[..m * nb], out.0.add(p * 16), n)
+                                }
                             }
-                        }
+                        })
                     }
                 });
                 return Ok(());
@@ -1559,16 +1561,20 @@ mod tests {
             return;
         }
         // m is not a multiple of the tile kernel's 4 activation rows.
-        // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded),
-        // and n = 40 is two 16-row AMX pairs plus one 8-row group for the VNNI kernel.
+        // m = 37 runs on AMX where the CPU has it (three tiles of 16 rows, the last padded,
+        // each block expanded once), m = 12 on one padded tile (blocks expanded as they are
+        // multiplied), m = 7 on the VNNI kernel; n = 40 is two 16-row AMX pairs plus one
+        // 8-row group for the VNNI kernel.
         for (k, kinds) in kinds_by_width() {
             let kinds = &kinds[..];
             let (w, x) = (pseudo_random(40 * k, 1), pseudo_random(37 * k, 2));
-            let few = same_blocks(kinds, &w, &x[..7 * k], k);
             let many = same_blocks(kinds, &w, &x, k);
-            // A row's result does not depend on how many rows run with it (AMX or VNNI).
-            for (dtype, (few, many)) in kinds.iter().zip(few.iter().zip(&many)) {
-                assert_eq!(few[..], many[..few.len()], "{dtype:?}: 7 rows vs 37 rows");
+            for rows in [7, 12] {
+                let few = same_blocks(kinds, &w, &x[..rows * k], k);
+                // A row's result does not depend on how many rows run with it (AMX or VNNI).
+                for (dtype, (few, many)) in kinds.iter().zip(few.iter().zip(&many)) {
+                    assert_eq!(few[..], many[..few.len()], "{dtype:?}: {rows} rows vs 37");
+                }
             }
         }
     }

@@ -194,9 +194,16 @@ pub struct Pair {
 
 /// Multiplies a [`Pair`]; `scratch` holds its expanded weights.
 ///
+/// Software-pipelined: block b + 1's tile loads, multiply and store are issued before block
+/// b's float epilogue, into the other result tiles and sums, so the multiply's latency and
+/// the store-to-load round trip through memory overlap the previous block's epilogue (with
+/// one set of tiles, every block waited for its own). The epilogue adds the blocks in order,
+/// so the results are unchanged.
+///
 /// # Safety
-/// [`available`] must be true; `g0`/`g1` must hold `nb` packed superblocks each; `acts` must
-/// hold `m.next_multiple_of(ROWS) * nb` blocks; `out` room for `(m - 1) * out_stride + 16`.
+/// [`available`] must be true and this thread's tiles configured ([`session`]); `g0`/`g1`
+/// must hold `nb` packed superblocks each; `acts` must hold `m.next_multiple_of(ROWS) * nb`
+/// blocks; `out` room for `(m - 1) * out_stride + 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec<Expanded>) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
@@ -210,51 +217,117 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
             out,
             out_stride,
         } = *p;
-        scratch.resize(nb, Expanded::default());
-        expand::<KIND, BB>(g0, g1, nb, scratch);
+        // One tile of rows uses each expanded block once: expand two blocks ahead of the
+        // multiply into a ring of three, which stays in L1 and keeps the vector units
+        // expanding while the tile unit multiplies. More rows reuse every block per tile,
+        // so expand them all first.
+        let ring = m <= ROWS;
+        let slots = if ring { nb.min(3) } else { nb };
+        if scratch.len() < slots {
+            scratch.resize(slots, Expanded::default());
+        }
+        let at = |b: usize| if ring { b % 3 } else { b };
+        let slot = scratch.as_mut_ptr();
+        let expand_block = |b: usize| {
+            let off = b * 8 * BB;
+            let e = std::slice::from_raw_parts_mut(slot.add(at(b)), 1);
+            expand::<KIND, BB>(g0.add(off), g1.add(off), 1, e);
+        };
+        for b in 0..if ring { nb.min(2) } else { nb } {
+            expand_block(b);
+        }
         let a_stride = nb * std::mem::size_of::<Act>();
         let q_offset = std::mem::offset_of!(Act, q);
         #[repr(C, align(64))]
         struct Sums([i32; ROWS * COLS]);
-        let (mut sums, mut sums2) = (Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS]));
+        // Per block parity: the sums of q (and of Q6_K's q2).
+        let mut sums = [
+            [Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS])],
+            [Sums([0; ROWS * COLS]), Sums([0; ROWS * COLS])],
+        ];
         for m0 in (0..m).step_by(ROWS) {
             let mut acc = [_mm512_setzero_ps(); ROWS];
             let row0 = acts.add(m0 * nb);
-            for (b, e) in scratch.iter().enumerate() {
+            // Block b's multiply into tmm0 (tmm1 for q2) when b is even, tmm2 (tmm3) when
+            // odd, stored to sums[b % 2].
+            let issue = |b: usize, sums: &mut [[Sums; 2]; 2]| {
+                let (e, [s, s2]) = (&*slot.add(at(b)), &mut sums[b % 2]);
                 let a = (row0.add(b) as *const u8).add(q_offset);
-                std::arch::asm!(
-                    "tileloadd tmm4, [{a} + {a_stride}*1]",
-                    "tileloadd tmm6, [{w} + {w_stride}*1]",
-                    "tilezero tmm0",
-                    "tdpbssd tmm0, tmm4, tmm6",
-                    "tilestored [{c} + {c_stride}*1], tmm0",
-                    a = in(reg) a,
-                    a_stride = in(reg) a_stride,
-                    w = in(reg) e.q.as_ptr(),
-                    w_stride = in(reg) 64usize,
-                    c = in(reg) sums.0.as_mut_ptr(),
-                    c_stride = in(reg) 64usize,
-                    options(nostack)
-                );
-                if KIND == Q6K {
+                if b.is_multiple_of(2) {
                     std::arch::asm!(
-                        "tileloadd tmm7, [{w} + {w_stride}*1]",
-                        "tilezero tmm1",
-                        "tdpbssd tmm1, tmm4, tmm7",
-                        "tilestored [{c} + {c_stride}*1], tmm1",
-                        w = in(reg) e.q2.as_ptr(),
+                        "tileloadd tmm4, [{a} + {a_stride}*1]",
+                        "tileloadd tmm6, [{w} + {w_stride}*1]",
+                        "tilezero tmm0",
+                        "tdpbssd tmm0, tmm4, tmm6",
+                        "tilestored [{c} + {c_stride}*1], tmm0",
+                        a = in(reg) a,
+                        a_stride = in(reg) a_stride,
+                        w = in(reg) e.q.as_ptr(),
                         w_stride = in(reg) 64usize,
-                        c = in(reg) sums2.0.as_mut_ptr(),
+                        c = in(reg) s.0.as_mut_ptr(),
                         c_stride = in(reg) 64usize,
                         options(nostack)
                     );
+                    if KIND == Q6K {
+                        std::arch::asm!(
+                            "tileloadd tmm7, [{w} + {w_stride}*1]",
+                            "tilezero tmm1",
+                            "tdpbssd tmm1, tmm4, tmm7",
+                            "tilestored [{c} + {c_stride}*1], tmm1",
+                            w = in(reg) e.q2.as_ptr(),
+                            w_stride = in(reg) 64usize,
+                            c = in(reg) s2.0.as_mut_ptr(),
+                            c_stride = in(reg) 64usize,
+                            options(nostack)
+                        );
+                    }
+                } else {
+                    std::arch::asm!(
+                        "tileloadd tmm5, [{a} + {a_stride}*1]",
+                        "tileloadd tmm6, [{w} + {w_stride}*1]",
+                        "tilezero tmm2",
+                        "tdpbssd tmm2, tmm5, tmm6",
+                        "tilestored [{c} + {c_stride}*1], tmm2",
+                        a = in(reg) a,
+                        a_stride = in(reg) a_stride,
+                        w = in(reg) e.q.as_ptr(),
+                        w_stride = in(reg) 64usize,
+                        c = in(reg) s.0.as_mut_ptr(),
+                        c_stride = in(reg) 64usize,
+                        options(nostack)
+                    );
+                    if KIND == Q6K {
+                        std::arch::asm!(
+                            "tileloadd tmm7, [{w} + {w_stride}*1]",
+                            "tilezero tmm3",
+                            "tdpbssd tmm3, tmm5, tmm7",
+                            "tilestored [{c} + {c_stride}*1], tmm3",
+                            w = in(reg) e.q2.as_ptr(),
+                            w_stride = in(reg) 64usize,
+                            c = in(reg) s2.0.as_mut_ptr(),
+                            c_stride = in(reg) 64usize,
+                            options(nostack)
+                        );
+                    }
                 }
+            };
+            if nb > 0 {
+                issue(0, &mut sums);
+            }
+            for b in 0..nb {
+                if ring && b + 2 < nb {
+                    expand_block(b + 2);
+                }
+                let e = &*slot.add(at(b));
+                if b + 1 < nb {
+                    issue(b + 1, &mut sums);
+                }
+                let [s, s2] = &sums[b % 2];
                 let d = _mm512_load_ps(e.d.as_ptr());
                 let mins = _mm512_load_ps(e.m.as_ptr());
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let act = &*row0.add(i * nb + b);
-                    let s =
-                        _mm512_cvtepi32_ps(_mm512_load_si512(sums.0.as_ptr().add(COLS * i) as _));
+                    let s = _mm512_cvtepi32_ps(_mm512_load_si512(s.0.as_ptr().add(COLS * i) as _));
                     // x = d * q (+ m): sum(x * a) = d * da * sum(q * qa) (+ m * s), with the
                     // VNNI tile kernel's operations in its order (results independent of m).
                     let t = _mm512_mul_ps(s, _mm512_set1_ps(act.d));
@@ -263,7 +336,7 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
                         *acc = _mm512_fmadd_ps(mins, _mm512_set1_ps(act.s), *acc);
                     }
                     if KIND == Q6K {
-                        let s2 = sums2.0.as_ptr().add(COLS * i);
+                        let s2 = s2.0.as_ptr().add(COLS * i);
                         let t = _mm512_mul_ps(
                             _mm512_cvtepi32_ps(_mm512_load_si512(s2 as _)),
                             _mm512_set1_ps(act.d),
@@ -279,15 +352,35 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
     }
 }
 
+thread_local! {
+    /// Each pool thread's expanded weights, kept from matmul to matmul: allocated per
+    /// call, the buffer (175 KB for a 4864-wide input) cost page faults and zeroing each time.
+    static SCRATCH: std::cell::RefCell<Vec<Expanded>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's tiles configured once and its scratch for [`run`]: one
+/// `ldtilecfg` per job on a thread, not one per pair.
+///
+/// # Safety
+/// [`available`] must be true.
+pub unsafe fn session<R>(f: impl FnOnce(&mut Vec<Expanded>) -> R) -> R {
+    // SAFETY: the caller upholds the contract in `# Safety` above.
+    unsafe { configure() };
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        // Only a nested session on the same thread finds it lent: give that one its own.
+        Err(_) => f(&mut Vec::new()),
+    })
+}
+
 /// [`tile_pair`] for `kind`.
 ///
 /// # Safety
-/// As for [`tile_pair`]; also loads this thread's tile configuration.
+/// As for [`tile_pair`]: inside a [`session`] on this thread.
 pub unsafe fn run(kind: super::Kind, p: &Pair, scratch: &mut Vec<Expanded>) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
     unsafe {
         const { assert!(QK == 32) };
-        configure();
         match kind {
             super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(p, scratch),
             super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(p, scratch),
