@@ -253,62 +253,42 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
             let issue = |b: usize, sums: &mut [[Sums; 2]; 2]| {
                 let (e, [s, s2]) = (&*slot.add(at(b)), &mut sums[b % 2]);
                 let a = (row0.add(b) as *const u8).add(q_offset);
+                // Register names are literal in `asm!`: one body, the tiles as arguments.
+                macro_rules! multiply {
+                    ($a:literal, $c:literal, $c2:literal) => {
+                        std::arch::asm!(
+                            concat!("tileloadd ", $a, ", [{a} + {a_stride}*1]"),
+                            "tileloadd tmm6, [{w} + {w_stride}*1]",
+                            concat!("tilezero ", $c),
+                            concat!("tdpbssd ", $c, ", ", $a, ", tmm6"),
+                            concat!("tilestored [{c} + {c_stride}*1], ", $c),
+                            a = in(reg) a,
+                            a_stride = in(reg) a_stride,
+                            w = in(reg) e.q.as_ptr(),
+                            w_stride = in(reg) 64usize,
+                            c = in(reg) s.0.as_mut_ptr(),
+                            c_stride = in(reg) 64usize,
+                            options(nostack)
+                        );
+                        if KIND == Q6K {
+                            std::arch::asm!(
+                                "tileloadd tmm7, [{w} + {w_stride}*1]",
+                                concat!("tilezero ", $c2),
+                                concat!("tdpbssd ", $c2, ", ", $a, ", tmm7"),
+                                concat!("tilestored [{c} + {c_stride}*1], ", $c2),
+                                w = in(reg) e.q2.as_ptr(),
+                                w_stride = in(reg) 64usize,
+                                c = in(reg) s2.0.as_mut_ptr(),
+                                c_stride = in(reg) 64usize,
+                                options(nostack)
+                            );
+                        }
+                    };
+                }
                 if b.is_multiple_of(2) {
-                    std::arch::asm!(
-                        "tileloadd tmm4, [{a} + {a_stride}*1]",
-                        "tileloadd tmm6, [{w} + {w_stride}*1]",
-                        "tilezero tmm0",
-                        "tdpbssd tmm0, tmm4, tmm6",
-                        "tilestored [{c} + {c_stride}*1], tmm0",
-                        a = in(reg) a,
-                        a_stride = in(reg) a_stride,
-                        w = in(reg) e.q.as_ptr(),
-                        w_stride = in(reg) 64usize,
-                        c = in(reg) s.0.as_mut_ptr(),
-                        c_stride = in(reg) 64usize,
-                        options(nostack)
-                    );
-                    if KIND == Q6K {
-                        std::arch::asm!(
-                            "tileloadd tmm7, [{w} + {w_stride}*1]",
-                            "tilezero tmm1",
-                            "tdpbssd tmm1, tmm4, tmm7",
-                            "tilestored [{c} + {c_stride}*1], tmm1",
-                            w = in(reg) e.q2.as_ptr(),
-                            w_stride = in(reg) 64usize,
-                            c = in(reg) s2.0.as_mut_ptr(),
-                            c_stride = in(reg) 64usize,
-                            options(nostack)
-                        );
-                    }
+                    multiply!("tmm4", "tmm0", "tmm1");
                 } else {
-                    std::arch::asm!(
-                        "tileloadd tmm5, [{a} + {a_stride}*1]",
-                        "tileloadd tmm6, [{w} + {w_stride}*1]",
-                        "tilezero tmm2",
-                        "tdpbssd tmm2, tmm5, tmm6",
-                        "tilestored [{c} + {c_stride}*1], tmm2",
-                        a = in(reg) a,
-                        a_stride = in(reg) a_stride,
-                        w = in(reg) e.q.as_ptr(),
-                        w_stride = in(reg) 64usize,
-                        c = in(reg) s.0.as_mut_ptr(),
-                        c_stride = in(reg) 64usize,
-                        options(nostack)
-                    );
-                    if KIND == Q6K {
-                        std::arch::asm!(
-                            "tileloadd tmm7, [{w} + {w_stride}*1]",
-                            "tilezero tmm3",
-                            "tdpbssd tmm3, tmm5, tmm7",
-                            "tilestored [{c} + {c_stride}*1], tmm3",
-                            w = in(reg) e.q2.as_ptr(),
-                            w_stride = in(reg) 64usize,
-                            c = in(reg) s2.0.as_mut_ptr(),
-                            c_stride = in(reg) 64usize,
-                            options(nostack)
-                        );
-                    }
+                    multiply!("tmm5", "tmm2", "tmm3");
                 }
             };
             if nb > 0 {
