@@ -2,7 +2,8 @@
 //! 16 activation rows by 16 weight rows over a 32-value block, where the VNNI tile kernel
 //! needs 32 instructions for a quarter of that. Weights keep the packed layout of
 //! [`super::pack`]; each pair of 8-row groups is expanded to signed bytes once per matmul and
-//! then reused for every 16 activation rows, so the expansion is paid once, not per row.
+//! then reused for every 16 activation rows, so the expansion is paid once, not per row
+//! (with one tile of rows, each block just before it is multiplied).
 
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
@@ -107,72 +108,65 @@ impl Default for Expanded {
     }
 }
 
-/// Expands the `nb` blocks of two packed groups (`g0` and `g1`, `BB * 8` bytes a block).
+/// Expands one block of two packed groups: `g0` and `g1` point at it.
 ///
 /// # Safety
-/// `g0` and `g1` must each hold `nb` packed blocks of `BB * 8` bytes, `out` at least `nb` entries, and the CPU must have AVX2, FMA and F16C.
+/// `g0` and `g1` must each point at a whole packed block of type `KIND`, and the CPU must have
+/// AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn expand<const KIND: u8, const BB: usize>(
-    g0: *const u8,
-    g1: *const u8,
-    nb: usize,
-    out: &mut [Expanded],
-) {
+unsafe fn expand<const KIND: u8>(g0: *const u8, g1: *const u8, e: &mut Expanded) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
     unsafe {
-        for (b, e) in out.iter_mut().enumerate().take(nb) {
-            for (half, g) in [g0, g1].into_iter().enumerate() {
-                let sb = g.add(b * 8 * BB);
-                let (d, m) = if KIND == Q4K || KIND == Q6K {
-                    let f = sb as *const f32;
-                    (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+        for (half, sb) in [g0, g1].into_iter().enumerate() {
+            let (d, m) = if KIND == Q4K || KIND == Q6K {
+                let f = sb as *const f32;
+                (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+            } else {
+                let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
+                let m = if KIND == Q4_1 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
                 } else {
-                    let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
-                    let m = if KIND == Q4_1 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(sb.add(16) as *const __m128i))
-                    } else {
-                        _mm256_setzero_ps()
-                    };
-                    (d, m)
+                    _mm256_setzero_ps()
                 };
-                _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
-                _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
-                let base = e.q.as_mut_ptr().add(32 * half);
-                let row = |r: usize| base.add(64 * r) as *mut __m256i;
-                if KIND == Q6K {
-                    // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
-                    let base2 = e.q2.as_mut_ptr().add(32 * half);
-                    let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
-                    for c in 0..8 {
-                        let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
-                        let q = _mm256_sub_epi8(q, off);
-                        let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
-                        _mm256_storeu_si256(row(c), first);
-                        _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
-                    }
-                    continue;
+                (d, m)
+            };
+            _mm256_storeu_ps(e.d.as_mut_ptr().add(8 * half), d);
+            _mm256_storeu_ps(e.m.as_mut_ptr().add(8 * half), m);
+            let base = e.q.as_mut_ptr().add(32 * half);
+            let row = |r: usize| base.add(64 * r) as *mut __m256i;
+            if KIND == Q6K {
+                // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
+                let base2 = e.q2.as_mut_ptr().add(32 * half);
+                let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
+                for c in 0..8 {
+                    let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
+                    let q = _mm256_sub_epi8(q, off);
+                    let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
+                    _mm256_storeu_si256(row(c), first);
+                    _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
                 }
-                if KIND == Q8_0 {
-                    // Stored as q + 128 (see `pack`): flip the sign bit back.
-                    let flip = _mm256_set1_epi8(-128);
-                    for c in 0..8 {
-                        let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
-                        _mm256_storeu_si256(row(c), _mm256_xor_si256(q, flip));
-                    }
-                    continue;
+                continue;
+            }
+            if KIND == Q8_0 {
+                // Stored as q + 128 (see `pack`): flip the sign bit back.
+                let flip = _mm256_set1_epi8(-128);
+                for c in 0..8 {
+                    let q = _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
+                    _mm256_storeu_si256(row(c), _mm256_xor_si256(q, flip));
                 }
-                for c in 0..4 {
-                    let (mut lo, mut hi) = nibble_chunk::<KIND>(sb, c);
-                    if KIND == Q5_0 {
-                        // 5-bit values are offset by 16: subtracting it here makes them signed,
-                        // so the dot product needs no correction term.
-                        let sixteen = _mm256_set1_epi8(16);
-                        lo = _mm256_sub_epi8(lo, sixteen);
-                        hi = _mm256_sub_epi8(hi, sixteen);
-                    }
-                    _mm256_storeu_si256(row(c), lo);
-                    _mm256_storeu_si256(row(4 + c), hi);
+                continue;
+            }
+            for c in 0..4 {
+                let (mut lo, mut hi) = nibble_chunk::<KIND>(sb, c);
+                if KIND == Q5_0 {
+                    // 5-bit values are offset by 16: subtracting it here makes them signed,
+                    // so the dot product needs no correction term.
+                    let sixteen = _mm256_set1_epi8(16);
+                    lo = _mm256_sub_epi8(lo, sixteen);
+                    hi = _mm256_sub_epi8(hi, sixteen);
                 }
+                _mm256_storeu_si256(row(c), lo);
+                _mm256_storeu_si256(row(4 + c), hi);
             }
         }
     }
@@ -230,8 +224,7 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
         let slot = scratch.as_mut_ptr();
         let expand_block = |b: usize| {
             let off = b * 8 * BB;
-            let e = std::slice::from_raw_parts_mut(slot.add(at(b)), 1);
-            expand::<KIND, BB>(g0.add(off), g1.add(off), 1, e);
+            expand::<KIND>(g0.add(off), g1.add(off), &mut *slot.add(at(b)));
         };
         for b in 0..if ring { nb.min(2) } else { nb } {
             expand_block(b);
