@@ -114,7 +114,11 @@ async fn bad_inputs_get_clear_errors_and_the_server_stays_up() {
         json!({"model": MODEL, "messages": []}).to_string().into(),
     )
     .await;
-    assert_eq!((status, v["done_reason"].as_str()), (200, Some("load")));
+    assert_eq!(
+        (status, v["done_reason"].as_str()),
+        (200, Some("load")),
+        "{v}"
+    );
 }
 
 #[tokio::test]
