@@ -29,9 +29,8 @@ pub const MAX_DRAFT: usize = 32;
 /// Tokens per forward step unless `WICK_MAX_BATCH_TOKENS` says otherwise.
 pub const DEFAULT_STEP_TOKENS: usize = 512;
 
-/// Steps get draft tokens while they have fewer rows than this. On the CPU a decode step of
-/// a few rows costs about what reading the weights costs; measured with
-/// `benches/speculative.rs`.
+/// Rows a step with draft tokens has at most; within it the scheduler drafts as far as the
+/// step times it measured say drafts pay (`benches/speculative.rs` prints the curve).
 const SPEC_MAX_ROWS: usize = 32;
 
 /// Engine settings; [`EngineConfig::from_config`] takes the server's.

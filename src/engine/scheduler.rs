@@ -11,10 +11,11 @@
 //! oldest sequence can always preempt everyone newer, so the engine always makes progress.
 //!
 //! Speculative decoding (`super::speculative`): a decoding sequence that allows drafts gets
-//! up to `num_draft` guessed tokens after its next one, each with its own logits row, while
-//! the step stays small enough to be bound by reading the weights (`spec_max_rows`); past
-//! that, extra rows cost compute and drafting stops. Drafts never preempt anyone: a draft
-//! that does not fit the free blocks is dropped.
+//! up to `num_draft` guessed tokens after its next one, each with its own logits row, as
+//! many as pay by the step times the engine measured (a step bound by reading the weights
+//! takes extra rows almost free; a compute-bound one pays for each) and at most
+//! `spec_max_rows` rows in all. Drafts never preempt anyone: a draft that does not fit the
+//! free blocks is dropped.
 //!
 //! The scheduler knows token ids and block ids only (a draft model's guesses come from the
 //! `Drafter` the engine lends it while a step is built); the engine runs the forward pass,
@@ -144,8 +145,8 @@ pub struct SchedulerConfig {
     pub max_tokens_per_step: usize,
     /// Running sequences at most; `None`: as many as the KV blocks allow.
     pub max_running: Option<usize>,
-    /// Draft tokens are added while a step has fewer rows than this: below it a step costs
-    /// about what reading the weights costs, above it extra rows cost compute.
+    /// Rows a step with draft tokens may have at most (how many pay is measured, see
+    /// `best_draft`).
     pub spec_max_rows: usize,
 }
 
@@ -171,16 +172,23 @@ pub struct Scheduler {
     /// Ordered by id (arrival): the last is the newest, the first to preempt.
     running: Vec<Sequence>,
     counters: SchedulerCounters,
+    /// Seconds a forward step of each row count took lately (index: rows, up to
+    /// `spec_max_rows`), measured by the engine: what a step with draft rows would cost.
+    step_secs: Vec<Option<f64>>,
+    /// Share of draft tokens the sampler kept lately.
+    accept_rate: f64,
 }
 
 impl Scheduler {
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
         Self {
-            cfg,
             blocks,
             waiting: VecDeque::new(),
             running: Vec::new(),
             counters: SchedulerCounters::default(),
+            step_secs: vec![None; cfg.spec_max_rows + 1],
+            accept_rate: 0.5,
+            cfg,
         }
     }
 
@@ -243,6 +251,10 @@ impl Scheduler {
     /// otherwise one longer than what was kept. Drafts rejected at their first token twice
     /// in a row pause drafting, 2, 4, ... up to 64 steps.
     pub fn drafts_checked(&mut self, id: SeqId, drafted: usize, accepted: usize) {
+        if drafted > 0 {
+            let kept = accepted.min(drafted) as f64 / drafted as f64;
+            self.accept_rate = 0.9 * self.accept_rate + 0.1 * kept;
+        }
         let bs = self.blocks.block_size();
         let Some(seq) = self.running.iter_mut().find(|s| s.id == id) else {
             return;
@@ -262,6 +274,13 @@ impl Scheduler {
             }
         } else {
             seq.misses = 0;
+        }
+    }
+
+    /// Records that a forward step of `rows` rows took `secs` (see [`Self::draft_room`]).
+    pub fn step_took(&mut self, rows: usize, secs: f64) {
+        if let Some(t) = self.step_secs.get_mut(rows) {
+            *t = Some(t.map_or(secs, |t| 0.8 * t + 0.2 * secs));
         }
     }
 
@@ -411,10 +430,12 @@ impl Scheduler {
         step
     }
 
-    /// Draft tokens each decoding sequence may add to this step: the rows left below
-    /// `spec_max_rows` after every running sequence's own tokens, shared evenly among the
-    /// sequences that speculate. None while a waiting prompt can be admitted: its chunk
-    /// fills the step with rows that pay.
+    /// Draft tokens each decoding sequence may add to this step: at most the rows left
+    /// below `spec_max_rows` after every running sequence's own tokens, shared evenly among
+    /// the sequences that speculate, and of those the number that makes the most tokens
+    /// per second by the step times measured so far and the share of drafts kept
+    /// ([`best_draft`]). None while a waiting prompt can be admitted: its chunk fills
+    /// the step with rows that pay.
     fn draft_room(&self) -> usize {
         let admitting = !self.waiting.is_empty()
             && self
@@ -437,7 +458,8 @@ impl Scheduler {
         if drafting == 0 {
             return 0;
         }
-        self.cfg.spec_max_rows.saturating_sub(rows) / drafting
+        let most = self.cfg.spec_max_rows.saturating_sub(rows) / drafting;
+        best_draft(&self.step_secs, self.accept_rate, rows, drafting, most)
     }
 
     /// The draft for running sequence `i` whose next `n` tokens are scheduled: only for a
@@ -488,6 +510,56 @@ impl Scheduler {
             register_full_blocks(&mut self.blocks, seq, bs);
         }
     }
+}
+
+/// Of 0..=`most` draft tokens for each of `drafting` sequences in a step of `rows` own rows,
+/// the count with the most expected tokens per second: `rows + drafting * k * accept` tokens
+/// in the time a step of `rows + drafting * k` rows takes. Where a decode step is bound by
+/// reading the weights, rows are nearly free and drafts pay even when few are kept; where it
+/// is compute-bound (a full batch on a CPU), a row costs about as much as the token it may
+/// give, and drafting stops. Drafts must promise a tenth more than the plain step: step
+/// times vary with the context and the host, and a wrong guess costs every sequence in the
+/// step latency. `secs` holds the measured step times by rows; a size never measured is
+/// priced between the nearest measured sizes, or at the largest smaller one when none above
+/// is known (so it is tried, then priced by what it cost); with no measured size at or below
+/// `rows`, no drafts (the plain step is measured first). Before any step was measured, `most`.
+fn best_draft(
+    secs: &[Option<f64>],
+    accept: f64,
+    rows: usize,
+    drafting: usize,
+    most: usize,
+) -> usize {
+    let price = |x: usize| -> Option<f64> {
+        let known = |r: usize| secs.get(r).copied().flatten().map(|t| (r, t));
+        let below = (0..=x).rev().find_map(known)?;
+        if below.0 == x {
+            return Some(below.1);
+        }
+        Some(match (x + 1..secs.len()).find_map(known) {
+            Some((r1, t1)) => {
+                below.1 + (t1 - below.1) * (x - below.0) as f64 / (r1 - below.0) as f64
+            }
+            None => below.1,
+        })
+    };
+    if secs.iter().all(Option::is_none) {
+        return most;
+    }
+    let Some(base) = price(rows) else {
+        return 0;
+    };
+    let mut best = (1.1 * rows as f64 / base, 0);
+    for k in 1..=most {
+        let Some(t) = price(rows + drafting * k) else {
+            break;
+        };
+        let rate = (rows as f64 + (drafting * k) as f64 * accept) / t;
+        if rate > best.0 {
+            best = (rate, k);
+        }
+    }
+    best.1
 }
 
 /// Registers a sequence's newly full computed blocks as reusable prefixes.
@@ -689,6 +761,37 @@ mod tests {
         );
         s.remove(0);
         assert_eq!(s.block_manager().num_free(), 16);
+    }
+
+    #[test]
+    fn drafts_go_where_the_measured_step_times_say_they_pay() {
+        let mut secs = vec![None; 33];
+        // Nothing measured yet: the row limit alone decides.
+        assert_eq!(best_draft(&secs, 0.5, 1, 1, 31), 31);
+        // This machine's Qwen decode steps (ms by rows, `benches/speculative.rs`): cheap
+        // rows up to 16, then a second tile of rows doubles the cost.
+        for (rows, ms) in [
+            (1, 20.1),
+            (2, 23.1),
+            (4, 27.9),
+            (8, 38.1),
+            (16, 49.1),
+            (32, 95.8),
+        ] {
+            secs[rows] = Some(ms / 1e3);
+        }
+        // One stream: even a third of the drafts kept pays for many rows.
+        assert!(best_draft(&secs, 0.3, 1, 1, 31) >= 7);
+        // Nothing kept: no drafts.
+        assert_eq!(best_draft(&secs, 0.0, 1, 1, 31), 0);
+        // Sixteen streams fill the step: a row per stream more costs as much as it gives.
+        assert_eq!(best_draft(&secs, 0.8, 16, 16, 1), 0);
+        // Eight streams: a draft each (16 rows) pays when most are kept, not when few are.
+        assert_eq!(best_draft(&secs, 0.9, 8, 8, 3), 1);
+        assert_eq!(best_draft(&secs, 0.2, 8, 8, 3), 0);
+        // A row count never measured runs plain first.
+        secs[1] = None;
+        assert_eq!(best_draft(&secs, 0.5, 1, 1, 31), 0);
     }
 
     #[test]

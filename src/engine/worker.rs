@@ -161,7 +161,9 @@ impl Worker {
         if self.shared.fault.swap(false, Ordering::AcqRel) {
             panic!("injected engine fault");
         }
+        let (rows, t0) = (step.batch.tokens.len(), Instant::now());
         self.run_step(step);
+        self.sched.step_took(rows, t0.elapsed().as_secs_f64());
         self.publish_stats();
     }
 

@@ -587,24 +587,32 @@ fn sampled_tokens_keep_the_distribution() {
         } else {
             engine(&model, 512)
         };
-        let streams: Vec<_> = seeds
-            .map(|seed| {
-                let mut r = Request {
-                    num_predict: Some(3),
-                    num_draft: Some(if draft { 4 } else { 0 }),
-                    ..Request::new(prompt.clone())
-                };
-                r.sampling = candlewick::engine::sampler::SamplingParams {
-                    temperature: 1.0,
-                    top_k: 0,
-                    top_p: 1.0,
-                    seed: Some(seed),
-                    ..Default::default()
-                };
-                e.submit(r).expect("submit")
-            })
-            .collect();
-        let ids: Vec<Vec<u32>> = streams.into_iter().map(|s| collect(s).ids).collect();
+        // With drafts, one stream at a time: a step of one row is bound by reading the
+        // weights, so the scheduler drafts (in a batch of 300, every row costs compute and
+        // it would not).
+        let seeds: Vec<u64> = seeds.collect();
+        let mut ids: Vec<Vec<u32>> = Vec::new();
+        for wave in seeds.chunks(if draft { 1 } else { seeds.len() }) {
+            let streams: Vec<_> = wave
+                .iter()
+                .map(|&seed| {
+                    let mut r = Request {
+                        num_predict: Some(3),
+                        num_draft: Some(if draft { 4 } else { 0 }),
+                        ..Request::new(prompt.clone())
+                    };
+                    r.sampling = candlewick::engine::sampler::SamplingParams {
+                        temperature: 1.0,
+                        top_k: 0,
+                        top_p: 1.0,
+                        seed: Some(seed),
+                        ..Default::default()
+                    };
+                    e.submit(r).expect("submit")
+                })
+                .collect();
+            ids.extend(streams.into_iter().map(|s| collect(s).ids));
+        }
         assert!(ids.iter().all(|t| t.len() == 3));
         (ids, e.stats())
     };
