@@ -517,7 +517,7 @@ impl Scheduler {
 /// in the time a step of `rows + drafting * k` rows takes. Where a decode step is bound by
 /// reading the weights, rows are nearly free and drafts pay even when few are kept; where it
 /// is compute-bound (a full batch on a CPU), a row costs about as much as the token it may
-/// give, and drafting stops. Drafts must promise a tenth more than the plain step: step
+/// give, and drafting stops. Drafts must promise a quarter more than the plain step: step
 /// times vary with the context and the host, and a wrong guess costs every sequence in the
 /// step latency. `secs` holds the measured step times by rows; a size never measured is
 /// priced between the nearest measured sizes, or at the largest smaller one when none above
@@ -549,7 +549,7 @@ fn best_draft(
     let Some(base) = price(rows) else {
         return 0;
     };
-    let mut best = (1.1 * rows as f64 / base, 0);
+    let mut best = (1.25 * rows as f64 / base, 0);
     for k in 1..=most {
         let Some(t) = price(rows + drafting * k) else {
             break;
