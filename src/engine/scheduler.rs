@@ -277,7 +277,7 @@ impl Scheduler {
         }
     }
 
-    /// Records that a forward step of `rows` rows took `secs` (see [`Self::draft_room`]).
+    /// Records that a forward step of `rows` rows took `secs` (what decides how many drafts pay).
     pub fn step_took(&mut self, rows: usize, secs: f64) {
         if let Some(t) = self.step_secs.get_mut(rows) {
             *t = Some(t.map_or(secs, |t| 0.8 * t + 0.2 * secs));
