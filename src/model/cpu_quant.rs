@@ -16,7 +16,9 @@ const QK: usize = 32;
 #[cfg(target_arch = "x86_64")]
 mod amx;
 
+/// Discriminants as the kernels' `KIND` parameters spell them (`x86::Q4_1` and so on).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 enum Kind {
     /// d: f16, m: f16, 16 bytes of nibbles; x = d * q + m.
     Q4_1,
@@ -24,24 +26,40 @@ enum Kind {
     Q5_0,
     /// d: f16, 32 signed bytes; x = d * q.
     Q8_0,
-    /// Q4_K, held per 32 values as d: f32, m: f32 and 16 bytes of nibbles (x = d * q + m,
-    /// Q4_1's form): the 6-bit sub-block scales are multiplied out, exactly, at load.
+    /// Q4_K: per 256 values of a row, f16 scales d and dmin; per 32, 6-bit integer scales
+    /// s and t and 16 bytes of nibbles q: x = (d * s) * q - dmin * t (see [`pack_k`]).
     Q4K,
-    /// Q6_K, held per 32 values as two f32 scales (values 0..16 and 16..32) and 32 bytes of
-    /// q in 0..64: x = d * (q - 32).
+    /// Q6_K: per 256 values of a row, an f16 scale d; per 32, two signed 8-bit scales s
+    /// (values 0..16 and 16..32) and q in 0..64 as nibbles and 2-bit highs:
+    /// x = (d * s) * (q - 32).
     Q6K,
 }
 
 impl Kind {
-    /// Bytes per 32 values of a row, in our layout (the GGUF layout for the 32-value types).
+    /// Bytes per 32 values of a row, in our layout (the GGUF layout for the 32-value types),
+    /// not counting the k-quants' superblock heads.
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q4_1 => 20,
             Kind::Q5_0 => 22,
             Kind::Q8_0 => 34,
-            Kind::Q4K => 24,
-            Kind::Q6K => 40,
+            Kind::Q4K => 18,
+            Kind::Q6K => 26,
         }
+    }
+
+    /// Bytes per row of each 256-value superblock's head (the k-quants' f16 scales).
+    fn head_bytes(self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return x86::head_bytes(self as u8);
+        #[cfg(not(target_arch = "x86_64"))]
+        0
+    }
+
+    /// Bytes per row of `row_blocks` 32-value blocks in our layout: GGUF's for Q6_K, 4 more
+    /// per 256 values (2.8%) for Q4_K.
+    fn row_bytes(self, row_blocks: usize) -> usize {
+        row_blocks * self.block_bytes() + row_blocks / K_BLOCKS * self.head_bytes()
     }
 
     /// Values and bytes of one GGUF block of this type.
@@ -222,7 +240,7 @@ impl FastQuant {
 
     /// Output values per input row: the weight's rows.
     fn out_rows(&self) -> usize {
-        self.data.len() / (self.row_blocks * self.kind.block_bytes()).max(1)
+        self.data.len() / self.kind.row_bytes(self.row_blocks).max(1)
     }
 
     /// The activations `[.., k]` as f32 values, and their number of rows.
@@ -284,7 +302,7 @@ impl FastQuant {
     }
 
     fn blocks(&self) -> usize {
-        self.data.len() / self.kind.block_bytes()
+        self.out_rows() * self.row_blocks
     }
 
     fn dequantize_blocks(&self, first: usize, count: usize, out: &mut [f32]) {
@@ -539,8 +557,7 @@ fn pack_mapped(
 ) -> Vec<u8> {
     let row_bytes = range.len() / rows.max(1);
     let part_rows = ((8 << 20) / row_bytes.max(1)).next_multiple_of(GROUP);
-    let (values, bytes) = kind.gguf_block();
-    let mut out = Vec::with_capacity(range.len() / bytes * (values / QK) * kind.block_bytes());
+    let mut out = Vec::with_capacity(rows * kind.row_bytes(row_blocks));
     for first in (0..rows).step_by(part_rows) {
         let part = range.start + first * row_bytes
             ..range.start + (first + part_rows).min(rows) * row_bytes;
@@ -589,6 +606,9 @@ fn unpack_block(kind: Kind, data: &[u8], row_blocks: usize, i: usize, blk: &mut 
     }
 }
 
+/// 32-value blocks per k-quant superblock.
+const K_BLOCKS: usize = 8;
+
 /// 32 values of a k-quant row: scales (`d[1]` only for Q6_K's second 16), Q4_K's offset
 /// `m`, and q (Q4_K: 0..16, x = d q + m; Q6_K: 0..64, x = d (q - 32)).
 #[derive(Default)]
@@ -598,15 +618,30 @@ struct KBlock {
     q: [u8; QK],
 }
 
-/// The eight 32-value blocks of one GGUF Q4_K or Q6_K block (llama.cpp's layouts). Scales
-/// are an f16 times a 6- or 8-bit integer: exact in f32.
-fn decode_k(kind: Kind, b: &[u8]) -> [KBlock; 8] {
-    let mut out: [KBlock; 8] = Default::default();
-    let f16_at = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+/// One GGUF Q4_K or Q6_K superblock of 256 values (llama.cpp's layouts), unpacked.
+struct KSuper {
+    /// The f16 scale's bits, and Q4_K's f16 `dmin`.
+    d: [u8; 2],
+    dmin: [u8; 2],
+    /// Per 32-value block j: Q4_K's 6-bit scale `sc[j]` and min `sc[8 + j]`; Q6_K's signed
+    /// scales of values 0..16 (`sc[2j]`) and 16..32 (`sc[2j + 1]`).
+    sc: [u8; 16],
+    /// Q4_K: 0..16, x = d sc q - dmin min; Q6_K: 0..64, x = d sc (q - 32).
+    q: [[u8; QK]; K_BLOCKS],
+}
+
+fn decode_k(kind: Kind, b: &[u8]) -> KSuper {
+    let mut out = KSuper {
+        d: [0; 2],
+        dmin: [0; 2],
+        sc: [0; 16],
+        q: [[0; QK]; K_BLOCKS],
+    };
     if kind == Kind::Q4K {
-        let (d, dmin, sc, qs) = (f16_at(0), f16_at(2), &b[4..16], &b[16..144]);
-        for (j, o) in out.iter_mut().enumerate() {
-            let (scale, min) = if j < 4 {
+        let (sc, qs) = (&b[4..16], &b[16..144]);
+        (out.d, out.dmin) = ([b[0], b[1]], [b[2], b[3]]);
+        for j in 0..K_BLOCKS {
+            (out.sc[j], out.sc[8 + j]) = if j < 4 {
                 (sc[j] & 63, sc[j + 4] & 63)
             } else {
                 (
@@ -614,64 +649,83 @@ fn decode_k(kind: Kind, b: &[u8]) -> [KBlock; 8] {
                     (sc[j + 4] >> 4) | (sc[j] >> 6) << 4,
                 )
             };
-            o.d[0] = d * scale as f32;
-            o.m = -(dmin * min as f32);
             // Bytes 32c..32c+32 hold values 64c.. (low nibbles) and 64c+32.. (high).
             let bytes = &qs[32 * (j / 2)..32 * (j / 2) + 32];
-            for (q, &byte) in o.q.iter_mut().zip(bytes) {
+            for (q, &byte) in out.q[j].iter_mut().zip(bytes) {
                 *q = if j % 2 == 0 { byte & 0x0f } else { byte >> 4 };
             }
         }
     } else {
-        let (ql, qh, sc, d) = (&b[..128], &b[128..192], &b[192..208], f16_at(208));
-        let mut q = [0u8; 256];
+        let (ql, qh) = (&b[..128], &b[128..192]);
+        out.sc.copy_from_slice(&b[192..208]);
+        out.d = [b[208], b[209]];
         for half in 0..2 {
             let (ql, qh) = (&ql[64 * half..], &qh[32 * half..]);
+            let q = &mut out.q[4 * half..];
             for l in 0..32 {
-                let v = &mut q[128 * half..];
-                v[l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
-                v[l + 32] = (ql[l + 32] & 0x0f) | (qh[l] >> 2 & 3) << 4;
-                v[l + 64] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
-                v[l + 96] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
+                q[0][l] = (ql[l] & 0x0f) | (qh[l] & 3) << 4;
+                q[1][l] = (ql[l + 32] & 0x0f) | (qh[l] >> 2 & 3) << 4;
+                q[2][l] = (ql[l] >> 4) | (qh[l] >> 4 & 3) << 4;
+                q[3][l] = (ql[l + 32] >> 4) | (qh[l] >> 6 & 3) << 4;
             }
-        }
-        for (j, o) in out.iter_mut().enumerate() {
-            o.d = [d * sc[2 * j] as i8 as f32, d * sc[2 * j + 1] as i8 as f32];
-            o.q.copy_from_slice(&q[32 * j..32 * j + 32]);
         }
     }
     out
 }
 
-/// Packs GGUF Q4_K/Q6_K rows of `row_blocks` 32-value blocks into groups of [`GROUP`] rows,
-/// one superblock per group and block index (`GROUP * block_bytes` bytes):
-/// - f32 scales `d` of the 8 rows, then Q4_K's offsets `m` or Q6_K's second scales;
-/// - Q4_K: nibble chunks as for Q4_1 (see [`pack`]); Q6_K: 8 chunks of 32 bytes, bytes
-///   4r..4r+4 of chunk c = row r's q of values 4c..4c+4 (as Q8_0, unsigned).
+/// Where k-quant block `bi` of a row starts within its packed group of [`GROUP`] rows, and
+/// where its superblock's head does.
+fn k_offsets(kind: Kind, bi: usize) -> (usize, usize) {
+    let (bb, head) = (kind.block_bytes(), kind.head_bytes());
+    let head_at = bi / K_BLOCKS * GROUP * (head + K_BLOCKS * bb);
+    (head_at + GROUP * head + bi % K_BLOCKS * GROUP * bb, head_at)
+}
+
+/// Packs GGUF Q4_K/Q6_K rows of `row_blocks` 32-value blocks into groups of [`GROUP`]
+/// rows. Per group and superblock, a head holds the 8 rows' f16 `d` (then Q4_K's `dmin`),
+/// followed by one part of `GROUP * block_bytes` bytes per 32-value block:
+/// - bytes 0..8: the rows' scales (Q4_K: 6-bit, Q6_K: signed, values 0..16); 8..16: Q4_K's
+///   mins or Q6_K's signed scales of values 16..32;
+/// - 16..144: nibble chunks as for Q4_1 (see [`pack`]): byte 4r+j of chunk c holds row r's
+///   q of value 4c+j (low nibble) and 16+4c+j (high nibble);
+/// - Q6_K, 144..208: q's top two bits, two chunks of 32 bytes: bits 2c, 2c+1 of byte 4r+j of
+///   chunk h are those of row r's value 16h+4c+j.
+///
+/// The kernels multiply the integer scales out (exact in f32), so Q6_K is held in GGUF's
+/// 6.56 bits per value and Q4_K in 4.63 (GGUF's 4.5 plus the heads repeated per group).
 fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
     let (_, gguf_bytes) = kind.gguf_block();
-    let bb = kind.block_bytes();
-    let mut out = vec![0u8; src.len() / gguf_bytes * 8 * bb];
-    for (g, blk) in src.chunks_exact(gguf_bytes).enumerate() {
-        for (k, b) in decode_k(kind, blk).iter().enumerate() {
-            let i = g * 8 + k;
-            let (row, bi) = (i / row_blocks, i % row_blocks);
-            let sb = (row / GROUP * row_blocks + bi) * GROUP * bb;
-            let sb = &mut out[sb..sb + GROUP * bb];
-            let r = row % GROUP;
-            sb[4 * r..4 * r + 4].copy_from_slice(&b.d[0].to_le_bytes());
-            let second = if kind == Kind::Q4K { b.m } else { b.d[1] };
-            sb[32 + 4 * r..36 + 4 * r].copy_from_slice(&second.to_le_bytes());
-            if kind == Kind::Q4K {
-                for c in 0..4 {
-                    for j in 0..4 {
-                        let v = 4 * c + j;
-                        sb[64 + 32 * c + 4 * r + j] = b.q[v] | b.q[v + 16] << 4;
+    let (supers, row_bytes, bb) = (
+        row_blocks / K_BLOCKS,
+        kind.row_bytes(row_blocks),
+        kind.block_bytes(),
+    );
+    let rows = src.len() / gguf_bytes / supers.max(1);
+    let mut out = vec![0u8; rows * row_bytes];
+    for (i, blk) in src.chunks_exact(gguf_bytes).enumerate() {
+        let (row, s) = (i / supers, i % supers);
+        let k = decode_k(kind, blk);
+        let (group, r) = (&mut out[row / GROUP * GROUP * row_bytes..], row % GROUP);
+        let (_, head) = k_offsets(kind, s * K_BLOCKS);
+        group[head + 2 * r..][..2].copy_from_slice(&k.d);
+        if kind == Kind::Q4K {
+            group[head + 16 + 2 * r..][..2].copy_from_slice(&k.dmin);
+        }
+        for (j, q) in k.q.iter().enumerate() {
+            let (at, _) = k_offsets(kind, s * K_BLOCKS + j);
+            let part = &mut group[at..at + GROUP * bb];
+            (part[r], part[8 + r]) = match kind {
+                Kind::Q4K => (k.sc[j], k.sc[8 + j]),
+                _ => (k.sc[2 * j], k.sc[2 * j + 1]),
+            };
+            for c in 0..4 {
+                for jj in 0..4 {
+                    let v = 4 * c + jj;
+                    part[16 + 32 * c + 4 * r + jj] = (q[v] & 0x0f) | (q[v + 16] & 0x0f) << 4;
+                    if kind == Kind::Q6K {
+                        part[144 + 4 * r + jj] |= (q[v] >> 4) << (2 * c);
+                        part[176 + 4 * r + jj] |= (q[v + 16] >> 4) << (2 * c);
                     }
-                }
-            } else {
-                for c in 0..8 {
-                    sb[64 + 32 * c + 4 * r..][..4].copy_from_slice(&b.q[4 * c..4 * c + 4]);
                 }
             }
         }
@@ -681,28 +735,32 @@ fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
 
 /// Block `i` (row-major 32-value block index) of a packed k-quant tensor.
 fn unpack_k(kind: Kind, data: &[u8], row_blocks: usize, i: usize) -> KBlock {
-    let bb = kind.block_bytes();
     let (row, bi) = (i / row_blocks, i % row_blocks);
-    let sb = (row / GROUP * row_blocks + bi) * GROUP * bb;
-    let (sb, r) = (&data[sb..sb + GROUP * bb], row % GROUP);
-    let f32_at = |o: usize| f32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
-    let mut b = KBlock {
-        d: [f32_at(4 * r), 0.0],
-        ..Default::default()
-    };
-    if kind == Kind::Q4K {
-        b.m = f32_at(32 + 4 * r);
-        for c in 0..4 {
-            for j in 0..4 {
-                let byte = sb[64 + 32 * c + 4 * r + j];
-                (b.q[4 * c + j], b.q[16 + 4 * c + j]) = (byte & 0x0f, byte >> 4);
+    let group = &data[row / GROUP * GROUP * kind.row_bytes(row_blocks)..];
+    let r = row % GROUP;
+    let (at, head) = k_offsets(kind, bi);
+    let f16_at = |o: usize| f16::from_le_bytes([group[o], group[o + 1]]).to_f32();
+    let (part, d) = (
+        &group[at..at + GROUP * kind.block_bytes()],
+        f16_at(head + 2 * r),
+    );
+    let mut b = KBlock::default();
+    for c in 0..4 {
+        for jj in 0..4 {
+            let v = 4 * c + jj;
+            let byte = part[16 + 32 * c + 4 * r + jj];
+            (b.q[v], b.q[v + 16]) = (byte & 0x0f, byte >> 4);
+            if kind == Kind::Q6K {
+                b.q[v] |= (part[144 + 4 * r + jj] >> (2 * c) & 3) << 4;
+                b.q[v + 16] |= (part[176 + 4 * r + jj] >> (2 * c) & 3) << 4;
             }
         }
+    }
+    if kind == Kind::Q4K {
+        b.d[0] = d * part[r] as f32;
+        b.m = -(f16_at(head + 16 + 2 * r) * part[8 + r] as f32);
     } else {
-        b.d[1] = f32_at(32 + 4 * r);
-        for c in 0..8 {
-            b.q[4 * c..4 * c + 4].copy_from_slice(&sb[64 + 32 * c + 4 * r..][..4]);
-        }
+        b.d = [d * part[r] as i8 as f32, d * part[8 + r] as i8 as f32];
     }
     b
 }
@@ -902,11 +960,55 @@ mod x86 {
         }
     }
 
-    pub const Q4_1: u8 = 0;
-    pub const Q5_0: u8 = 1;
-    pub const Q8_0: u8 = 2;
-    pub const Q4K: u8 = 3;
-    pub const Q6K: u8 = 4;
+    pub const Q4_1: u8 = super::Kind::Q4_1 as u8;
+    pub const Q5_0: u8 = super::Kind::Q5_0 as u8;
+    pub const Q8_0: u8 = super::Kind::Q8_0 as u8;
+    pub const Q4K: u8 = super::Kind::Q4K as u8;
+    pub const Q6K: u8 = super::Kind::Q6K as u8;
+
+    /// Bytes per row of a k-quant superblock's head (see `pack_k`); none for the others.
+    pub const fn head_bytes(kind: u8) -> usize {
+        match kind {
+            Q4K => 4,
+            Q6K => 2,
+            _ => 0,
+        }
+    }
+
+    /// The 8 rows' scales of a packed k-quant block at `sb`, from their superblock head at
+    /// `head`: d times the block's integer scales, and Q4_K's offsets (-dmin times its
+    /// mins) or Q6_K's second-half scales. Exact in f32 (an f16 times an 8-bit integer), so
+    /// the same as scales multiplied out at load.
+    ///
+    /// # Safety
+    /// `sb` and `head` must point at a packed k-quant block and its head (see `pack_k`),
+    /// and the CPU must have AVX2 and F16C.
+    #[inline(always)]
+    pub(super) unsafe fn k_scales<const KIND: u8>(
+        sb: *const u8,
+        head: *const u8,
+    ) -> (__m256, __m256) {
+        // SAFETY: the caller upholds the contract in `# Safety` above.
+        unsafe {
+            let h = head as *const __m128i;
+            let kd = _mm256_cvtph_ps(_mm_loadu_si128(h));
+            let ints = |at: usize| {
+                let v = _mm_loadl_epi64(sb.add(at) as *const __m128i);
+                _mm256_cvtepi32_ps(if KIND == Q4K {
+                    _mm256_cvtepu8_epi32(v)
+                } else {
+                    _mm256_cvtepi8_epi32(v)
+                })
+            };
+            let second = if KIND == Q4K {
+                let kmin = _mm256_cvtph_ps(_mm_loadu_si128(h.add(1)));
+                _mm256_xor_ps(_mm256_mul_ps(kmin, ints(8)), _mm256_set1_ps(-0.0))
+            } else {
+                _mm256_mul_ps(kd, ints(8))
+            };
+            (_mm256_mul_ps(kd, ints(0)), second)
+        }
+    }
 
     macro_rules! dot_fn {
         ($name:ident, $features:literal, $vnni:literal) => {
@@ -1032,11 +1134,12 @@ mod x86 {
         unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
     }
 
-    /// Chunk `c` (of 4) of a packed 4- or 5-bit superblock at `sb` (see `pack`): values
-    /// 4c..4c+4 (first) and 16+4c..16+4c+4 (second) of its 8 rows, as unsigned bytes.
+    /// Chunk `c` (of 4) of a packed block at `sb` of any type but Q8_0 (see `pack` and
+    /// `pack_k`): values 4c..4c+4 (first) and 16+4c..16+4c+4 (second) of its 8 rows, as
+    /// unsigned bytes.
     ///
     /// # Safety
-    /// `sb` must point to one packed superblock of type `KIND` (see `pack`), `c < 4`, and the CPU must have AVX2.
+    /// `sb` must point to one packed block of type `KIND`, `c < 4`, and the CPU must have AVX2.
     #[inline(always)]
     pub(super) unsafe fn nibble_chunk<const KIND: u8>(
         sb: *const u8,
@@ -1046,13 +1149,29 @@ mod x86 {
         unsafe {
             let offset = match KIND {
                 Q4_1 => 32,
-                Q4K => 64,
+                Q4K | Q6K => 16,
                 _ => 48,
             };
             let q = _mm256_loadu_si256(sb.add(offset + 32 * c) as *const __m256i);
             let low = _mm256_set1_epi8(0x0f);
             let lo = _mm256_and_si256(q, low);
             let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), low);
+            if KIND == Q6K {
+                // Bits 2c and 2c+1 of the high-bit chunks moved to bits 4 and 5 (16-bit
+                // shifts: what crosses into the next byte is masked off).
+                let at4 = |h: __m256i| match c {
+                    0 => _mm256_slli_epi16(h, 4),
+                    1 => _mm256_slli_epi16(h, 2),
+                    2 => h,
+                    _ => _mm256_srli_epi16(h, 2),
+                };
+                let top = _mm256_set1_epi8(0x30);
+                let h = |at: usize| _mm256_loadu_si256(sb.add(at) as *const __m256i);
+                return (
+                    _mm256_or_si256(lo, _mm256_and_si256(at4(h(144)), top)),
+                    _mm256_or_si256(hi, _mm256_and_si256(at4(h(176)), top)),
+                );
+            }
             if KIND != Q5_0 {
                 return (lo, hi);
             }
@@ -1102,17 +1221,22 @@ mod x86 {
                     // steps, so no index arithmetic or overflow checks in the loop).
                     let mut rows: [*const Act; M] = std::array::from_fn(|i| acts.add(i * nb));
                     let mut sb = w;
-                    for _ in 0..nb {
+                    let k_quant = KIND == Q4K || KIND == Q6K;
+                    // The k-quants' superblock head in use.
+                    let mut head = w;
+                    for bi in 0..nb {
+                        if k_quant && bi % super::K_BLOCKS == 0 {
+                            head = sb;
+                            sb = sb.add(8 * head_bytes(KIND));
+                        }
                         // A decode row (M = 1) stalled on these loads: the threads walk
                         // their chunks of small groups and the hardware prefetcher fell
                         // behind. Asking ahead made single-stream decode 15-27% faster.
                         super::prefetch_lines(sb.wrapping_add(PREFETCH), 8 * BB);
-                        let k_quant = KIND == Q4K || KIND == Q6K;
-                        // Scales: f16 for the GGUF 32-value types, f32 for the k-quants, whose
-                        // second 8 floats are Q4_K's offsets or Q6_K's second-half scales.
+                        // Scales (f16 for the GGUF 32-value types) and Q4_1's and Q4_K's
+                        // offsets or Q6_K's second-half scales.
                         let (ws, wm) = if k_quant {
-                            let f = sb as *const f32;
-                            (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                            k_scales::<KIND>(sb, head)
                         } else {
                             let h = sb as *const __m128i;
                             (
@@ -1123,33 +1247,28 @@ mod x86 {
                         // Q6_K: values 16..32 have their own scale, so their own sums.
                         let (mut isum, mut isum2) =
                             ([_mm256_setzero_si256(); M], [_mm256_setzero_si256(); M]);
-                        // Products gather in `part` and are added to the i32 sums every
-                        // `flush` chunks: once per block (per half for Q6_K) where `part`
-                        // is i32 already (VNNI), else as many chunks as its i16 lanes hold
-                        // without overflow (see `part_avx2`).
-                        let q8 = KIND == Q8_0 || KIND == Q6K;
+                        // Products gather in `part` (Q6_K's second half in `part2`) and are
+                        // added to the i32 sums every `flush` chunks: once per block where
+                        // `part` is i32 already (VNNI), else as many chunks as its i16 lanes
+                        // hold without overflow (see `part_avx2`).
+                        let q8 = KIND == Q8_0;
                         let chunks = if q8 { 8 } else { 4 };
                         let flush = match KIND {
-                            _ if $wide => {
-                                if KIND == Q6K {
-                                    4
-                                } else {
-                                    chunks
-                                }
-                            }
+                            _ if $wide => chunks,
                             Q4_1 | Q4K => 4,
                             Q5_0 | Q6K => 2,
                             _ => 1,
                         };
                         for f in 0..chunks / flush {
                             let mut part = [_mm256_setzero_si256(); M];
+                            let mut part2 = [_mm256_setzero_si256(); M];
                             for c in f * flush..(f + 1) * flush {
                                 if q8 {
-                                    let qs = sb.add(if KIND == Q6K { 64 } else { 16 });
-                                    let q = _mm256_loadu_si256(qs.add(32 * c) as *const __m256i);
+                                    let q =
+                                        _mm256_loadu_si256(sb.add(16 + 32 * c) as *const __m256i);
                                     // Signed Q8_0 (see `q8_flip`): |q| times the activation
                                     // with q's sign.
-                                    let signed = KIND == Q8_0 && !$wide;
+                                    let signed = !$wide;
                                     let u = if signed { _mm256_sign_epi8(q, q) } else { q };
                                     for (p, a) in part.iter_mut().zip(&rows) {
                                         let a = bcast4((**a).q.as_ptr().add(4 * c));
@@ -1158,19 +1277,22 @@ mod x86 {
                                     }
                                 } else {
                                     let (lo, hi) = nibble_chunk::<KIND>(sb, c);
-                                    for (p, a) in part.iter_mut().zip(&rows) {
+                                    for ((p, p2), a) in part.iter_mut().zip(&mut part2).zip(&rows) {
                                         let aq = (**a).q.as_ptr();
                                         *p = $part(*p, lo, bcast4(aq.add(4 * c)));
-                                        *p = $part(*p, hi, bcast4(aq.add(16 + 4 * c)));
+                                        let a_hi = bcast4(aq.add(16 + 4 * c));
+                                        if KIND == Q6K {
+                                            *p2 = $part(*p2, hi, a_hi);
+                                        } else {
+                                            *p = $part(*p, hi, a_hi);
+                                        }
                                     }
                                 }
                             }
-                            let second = KIND == Q6K && f * flush >= 4;
                             for i in 0..M {
-                                if second {
-                                    isum2[i] = _mm256_add_epi32(isum2[i], $widen(part[i]));
-                                } else {
-                                    isum[i] = _mm256_add_epi32(isum[i], $widen(part[i]));
+                                isum[i] = _mm256_add_epi32(isum[i], $widen(part[i]));
+                                if KIND == Q6K {
+                                    isum2[i] = _mm256_add_epi32(isum2[i], $widen(part2[i]));
                                 }
                             }
                         }
@@ -1321,7 +1443,7 @@ unsafe fn tile_job(
         for item in items {
             let i = starts.partition_point(|&s| s <= item) - 1;
             let (w, g) = (ws[i], item - starts[i]);
-            let group_bytes = GROUP * nb * w.kind.block_bytes();
+            let group_bytes = GROUP * w.kind.row_bytes(nb);
             let data = &w.data[g * group_bytes..(g + 1) * group_bytes];
             // SAFETY: output i has room for m rows of ns[i] values (the caller's contract),
             // and group g writes only its own 8 columns of each; data is one whole group of
@@ -1342,15 +1464,15 @@ unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut
         #[cfg(target_arch = "x86_64")]
         {
             use x86::{tile_avx2, tile_avx512vnni, tile_avxvnni, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
-            debug_assert!(w.len() >= nb * GROUP * kind.block_bytes());
+            debug_assert!(w.len() >= GROUP * kind.row_bytes(nb));
             macro_rules! run {
                 ($f:ident, $m:literal, $a:expr, $o:expr) => {
                     match kind {
                         Kind::Q4_1 => $f::<Q4_1, 20, $m>(w.as_ptr(), nb, $a, $o, n),
                         Kind::Q5_0 => $f::<Q5_0, 22, $m>(w.as_ptr(), nb, $a, $o, n),
                         Kind::Q8_0 => $f::<Q8_0, 34, $m>(w.as_ptr(), nb, $a, $o, n),
-                        Kind::Q4K => $f::<Q4K, 24, $m>(w.as_ptr(), nb, $a, $o, n),
-                        Kind::Q6K => $f::<Q6K, 40, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q4K => $f::<Q4K, 18, $m>(w.as_ptr(), nb, $a, $o, n),
+                        Kind::Q6K => $f::<Q6K, 26, $m>(w.as_ptr(), nb, $a, $o, n),
                     }
                 };
             }
@@ -1393,7 +1515,7 @@ impl QuantizedType for FastQuant {
         dst: &mut [f32],
     ) -> candle_core::Result<()> {
         let nb = k / QK;
-        let row_bytes = nb * self.kind.block_bytes();
+        let row_bytes = self.kind.row_bytes(nb);
         if !k.is_multiple_of(QK)
             || lhs.len() != m * k
             || dst.len() < m * n

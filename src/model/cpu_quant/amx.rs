@@ -8,8 +8,8 @@
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::x86::{nibble_chunk, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
-use super::{Act, QK};
+use super::x86::{head_bytes, k_scales, nibble_chunk, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
+use super::{Act, K_BLOCKS, QK};
 
 /// Activation rows per tile: callers pad the activations to a multiple of this.
 pub const ROWS: usize = 16;
@@ -108,19 +108,19 @@ impl Default for Expanded {
     }
 }
 
-/// Expands one block of two packed groups: `g0` and `g1` point at it.
+/// Expands one block of two packed groups: `g[0]` and `g[1]` point at it, `heads` at the
+/// heads of their superblocks (k-quants only).
 ///
 /// # Safety
-/// `g0` and `g1` must each point at a whole packed block of type `KIND`, and the CPU must have
-/// AVX2, FMA and F16C.
+/// `g` must point at a whole packed block of type `KIND` in each group, `heads` (k-quants) at
+/// its superblock's head, and the CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn expand<const KIND: u8>(g0: *const u8, g1: *const u8, e: &mut Expanded) {
+unsafe fn expand<const KIND: u8>(g: [*const u8; 2], heads: [*const u8; 2], e: &mut Expanded) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
     unsafe {
-        for (half, sb) in [g0, g1].into_iter().enumerate() {
+        for (half, (sb, head)) in g.into_iter().zip(heads).enumerate() {
             let (d, m) = if KIND == Q4K || KIND == Q6K {
-                let f = sb as *const f32;
-                (_mm256_loadu_ps(f), _mm256_loadu_ps(f.add(8)))
+                k_scales::<KIND>(sb, head)
             } else {
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(sb as *const __m128i));
                 let m = if KIND == Q4_1 {
@@ -136,14 +136,16 @@ unsafe fn expand<const KIND: u8>(g0: *const u8, g1: *const u8, e: &mut Expanded)
             let row = |r: usize| base.add(64 * r) as *mut __m256i;
             if KIND == Q6K {
                 // Values 0..64 stored unsigned, offset 32: subtract it to make them signed.
+                // Values 0..16 go to q (rows 4..8 zero), 16..32 to q2 (rows 0..4 zero).
                 let base2 = e.q2.as_mut_ptr().add(32 * half);
+                let row2 = |r: usize| base2.add(64 * r) as *mut __m256i;
                 let (off, zero) = (_mm256_set1_epi8(32), _mm256_setzero_si256());
-                for c in 0..8 {
-                    let q = _mm256_loadu_si256(sb.add(64 + 32 * c) as *const __m256i);
-                    let q = _mm256_sub_epi8(q, off);
-                    let (first, second) = if c < 4 { (q, zero) } else { (zero, q) };
-                    _mm256_storeu_si256(row(c), first);
-                    _mm256_storeu_si256(base2.add(64 * c) as *mut __m256i, second);
+                for c in 0..4 {
+                    let (lo, hi) = nibble_chunk::<KIND>(sb, c);
+                    _mm256_storeu_si256(row(c), _mm256_sub_epi8(lo, off));
+                    _mm256_storeu_si256(row(4 + c), zero);
+                    _mm256_storeu_si256(row2(c), zero);
+                    _mm256_storeu_si256(row2(4 + c), _mm256_sub_epi8(hi, off));
                 }
                 continue;
             }
@@ -222,9 +224,22 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
         }
         let at = |b: usize| if ring { b % 3 } else { b };
         let slot = scratch.as_mut_ptr();
+        // Where block b starts in each group, and its superblock's head (k-quants: see
+        // `pack_k`).
+        let head = head_bytes(KIND);
         let expand_block = |b: usize| {
-            let off = b * 8 * BB;
-            expand::<KIND>(g0.add(off), g1.add(off), &mut *slot.add(at(b)));
+            let (off, head_off) = if head == 0 {
+                (b * 8 * BB, 0)
+            } else {
+                let h = b / K_BLOCKS * 8 * (head + K_BLOCKS * BB);
+                (h + 8 * head + b % K_BLOCKS * 8 * BB, h)
+            };
+            let g = [g0.add(off), g1.add(off)];
+            expand::<KIND>(
+                g,
+                [g0.add(head_off), g1.add(head_off)],
+                &mut *slot.add(at(b)),
+            );
         };
         for b in 0..if ring { nb.min(2) } else { nb } {
             expand_block(b);
@@ -358,8 +373,8 @@ pub unsafe fn run(kind: super::Kind, p: &Pair, scratch: &mut Vec<Expanded>) {
             super::Kind::Q4_1 => tile_pair::<Q4_1, 20>(p, scratch),
             super::Kind::Q5_0 => tile_pair::<Q5_0, 22>(p, scratch),
             super::Kind::Q8_0 => tile_pair::<Q8_0, 34>(p, scratch),
-            super::Kind::Q4K => tile_pair::<Q4K, 24>(p, scratch),
-            super::Kind::Q6K => tile_pair::<Q6K, 40>(p, scratch),
+            super::Kind::Q4K => tile_pair::<Q4K, 18>(p, scratch),
+            super::Kind::Q6K => tile_pair::<Q6K, 26>(p, scratch),
         }
     }
 }
