@@ -1703,31 +1703,86 @@ mod tests {
         }
     }
 
-    /// The largest stored weights against activations of +-127 in every block: the AVX2
-    /// tile kernel sums products as i16 for several chunks before widening them (see
-    /// `part_avx2`), and must not overflow even there.
+    /// Weights where, per 32-value block, one value sets the range and the other 31 sit at
+    /// its far end (so they quantize to the largest stored value, 15, 31 or 63, in some
+    /// rows), and activations of +-127 in every block: rows of +1, of -1, and of both signs
+    /// by block. The AVX2 tile kernel sums products as i16 for several chunks before
+    /// widening them (see `part_avx2`), and must not overflow even here.
+    fn extreme(k: usize) -> (Vec<f32>, Vec<f32>) {
+        let patterns = [[0.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-0.5, 1.0]];
+        let w = (0..16 * k)
+            .map(|i| patterns[i / k % 4][usize::from(i % QK != 0)])
+            .collect();
+        let x = (0..3 * k)
+            .map(|i| match i / k {
+                0 => 1.0,
+                1 => -1.0,
+                _ if (i / QK).is_multiple_of(2) => 1.0,
+                _ => -1.0,
+            })
+            .collect();
+        (w, x)
+    }
+
     #[test]
     fn extreme_blocks_do_not_overflow() {
         if !has_avx2() {
             return;
         }
-        // Per 32-value block, one value sets the range and the other 31 sit at its far end,
-        // so they quantize to the largest stored value (15, 31 or 63) in some rows.
-        let patterns = [[0.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-0.5, 1.0]];
         for (k, kinds) in kinds_by_width() {
-            let w: Vec<f32> = (0..16 * k)
-                .map(|i| patterns[i / k % 4][usize::from(i % QK != 0)])
-                .collect();
-            // Rows of +1 (every activation 127), of -1, and of both signs by block.
-            let x: Vec<f32> = (0..3 * k)
-                .map(|i| match i / k {
-                    0 => 1.0,
-                    1 => -1.0,
-                    _ if (i / QK).is_multiple_of(2) => 1.0,
-                    _ => -1.0,
-                })
-                .collect();
+            let (w, x) = extreme(k);
             same_blocks(&kinds, &w, &x, k);
+        }
+    }
+
+    /// Every tile kernel this CPU has gives, bit for bit, what the chosen one gives: a
+    /// machine with the newest (AVX-512 VNNI) also runs the AVX-VNNI and AVX2 kernels that
+    /// other CPUs use, on random and on [`extreme`] blocks, with 1 to 4 rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_tile_kernel_gives_the_same_bits() {
+        use std::arch::is_x86_feature_detected as has;
+        let Some(chosen) = tile_kernel() else {
+            return;
+        };
+        let mut kernels = vec![Tile::Avx2];
+        if has!("avxvnni") {
+            kernels.push(Tile::AvxVnni);
+        }
+        if has!("avx512vnni") && has!("avx512vl") && has!("avx512f") {
+            kernels.push(Tile::Avx512Vnni);
+        }
+        for (k, kinds) in kinds_by_width() {
+            let (w, x) = (pseudo_random(16 * k, 1), pseudo_random(7 * k, 2));
+            let inputs = [(w.clone(), x[..k].to_vec()), (w, x), extreme(k)];
+            // Q8_0 is packed for the chosen kernel only (see `q8_flip`).
+            for &dtype in kinds.iter().filter(|&&d| d != GgmlDType::Q8_0) {
+                for (w, x) in &inputs {
+                    let (n, m, nb) = (w.len() / k, x.len() / k, k / QK);
+                    let bytes = Tensor::from_vec(w.clone(), (n, k), &Device::Cpu)
+                        .and_then(|w| QTensor::quantize(&w, dtype))
+                        .and_then(|q| q.data().map(|d| d.to_vec()))
+                        .expect("quantize");
+                    let Ok(ours) = FastQuant::owned(dtype, k, bytes) else {
+                        panic!("{dtype:?} not wrapped")
+                    };
+                    let mut acts = Vec::new();
+                    quantize_act(x, &mut acts);
+                    let run = |t: Tile| {
+                        let mut out = vec![0f32; m * n];
+                        let ptrs = [crate::model::parallel::SharedOut(out.as_mut_ptr())];
+                        // SAFETY: out holds m rows of the weight's n outputs, the weight is
+                        // packed with nb blocks per row, acts hold m rows of nb blocks, and
+                        // the CPU has kernel t (checked above).
+                        unsafe { tile_job(t, &[&ours], nb, &acts, &ptrs) };
+                        out
+                    };
+                    let want = run(chosen);
+                    for &t in &kernels {
+                        assert_eq!(run(t), want, "{dtype:?}, {m} rows, {t:?} vs {chosen:?}");
+                    }
+                }
+            }
         }
     }
 
