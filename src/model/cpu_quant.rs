@@ -491,7 +491,7 @@ fn tile_kernel() -> Option<Tile> {
 }
 
 /// Repacks row-major GGUF blocks into groups of [`GROUP`] rows. For each group and block
-/// index, one superblock of `GROUP * block_bytes` bytes holds:
+/// index, one part of `GROUP * block_bytes` bytes holds:
 /// - the 8 rows' f16 scales `d`, then for Q4_1 their f16 mins `m`;
 /// - Q5_0: 32 bytes of high bits, bits 2c and 2c+1 of byte 4r+v = row r's high bits of
 ///   values 4c+v and 16+4c+v (so one shift and mask gives a chunk's high bits, in place);
@@ -1121,7 +1121,7 @@ mod x86 {
         }
     }
 
-    /// How far ahead of the superblock in use the tile kernel asks for weight bytes.
+    /// How far ahead of the block in use the tile kernel asks for weight bytes.
     const PREFETCH: usize = 1024;
 
     /// Four activation bytes at `p`, broadcast to every 32-bit lane.
@@ -1204,8 +1204,9 @@ mod x86 {
             /// `out_stride` apart.
             ///
             /// # Safety
-            /// `w` must hold `nb` packed superblocks, `acts` `M * nb` activations, `out` room
-            /// for `(M - 1) * out_stride + 8` values, and the CPU the enabled features.
+            /// `w` must hold a packed group of `nb` blocks per row, `acts` `M * nb`
+            /// activations, `out` room for `(M - 1) * out_stride + 8` values, and the CPU the
+            /// enabled features.
             #[target_feature(enable = $features)]
             pub unsafe fn $name<const KIND: u8, const BB: usize, const M: usize>(
                 w: *const u8,
@@ -1457,7 +1458,7 @@ unsafe fn tile_job(
 /// `out[i * n .. i * n + 8]` for each activation row i, four activation rows at a time.
 ///
 /// # Safety
-/// `out` must have room for `m` rows of `n >= 8` values; `w` must hold `nb` superblocks.
+/// `out` must have room for `m` rows of `n >= 8` values; `w` must hold a packed group of `nb` blocks per row.
 unsafe fn tile(t: Tile, kind: Kind, w: &[u8], nb: usize, acts: &[Act], out: *mut f32, n: usize) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
     unsafe {

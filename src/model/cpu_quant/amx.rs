@@ -198,8 +198,8 @@ pub struct Pair {
 ///
 /// # Safety
 /// [`available`] must be true and this thread's tiles configured ([`session`]); `g0`/`g1`
-/// must hold `nb` packed superblocks each; `acts` must hold `m.next_multiple_of(ROWS) * nb`
-/// blocks; `out` room for `(m - 1) * out_stride + 16`.
+/// must each point at a packed group of `nb` blocks per row; `acts` must hold
+/// `m.next_multiple_of(ROWS) * nb` blocks; `out` room for `(m - 1) * out_stride + 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
 unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec<Expanded>) {
     // SAFETY: the caller upholds the contract in `# Safety` above.
