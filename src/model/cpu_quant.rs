@@ -676,10 +676,20 @@ fn decode_k(kind: Kind, b: &[u8]) -> KSuper {
 /// Where k-quant block `bi` of a row starts within its packed group of [`GROUP`] rows, and
 /// where its superblock's head does.
 fn k_offsets(kind: Kind, bi: usize) -> (usize, usize) {
-    let (bb, head) = (kind.block_bytes(), kind.head_bytes());
+    block_at(kind.block_bytes(), kind.head_bytes(), bi)
+}
+
+/// [`k_offsets`] for blocks of `bb` bytes per row with heads of `head` bytes per row; with
+/// no heads (the 32-value types), block `bi` is simply the `bi`th.
+fn block_at(bb: usize, head: usize, bi: usize) -> (usize, usize) {
     let head_at = bi / K_BLOCKS * GROUP * (head + K_BLOCKS * bb);
     (head_at + GROUP * head + bi % K_BLOCKS * GROUP * bb, head_at)
 }
+
+/// Where a packed k-quant block's nibble chunks start (see [`pack_k`]).
+const K_NIBBLES: usize = 16;
+/// Where a packed Q6_K block's two chunks of top bits start.
+const Q6K_TOPS: usize = K_NIBBLES + 4 * 32;
 
 /// Packs GGUF Q4_K/Q6_K rows of `row_blocks` 32-value blocks into groups of [`GROUP`]
 /// rows. Per group and superblock, a head holds the 8 rows' f16 `d` (then Q4_K's `dmin`),
@@ -721,10 +731,10 @@ fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
             for c in 0..4 {
                 for jj in 0..4 {
                     let v = 4 * c + jj;
-                    part[16 + 32 * c + 4 * r + jj] = (q[v] & 0x0f) | (q[v + 16] & 0x0f) << 4;
+                    part[K_NIBBLES + 32 * c + 4 * r + jj] = (q[v] & 0x0f) | (q[v + 16] & 0x0f) << 4;
                     if kind == Kind::Q6K {
-                        part[144 + 4 * r + jj] |= (q[v] >> 4) << (2 * c);
-                        part[176 + 4 * r + jj] |= (q[v + 16] >> 4) << (2 * c);
+                        part[Q6K_TOPS + 4 * r + jj] |= (q[v] >> 4) << (2 * c);
+                        part[Q6K_TOPS + 32 + 4 * r + jj] |= (q[v + 16] >> 4) << (2 * c);
                     }
                 }
             }
@@ -748,11 +758,11 @@ fn unpack_k(kind: Kind, data: &[u8], row_blocks: usize, i: usize) -> KBlock {
     for c in 0..4 {
         for jj in 0..4 {
             let v = 4 * c + jj;
-            let byte = part[16 + 32 * c + 4 * r + jj];
+            let byte = part[K_NIBBLES + 32 * c + 4 * r + jj];
             (b.q[v], b.q[v + 16]) = (byte & 0x0f, byte >> 4);
             if kind == Kind::Q6K {
-                b.q[v] |= (part[144 + 4 * r + jj] >> (2 * c) & 3) << 4;
-                b.q[v + 16] |= (part[176 + 4 * r + jj] >> (2 * c) & 3) << 4;
+                b.q[v] |= (part[Q6K_TOPS + 4 * r + jj] >> (2 * c) & 3) << 4;
+                b.q[v + 16] |= (part[Q6K_TOPS + 32 + 4 * r + jj] >> (2 * c) & 3) << 4;
             }
         }
     }
@@ -1149,7 +1159,7 @@ mod x86 {
         unsafe {
             let offset = match KIND {
                 Q4_1 => 32,
-                Q4K | Q6K => 16,
+                Q4K | Q6K => super::K_NIBBLES,
                 _ => 48,
             };
             let q = _mm256_loadu_si256(sb.add(offset + 32 * c) as *const __m256i);
@@ -1168,8 +1178,8 @@ mod x86 {
                 let top = _mm256_set1_epi8(0x30);
                 let h = |at: usize| _mm256_loadu_si256(sb.add(at) as *const __m256i);
                 return (
-                    _mm256_or_si256(lo, _mm256_and_si256(at4(h(144)), top)),
-                    _mm256_or_si256(hi, _mm256_and_si256(at4(h(176)), top)),
+                    _mm256_or_si256(lo, _mm256_and_si256(at4(h(super::Q6K_TOPS)), top)),
+                    _mm256_or_si256(hi, _mm256_and_si256(at4(h(super::Q6K_TOPS + 32)), top)),
                 );
             }
             if KIND != Q5_0 {

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::x86::{head_bytes, k_scales, nibble_chunk, Q4K, Q4_1, Q5_0, Q6K, Q8_0};
-use super::{Act, K_BLOCKS, QK};
+use super::{block_at, Act, QK};
 
 /// Activation rows per tile: callers pad the activations to a multiple of this.
 pub const ROWS: usize = 16;
@@ -224,16 +224,9 @@ unsafe fn tile_pair<const KIND: u8, const BB: usize>(p: &Pair, scratch: &mut Vec
         }
         let at = |b: usize| if ring { b % 3 } else { b };
         let slot = scratch.as_mut_ptr();
-        // Where block b starts in each group, and its superblock's head (k-quants: see
-        // `pack_k`).
-        let head = head_bytes(KIND);
         let expand_block = |b: usize| {
-            let (off, head_off) = if head == 0 {
-                (b * 8 * BB, 0)
-            } else {
-                let h = b / K_BLOCKS * 8 * (head + K_BLOCKS * BB);
-                (h + 8 * head + b % K_BLOCKS * 8 * BB, h)
-            };
+            // Where block b starts in each group, and its superblock's head (k-quants).
+            let (off, head_off) = block_at(BB, head_bytes(KIND), b);
             let g = [g0.add(off), g1.add(off)];
             expand::<KIND>(
                 g,
