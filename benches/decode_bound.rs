@@ -16,7 +16,7 @@
 use std::time::Instant;
 
 use candle_core::Device;
-use candlewick::model::{Batch, CpuKvCache, KvCache, Model};
+use candlewick::model::{Batch, CpuKvCache, HugeBytes, KvCache, Model};
 
 use common::{batch_decode_times, decode_times, median, model_files, models_dir, prefilled};
 
@@ -36,33 +36,37 @@ fn threads() -> usize {
         .unwrap_or(1)
 }
 
-/// Sum of a slice in four independent lanes (the compiler vectorises it; the adds are far
-/// cheaper than the loads, so memory is the limit).
-fn sum(words: &[u64]) -> u64 {
+/// Sum of the little-endian u64 words of a slice in four independent lanes (the compiler
+/// vectorises it; the adds are far cheaper than the loads, so memory is the limit).
+fn sum(bytes: &[u8]) -> u64 {
     let mut acc = [0u64; 4];
-    for c in words.chunks_exact(4) {
-        for (a, &w) in acc.iter_mut().zip(c) {
-            *a = a.wrapping_add(w);
+    for c in bytes.chunks_exact(32) {
+        for (a, w) in acc.iter_mut().zip(c.chunks_exact(8)) {
+            *a = a.wrapping_add(u64::from_le_bytes(w.try_into().expect("8 bytes")));
         }
     }
     acc.iter().fold(0, |a, &b| a.wrapping_add(b))
 }
 
-/// Best read bandwidth (bytes/s) of `threads` threads each summing its share of 1 GiB.
+/// Best read bandwidth (bytes/s) of `threads` threads each summing its share of 1 GiB, held
+/// as the weights are (on huge pages where the OS gives them).
 fn read_bandwidth(threads: usize) -> f64 {
-    let words = vec![1u64; PROBE_BYTES / 8];
-    let per = words.len().div_ceil(threads);
+    let mut bytes = HugeBytes::zeroed(PROBE_BYTES);
+    for w in bytes.chunks_exact_mut(8) {
+        w[0] = 1;
+    }
+    let per = (PROBE_BYTES / 8).div_ceil(threads) * 8;
     let mut best = 0.0f64;
     for _ in 0..7 {
         let t = Instant::now();
         let total: u64 = std::thread::scope(|s| {
-            let hs: Vec<_> = words.chunks(per).map(|c| s.spawn(move || sum(c))).collect();
+            let hs: Vec<_> = bytes.chunks(per).map(|c| s.spawn(move || sum(c))).collect();
             hs.into_iter()
                 .map(|h| h.join().expect("probe thread"))
                 .sum()
         });
         let secs = t.elapsed().as_secs_f64();
-        assert_eq!(total as usize, words.len(), "the probe read every word");
+        assert_eq!(total as usize, PROBE_BYTES / 8, "the probe read every word");
         best = best.max(PROBE_BYTES as f64 / secs);
     }
     best

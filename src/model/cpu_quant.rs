@@ -11,6 +11,8 @@ use candle_core::CpuStorage;
 use half::f16;
 use memmap2::Mmap;
 
+use super::huge_pages::HugeBytes;
+
 const QK: usize = 32;
 
 #[cfg(target_arch = "x86_64")]
@@ -104,7 +106,7 @@ struct Act {
 /// Where the blocks live: in the model file's memory map (shared with the page cache and with
 /// every other process serving the same file) or, when they had to be rearranged, owned.
 enum Data {
-    Owned(Vec<u8>),
+    Owned(HugeBytes),
     Mapped(Arc<Mmap>, Range<usize>),
 }
 
@@ -179,7 +181,7 @@ impl FastQuant {
     pub fn owned(dtype: GgmlDType, row_len: usize, bytes: Vec<u8>) -> Result<Self, Vec<u8>> {
         match Self::kind_for(dtype, row_len, bytes.len()).filter(|k| !bytes.is_empty() || !k.is_k())
         {
-            Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes), true)),
+            Some(kind) => Ok(Self::new(kind, row_len, Data::Owned(bytes.into()), true)),
             None => Err(bytes),
         }
     }
@@ -413,10 +415,11 @@ impl FastQuant {
                 }
             }
         }
-        if self.packed {
-            data = pack(self.kind, &data, self.row_blocks);
-        }
-        self.data = Data::Owned(data);
+        self.data = Data::Owned(if self.packed {
+            pack(self.kind, &data, self.row_blocks)
+        } else {
+            data.into()
+        });
     }
 }
 
@@ -503,12 +506,25 @@ fn tile_kernel() -> Option<Tile> {
 /// So one 32-byte load gives four consecutive values of each of 8 rows: one `vpdpbusd`
 /// against four broadcast activation bytes then yields the 8 rows' partial dot products in
 /// its 8 lanes, and the kernel never needs a horizontal sum. Same size as the input.
-fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
+fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> HugeBytes {
+    let mut out = HugeBytes::zeroed(packed_len(kind, src.len(), row_blocks));
+    pack_into(kind, src, row_blocks, &mut out);
+    out
+}
+
+/// The bytes [`pack`] makes of `src_len` GGUF bytes.
+fn packed_len(kind: Kind, src_len: usize, row_blocks: usize) -> usize {
+    let (values, gguf_bytes) = kind.gguf_block();
+    let gguf_row = (row_blocks * QK / values * gguf_bytes).max(1);
+    src_len / gguf_row * kind.row_bytes(row_blocks)
+}
+
+/// [`pack`] into `out` (zeroed, of [`packed_len`]).
+fn pack_into(kind: Kind, src: &[u8], row_blocks: usize, out: &mut [u8]) {
     if kind.is_k() {
-        return pack_k(kind, src, row_blocks);
+        return pack_k(kind, src, row_blocks, out);
     }
     let (bb, flip) = (kind.block_bytes(), q8_flip());
-    let mut out = vec![0u8; src.len()];
     for (i, blk) in src.chunks_exact(bb).enumerate() {
         let (row, b) = (i / row_blocks, i % row_blocks);
         let sb = (row / GROUP * row_blocks + b) * GROUP * bb;
@@ -542,7 +558,6 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// [`pack`] of the `rows` rows in the file map's `range`, a few megabytes of
@@ -554,14 +569,16 @@ fn pack_mapped(
     range: Range<usize>,
     rows: usize,
     row_blocks: usize,
-) -> Vec<u8> {
+) -> HugeBytes {
     let row_bytes = range.len() / rows.max(1);
     let part_rows = ((8 << 20) / row_bytes.max(1)).next_multiple_of(GROUP);
-    let mut out = Vec::with_capacity(rows * kind.row_bytes(row_blocks));
+    let packed_row = kind.row_bytes(row_blocks);
+    let mut out = HugeBytes::zeroed(rows * packed_row);
     for first in (0..rows).step_by(part_rows) {
-        let part = range.start + first * row_bytes
-            ..range.start + (first + part_rows).min(rows) * row_bytes;
-        out.extend(pack(kind, &map[part.clone()], row_blocks));
+        let last = (first + part_rows).min(rows);
+        let part = range.start + first * row_bytes..range.start + last * row_bytes;
+        let to = &mut out[first * packed_row..last * packed_row];
+        pack_into(kind, &map[part.clone()], row_blocks, to);
         super::weights::drop_pages(map, part);
     }
     out
@@ -703,15 +720,13 @@ const Q6K_TOPS: usize = K_NIBBLES + 4 * 32;
 ///
 /// The kernels multiply the integer scales out (exact in f32), so Q6_K is held in GGUF's
 /// 6.56 bits per value and Q4_K in 4.63 (GGUF's 4.5 plus the heads repeated per group).
-fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
+fn pack_k(kind: Kind, src: &[u8], row_blocks: usize, out: &mut [u8]) {
     let (_, gguf_bytes) = kind.gguf_block();
     let (supers, row_bytes, bb) = (
         row_blocks / K_BLOCKS,
         kind.row_bytes(row_blocks),
         kind.block_bytes(),
     );
-    let rows = src.len() / gguf_bytes / supers.max(1);
-    let mut out = vec![0u8; rows * row_bytes];
     for (i, blk) in src.chunks_exact(gguf_bytes).enumerate() {
         let (row, s) = (i / supers, i % supers);
         let k = decode_k(kind, blk);
@@ -740,7 +755,6 @@ fn pack_k(kind: Kind, src: &[u8], row_blocks: usize) -> Vec<u8> {
             }
         }
     }
-    out
 }
 
 /// Block `i` (row-major 32-value block index) of a packed k-quant tensor.
@@ -1837,7 +1851,7 @@ mod tests {
             }
             let rows = FastQuant {
                 kind: ours.kind,
-                data: Data::Owned(theirs.data().expect("bytes").to_vec()),
+                data: Data::Owned(theirs.data().expect("bytes").to_vec().into()),
                 row_blocks: k / QK,
                 packed: false,
             };
@@ -1982,7 +1996,7 @@ mod tests {
         for kind in [Kind::Q4_1, Kind::Q5_0, Kind::Q8_0] {
             let mut q = FastQuant {
                 kind,
-                data: Data::Owned(vec![0; 2 * kind.block_bytes()]),
+                data: Data::Owned(vec![0; 2 * kind.block_bytes()].into()),
                 row_blocks: 2,
                 packed: false,
             };
