@@ -64,6 +64,12 @@ impl Kind {
         row_blocks * self.block_bytes() + row_blocks / K_BLOCKS * self.head_bytes()
     }
 
+    /// Rows of `row_len` values in `len` bytes of GGUF blocks of this type.
+    fn gguf_rows(self, len: usize, row_len: usize) -> usize {
+        let (values, bytes) = self.gguf_block();
+        len / (row_len / values * bytes).max(1)
+    }
+
     /// Values and bytes of one GGUF block of this type.
     fn gguf_block(self) -> (usize, usize) {
         match self {
@@ -166,8 +172,7 @@ impl FastQuant {
         let (values, bytes) = kind.gguf_block();
         let whole = row_len.is_multiple_of(values) && len.is_multiple_of(bytes);
         // The k-quants need whole groups of rows for the packed layout.
-        let rows = len / (row_len / values * bytes).max(1);
-        let packable = !kind.is_k() || rows.is_multiple_of(GROUP);
+        let packable = !kind.is_k() || kind.gguf_rows(len, row_len).is_multiple_of(GROUP);
         (has_avx2() && whole && packable).then_some(kind)
     }
 
@@ -208,8 +213,7 @@ impl FastQuant {
 
     fn new(kind: Kind, row_len: usize, data: Data, for_matmul: bool) -> Self {
         let row_blocks = row_len / QK;
-        let (values, bytes) = kind.gguf_block();
-        let rows = data.len() / (row_len / values * bytes).max(1);
+        let rows = kind.gguf_rows(data.len(), row_len);
         // kind_for made sure the k-quants can always be packed.
         let packed = kind.is_k()
             || for_matmul
@@ -514,9 +518,7 @@ fn pack(kind: Kind, src: &[u8], row_blocks: usize) -> HugeBytes {
 
 /// The bytes [`pack`] makes of `src_len` GGUF bytes.
 fn packed_len(kind: Kind, src_len: usize, row_blocks: usize) -> usize {
-    let (values, gguf_bytes) = kind.gguf_block();
-    let gguf_row = (row_blocks * QK / values * gguf_bytes).max(1);
-    src_len / gguf_row * kind.row_bytes(row_blocks)
+    kind.gguf_rows(src_len, row_blocks * QK) * kind.row_bytes(row_blocks)
 }
 
 /// [`pack`] into `out` (zeroed, of [`packed_len`]).

@@ -62,7 +62,8 @@ impl Chunk {
 /// chunk whose buffers were all dropped (a model unloaded) is unmapped at once.
 static CURRENT: Mutex<Option<(Weak<Chunk>, usize)>> = Mutex::new(None);
 
-/// Zero-initialised bytes: on the heap when small, else in a huge-page chunk.
+/// Owned weight bytes: made by [`HugeBytes::zeroed`] (on the heap when small, else in a
+/// huge-page chunk), or a heap vector wrapped as it is.
 pub struct HugeBytes(Inner);
 
 enum Inner {
