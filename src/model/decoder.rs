@@ -464,10 +464,28 @@ impl Decoder {
             .collect::<Result<Vec<_>>>()?;
         let eps = self.cfg.rms_norm_eps as f32;
 
+        // `x + delta` and its norm by `w`: one pass on the CPU's f32 rows, else candle's ops.
+        let add_norm = |x: &Tensor, delta: &Tensor, w: &Tensor| -> Result<(Tensor, Tensor)> {
+            if let Some(r) = super::cpu_rows::add_rms_norm(x, delta, w, eps)? {
+                return Ok(r);
+            }
+            let x = (x + delta)?;
+            let h = candle_nn::ops::rms_norm(&x, w, eps)?;
+            Ok((x, h))
+        };
         let mut x = self.embed_tokens(batch)?;
+        // The last block's output, added to `x` together with the next block's first norm.
+        let mut pending: Option<Tensor> = None;
         for (li, l) in self.layers.iter().enumerate() {
             let (cos, sin) = &rotations[l.rope];
-            let h = candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?;
+            let h = match pending.take() {
+                Some(delta) => {
+                    let (sum, h) = add_norm(&x, &delta, &l.attn_norm)?;
+                    x = sum;
+                    h
+                }
+                None => candle_nn::ops::rms_norm(&x, &l.attn_norm, eps)?,
+            };
             let [q, k, v] = Linear::forward_many(&h, [&l.q, &l.k, &l.v])?;
             let mut q = q.reshape((n, heads, hd))?;
             let mut k = k.reshape((n, kv_heads, hd))?;
@@ -476,11 +494,15 @@ impl Decoder {
                 q = candle_nn::ops::rms_norm(&q, qn, eps)?;
                 k = candle_nn::ops::rms_norm(&k, kn, eps)?;
             }
-            // rope_thd wants [batch, tokens, heads, dim] with one cos/sin row per token.
-            let mut q = candle_nn::rotary_emb::rope_thd(&q.unsqueeze(0)?.contiguous()?, cos, sin)?
-                .squeeze(0)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.unsqueeze(0)?.contiguous()?, cos, sin)?
-                .squeeze(0)?;
+            let rotate = |x: &Tensor| -> Result<Tensor> {
+                if let Some(r) = super::cpu_rows::rope(x, cos, sin)? {
+                    return Ok(r);
+                }
+                // rope_thd wants [batch, tokens, heads, dim] with one cos/sin row per token.
+                let x = x.unsqueeze(0)?.contiguous()?;
+                Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+            };
+            let (mut q, k) = (rotate(&q)?, rotate(&k)?);
             if let Some(f) = self.q_scale {
                 q = (q * f)?;
             }
@@ -489,8 +511,8 @@ impl Decoder {
             if let Some(w) = &l.post_attn_norm {
                 out = candle_nn::ops::rms_norm(&out, w, eps)?;
             }
-            x = (x + out)?;
-            let h = candle_nn::ops::rms_norm(&x, &l.ffn_norm, eps)?;
+            let (sum, h) = add_norm(&x, &out, &l.ffn_norm)?;
+            x = sum;
             let [gate, up] = Linear::forward_many(&h, [&l.gate, &l.up])?;
             let act = match super::cpu_activation::gated(self.cfg.activation, &gate, &up)? {
                 Some(act) => act,
@@ -503,12 +525,16 @@ impl Decoder {
             if let Some(w) = &l.post_ffn_norm {
                 out = candle_nn::ops::rms_norm(&out, w, eps)?;
             }
-            x = (x + out)?;
-            if !batch.images.is_empty() {
-                x = self.deepstack(x, batch, li)?;
+            if batch.images.is_empty() {
+                pending = Some(out);
+            } else {
+                x = self.deepstack((x + out)?, batch, li)?;
             }
         }
-        Ok(x)
+        Ok(match pending {
+            Some(delta) => (x + delta)?,
+            None => x,
+        })
     }
 }
 

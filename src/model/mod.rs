@@ -10,6 +10,7 @@ pub mod config;
 mod cpu_activation;
 mod cpu_attention;
 mod cpu_quant;
+mod cpu_rows;
 pub mod cuda;
 pub mod decoder;
 pub mod huge_pages;

@@ -1,0 +1,206 @@
+//! The decoder's small per-row ops on the CPU's f32 rows, without candle's detours, with
+//! candle's arithmetic (so results are bit for bit candle's):
+//! - rotary embedding: candle's `rope_thd` hands every call to rayon's pool (a thread switch
+//!   there and back, twice a layer) and wants a contiguous copy of its input;
+//! - the residual add and the RMS norm after it, in one pass: candle makes each a tensor op
+//!   with its own output and, past 32 rows, its own trip through rayon.
+//!
+//! Each runs on the calling thread for a decode step's few rows, on our pool for prefills.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+
+/// Tokens per parallel task; a decode step's few tokens stay on the calling thread.
+const TOKENS_PER_TASK: usize = 64;
+
+/// The f32 values of a contiguous CPU tensor; None for anything else.
+fn f32_values(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
+    let (s, l) = t.storage_and_layout();
+    let (a, b) = l.contiguous_offsets()?;
+    matches!(&*s, Storage::Cpu(CpuStorage::F32(_))).then_some((s, a, b))
+}
+
+/// The slice a guard from [`f32_values`] holds.
+fn slice(s: &Storage, a: usize, b: usize) -> &[f32] {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => &v[a..b],
+        _ => &[],
+    }
+}
+
+/// `x + delta` (`[rows, hidden]`), and candle's `rms_norm` of that times `weight`
+/// (`[hidden]`): `v / sqrt(mean(v^2) + eps) * w`, the sum of squares added in order. All
+/// f32, contiguous, on the CPU; None for anything else (the caller then uses candle's ops).
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let Ok((rows, hidden)) = x.dims2() else {
+        return Ok(None);
+    };
+    if !x.device().is_cpu() || delta.dims() != x.dims() || weight.dims() != [hidden] {
+        return Ok(None);
+    }
+    let (Some(xs), Some(ds), Some(ws)) = (f32_values(x), f32_values(delta), f32_values(weight))
+    else {
+        return Ok(None);
+    };
+    let (xv, dv, w) = (
+        slice(&xs.0, xs.1, xs.2),
+        slice(&ds.0, ds.1, ds.2),
+        slice(&ws.0, ws.1, ws.2),
+    );
+    let (mut sum, mut normed) = (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
+    let outs = (
+        super::parallel::SharedOut(sum.as_mut_ptr()),
+        super::parallel::SharedOut(normed.as_mut_ptr()),
+    );
+    let outs = &outs;
+    super::parallel::par_for(rows.div_ceil(TOKENS_PER_TASK), |tasks| {
+        let rs = tasks.start * TOKENS_PER_TASK..(tasks.end * TOKENS_PER_TASK).min(rows);
+        for r in rs {
+            let span = r * hidden..(r + 1) * hidden;
+            // SAFETY: tasks own disjoint rows, so row `r` of each output is written by this
+            // task alone, and it lies inside them (r < rows).
+            let (s, n) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(outs.0 .0.add(span.start), hidden),
+                    std::slice::from_raw_parts_mut(outs.1 .0.add(span.start), hidden),
+                )
+            };
+            for ((s, &a), &b) in s.iter_mut().zip(&xv[span.clone()]).zip(&dv[span]) {
+                *s = a + b;
+            }
+            let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
+            let m = (sum2 / hidden as f32 + eps).sqrt();
+            for ((n, &v), &a) in n.iter_mut().zip(s.iter()).zip(w) {
+                *n = v / m * a;
+            }
+        }
+    });
+    let dev = Device::Cpu;
+    Ok(Some((
+        Tensor::from_vec(sum, (rows, hidden), &dev)?,
+        Tensor::from_vec(normed, (rows, hidden), &dev)?,
+    )))
+}
+
+/// Neox-style rotation of `x` `[tokens, heads, head_dim]` (f32 on the CPU, each token's
+/// heads contiguous) by `cos`/`sin` `[tokens, head_dim / 2]` (f32, contiguous): a new
+/// contiguous tensor. None for anything else (the caller then uses candle's op).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let Ok((n, heads, hd)) = x.dims3() else {
+        return Ok(None);
+    };
+    if !x.device().is_cpu() || hd % 2 != 0 || cos.dims() != [n, hd / 2] || sin.dims() != cos.dims()
+    {
+        return Ok(None);
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xv)), Some(cs), Some(ss)) =
+        (&*xs, f32_values(cos), f32_values(sin))
+    else {
+        return Ok(None);
+    };
+    // Each token's heads must be one run of values; tokens may be any distance apart.
+    let [t_stride, h_stride, d_stride] = xl.stride() else {
+        return Ok(None);
+    };
+    if *d_stride != 1 || *h_stride != hd {
+        return Ok(None);
+    }
+    let (t_stride, start, row) = (*t_stride, xl.start_offset(), heads * hd);
+    let (cos, sin) = (slice(&cs.0, cs.1, cs.2), slice(&ss.0, ss.1, ss.2));
+    let mut out = vec![0f32; n * row];
+    let base = super::parallel::SharedOut(out.as_mut_ptr());
+    let base = &base;
+    let half = hd / 2;
+    super::parallel::par_for(n.div_ceil(TOKENS_PER_TASK), |tasks| {
+        let tokens = tasks.start * TOKENS_PER_TASK..(tasks.end * TOKENS_PER_TASK).min(n);
+        for t in tokens {
+            let src = &xv[start + t * t_stride..][..row];
+            // SAFETY: tasks own disjoint token ranges, so row `t` of `out` is written by
+            // this task alone, and it lies inside `out` (t < n).
+            let dst = unsafe { std::slice::from_raw_parts_mut(base.0.add(t * row), row) };
+            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+            for (src, dst) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(hd)) {
+                let (x1, x2) = src.split_at(half);
+                let (d1, d2) = dst.split_at_mut(half);
+                for i in 0..half {
+                    d1[i] = x1[i] * c[i] - x2[i] * s[i];
+                    d2[i] = x1[i] * s[i] + x2[i] * c[i];
+                }
+            }
+        }
+    });
+    Ok(Some(Tensor::from_vec(out, (n, heads, hd), &Device::Cpu)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    /// Equal, bit for bit, to candle's `rope_thd`, for contiguous input and for a narrowed
+    /// view whose tokens are further apart than their heads.
+    #[test]
+    fn equals_candles_rope() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for n in [1usize, 3, 130] {
+            let (heads, hd) = (3, 8);
+            let wide = Tensor::randn(0f32, 1.0, (n, heads + 1, hd), &dev)?;
+            let x = wide.narrow(1, 1, heads)?;
+            let angles = Tensor::randn(0f32, 3.0, (n, hd / 2), &dev)?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let ours = rope(&x, &cos, &sin)?.expect("f32 rows on the CPU");
+            let theirs =
+                candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+                    .squeeze(0)?;
+            let (a, b) = (
+                ours.flatten_all()?.to_vec1::<f32>()?,
+                theirs.flatten_all()?.to_vec1::<f32>()?,
+            );
+            assert!(
+                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "n={n}"
+            );
+        }
+        let half = Tensor::zeros((1, 2, 4), DType::F16, &dev)?;
+        let cs = Tensor::zeros((1, 2), DType::F32, &dev)?;
+        assert!(rope(&half, &cs, &cs)?.is_none(), "f16 is left to candle");
+        Ok(())
+    }
+
+    /// Equal, bit for bit, to candle's add then `rms_norm`, for one row and for enough rows
+    /// to run on the pool.
+    #[test]
+    fn add_rms_norm_equals_candles() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        for rows in [1usize, 200] {
+            let x = Tensor::randn(0f32, 2.0, (rows, 96), &dev)?;
+            let d = Tensor::randn(0f32, 1.0, (rows, 96), &dev)?;
+            let w = Tensor::randn(1f32, 0.5, 96, &dev)?;
+            let (s, n) = add_rms_norm(&x, &d, &w, 1e-5)?.expect("f32 rows on the CPU");
+            let sum = (&x + &d)?;
+            let theirs = candle_nn::ops::rms_norm(&sum, &w, 1e-5)?;
+            for (a, b) in [(s, sum), (n, theirs)] {
+                let (a, b) = (
+                    a.flatten_all()?.to_vec1::<f32>()?,
+                    b.flatten_all()?.to_vec1::<f32>()?,
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rows={rows}"
+                );
+            }
+        }
+        let half = Tensor::zeros((1, 4), DType::F16, &dev)?;
+        let w = Tensor::zeros(4, DType::F16, &dev)?;
+        assert!(
+            add_rms_norm(&half, &half, &w, 1e-5)?.is_none(),
+            "f16 is left to candle"
+        );
+        Ok(())
+    }
+}
