@@ -467,11 +467,18 @@ impl<E: KvElem> Job<'_, E> {
         }
         let units = hd / E::BLOCK;
         let (k, v) = (self.k, self.v);
-        let (keys, values) = self
+        // Sized up front: growing them row by row was a tenth of a decode item's time.
+        let (mut keys, mut values) = (
+            Vec::with_capacity(span.len()),
+            Vec::with_capacity(span.len()),
+        );
+        for r in self
             .geo
             .rows::<E>(&self.seq.block_table, self.kvh, span.clone())
-            .map(|r| (&k[r..r + units], &v[r..r + units]))
-            .unzip();
+        {
+            keys.push(&k[r..r + units]);
+            values.push(&v[r..r + units]);
+        }
         (rows, keys, values)
     }
 
