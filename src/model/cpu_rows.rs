@@ -142,6 +142,15 @@ mod tests {
     use super::*;
     use candle_core::DType;
 
+    /// A tensor's f32 values as bits: equal means bit for bit.
+    fn bits(t: &Tensor) -> candle_core::Result<Vec<u32>> {
+        Ok(t.flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|v| v.to_bits())
+            .collect())
+    }
+
     /// Equal, bit for bit, to candle's `rope_thd`, for contiguous input and for a narrowed
     /// view whose tokens are further apart than their heads.
     #[test]
@@ -157,14 +166,7 @@ mod tests {
             let theirs =
                 candle_nn::rotary_emb::rope_thd(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?
                     .squeeze(0)?;
-            let (a, b) = (
-                ours.flatten_all()?.to_vec1::<f32>()?,
-                theirs.flatten_all()?.to_vec1::<f32>()?,
-            );
-            assert!(
-                a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "n={n}"
-            );
+            assert_eq!(bits(&ours)?, bits(&theirs)?, "n={n}");
         }
         let half = Tensor::zeros((1, 2, 4), DType::F16, &dev)?;
         let cs = Tensor::zeros((1, 2), DType::F32, &dev)?;
@@ -184,16 +186,8 @@ mod tests {
             let (s, n) = add_rms_norm(&x, &d, &w, 1e-5)?.expect("f32 rows on the CPU");
             let sum = (&x + &d)?;
             let theirs = candle_nn::ops::rms_norm(&sum, &w, 1e-5)?;
-            for (a, b) in [(s, sum), (n, theirs)] {
-                let (a, b) = (
-                    a.flatten_all()?.to_vec1::<f32>()?,
-                    b.flatten_all()?.to_vec1::<f32>()?,
-                );
-                assert!(
-                    a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "rows={rows}"
-                );
-            }
+            assert_eq!(bits(&s)?, bits(&sum)?, "rows={rows}");
+            assert_eq!(bits(&n)?, bits(&theirs)?, "rows={rows}");
         }
         let half = Tensor::zeros((1, 4), DType::F16, &dev)?;
         let w = Tensor::zeros(4, DType::F16, &dev)?;
