@@ -6,7 +6,9 @@
 //! of the attention kernel. Elementwise, so a row's result never depends on the rest of the
 //! batch.
 
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
+
+use super::cpu_rows::{f32_values, slice};
 
 use super::config::Activation;
 
@@ -26,16 +28,10 @@ pub fn gated(act: Activation, gate: &Tensor, up: &Tensor) -> candle_core::Result
     if gate.shape() != up.shape() || !gate.device().is_cpu() {
         return Ok(None);
     }
-    let (gs, gl) = gate.storage_and_layout();
-    let (us, ul) = up.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(u))) = (&*gs, &*us) else {
+    let (Some(gs), Some(us)) = (f32_values(gate), f32_values(up)) else {
         return Ok(None);
     };
-    let (Some((g0, g1)), Some((u0, u1))) = (gl.contiguous_offsets(), ul.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let (g, u) = (&g[g0..g1], &u[u0..u1]);
+    let (g, u) = (slice(&gs.0, gs.1, gs.2), slice(&us.0, us.1, us.2));
     let mut out = vec![0f32; g.len()];
     let base = super::parallel::SharedOut(out.as_mut_ptr());
     let base = &base;

@@ -5,22 +5,24 @@
 //! - the residual add and the RMS norm after it, in one pass: candle makes each a tensor op
 //!   with its own output and, past 32 rows, its own trip through rayon.
 //!
-//! Each runs on the calling thread for a decode step's few rows, on our pool for prefills.
+//! Each runs on our pool by rows: a decode step's single row stays on the calling thread.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
-/// Tokens per parallel task; a decode step's few tokens stay on the calling thread.
-const TOKENS_PER_TASK: usize = 64;
+use super::parallel::par_rows;
 
-/// The f32 values of a contiguous CPU tensor; None for anything else.
-fn f32_values(t: &Tensor) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
+/// The storage of a contiguous f32 CPU tensor (read-locked) and where its values lie in it;
+/// None for anything else. [`slice`] gives the values.
+pub(super) fn f32_values(
+    t: &Tensor,
+) -> Option<(impl std::ops::Deref<Target = Storage> + '_, usize, usize)> {
     let (s, l) = t.storage_and_layout();
     let (a, b) = l.contiguous_offsets()?;
     matches!(&*s, Storage::Cpu(CpuStorage::F32(_))).then_some((s, a, b))
 }
 
-/// The slice a guard from [`f32_values`] holds.
-fn slice(s: &Storage, a: usize, b: usize) -> &[f32] {
+/// The values a guard from [`f32_values`] holds.
+pub(super) fn slice(s: &Storage, a: usize, b: usize) -> &[f32] {
     match s {
         Storage::Cpu(CpuStorage::F32(v)) => &v[a..b],
         _ => &[],
@@ -52,31 +54,19 @@ pub fn add_rms_norm(
         slice(&ws.0, ws.1, ws.2),
     );
     let (mut sum, mut normed) = (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
-    let outs = (
-        super::parallel::SharedOut(sum.as_mut_ptr()),
-        super::parallel::SharedOut(normed.as_mut_ptr()),
-    );
-    let outs = &outs;
-    super::parallel::par_for(rows.div_ceil(TOKENS_PER_TASK), |tasks| {
-        let rs = tasks.start * TOKENS_PER_TASK..(tasks.end * TOKENS_PER_TASK).min(rows);
-        for r in rs {
-            let span = r * hidden..(r + 1) * hidden;
-            // SAFETY: tasks own disjoint rows, so row `r` of each output is written by this
-            // task alone, and it lies inside them (r < rows).
-            let (s, n) = unsafe {
-                (
-                    std::slice::from_raw_parts_mut(outs.0 .0.add(span.start), hidden),
-                    std::slice::from_raw_parts_mut(outs.1 .0.add(span.start), hidden),
-                )
-            };
-            for ((s, &a), &b) in s.iter_mut().zip(&xv[span.clone()]).zip(&dv[span]) {
-                *s = a + b;
-            }
-            let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
-            let m = (sum2 / hidden as f32 + eps).sqrt();
-            for ((n, &v), &a) in n.iter_mut().zip(s.iter()).zip(w) {
-                *n = v / m * a;
-            }
+    par_rows(&mut sum, hidden, |r, s| {
+        let span = r * hidden..(r + 1) * hidden;
+        for ((s, &a), &b) in s.iter_mut().zip(&xv[span.clone()]).zip(&dv[span]) {
+            *s = a + b;
+        }
+    });
+    let sum_rows = &sum;
+    par_rows(&mut normed, hidden, |r, n| {
+        let s = &sum_rows[r * hidden..(r + 1) * hidden];
+        let sum2 = s.iter().map(|&v| v * v).sum::<f32>();
+        let m = (sum2 / hidden as f32 + eps).sqrt();
+        for ((n, &v), &a) in n.iter_mut().zip(s).zip(w) {
+            *n = v / m * a;
         }
     });
     let dev = Device::Cpu;
@@ -113,24 +103,16 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Optio
     let (t_stride, start, row) = (*t_stride, xl.start_offset(), heads * hd);
     let (cos, sin) = (slice(&cs.0, cs.1, cs.2), slice(&ss.0, ss.1, ss.2));
     let mut out = vec![0f32; n * row];
-    let base = super::parallel::SharedOut(out.as_mut_ptr());
-    let base = &base;
     let half = hd / 2;
-    super::parallel::par_for(n.div_ceil(TOKENS_PER_TASK), |tasks| {
-        let tokens = tasks.start * TOKENS_PER_TASK..(tasks.end * TOKENS_PER_TASK).min(n);
-        for t in tokens {
-            let src = &xv[start + t * t_stride..][..row];
-            // SAFETY: tasks own disjoint token ranges, so row `t` of `out` is written by
-            // this task alone, and it lies inside `out` (t < n).
-            let dst = unsafe { std::slice::from_raw_parts_mut(base.0.add(t * row), row) };
-            let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-            for (src, dst) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(hd)) {
-                let (x1, x2) = src.split_at(half);
-                let (d1, d2) = dst.split_at_mut(half);
-                for i in 0..half {
-                    d1[i] = x1[i] * c[i] - x2[i] * s[i];
-                    d2[i] = x1[i] * s[i] + x2[i] * c[i];
-                }
+    par_rows(&mut out, row, |t, dst| {
+        let src = &xv[start + t * t_stride..][..row];
+        let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
+        for (src, dst) in src.chunks_exact(hd).zip(dst.chunks_exact_mut(hd)) {
+            let (x1, x2) = src.split_at(half);
+            let (d1, d2) = dst.split_at_mut(half);
+            for i in 0..half {
+                d1[i] = x1[i] * c[i] - x2[i] * s[i];
+                d2[i] = x1[i] * s[i] + x2[i] * c[i];
             }
         }
     });
