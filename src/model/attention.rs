@@ -11,6 +11,7 @@ use super::config::ArchConfig;
 use half::f16;
 
 use super::cpu_attention::{self, KvElem, Q8Block, Rows};
+use super::cpu_rows::with_f32;
 use super::{Error, Result};
 
 /// One sequence's part of a packed step.
@@ -517,12 +518,6 @@ fn attention_ends(batch: &Batch) -> Vec<u32> {
     ends
 }
 
-fn to_f32_vec(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1()?)
-}
-
 impl KvCache for CpuKvCache {
     fn block_size(&self) -> usize {
         self.geo.block_size
@@ -543,20 +538,27 @@ impl KvCache for CpuKvCache {
         let g = &self.geo;
         let layers = self.planes.layers();
         let (n, heads, hd) = check_query(q, batch, layer, (layers, g.heads, g.head_dim))?;
-        let (k_new, v_new, q) = (to_f32_vec(k)?, to_f32_vec(v)?, to_f32_vec(q)?);
-        let step = Step {
-            layer,
-            batch,
-            k_new: &k_new,
-            v_new: &v_new,
-            q: &q,
-            n,
-        };
-        let out = match &mut self.planes {
-            Planes::F16(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
-            Planes::F32(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
-            Planes::Q8_0(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
-        };
+        let planes = &mut self.planes;
+        // The step's keys, values and queries, read where they lie.
+        let out = with_f32(k, |k_new| {
+            with_f32(v, |v_new| {
+                with_f32(q, |q| {
+                    let step = Step {
+                        layer,
+                        batch,
+                        k_new,
+                        v_new,
+                        q,
+                        n,
+                    };
+                    Ok(match planes {
+                        Planes::F16(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+                        Planes::F32(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+                        Planes::Q8_0(k, v) => step.run(g, &mut k[layer], &mut v[layer]),
+                    })
+                })
+            })
+        })?;
         Ok(Tensor::from_vec(out, (n, heads * hd), &Device::Cpu)?)
     }
 }

@@ -237,10 +237,12 @@ impl FastQuant {
 
     /// `x @ W^T` for activations `[.., k]` (any float dtype, on the CPU): `[.., n]` in f32.
     pub fn forward(&self, x: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        let (xs, m) = self.input(x)?;
         let (k, n) = (self.row_blocks * QK, self.out_rows());
-        let mut out = vec![0f32; m * n];
-        self.matmul_t((m, k, n), &xs, &mut out)?;
+        let out = self.with_input(x, |xs, m| {
+            let mut out = vec![0f32; m * n];
+            self.matmul_t((m, k, n), xs, &mut out)?;
+            Ok(out)
+        })?;
         output(out, x, n)
     }
 
@@ -249,8 +251,14 @@ impl FastQuant {
         self.data.len() / self.kind.row_bytes(self.row_blocks).max(1)
     }
 
-    /// The activations `[.., k]` as f32 values, and their number of rows.
-    fn input(&self, x: &candle_core::Tensor) -> candle_core::Result<(Vec<f32>, usize)> {
+    /// `f(values, rows)` on the activations `[.., k]` as f32: borrowed from a contiguous f32
+    /// CPU tensor (the decoder's case: copying them was 3% of a 16-row decode step), else
+    /// converted.
+    fn with_input<R>(
+        &self,
+        x: &candle_core::Tensor,
+        f: impl FnOnce(&[f32], usize) -> candle_core::Result<R>,
+    ) -> candle_core::Result<R> {
         let k = self.row_blocks * QK;
         if x.dims().last() != Some(&k) {
             candle_core::bail!(
@@ -259,20 +267,15 @@ impl FastQuant {
                 x.dims()
             );
         }
-        let xs: Vec<f32> = x
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let m = xs.len() / k.max(1);
-        Ok((xs, m))
+        super::cpu_rows::with_f32(x, |xs| f(xs, xs.len() / k.max(1)))
     }
 
     /// `x @ W^T` for each of `ws` (projections of one input, such as q, k and v): the
     /// activations are quantized once and every weight's column groups run as one parallel
-    /// job, so a decode step pays one dispatch instead of one per weight. Each output is
-    /// computed exactly as [`Self::forward`] computes it (the same tile calls), so rows stay
-    /// batch-invariant. `None` when the weights are not all packed for the tile kernel with
-    /// the same input width, or the rows go to AMX: then call [`Self::forward`] on each.
+    /// job, so a step pays one quantization and one dispatch instead of one per weight. Each
+    /// output is computed exactly as [`Self::forward`] computes it (the same tile calls), so
+    /// rows stay batch-invariant. `None` when the weights are not all packed for the tile
+    /// kernel with the same input width: then call [`Self::forward`] on each.
     pub fn forward_many(
         ws: &[&FastQuant],
         x: &candle_core::Tensor,
@@ -284,22 +287,29 @@ impl FastQuant {
         if nb == 0 || ws.iter().any(|w| !w.packed || w.row_blocks != nb) {
             return Ok(None);
         }
-        let (xs, m) = first.input(x)?;
-        #[cfg(target_arch = "x86_64")]
-        if m >= AMX_MIN_ROWS && amx::available() {
-            return Ok(None);
-        }
-        let mut acts = Vec::with_capacity(m * nb);
-        quantize_act(&xs, &mut acts);
         let ns: Vec<usize> = ws.iter().map(|w| w.out_rows()).collect();
-        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
-        let ptrs: Vec<super::parallel::SharedOut> = outs
-            .iter_mut()
-            .map(|o| super::parallel::SharedOut(o.as_mut_ptr()))
-            .collect();
-        // SAFETY: output i holds m rows of weight i's out_rows() values; every weight is
-        // packed with nb blocks per row (checked above); acts hold m rows of nb blocks.
-        unsafe { tile_job(t, ws, nb, &acts, &ptrs) };
+        let outs = first.with_input(x, |xs, m| {
+            let mut acts = Vec::with_capacity(m * nb);
+            quantize_act(xs, &mut acts);
+            let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+            let ptrs: Vec<super::parallel::SharedOut> = outs
+                .iter_mut()
+                .map(|o| super::parallel::SharedOut(o.as_mut_ptr()))
+                .collect();
+            #[cfg(target_arch = "x86_64")]
+            if m >= AMX_MIN_ROWS && amx::available() {
+                acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
+                // SAFETY: AMX is available; acts were padded to whole tiles; output i holds
+                // m rows of weight i's out_rows() values; every weight is packed with nb
+                // blocks per row (checked above).
+                unsafe { amx_job(t, ws, nb, &acts, m, &ptrs) };
+                return Ok(outs);
+            }
+            // SAFETY: output i holds m rows of weight i's out_rows() values; every weight is
+            // packed with nb blocks per row (checked above); acts hold m rows of nb blocks.
+            unsafe { tile_job(t, ws, nb, &acts, &ptrs) };
+            Ok(outs)
+        })?;
         outs.into_iter()
             .zip(ns)
             .map(|(out, n)| output(out, x, n))
@@ -1482,6 +1492,64 @@ unsafe fn tile_job(
     });
 }
 
+/// [`tile_job`] on AMX: item p of weight i is its p-th pair of 8-row groups (16 output
+/// columns), or its odd last group (8, on the tile kernel `t`).
+///
+/// # Safety
+/// AMX must be available; `acts` must hold `m.next_multiple_of(amx::ROWS)` rows of `nb`
+/// blocks; each weight packed with `nb` blocks per row; output i room for `m` rows of
+/// `ws[i].out_rows()` values.
+#[cfg(target_arch = "x86_64")]
+unsafe fn amx_job(
+    t: Tile,
+    ws: &[&FastQuant],
+    nb: usize,
+    acts: &[Act],
+    m: usize,
+    outs: &[super::parallel::SharedOut],
+) {
+    let ns: Vec<usize> = ws.iter().map(|w| w.out_rows()).collect();
+    // Weight i's items are starts[i]..starts[i + 1] of the one job.
+    let mut starts = vec![0];
+    for n in &ns {
+        starts.push(starts[starts.len() - 1] + n / amx::COLS + n / GROUP % 2);
+    }
+    let (starts, ns) = (&starts, &ns);
+    super::parallel::par_for(starts[ws.len()], |items| {
+        // SAFETY: AMX is available (the caller's contract).
+        unsafe {
+            amx::session(|scratch| {
+                for item in items {
+                    let i = starts.partition_point(|&s| s <= item) - 1;
+                    let (w, p, n) = (ws[i], item - starts[i], ns[i]);
+                    let group_bytes = GROUP * w.kind.row_bytes(nb);
+                    let at = p * 2 * group_bytes;
+                    // SAFETY: inside a session; output i holds m rows of n values (the
+                    // caller's contract) and item p writes only its own 16 (or, for an odd
+                    // last group, 8) columns; acts were padded to whole tiles; `at` starts a
+                    // whole group of the weight.
+                    if p < n / amx::COLS {
+                        let g = w.data[at..].as_ptr();
+                        let pair = amx::Pair {
+                            g0: g,
+                            g1: g.add(group_bytes),
+                            nb,
+                            acts: acts.as_ptr(),
+                            m,
+                            out: outs[i].0.add(p * amx::COLS),
+                            out_stride: n,
+                        };
+                        amx::run(w.kind, &pair, scratch)
+                    } else {
+                        let g = &w.data[at..at + group_bytes];
+                        tile(t, w.kind, g, nb, &acts[..m * nb], outs[i].0.add(p * 16), n)
+                    }
+                }
+            })
+        }
+    });
+}
+
 /// `acts` (`m` rows of `nb` blocks) times one packed group of 8 weight rows `w`, into
 /// `out[i * n .. i * n + 8]` for each activation row i, four activation rows at a time.
 ///
@@ -1562,42 +1630,14 @@ impl QuantizedType for FastQuant {
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(lhs, &mut acts);
         if let (true, Some(t)) = (self.packed, tile_kernel()) {
-            let group_bytes = GROUP * row_bytes;
             #[cfg(target_arch = "x86_64")]
             if m >= AMX_MIN_ROWS && amx::available() {
                 acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
-                let pairs = n / amx::COLS;
-                let out = super::parallel::SharedOut(dst.as_mut_ptr());
-                let (out, acts, data) = (&out, &acts, &self.data);
-                super::parallel::par_for(pairs + n / GROUP % 2, |items| {
-                    // SAFETY: AMX is available (checked above).
-                    unsafe {
-                        amx::session(|scratch| {
-                            for p in items {
-                                let g = data[p * 2 * group_bytes..].as_ptr();
-                                // SAFETY: inside a session; dst holds m rows of n values
-                                // (checked above) and item p writes only its own 16 (or, for
-                                // an odd last group, 8) columns; acts were padded to whole
-                                // tiles; each group pointer starts a whole group of the tensor.
-                                if p < pairs {
-                                    let pair = amx::Pair {
-                                        g0: g,
-                                        g1: g.add(group_bytes),
-                                        nb,
-                                        acts: acts.as_ptr(),
-                                        m,
-                                        out: out.0.add(p * amx::COLS),
-                                        out_stride: n,
-                                    };
-                                    amx::run(self.kind, &pair, scratch)
-                                } else {
-                                    let w = &data[p * 2 * group_bytes..][..group_bytes];
-                                    tile(t, self.kind, w, nb, &acts[..m * nb], out.0.add(p * 16), n)
-                                }
-                            }
-                        })
-                    }
-                });
+                let out = [super::parallel::SharedOut(dst.as_mut_ptr())];
+                // SAFETY: AMX is available; acts were padded to whole tiles; dst holds m rows
+                // of n = out_rows() values (checked above); the weight is packed with nb
+                // blocks per row.
+                unsafe { amx_job(t, &[self], nb, &acts, m, &out) };
                 return Ok(());
             }
             let out = [super::parallel::SharedOut(dst.as_mut_ptr())];
@@ -1931,7 +1971,6 @@ mod tests {
             return;
         }
         let k = 512;
-        let x = Tensor::from_vec(pseudo_random(3 * k, 5), (3, k), &Device::Cpu).expect("x");
         let ws: Vec<FastQuant> = [
             (GgmlDType::Q4K, 64),
             (GgmlDType::Q6K, 16),
@@ -1954,15 +1993,21 @@ mod tests {
         })
         .collect();
         let refs: Vec<&FastQuant> = ws.iter().collect();
-        let many = FastQuant::forward_many(&refs, &x)
-            .expect("forward_many")
-            .expect("all packed");
-        assert_eq!(many.len(), ws.len());
-        for (w, y) in ws.iter().zip(&many) {
-            let alone = w.forward(&x).expect("forward");
-            let flat = |t: &Tensor| t.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("y");
-            assert_eq!(y.dims(), alone.dims());
-            assert_eq!(flat(y), flat(&alone), "{:?}", w.kind);
+        // A decode step's few rows, and (where the CPU has AMX) a batch past one tile.
+        for rows in [3, 19] {
+            let x =
+                Tensor::from_vec(pseudo_random(rows * k, 5), (rows, k), &Device::Cpu).expect("x");
+            let many = FastQuant::forward_many(&refs, &x)
+                .expect("forward_many")
+                .expect("all packed");
+            assert_eq!(many.len(), ws.len());
+            for (w, y) in ws.iter().zip(&many) {
+                let alone = w.forward(&x).expect("forward");
+                let flat =
+                    |t: &Tensor| t.flatten_all().and_then(|f| f.to_vec1::<f32>()).expect("y");
+                assert_eq!(y.dims(), alone.dims());
+                assert_eq!(flat(y), flat(&alone), "{:?}, {rows} rows", w.kind);
+            }
         }
     }
 

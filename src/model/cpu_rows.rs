@@ -29,6 +29,20 @@ pub(super) fn slice(s: &Storage, a: usize, b: usize) -> &[f32] {
     }
 }
 
+/// `f` on a tensor's values as contiguous f32 on the CPU: borrowed when they already are (the
+/// decoder's activations), else a converted copy.
+pub(super) fn with_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    if let Some((s, a, b)) = f32_values(t) {
+        return f(slice(&s, a, b));
+    }
+    f(&t.to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?)
+}
+
 /// `x + delta` (`[rows, hidden]`), and candle's `rms_norm` of that times `weight`
 /// (`[hidden]`): `v / sqrt(mean(v^2) + eps) * w`, the sum of squares added in order. All
 /// f32, contiguous, on the CPU; None for anything else (the caller then uses candle's ops).
