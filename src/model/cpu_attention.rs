@@ -116,9 +116,11 @@ impl KvElem for f32 {
 impl KvElem for f16 {
     const BLOCK: usize = 1;
     fn store(dst: &mut [Self], src: &[f32]) {
-        for (d, &x) in dst.iter_mut().zip(src) {
-            *d = f16::from_f32(x);
-        }
+        use half::slice::HalfFloatSliceExt;
+        // The slice conversion uses F16C where the CPU has it: the same rounding (to nearest,
+        // ties to even) as one value at a time, which took 2% of a 16-row decode step.
+        let n = dst.len().min(src.len());
+        dst[..n].convert_from_f32_slice(&src[..n]);
     }
     fn zeroed(n: usize) -> Vec<Self> {
         use half::vec::HalfBitsVecExt;
