@@ -5,7 +5,8 @@
 //! - the residual add and the RMS norm after it, in one pass: candle makes each a tensor op
 //!   with its own output and, past 32 rows, its own trip through rayon.
 //!
-//! Each runs on our pool by rows: a decode step's single row stays on the calling thread.
+//! The norm and the rotation run on our pool by rows: a decode step's single row stays on
+//! the calling thread.
 
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 
@@ -67,13 +68,9 @@ pub fn add_rms_norm(
         slice(&ds.0, ds.1, ds.2),
         slice(&ws.0, ws.1, ws.2),
     );
-    let (mut sum, mut normed) = (vec![0f32; rows * hidden], vec![0f32; rows * hidden]);
-    par_rows(&mut sum, hidden, |r, s| {
-        let span = r * hidden..(r + 1) * hidden;
-        for ((s, &a), &b) in s.iter_mut().zip(&xv[span.clone()]).zip(&dv[span]) {
-            *s = a + b;
-        }
-    });
+    // The add is one cheap pass: on this thread, with no zeroed buffer to fill first.
+    let sum: Vec<f32> = xv.iter().zip(dv).map(|(&a, &b)| a + b).collect();
+    let mut normed = vec![0f32; rows * hidden];
     let sum_rows = &sum;
     par_rows(&mut normed, hidden, |r, n| {
         let s = &sum_rows[r * hidden..(r + 1) * hidden];
