@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 /// hundred short jobs per token; waking a sleeping thread costs tens of microseconds.
 const WORKER_SPIN: Duration = Duration::from_micros(200);
 
-/// Sets up threading before any model work: reads our thread count, then tells candle
+/// Sets up threading (and the allocator: `huge_pages::keep_step_buffers`) before any model
+/// work: reads our thread count, then tells candle
 /// (its barrier pool, and the gemm parallelism it derives from `RAYON_NUM_THREADS`) and
 /// rayon's global pool to use one thread, so candle's code runs inline on whichever of our
 /// threads calls it.
@@ -34,6 +35,7 @@ pub fn init_threads() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let _ = num_threads();
+        super::huge_pages::keep_step_buffers();
         // set_var: called once at model load, before candle or rayon read these (both
         // read them when they first start threads) and before our own threads exist.
         std::env::set_var("CANDLE_NUM_THREADS", "1");
