@@ -296,18 +296,9 @@ impl FastQuant {
                 .iter_mut()
                 .map(|o| super::parallel::SharedOut(o.as_mut_ptr()))
                 .collect();
-            #[cfg(target_arch = "x86_64")]
-            if m >= AMX_MIN_ROWS && amx::available() {
-                acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
-                // SAFETY: AMX is available; acts were padded to whole tiles; output i holds
-                // m rows of weight i's out_rows() values; every weight is packed with nb
-                // blocks per row (checked above).
-                unsafe { amx_job(t, ws, nb, &acts, m, &ptrs) };
-                return Ok(outs);
-            }
             // SAFETY: output i holds m rows of weight i's out_rows() values; every weight is
             // packed with nb blocks per row (checked above); acts hold m rows of nb blocks.
-            unsafe { tile_job(t, ws, nb, &acts, &ptrs) };
+            unsafe { packed_job(t, ws, nb, &mut acts, m, &ptrs) };
             Ok(outs)
         })?;
         outs.into_iter()
@@ -1492,6 +1483,35 @@ unsafe fn tile_job(
     });
 }
 
+/// `acts` (`m` rows of `nb` blocks) times each packed weight of `ws` into its output: on AMX
+/// from [`AMX_MIN_ROWS`] rows where the CPU has it ([`amx_job`], `acts` padded to whole
+/// tiles), else on the tile kernel `t` ([`tile_job`]).
+///
+/// # Safety
+/// Each weight must be packed with `nb` blocks per row; output i must have room for `m` rows
+/// of `ws[i].out_rows()` values.
+unsafe fn packed_job(
+    t: Tile,
+    ws: &[&FastQuant],
+    nb: usize,
+    acts: &mut Vec<Act>,
+    m: usize,
+    outs: &[super::parallel::SharedOut],
+) {
+    // SAFETY: the caller upholds the contract in `# Safety` above; AMX is checked and the
+    // activations padded before `amx_job`.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        if m >= AMX_MIN_ROWS && amx::available() {
+            acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
+            return amx_job(t, ws, nb, acts, m, outs);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = m;
+        tile_job(t, ws, nb, acts, outs)
+    }
+}
+
 /// [`tile_job`] on AMX: item p of weight i is its p-th pair of 8-row groups (16 output
 /// columns), or its odd last group (8, on the tile kernel `t`).
 ///
@@ -1630,20 +1650,10 @@ impl QuantizedType for FastQuant {
         let mut acts = Vec::with_capacity(m * nb);
         quantize_act(lhs, &mut acts);
         if let (true, Some(t)) = (self.packed, tile_kernel()) {
-            #[cfg(target_arch = "x86_64")]
-            if m >= AMX_MIN_ROWS && amx::available() {
-                acts.resize(m.next_multiple_of(amx::ROWS) * nb, Act::default());
-                let out = [super::parallel::SharedOut(dst.as_mut_ptr())];
-                // SAFETY: AMX is available; acts were padded to whole tiles; dst holds m rows
-                // of n = out_rows() values (checked above); the weight is packed with nb
-                // blocks per row.
-                unsafe { amx_job(t, &[self], nb, &acts, m, &out) };
-                return Ok(());
-            }
             let out = [super::parallel::SharedOut(dst.as_mut_ptr())];
             // SAFETY: dst holds m rows of n = out_rows() values (checked above); the weight
             // is packed with nb blocks per row; acts hold m rows of nb blocks.
-            unsafe { tile_job(t, &[self], nb, &acts, &out) };
+            unsafe { packed_job(t, &[self], nb, &mut acts, m, &out) };
             return Ok(());
         }
         // Work on the transposed output [n, m] so each task owns a contiguous slice, with
