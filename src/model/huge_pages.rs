@@ -8,6 +8,9 @@
 //! in 2 MiB-aligned, advised chunks: a 3 MiB tensor on its own would leave a third of itself
 //! on small pages. Where the OS says no (`never`, or not Linux), the same memory works with
 //! small pages.
+//!
+//! The process's other large buffers, the activations of each step, are the allocator's:
+//! `keep_step_buffers` keeps them in glibc's heap from step to step.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
