@@ -1488,8 +1488,8 @@ unsafe fn tile_job(
 /// tiles), else on the tile kernel `t` ([`tile_job`]).
 ///
 /// # Safety
-/// Each weight must be packed with `nb` blocks per row; output i must have room for `m` rows
-/// of `ws[i].out_rows()` values.
+/// `acts` must hold `m` rows of `nb` blocks; each weight must be packed with `nb` blocks per
+/// row; output i must have room for `m` rows of `ws[i].out_rows()` values.
 unsafe fn packed_job(
     t: Tile,
     ws: &[&FastQuant],
